@@ -1,0 +1,78 @@
+"""Streaming means of the residual stream at the post-instruction positions.
+
+For every batch, hooks on the decoder layers take the last ``n_post`` positions of each
+layer's input (and of the last layer's output), sum them over the batch in float64 and add
+them to running sums. Nothing per prompt is kept beyond the current batch and layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from refdir.direction import Candidates
+from refdir.errors import RefdirError
+from refdir.hooks import Hook, hooked
+from refdir.model import ChatModel
+
+__all__ = ["batches", "extract_candidates", "residual_means"]
+
+
+def batches(items: Sequence[str], size: int) -> list[list[str]]:
+    if size <= 0:
+        raise RefdirError(f"--batch-size must be positive, got {size}")
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def residual_means(
+    cm: ChatModel, instructions: Sequence[str], batch_size: int = 32, progress: bool = True,
+    desc: str = "activations",
+) -> torch.Tensor:
+    """Mean residual stream [P, L+1, d] (float64, on CPU) at the post-instruction positions."""
+    if not instructions:
+        raise RefdirError("no prompts to take activations from")
+    n_post, n_layers = cm.chat.n_post, cm.n_layers
+    sums = torch.zeros(n_post, n_layers + 1, cm.d_model, dtype=torch.float64)
+
+    def accumulate(index: int, hidden: torch.Tensor) -> None:
+        sums[:, index] += hidden[:, -n_post:].detach().to("cpu", torch.float64).sum(0)
+
+    def layer_input(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            accumulate(index, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    def last_output(module: nn.Module, args: Any, output: Any) -> None:
+        accumulate(n_layers, output if isinstance(output, torch.Tensor) else output[0])
+
+    hooks: list[Hook] = [(layer, "input", layer_input(i)) for i, layer in enumerate(cm.layout.layers)]
+    hooks.append((cm.layout.layers[-1], "output", last_output))
+    body = getattr(cm.model, "base_model", cm.model)
+    with torch.inference_mode(), hooked(hooks):
+        for chunk in tqdm(batches(instructions, batch_size), desc=desc, disable=not progress):
+            batch = cm.chat.encode(chunk).to(cm.device)
+            body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return sums / len(instructions)
+
+
+def extract_candidates(
+    cm: ChatModel,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    batch_size: int = 32,
+    progress: bool = True,
+    harmful_name: str | None = None,
+    harmless_name: str | None = None,
+) -> Candidates:
+    """Difference-of-means candidates for every post-instruction position and layer."""
+    mu_harmful = residual_means(cm, harmful, batch_size, progress, "harmful activations")
+    mu_harmless = residual_means(cm, harmless, batch_size, progress, "harmless activations")
+    return Candidates(
+        mu_harmful, mu_harmless, cm.name, cm.revision, harmful_name, harmless_name,
+        len(harmful), len(harmless),
+    )

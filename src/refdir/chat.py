@@ -1,0 +1,119 @@
+"""Chat formatting with the model's own template, and the post-instruction token positions.
+
+A marker instruction is rendered through the template; the text before it is the prefix, the
+text after it (end of the user's turn, start of the assistant's) is the post-instruction
+suffix. Prompts are tokenised as ``tokens(prefix + instruction) + tokens(suffix)`` and padded
+on the left, so the post-instruction tokens are the last ``n_post`` positions of every row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from refdir.errors import RefdirError
+
+__all__ = ["ChatFormat", "PromptBatch"]
+
+_MARKER = "\x00REFDIR_INSTRUCTION\x00"
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> PromptBatch:
+        return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How instructions become token ids for one tokenizer and template."""
+
+    tokenizer: PreTrainedTokenizerBase
+    prefix: str
+    suffix: str
+    suffix_ids: tuple[int, ...]
+    system: str | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_tokenizer(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        system: str | None = None,
+        chat_template: str | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> ChatFormat:
+        """Split the template around a marker instruction; fail clearly without a template."""
+        kwargs = dict(template_kwargs or {})
+        if chat_template is not None:
+            kwargs["chat_template"] = chat_template
+        elif not getattr(tokenizer, "chat_template", None):
+            raise RefdirError(
+                "the tokenizer has no chat template; pass one with --chat-template FILE "
+                "(a Jinja template) or chat_template=..."
+            )
+        messages = [{"role": "user", "content": _MARKER}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **kwargs
+            )
+        except Exception as exc:  # jinja errors surface as many types
+            raise RefdirError(f"the chat template failed to render: {exc}; check the template") from None
+        if not isinstance(text, str) or text.count(_MARKER) != 1:
+            raise RefdirError("the chat template does not place the instruction exactly once")
+        prefix, suffix = text.split(_MARKER)
+        if not suffix:
+            raise RefdirError(
+                "the chat template adds nothing after the instruction, so there are no "
+                "post-instruction tokens; use a template with an assistant turn"
+            )
+        suffix_ids = tuple(tokenizer(suffix, add_special_tokens=False)["input_ids"])
+        kwargs.pop("chat_template", None)
+        return cls(tokenizer, prefix, suffix, suffix_ids, system, kwargs)
+
+    @property
+    def n_post(self) -> int:
+        """Number of post-instruction positions (the template tokens after the instruction)."""
+        return len(self.suffix_ids)
+
+    def format(self, instruction: str) -> str:
+        return self.prefix + instruction + self.suffix
+
+    def token_ids(self, instruction: str, extra: str = "") -> list[int]:
+        """Token ids of one prompt; ``extra`` is appended to the instruction (a suffix attack)."""
+        head = self.tokenizer(self.prefix + instruction + extra, add_special_tokens=False)
+        return list(head["input_ids"]) + list(self.suffix_ids)
+
+    def encode(self, instructions: Sequence[str], extra: str = "") -> PromptBatch:
+        """Left-padded batch; the last ``n_post`` positions are the post-instruction tokens."""
+        rows = [self.token_ids(text, extra) for text in instructions]
+        return pad_left(rows, self.pad_id)
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if pad is None:
+            raise RefdirError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        return int(pad if not isinstance(pad, list) else pad[0])
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> PromptBatch:
+    """Pad token rows on the left into a batch with its attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return PromptBatch(ids, mask)

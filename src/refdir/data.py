@@ -1,0 +1,96 @@
+"""Prompt sets: the packaged ones (by name) and the user's own files (JSON, JSONL, CSV, TXT)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from importlib import resources
+from pathlib import Path
+
+from refdir.errors import RefdirError
+
+__all__ = ["PACKAGED_SETS", "load_prompts", "sample_prompts"]
+
+PACKAGED_SETS: dict[str, str] = {
+    "harmful_train": "splits/harmful_train.json",
+    "harmful_val": "splits/harmful_val.json",
+    "harmful_test": "splits/harmful_test.json",
+    "harmless_train": "splits/harmless_train.json",
+    "harmless_val": "splits/harmless_val.json",
+    "harmless_test": "splits/harmless_test.json",
+    "jailbreakbench": "eval/jailbreakbench.json",
+    "harmbench_test": "eval/harmbench_test.json",
+    "harmbench_val": "eval/harmbench_val.json",
+    "advbench": "eval/advbench.json",
+    "malicious_instruct": "eval/malicious_instruct.json",
+    "tdc2023": "eval/tdc2023.json",
+}
+
+_KEYS = ("instruction", "prompt", "goal", "behavior", "text")
+
+
+def _from_record(record: object, source: str) -> str:
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict):
+        for key in _KEYS:
+            value = record.get(key)
+            if isinstance(value, str):
+                return value
+    raise RefdirError(
+        f"{source}: a record has no instruction text; give strings or objects with one of "
+        f"the keys {', '.join(_KEYS)}"
+    )
+
+
+def _read_file(path: Path) -> list[str]:
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+            if not isinstance(data, list):
+                raise RefdirError(f"{path}: expected a JSON list of prompts")
+            return [_from_record(r, str(path)) for r in data]
+        if suffix == ".jsonl":
+            return [_from_record(json.loads(line), str(path)) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise RefdirError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+    if suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        if not rows:
+            return []
+        key = next((k for k in _KEYS if k in rows[0]), None)
+        if key is None:
+            raise RefdirError(f"{path}: the CSV needs a column named one of {', '.join(_KEYS)}")
+        return [row[key] for row in rows]
+    if suffix == ".txt":
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    raise RefdirError(f"{path}: unsupported prompt file type {suffix!r}; use .json, .jsonl, .csv or .txt")
+
+
+def load_prompts(name_or_path: str | Path) -> list[str]:
+    """Load a packaged prompt set by name (see ``PACKAGED_SETS``) or a user file."""
+    key = str(name_or_path)
+    if key in PACKAGED_SETS:
+        ref = resources.files("refdir") / "data" / PACKAGED_SETS[key]
+        return [_from_record(r, key) for r in json.loads(ref.read_text(encoding="utf-8"))]
+    path = Path(key)
+    if not path.exists():
+        names = ", ".join(PACKAGED_SETS)
+        raise RefdirError(f"prompts {key!r}: no such file or packaged set; packaged sets are {names}")
+    prompts = _read_file(path)
+    if not prompts:
+        raise RefdirError(f"{path}: contains no prompts")
+    return prompts
+
+
+def sample_prompts(name_or_path: str | Path, n: int | None, seed: int = 0) -> list[str]:
+    """Up to ``n`` prompts from a set, sampled without replacement with a fixed seed (all if None)."""
+    prompts = load_prompts(name_or_path)
+    if n is None or n >= len(prompts):
+        return prompts
+    if n <= 0:
+        raise RefdirError(f"--n must be positive, got {n}")
+    return random.Random(seed).sample(prompts, n)

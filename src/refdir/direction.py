@@ -1,0 +1,207 @@
+"""The Direction value (a vector with its layer, position and provenance) and the candidate
+set it is chosen from; both saved as safetensors plus JSON, never pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from refdir.errors import RefdirError
+
+__all__ = ["Candidates", "Direction", "atomic_path"]
+
+DIRECTION_FILE = "direction.safetensors"
+DIRECTION_JSON = "direction.json"
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it over ``target`` only on success."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Direction:
+    """A candidate refusal direction: the raw difference of means at one layer and position.
+
+    ``layer`` indexes the residual stream *input* of that decoder layer (``n_layers`` is the
+    output of the last one); ``position`` is negative, counted back from the end of the prompt
+    over the post-instruction tokens (-1 is the last token).
+    """
+
+    vector: torch.Tensor
+    layer: int
+    position: int
+    model: str
+    revision: str | None = None
+    harmful: str | None = None
+    harmless: str | None = None
+    n_harmful: int | None = None
+    n_harmless: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.vector.dim() != 1:
+            raise RefdirError(f"a direction is one vector; got shape {tuple(self.vector.shape)}")
+        if not torch.isfinite(self.vector).all() or float(self.vector.norm()) == 0.0:
+            raise RefdirError("the direction vector is zero or not finite; pick another layer or position")
+
+    @property
+    def d_model(self) -> int:
+        return int(self.vector.shape[0])
+
+    @property
+    def norm(self) -> float:
+        return float(self.vector.double().norm())
+
+    def unit(self) -> torch.Tensor:
+        """The unit vector, float32."""
+        v = self.vector.double()
+        return (v / v.norm()).float()
+
+    def check(self, d_model: int, n_layers: int | None = None) -> None:
+        """Refuse a direction that does not fit a model."""
+        if self.d_model != d_model:
+            raise RefdirError(
+                f"direction has size {self.d_model} but the model's residual stream has {d_model}; "
+                "extract a direction from this model"
+            )
+        if n_layers is not None and not 0 <= self.layer <= n_layers:
+            raise RefdirError(f"direction layer {self.layer} is outside 0..{n_layers} for this model")
+
+    def info(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k != "vector"}
+        data["norm"] = self.norm
+        data["d_model"] = self.d_model
+        return data
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``direction.safetensors`` and ``direction.json`` (into ``path`` if it is a
+        folder, else beside the given ``.safetensors`` path). Returns the tensor file."""
+        tensor_path, json_path = _paths(Path(path))
+        with atomic_path(tensor_path) as tmp:
+            save_file({"direction": self.vector.detach().float().cpu().contiguous()}, str(tmp))
+        _write_json(json_path, self.info())
+        return tensor_path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Direction:
+        """Load from a folder, the ``.safetensors`` file or the ``.json`` file."""
+        tensor_path, json_path = _paths(Path(path))
+        if not tensor_path.exists():
+            raise RefdirError(f"no direction at {path}: {tensor_path.name} is missing; run `refdir extract`")
+        try:
+            vector = load_file(str(tensor_path))["direction"]
+        except KeyError:
+            raise RefdirError(f"{tensor_path} holds no tensor named 'direction'") from None
+        except Exception as exc:
+            raise RefdirError(f"{tensor_path} is not a safetensors file ({exc})") from None
+        info = json.loads(json_path.read_text(encoding="utf-8")) if json_path.exists() else {}
+        if "layer" not in info or "position" not in info:
+            raise RefdirError(f"{json_path} is missing or lacks 'layer' and 'position'")
+        fields = {k: info[k] for k in cls.__dataclass_fields__ if k in info and k != "vector"}
+        fields.setdefault("model", "unknown")
+        return cls(vector=vector, **fields)
+
+
+def _paths(path: Path) -> tuple[Path, Path]:
+    if path.suffix == ".safetensors":
+        return path, path.with_suffix(".json")
+    if path.suffix == ".json":
+        return path.with_suffix(".safetensors"), path
+    return path / DIRECTION_FILE, path / DIRECTION_JSON
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Difference-of-means candidates at every post-instruction position and layer.
+
+    ``harmful_mean`` and ``harmless_mean`` are float64 [P, L+1, d]; ``positions`` are the
+    negative positions of the P rows (``-P .. -1``).
+    """
+
+    harmful_mean: torch.Tensor
+    harmless_mean: torch.Tensor
+    model: str
+    revision: str | None = None
+    harmful: str | None = None
+    harmless: str | None = None
+    n_harmful: int = 0
+    n_harmless: int = 0
+
+    @property
+    def diffs(self) -> torch.Tensor:
+        """[P, L+1, d] mean(harmful) - mean(harmless), float64."""
+        return self.harmful_mean - self.harmless_mean
+
+    @property
+    def positions(self) -> list[int]:
+        n = int(self.harmful_mean.shape[0])
+        return list(range(-n, 0))
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder layers (the tensors hold one more: the last layer's output)."""
+        return int(self.harmful_mean.shape[1]) - 1
+
+    def direction(self, position: int, layer: int, **metadata: Any) -> Direction:
+        """The candidate at a negative ``position`` and a ``layer`` in ``0..n_layers``."""
+        if position not in self.positions:
+            raise RefdirError(f"position {position} is not one of the post-instruction positions {self.positions}")
+        if not 0 <= layer <= self.n_layers:
+            raise RefdirError(f"layer {layer} is outside 0..{self.n_layers}")
+        vector = self.diffs[position, layer].float()
+        return Direction(
+            vector, layer, position, self.model, self.revision, self.harmful, self.harmless,
+            self.n_harmful, self.n_harmless, dict(metadata),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        meta = {
+            "model": self.model, "revision": self.revision, "harmful": self.harmful,
+            "harmless": self.harmless, "n_harmful": self.n_harmful, "n_harmless": self.n_harmless,
+        }
+        tensors = {
+            "candidates": self.diffs.float().contiguous(),
+            "harmful_mean": self.harmful_mean.contiguous(),
+            "harmless_mean": self.harmless_mean.contiguous(),
+        }
+        target = Path(path)
+        with atomic_path(target) as tmp:
+            save_file(tensors, str(tmp), metadata={"refdir": json.dumps(meta)})
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> Candidates:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise RefdirError(f"no candidates at {path}; run `refdir extract`")
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("refdir", "{}"))
+            harmful, harmless = f.get_tensor("harmful_mean"), f.get_tensor("harmless_mean")
+        return cls(harmful, harmless, **meta)

@@ -1,0 +1,59 @@
+"""Hook scopes that cannot leak: everything is validated before this is entered, hooks are
+registered inside ``try`` and removed in ``finally``; scopes nest. Hook functions never edit
+the caller's tensors in place: they return new ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = ["Hook", "TensorMap", "hooked", "map_input", "map_output"]
+
+TensorMap = Callable[[torch.Tensor], torch.Tensor]
+Hook = tuple[nn.Module, Literal["input", "output"], Callable[..., Any]]
+
+
+def map_output(fn: TensorMap) -> Callable[..., Any]:
+    """A forward hook that replaces a module's output (or the first item of a tuple output)."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, torch.Tensor):
+            return fn(output)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (fn(output[0]), *output[1:])
+        raise TypeError(f"cannot hook the output of {type(module).__name__}: {type(output).__name__}")
+
+    return hook
+
+
+def map_input(fn: TensorMap) -> Callable[..., Any]:
+    """A forward pre-hook (with kwargs) that replaces a layer's ``hidden_states`` input."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args and isinstance(args[0], torch.Tensor):
+            return (fn(args[0]), *args[1:]), kwargs
+        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+        raise TypeError(f"cannot find the hidden states passed to {type(module).__name__}")
+
+    return hook
+
+
+@contextmanager
+def hooked(hooks: Sequence[Hook]) -> Iterator[None]:
+    """Register ``hooks`` for the duration of the block, and always remove them."""
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for module, kind, fn in hooks:
+            if kind == "output":
+                handles.append(module.register_forward_hook(fn))
+            else:
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

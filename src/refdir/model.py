@@ -1,0 +1,167 @@
+"""Load a chat model (hub id, local folder, GGUF file, or the bundled organism) as a ChatModel."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from refdir.chat import ChatFormat
+from refdir.errors import RefdirError
+from refdir.layout import LayoutSpec, ModelLayout, find_layout
+
+__all__ = ["ORGANISM", "ChatModel", "load_model", "resolve_device", "resolve_dtype"]
+
+log = logging.getLogger(__name__)
+
+ORGANISM = "organism"
+"""The bundled default model: SmolLM2-135M-Instruct safety-tuned by refdir (docs/organism.md)."""
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass
+class ChatModel:
+    """A causal LM with its tokenizer, chat format and residual-stream layout.
+
+    Wrap any loaded Hugging Face model with ``ChatModel(model, tokenizer, name=...)``.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str = "model"
+    revision: str | None = None
+    system: str | None = None
+    chat_template: str | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    layout_spec: LayoutSpec | None = None
+    layout: ModelLayout = field(init=False)
+    chat: ChatFormat = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.tokenizer.pad_token is None and self.tokenizer.eos_token is not None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.layout = find_layout(self.model, self.layout_spec)
+        self.chat = ChatFormat.from_tokenizer(
+            self.tokenizer, self.system, self.chat_template, self.template_kwargs
+        )
+        self.model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the token embedding."""
+        return self.layout.embed.weight.device
+
+    @property
+    def d_model(self) -> int:
+        return self.layout.d_model
+
+    @property
+    def n_layers(self) -> int:
+        return self.layout.n_layers
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA and float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device != "cpu" else torch.float32
+    if dtype not in _DTYPES:
+        raise RefdirError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str) -> str:
+    """``cpu``, ``cuda`` (or ``cuda:N``), or ``auto`` (every visible GPU via device_map, else CPU)."""
+    if device == "auto":
+        return "auto" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RefdirError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise RefdirError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def _source(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise RefdirError(f"GGUF file {spec} does not exist")
+        return str(path.parent), path.name
+    if gguf_file is not None:
+        return spec, gguf_file
+    if path.exists() and not (path / "config.json").exists() and not path.is_file():
+        raise RefdirError(f"{spec} is a folder without config.json; point at a Hugging Face model folder")
+    return spec, None
+
+
+def detach_gguf_quantizer(model: PreTrainedModel) -> None:
+    """transformers keeps its GGUF quantizer on a de-quantized model and then refuses
+    ``save_pretrained``; the weights are plain tensors, so drop it."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("is_quantized", "_is_quantized_training_enabled"):
+        if getattr(model, attr, False) is True:
+            try:
+                setattr(model, attr, False)
+            except AttributeError:
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_model(
+    spec: str = ORGANISM,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str = "cpu",
+    gguf_file: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    system: str | None = None,
+    chat_template: str | None = None,
+    layout_spec: LayoutSpec | None = None,
+) -> ChatModel:
+    """Load ``spec``: ``organism`` (default), a local folder, a ``.gguf`` file or a hub id."""
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if spec == ORGANISM:
+        from refdir.organism import load_organism
+
+        model, tokenizer = load_organism(dtype=torch_dtype, device="cpu" if device == "auto" else device)
+        return ChatModel(model, tokenizer, name=ORGANISM, system=system, chat_template=chat_template,
+                         layout_spec=layout_spec)
+    source, gguf = _source(spec, gguf_file)
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=torch_dtype,
+            device_map="auto" if device == "auto" else None,
+            **kwargs,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RefdirError(f"could not load model {spec!r}: {reason}") from None
+    if gguf is not None:
+        detach_gguf_quantizer(model)
+    if device not in ("auto", "cpu"):
+        model.to(device)
+    log.info("loaded %s (%s, %s)", spec, torch_dtype, device)
+    return ChatModel(model, tokenizer, name=spec, revision=revision, system=system,
+                     chat_template=chat_template, layout_spec=layout_spec)

@@ -1,0 +1,178 @@
+"""Weight orthogonalization: edit the weights so that nothing can write along the direction,
+then export an ordinary checkpoint.
+
+For a unit direction r, every matrix W that writes into the residual stream becomes
+W - r r^T W (and a bias b becomes b - (b . r) r); the embedding rows lose their r component.
+Arithmetic is float32, cast back once.
+
+* Exact (equal to hook ablation up to float error): families whose attention and MLP outputs
+  are added to the residual stream directly (Llama, Qwen, Mistral, Phi-3, Gemma, MoE).
+  A tied unembedding is untied first so that the logits keep their original read-out.
+* Approximate: sandwich-norm families (Gemma 2, Gemma 3), where a norm sits between the
+  projection and the residual add. There the projections are orthogonalized against
+  ``g * r`` (g the norm's elementwise scale), which makes the norm's output orthogonal to r
+  exactly, but the norm's rescaling differs from hook ablation's. The export measures and
+  records the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from refdir.direction import Direction
+from refdir.errors import RefdirError
+from refdir.intervene import ablate
+from refdir.layout import effective_norm_scale
+from refdir.model import ChatModel
+
+__all__ = ["OrthogonalizeReport", "export_orthogonalized", "orthogonalize", "parity"]
+
+_PROBES = (
+    "Write a short poem about the sea.",
+    "Explain how vaccines work in two sentences.",
+)
+
+
+@dataclass(frozen=True)
+class OrthogonalizeReport:
+    exact: bool
+    untied_embeddings: bool
+    edited_tensors: int
+    note: str
+
+
+def _edit_rows(weight: torch.Tensor, r: torch.Tensor) -> None:
+    """Embedding [V, d]: W - (W r) r^T."""
+    w = weight.data.float()
+    weight.data.copy_((w - torch.outer(w @ r, r)).to(weight.dtype))
+
+
+def _edit_output(weight: torch.Tensor, u: torch.Tensor) -> None:
+    """Linear weight [d, in] or fused experts [E, d, in]: W - u (u^T W) on the d axis."""
+    w = weight.data.float()
+    proj = torch.einsum("d,...di->...i", u, w)
+    weight.data.copy_((w - torch.einsum("d,...i->...di", u, proj)).to(weight.dtype))
+
+
+def _edit_bias(module: nn.Module, u: torch.Tensor) -> int:
+    bias = getattr(module, "bias", None)
+    if not isinstance(bias, torch.Tensor):
+        return 0
+    b = bias.data.float()
+    bias.data.copy_((b - (b @ u) * u).to(bias.dtype))
+    return 1
+
+
+def _untie(cm: ChatModel) -> bool:
+    """Give the unembedding its own copy of the weights so the embedding edit leaves it alone."""
+    unembed = cm.layout.unembed
+    if unembed is None or not cm.layout.tied:
+        return False
+    unembed.weight = nn.Parameter(cm.layout.embed.weight.detach().clone())
+    for config in {id(c): c for c in (cm.model.config, cm.model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    return True
+
+
+def orthogonalize(cm: ChatModel, direction: Direction | torch.Tensor) -> OrthogonalizeReport:
+    """Edit ``cm.model`` in place so that no weight writes along ``direction``."""
+    vector = direction.vector if isinstance(direction, Direction) else direction
+    if isinstance(direction, Direction):
+        direction.check(cm.d_model, cm.n_layers)
+    elif vector.shape != (cm.d_model,):
+        raise RefdirError(f"direction has shape {tuple(vector.shape)}, expected ({cm.d_model},)")
+    r = vector.detach().double()
+    r = (r / r.norm()).float()
+    untied = _untie(cm)
+    device_r = r.to(cm.layout.embed.weight.device)
+    with torch.no_grad():
+        _edit_rows(cm.layout.embed.weight, device_r)
+        edited = 1
+        for layer in cm.layout.per_layer:
+            targets: list[tuple[nn.Module, Sequence[tuple[nn.Module, str]]]] = [
+                (layer.writers[0], [(layer.attn_out, "weight")]),
+                (layer.writers[1], layer.mlp_out),
+            ]
+            for writer, weights in targets:
+                u = _write_direction(cm, layer.post_norms is not None, writer, r)
+                for module, name in weights:
+                    param = getattr(module, name)
+                    _edit_output(param, u.to(param.device))
+                    edited += 1 + _edit_bias(module, u.to(param.device)) * (name == "weight")
+    exact = not cm.layout.sandwich
+    note = (
+        "exact: projections write straight into the residual stream"
+        if exact
+        else "approximate: a norm after attention and after the MLP rescales their output; the "
+        "edit keeps the norm's output orthogonal to the direction, but not equal to hook ablation"
+    )
+    return OrthogonalizeReport(exact, untied, edited, note)
+
+
+def _write_direction(cm: ChatModel, sandwich: bool, writer: nn.Module, r: torch.Tensor) -> torch.Tensor:
+    if not sandwich:
+        return r
+    g = effective_norm_scale(writer, cm.d_model)
+    u = (g.double() * r.double().cpu())
+    return (u / u.norm()).float()
+
+
+def _last_logits(cm: ChatModel, prompts: Sequence[str]) -> torch.Tensor:
+    batch = cm.chat.encode(prompts).to(cm.device)
+    with torch.inference_mode():
+        out = cm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return out.logits.float()
+
+
+def parity(
+    cm: ChatModel, direction: Direction | torch.Tensor, prompts: Sequence[str] = _PROBES
+) -> tuple[OrthogonalizeReport, float]:
+    """Orthogonalize in place and return max |logit difference| against hook ablation."""
+    with ablate(cm, direction):
+        hooked_logits = _last_logits(cm, prompts)
+    report = orthogonalize(cm, direction)
+    edited_logits = _last_logits(cm, prompts)
+    mask = cm.chat.encode(prompts).attention_mask.bool()
+    delta = (hooked_logits - edited_logits).abs()[mask.to(hooked_logits.device)]
+    return report, float(delta.max())
+
+
+def export_orthogonalized(cm: ChatModel, direction: Direction, out: str | Path) -> dict[str, object]:
+    """Orthogonalize ``cm`` in place, then write it with its tokenizer, the direction and a
+    manifest to ``out`` atomically (a temporary folder renamed at the end)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise RefdirError(f"{out} exists and is not empty; choose a new --out folder")
+    report, delta = parity(cm, direction)
+    manifest: dict[str, object] = {
+        "refdir_manifest": 1,
+        "source_model": cm.name,
+        "source_revision": cm.revision,
+        "direction": {"layer": direction.layer, "position": direction.position, "norm": direction.norm},
+        **asdict(report),
+        "parity_max_abs_logit_delta": delta,
+        "parity_dtype": str(cm.layout.embed.weight.dtype).removeprefix("torch."),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        cm.model.save_pretrained(tmp, safe_serialization=True)
+        cm.tokenizer.save_pretrained(tmp)
+        direction.save(tmp)
+        (tmp / "refdir_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return manifest

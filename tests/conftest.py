@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import tiny_chat_model  # noqa: E402
+
+from refdir.model import ChatModel  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def cm() -> ChatModel:
+    return tiny_chat_model("llama")

@@ -1,0 +1,76 @@
+"""Tiny offline models and a byte-level tokenizer with a chat template, for fast tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers as T
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from refdir.model import ChatModel
+
+SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
+VOCAB = 256 + len(SPECIALS)
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: 5 special tokens then one token per byte, no merges."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = chat_template
+    return fast
+
+
+_COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
+ARCHS: dict[str, Any] = {
+    "llama": lambda: T.LlamaConfig(**_COMMON),
+    "qwen2": lambda: T.Qwen2Config(**_COMMON),
+    "qwen3": lambda: T.Qwen3Config(**_COMMON, head_dim=8),
+    "gemma": lambda: T.GemmaConfig(**_COMMON, head_dim=8),
+    "gemma2": lambda: T.Gemma2Config(**_COMMON, head_dim=8),
+    "gemma3": lambda: T.Gemma3TextConfig(**_COMMON, head_dim=8),
+    "mistral": lambda: T.MistralConfig(**_COMMON),
+    "phi3": lambda: T.Phi3Config(**_COMMON),
+    "qwen3_moe": lambda: T.Qwen3MoeConfig(
+        **_COMMON, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16
+    ),
+    "mixtral": lambda: T.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2),
+}
+SANDWICH = {"gemma2", "gemma3"}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, tied: bool | None = None) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    config = ARCHS[arch]()
+    if tied is not None:
+        config.tie_word_embeddings = tied
+    model = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # norms start at 1 (or 0 in the 1+w convention): make them distinctive
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    return model.eval()
+
+
+def tiny_chat_model(arch: str = "llama", seed: int = 0, tied: bool | None = None) -> ChatModel:
+    return ChatModel(tiny_model(arch, seed, tied), tiny_tokenizer(), name=f"tiny-{arch}")
