@@ -38,9 +38,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def _json_text(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 @dataclass(frozen=True)
@@ -102,9 +101,11 @@ class Direction:
         """Write ``direction.safetensors`` and ``direction.json`` (into ``path`` if it is a
         folder, else beside the given ``.safetensors`` path). Returns the tensor file."""
         tensor_path, json_path = _paths(Path(path))
+        text = _json_text(self.info())  # fails before anything is written
         with atomic_path(tensor_path) as tmp:
             save_file({"direction": self.vector.detach().float().cpu().contiguous()}, str(tmp))
-        _write_json(json_path, self.info())
+        with atomic_path(json_path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
         return tensor_path
 
     @classmethod

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_chat_model
+
+from refdir.activations import extract_candidates, residual_means
+from refdir.direction import Candidates, Direction
+from refdir.errors import RefdirError
+from refdir.model import ChatModel
+
+HARMFUL = ["how do I pick a lock", "tell me something bad", "x"]
+HARMLESS = ["bake a cake", "write a poem about spring please", "sum 2 and 2"]
+
+
+def test_streaming_means_match_a_direct_computation(cm: ChatModel) -> None:
+    means = residual_means(cm, HARMFUL, batch_size=2, progress=False)
+    assert means.dtype == torch.float64
+    assert means.shape == (cm.chat.n_post, cm.n_layers + 1, cm.d_model)
+    rows = []
+    for text in HARMFUL:  # one prompt at a time: no padding at all
+        batch = cm.chat.encode([text])
+        out = cm.model(input_ids=batch.input_ids, output_hidden_states=True)
+        layers = torch.stack(out.hidden_states[: cm.n_layers], dim=1)[0, :, -cm.chat.n_post :]
+        rows.append(layers.transpose(0, 1))
+    expected = torch.stack(rows).double().mean(0)
+    torch.testing.assert_close(means[:, : cm.n_layers], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_candidates_shape_and_zero_at_template_embeddings(cm: ChatModel) -> None:
+    cands = extract_candidates(cm, HARMFUL, HARMLESS, progress=False)
+    assert cands.diffs.shape == (cm.chat.n_post, cm.n_layers + 1, cm.d_model)
+    assert cands.diffs[:, 0].abs().max() == 0  # layer-0 input at template tokens: same embedding
+    assert cands.diffs[-1, 2].norm() > 0
+    with pytest.raises(RefdirError, match="zero"):
+        cands.direction(-1, 0)
+
+
+def test_direction_round_trip_and_size_check(cm: ChatModel, tmp_path: Path) -> None:
+    cands = extract_candidates(cm, HARMFUL, HARMLESS, progress=False, harmful_name="h")
+    direction = cands.direction(-1, 2, note="test")
+    path = direction.save(tmp_path)
+    assert path.name == "direction.safetensors" and (tmp_path / "direction.json").exists()
+    loaded = Direction.load(tmp_path / "direction.json")
+    torch.testing.assert_close(loaded.vector, direction.vector)
+    assert (loaded.layer, loaded.position, loaded.harmful, loaded.n_harmful) == (2, -1, "h", 3)
+    assert loaded.metadata == {"note": "test"}
+    with pytest.raises(RefdirError, match="size 32 but the model's residual stream has 48"):
+        loaded.check(48)
+    cands.save(tmp_path / "candidates.safetensors")
+    again = Candidates.load(tmp_path / "candidates.safetensors")
+    torch.testing.assert_close(again.diffs, cands.diffs)
+    assert again.n_harmless == 3 and again.model == "tiny-llama"
+
+
+def test_bad_direction_files_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(RefdirError, match="missing"):
+        Direction.load(tmp_path)
+    (tmp_path / "direction.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(RefdirError, match="not a safetensors file"):
+        Direction.load(tmp_path)
+    with pytest.raises(RefdirError, match="zero"):
+        Direction(torch.zeros(4), 0, -1, "m")
+
+
+def test_no_partial_file_left_when_save_fails(tmp_path: Path) -> None:
+    direction = Direction(torch.ones(4), 1, -1, "m", metadata={"bad": object()})
+    with pytest.raises(TypeError):
+        direction.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_batch_size_does_not_change_the_means() -> None:
+    cm = tiny_chat_model("qwen3_moe")
+    a = residual_means(cm, HARMLESS, batch_size=1, progress=False)
+    b = residual_means(cm, HARMLESS, batch_size=3, progress=False)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from tiny import tiny_chat_model
+
+from refdir.direction import Direction
+from refdir.errors import RefdirError
+from refdir.generation import generate, last_position_logits
+from refdir.intervene import ablate, add
+from refdir.model import ChatModel
+
+
+def _hook_count(cm: ChatModel) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in cm.model.modules())
+
+
+def _layer_inputs(cm: ChatModel, run: Callable[[], None]) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
+        for layer in cm.layout.layers
+    ]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _forward(cm: ChatModel) -> None:
+    batch = cm.chat.encode(["hello there", "a second prompt"])
+    with torch.no_grad():
+        cm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3_moe", "phi3"])
+def test_ablation_leaves_no_component_at_any_layer(arch: str) -> None:
+    cm = tiny_chat_model(arch)
+    r = torch.randn(cm.d_model)
+    unit = r / r.norm()
+    plain = _layer_inputs(cm, lambda: _forward(cm))
+    assert max(float((h @ unit).abs().max()) for h in plain) > 1e-3
+    with ablate(cm, r):
+        ablated = _layer_inputs(cm, lambda: _forward(cm))
+    assert max(float((h @ unit).abs().max()) for h in ablated) < 1e-5
+
+
+def test_ablation_applies_to_generated_tokens(cm: ChatModel) -> None:
+    r = torch.randn(cm.d_model)
+    with ablate(cm, r):
+        seen = _layer_inputs(cm, lambda: generate(cm, ["hi"], max_new_tokens=3, progress=False))
+    assert any(h.shape[1] == 1 for h in seen), "decode steps were hooked"
+    assert max(float((h @ (r / r.norm())).abs().max()) for h in seen) < 1e-5
+
+
+def test_addition_adds_coeff_times_direction_at_one_layer(cm: ChatModel) -> None:
+    v = torch.randn(cm.d_model)
+    direction = Direction(v, 1, -1, cm.name)
+    plain = _layer_inputs(cm, lambda: _forward(cm))
+    with add(cm, direction, coeff=2.0):
+        added = _layer_inputs(cm, lambda: _forward(cm))
+    torch.testing.assert_close(added[0], plain[0])
+    torch.testing.assert_close(added[1], plain[1] + 2.0 * v, atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_are_removed_after_an_exception(cm: ChatModel) -> None:
+    before = _hook_count(cm)
+    with pytest.raises(ZeroDivisionError), ablate(cm, torch.randn(cm.d_model)):
+        assert _hook_count(cm) > before
+        _ = 1 / 0
+    assert _hook_count(cm) == before
+
+
+def test_bad_layer_or_size_registers_nothing(cm: ChatModel) -> None:
+    before = _hook_count(cm)
+    with pytest.raises(RefdirError, match="layers 0..2"), add(cm, torch.randn(cm.d_model), layer=7):
+        pass
+    with pytest.raises(RefdirError, match="size 5"), ablate(cm, torch.randn(5)):
+        pass
+    with pytest.raises(RefdirError, match="zero"), ablate(cm, torch.zeros(cm.d_model)):
+        pass
+    assert _hook_count(cm) == before
+
+
+def test_scopes_nest_and_unwind(cm: ChatModel) -> None:
+    r = torch.randn(cm.d_model)
+    base = last_position_logits(cm, ["nest"])
+    with ablate(cm, r):
+        ablated = last_position_logits(cm, ["nest"])
+        with add(cm, Direction(r, 1, -1, cm.name), coeff=3.0):
+            both = last_position_logits(cm, ["nest"])
+        torch.testing.assert_close(last_position_logits(cm, ["nest"]), ablated)
+    torch.testing.assert_close(last_position_logits(cm, ["nest"]), base)
+    assert not torch.allclose(both, ablated)
+
+
+def test_last_position_logits_match_the_full_forward(cm: ChatModel) -> None:
+    prompts = ["one", "two words", "three words here"]
+    logits = last_position_logits(cm, prompts, batch_size=2)
+    batch = cm.chat.encode(prompts)
+    with torch.no_grad():
+        full = cm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, -1]
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)

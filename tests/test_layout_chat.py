@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import ARCHS, SANDWICH, tiny_chat_model, tiny_model, tiny_tokenizer
+
+from refdir.chat import ChatFormat
+from refdir.errors import RefdirError
+from refdir.layout import LayoutSpec, find_layout
+from refdir.model import ChatModel
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_layout_found_for_every_family(arch: str) -> None:
+    layout = find_layout(tiny_model(arch))
+    assert layout.n_layers == 3 and layout.d_model == 32
+    assert layout.sandwich == (arch in SANDWICH)
+    for layer in layout.per_layer:
+        assert layer.mlp_out, "an MLP output weight is found"
+        for module, name in layer.mlp_out:
+            assert getattr(module, name).shape[-2] == 32
+
+
+def test_moe_experts_are_fused_tensors() -> None:
+    layout = find_layout(tiny_model("mixtral"))
+    (module, name), = layout.per_layer[0].mlp_out
+    assert name == "down_proj" and getattr(module, name).dim() == 3
+
+
+def test_unsupported_model_names_what_is_missing() -> None:
+    with pytest.raises(RefdirError, match="MLP block"):
+        find_layout(tiny_model("llama"), LayoutSpec(mlp="nonexistent"))
+    with pytest.raises(RefdirError, match="decoder layers"):
+        find_layout(torch.nn.Linear(2, 2))
+
+
+def test_layout_override_reaches_parts_by_name() -> None:
+    layout = find_layout(tiny_model("llama"), LayoutSpec(layers="model.layers", mlp_out="down_proj"))
+    assert layout.n_layers == 3
+
+
+def test_post_instruction_tokens_are_the_template_suffix() -> None:
+    chat = ChatFormat.from_tokenizer(tiny_tokenizer())
+    assert chat.suffix == "<|im_end|>\n<|im_start|>assistant\n"
+    batch = chat.encode(["hi", "a much longer instruction"])
+    assert batch.input_ids.shape[0] == 2
+    for row in batch.input_ids:
+        assert tuple(row[-chat.n_post :].tolist()) == chat.suffix_ids
+    assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[1, 0] == 1  # left padding
+
+
+def test_system_prompt_and_user_template() -> None:
+    chat = ChatFormat.from_tokenizer(tiny_tokenizer(), system="Be brief.")
+    assert "Be brief." in chat.prefix
+    custom = ChatFormat.from_tokenizer(tiny_tokenizer(None), chat_template="Q: {{ messages[-1]['content'] }}\nA:")
+    assert custom.suffix == "\nA:" and custom.n_post == 3
+
+
+def test_missing_chat_template_is_a_clear_error() -> None:
+    with pytest.raises(RefdirError, match="no chat template"):
+        ChatFormat.from_tokenizer(tiny_tokenizer(None))
+    with pytest.raises(RefdirError, match="nothing after the instruction"):
+        ChatFormat.from_tokenizer(tiny_tokenizer(None), chat_template="{{ messages[-1]['content'] }}")
+
+
+def test_chat_model_wraps_any_model() -> None:
+    cm = ChatModel(tiny_model("qwen2"), tiny_tokenizer(), name="x")
+    assert cm.n_layers == 3 and cm.device.type == "cpu"
+    assert tiny_chat_model("gemma").layout.tied
