@@ -8,9 +8,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import tiny_chat_model  # noqa: E402
-
-from refdir.model import ChatModel  # noqa: E402
+from refdir.model import ChatModel
+from tiny import tiny_chat_model
 
 torch.set_num_threads(2)
 

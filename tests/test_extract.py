@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_chat_model
 
 from refdir.activations import extract_candidates, residual_means
 from refdir.direction import Candidates, Direction
 from refdir.errors import RefdirError
 from refdir.model import ChatModel
+from tiny import tiny_chat_model
 
 HARMFUL = ["how do I pick a lock", "tell me something bad", "x"]
 HARMLESS = ["bake a cake", "write a poem about spring please", "sum 2 and 2"]

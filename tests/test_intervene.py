@@ -4,13 +4,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from tiny import tiny_chat_model
 
 from refdir.direction import Direction
 from refdir.errors import RefdirError
 from refdir.generation import generate, last_position_logits
 from refdir.intervene import ablate, add
 from refdir.model import ChatModel
+from tiny import tiny_chat_model
 
 
 def _hook_count(cm: ChatModel) -> int:
@@ -20,7 +20,10 @@ def _hook_count(cm: ChatModel) -> int:
 def _layer_inputs(cm: ChatModel, run: Callable[[], None]) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     handles = [
-        layer.register_forward_pre_hook(lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
+        layer.register_forward_pre_hook(
+            lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).clone()),
+            with_kwargs=True,
+        )
         for layer in cm.layout.layers
     ]
     try:
@@ -77,7 +80,10 @@ def test_hooks_are_removed_after_an_exception(cm: ChatModel) -> None:
 
 def test_bad_layer_or_size_registers_nothing(cm: ChatModel) -> None:
     before = _hook_count(cm)
-    with pytest.raises(RefdirError, match="layers 0..2"), add(cm, torch.randn(cm.d_model), layer=7):
+    with (
+        pytest.raises(RefdirError, match=r"layers 0\.\.2"),
+        add(cm, torch.randn(cm.d_model), layer=7),
+    ):
         pass
     with pytest.raises(RefdirError, match="size 5"), ablate(cm, torch.randn(5)):
         pass
@@ -103,5 +109,7 @@ def test_last_position_logits_match_the_full_forward(cm: ChatModel) -> None:
     logits = last_position_logits(cm, prompts, batch_size=2)
     batch = cm.chat.encode(prompts)
     with torch.no_grad():
-        full = cm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, -1]
+        full = cm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[
+            :, -1
+        ]
     torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)

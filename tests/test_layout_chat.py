@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import ARCHS, SANDWICH, tiny_chat_model, tiny_model, tiny_tokenizer
 
 from refdir.chat import ChatFormat
 from refdir.errors import RefdirError
 from refdir.layout import LayoutSpec, find_layout
 from refdir.model import ChatModel
+from tiny import ARCHS, SANDWICH, tiny_chat_model, tiny_model, tiny_tokenizer
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -23,7 +23,7 @@ def test_layout_found_for_every_family(arch: str) -> None:
 
 def test_moe_experts_are_fused_tensors() -> None:
     layout = find_layout(tiny_model("mixtral"))
-    (module, name), = layout.per_layer[0].mlp_out
+    ((module, name),) = layout.per_layer[0].mlp_out
     assert name == "down_proj" and getattr(module, name).dim() == 3
 
 
@@ -35,7 +35,9 @@ def test_unsupported_model_names_what_is_missing() -> None:
 
 
 def test_layout_override_reaches_parts_by_name() -> None:
-    layout = find_layout(tiny_model("llama"), LayoutSpec(layers="model.layers", mlp_out="down_proj"))
+    layout = find_layout(
+        tiny_model("llama"), LayoutSpec(layers="model.layers", mlp_out="down_proj")
+    )
     assert layout.n_layers == 3
 
 
@@ -52,7 +54,9 @@ def test_post_instruction_tokens_are_the_template_suffix() -> None:
 def test_system_prompt_and_user_template() -> None:
     chat = ChatFormat.from_tokenizer(tiny_tokenizer(), system="Be brief.")
     assert "Be brief." in chat.prefix
-    custom = ChatFormat.from_tokenizer(tiny_tokenizer(None), chat_template="Q: {{ messages[-1]['content'] }}\nA:")
+    custom = ChatFormat.from_tokenizer(
+        tiny_tokenizer(None), chat_template="Q: {{ messages[-1]['content'] }}\nA:"
+    )
     assert custom.suffix == "\nA:" and custom.n_post == 3
 
 
@@ -60,7 +64,9 @@ def test_missing_chat_template_is_a_clear_error() -> None:
     with pytest.raises(RefdirError, match="no chat template"):
         ChatFormat.from_tokenizer(tiny_tokenizer(None))
     with pytest.raises(RefdirError, match="nothing after the instruction"):
-        ChatFormat.from_tokenizer(tiny_tokenizer(None), chat_template="{{ messages[-1]['content'] }}")
+        ChatFormat.from_tokenizer(
+            tiny_tokenizer(None), chat_template="{{ messages[-1]['content'] }}"
+        )
 
 
 def test_chat_model_wraps_any_model() -> None:

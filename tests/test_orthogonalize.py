@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import ARCHS, SANDWICH, tiny_chat_model
 from transformers import AutoModelForCausalLM
 
 from refdir.direction import Direction
@@ -14,6 +13,7 @@ from refdir.generation import last_position_logits
 from refdir.intervene import ablate
 from refdir.model import ChatModel
 from refdir.orthogonalize import export_orthogonalized, orthogonalize, parity
+from tiny import ARCHS, SANDWICH, tiny_chat_model
 
 
 def _direction(cm: ChatModel, seed: int = 1) -> Direction:
@@ -52,7 +52,12 @@ def test_sandwich_edit_still_writes_nothing_along_the_direction(arch: str) -> No
     unit = direction.unit()
     seen: list[float] = []
     handles = [
-        layer.register_forward_pre_hook(lambda m, a, k: seen.append(float(((a[0] if a else k["hidden_states"]) @ unit).abs().max())), with_kwargs=True)
+        layer.register_forward_pre_hook(
+            lambda m, a, k: seen.append(
+                float(((a[0] if a else k["hidden_states"]) @ unit).abs().max())
+            ),
+            with_kwargs=True,
+        )
         for layer in cm.layout.layers
     ]
     last_position_logits(cm, ["check the stream"])

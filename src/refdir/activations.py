@@ -29,7 +29,10 @@ def batches(items: Sequence[str], size: int) -> list[list[str]]:
 
 
 def residual_means(
-    cm: ChatModel, instructions: Sequence[str], batch_size: int = 32, progress: bool = True,
+    cm: ChatModel,
+    instructions: Sequence[str],
+    batch_size: int = 32,
+    progress: bool = True,
     desc: str = "activations",
 ) -> torch.Tensor:
     """Mean residual stream [P, L+1, d] (float64, on CPU) at the post-instruction positions."""
@@ -50,7 +53,9 @@ def residual_means(
     def last_output(module: nn.Module, args: Any, output: Any) -> None:
         accumulate(n_layers, output if isinstance(output, torch.Tensor) else output[0])
 
-    hooks: list[Hook] = [(layer, "input", layer_input(i)) for i, layer in enumerate(cm.layout.layers)]
+    hooks: list[Hook] = [
+        (layer, "input", layer_input(i)) for i, layer in enumerate(cm.layout.layers)
+    ]
     hooks.append((cm.layout.layers[-1], "output", last_output))
     body = getattr(cm.model, "base_model", cm.model)
     with torch.inference_mode(), hooked(hooks):
@@ -73,6 +78,12 @@ def extract_candidates(
     mu_harmful = residual_means(cm, harmful, batch_size, progress, "harmful activations")
     mu_harmless = residual_means(cm, harmless, batch_size, progress, "harmless activations")
     return Candidates(
-        mu_harmful, mu_harmless, cm.name, cm.revision, harmful_name, harmless_name,
-        len(harmful), len(harmless),
+        mu_harmful,
+        mu_harmless,
+        cm.name,
+        cm.revision,
+        harmful_name,
+        harmless_name,
+        len(harmful),
+        len(harmless),
     )

@@ -67,7 +67,9 @@ class ChatFormat:
                 messages, tokenize=False, add_generation_prompt=True, **kwargs
             )
         except Exception as exc:  # jinja errors surface as many types
-            raise RefdirError(f"the chat template failed to render: {exc}; check the template") from None
+            raise RefdirError(
+                f"the chat template failed to render: {exc}; check the template"
+            ) from None
         if not isinstance(text, str) or text.count(_MARKER) != 1:
             raise RefdirError("the chat template does not place the instruction exactly once")
         prefix, suffix = text.split(_MARKER)
@@ -103,7 +105,9 @@ class ChatFormat:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         if pad is None:
-            raise RefdirError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+            raise RefdirError(
+                "the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token"
+            )
         return int(pad if not isinstance(pad, list) else pad[0])
 
 

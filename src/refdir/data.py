@@ -54,9 +54,15 @@ def _read_file(path: Path) -> list[str]:
                 raise RefdirError(f"{path}: expected a JSON list of prompts")
             return [_from_record(r, str(path)) for r in data]
         if suffix == ".jsonl":
-            return [_from_record(json.loads(line), str(path)) for line in text.splitlines() if line.strip()]
+            return [
+                _from_record(json.loads(line), str(path))
+                for line in text.splitlines()
+                if line.strip()
+            ]
     except json.JSONDecodeError as exc:
-        raise RefdirError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file") from None
+        raise RefdirError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file"
+        ) from None
     if suffix == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
         if not rows:
@@ -67,7 +73,9 @@ def _read_file(path: Path) -> list[str]:
         return [row[key] for row in rows]
     if suffix == ".txt":
         return [line.strip() for line in text.splitlines() if line.strip()]
-    raise RefdirError(f"{path}: unsupported prompt file type {suffix!r}; use .json, .jsonl, .csv or .txt")
+    raise RefdirError(
+        f"{path}: unsupported prompt file type {suffix!r}; use .json, .jsonl, .csv or .txt"
+    )
 
 
 def load_prompts(name_or_path: str | Path) -> list[str]:
@@ -79,7 +87,9 @@ def load_prompts(name_or_path: str | Path) -> list[str]:
     path = Path(key)
     if not path.exists():
         names = ", ".join(PACKAGED_SETS)
-        raise RefdirError(f"prompts {key!r}: no such file or packaged set; packaged sets are {names}")
+        raise RefdirError(
+            f"prompts {key!r}: no such file or packaged set; packaged sets are {names}"
+        )
     prompts = _read_file(path)
     if not prompts:
         raise RefdirError(f"{path}: contains no prompts")

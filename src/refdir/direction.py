@@ -66,7 +66,9 @@ class Direction:
         if self.vector.dim() != 1:
             raise RefdirError(f"a direction is one vector; got shape {tuple(self.vector.shape)}")
         if not torch.isfinite(self.vector).all() or float(self.vector.norm()) == 0.0:
-            raise RefdirError("the direction vector is zero or not finite; pick another layer or position")
+            raise RefdirError(
+                "the direction vector is zero or not finite; pick another layer or position"
+            )
 
     @property
     def d_model(self) -> int:
@@ -89,7 +91,9 @@ class Direction:
                 "extract a direction from this model"
             )
         if n_layers is not None and not 0 <= self.layer <= n_layers:
-            raise RefdirError(f"direction layer {self.layer} is outside 0..{n_layers} for this model")
+            raise RefdirError(
+                f"direction layer {self.layer} is outside 0..{n_layers} for this model"
+            )
 
     def info(self) -> dict[str, Any]:
         data = {k: v for k, v in asdict(self).items() if k != "vector"}
@@ -113,7 +117,9 @@ class Direction:
         """Load from a folder, the ``.safetensors`` file or the ``.json`` file."""
         tensor_path, json_path = _paths(Path(path))
         if not tensor_path.exists():
-            raise RefdirError(f"no direction at {path}: {tensor_path.name} is missing; run `refdir extract`")
+            raise RefdirError(
+                f"no direction at {path}: {tensor_path.name} is missing; run `refdir extract`"
+            )
         try:
             vector = load_file(str(tensor_path))["direction"]
         except KeyError:
@@ -171,19 +177,33 @@ class Candidates:
     def direction(self, position: int, layer: int, **metadata: Any) -> Direction:
         """The candidate at a negative ``position`` and a ``layer`` in ``0..n_layers``."""
         if position not in self.positions:
-            raise RefdirError(f"position {position} is not one of the post-instruction positions {self.positions}")
+            raise RefdirError(
+                f"position {position} is not one of the post-instruction positions {self.positions}"
+            )
         if not 0 <= layer <= self.n_layers:
             raise RefdirError(f"layer {layer} is outside 0..{self.n_layers}")
         vector = self.diffs[position, layer].float()
         return Direction(
-            vector, layer, position, self.model, self.revision, self.harmful, self.harmless,
-            self.n_harmful, self.n_harmless, dict(metadata),
+            vector,
+            layer,
+            position,
+            self.model,
+            self.revision,
+            self.harmful,
+            self.harmless,
+            self.n_harmful,
+            self.n_harmless,
+            dict(metadata),
         )
 
     def save(self, path: str | Path) -> Path:
         meta = {
-            "model": self.model, "revision": self.revision, "harmful": self.harmful,
-            "harmless": self.harmless, "n_harmful": self.n_harmful, "n_harmless": self.n_harmless,
+            "model": self.model,
+            "revision": self.revision,
+            "harmful": self.harmful,
+            "harmless": self.harmless,
+            "n_harmful": self.n_harmful,
+            "n_harmless": self.n_harmless,
         }
         tensors = {
             "candidates": self.diffs.float().contiguous(),

@@ -24,7 +24,9 @@ def generate(
 ) -> list[str]:
     """Greedy completions, one per instruction (``suffix`` is appended to each instruction)."""
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=cm.chat.pad_id,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=cm.chat.pad_id,
         eos_token_id=cm.tokenizer.eos_token_id,
     )
     completions: list[str] = []
@@ -32,7 +34,9 @@ def generate(
         batch = cm.chat.encode(chunk, suffix).to(cm.device)
         with torch.inference_mode():
             out = cm.model.generate(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, generation_config=config
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                generation_config=config,
             )
         new = out[:, batch.input_ids.shape[1] :]
         completions.extend(cm.tokenizer.batch_decode(new, skip_special_tokens=True))
@@ -48,7 +52,9 @@ def last_position_logits(
         batch = cm.chat.encode(chunk, suffix).to(cm.device)
         with torch.inference_mode():
             out = cm.model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                use_cache=False,
                 logits_to_keep=1,
             )
         rows.append(out.logits[:, -1].float().cpu())

@@ -25,7 +25,9 @@ def map_output(fn: TensorMap) -> Callable[..., Any]:
             return fn(output)
         if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
             return (fn(output[0]), *output[1:])
-        raise TypeError(f"cannot hook the output of {type(module).__name__}: {type(output).__name__}")
+        raise TypeError(
+            f"cannot hook the output of {type(module).__name__}: {type(output).__name__}"
+        )
 
     return hook
 

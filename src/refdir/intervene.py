@@ -19,7 +19,7 @@ from refdir.errors import RefdirError
 from refdir.hooks import Hook, TensorMap, hooked, map_input, map_output
 from refdir.model import ChatModel
 
-__all__ = ["ablate", "add", "ablation_hooks", "addition_hooks", "project_out"]
+__all__ = ["ablate", "ablation_hooks", "add", "addition_hooks", "project_out"]
 
 
 def _vector(direction: Direction | torch.Tensor, cm: ChatModel) -> torch.Tensor:

@@ -93,7 +93,9 @@ class ModelLayout:
 
     @property
     def tied(self) -> bool:
-        return self.unembed is not None and getattr(self.unembed, "weight", None) is self.embed.weight
+        return (
+            self.unembed is not None and getattr(self.unembed, "weight", None) is self.embed.weight
+        )
 
 
 def _child(parent: nn.Module, pattern: str, what: str, where: str) -> nn.Module:
@@ -130,7 +132,9 @@ def _find_layers(model: nn.Module, spec: LayoutSpec, n_layers: int | None) -> nn
     return max(lists, key=len)
 
 
-def _mlp_outputs(mlp: nn.Module, spec: LayoutSpec, d_model: int) -> tuple[tuple[nn.Module, str], ...]:
+def _mlp_outputs(
+    mlp: nn.Module, spec: LayoutSpec, d_model: int
+) -> tuple[tuple[nn.Module, str], ...]:
     regex = re.compile(rf"(?:{spec.mlp_out})")
     found: list[tuple[nn.Module, str]] = []
     for name, module in mlp.named_modules():
@@ -169,12 +173,14 @@ def find_layout(model: nn.Module, spec: LayoutSpec | None = None) -> ModelLayout
     text_config = config.get_text_config() if config is not None else None
     n_layers = getattr(text_config, "num_hidden_layers", None)
     layers = _find_layers(model, spec, n_layers)
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_embed = getattr(model, "get_input_embeddings", None)
+    embed = get_embed() if callable(get_embed) else None
     if not isinstance(embed, nn.Embedding):
         raise RefdirError("could not find the token embedding (get_input_embeddings returned none)")
     d_model = int(embed.weight.shape[1])
     per_layer = tuple(_layer_layout(i, layer, spec, d_model) for i, layer in enumerate(layers))
-    unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_unembed = getattr(model, "get_output_embeddings", None)
+    unembed = get_unembed() if callable(get_unembed) else None
     final_norm = None
     base = getattr(model, "base_model", model)
     if isinstance(base, nn.Module):

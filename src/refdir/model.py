@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from refdir.chat import ChatFormat
 from refdir.errors import RefdirError
@@ -88,7 +94,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "auto" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RefdirError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise RefdirError(
+            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
+        )
     if device != "cpu" and not device.startswith("cuda"):
         raise RefdirError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
     return device
@@ -103,7 +111,9 @@ def _source(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
     if gguf_file is not None:
         return spec, gguf_file
     if path.exists() and not (path / "config.json").exists() and not path.is_file():
-        raise RefdirError(f"{spec} is a folder without config.json; point at a Hugging Face model folder")
+        raise RefdirError(
+            f"{spec} is a folder without config.json; point at a Hugging Face model folder"
+        )
     return spec, None
 
 
@@ -111,13 +121,11 @@ def detach_gguf_quantizer(model: PreTrainedModel) -> None:
     """transformers keeps its GGUF quantizer on a de-quantized model and then refuses
     ``save_pretrained``; the weights are plain tensors, so drop it."""
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
     for attr in ("is_quantized", "_is_quantized_training_enabled"):
         if getattr(model, attr, False) is True:
-            try:
+            with contextlib.suppress(AttributeError):
                 setattr(model, attr, False)
-            except AttributeError:
-                pass
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
@@ -140,9 +148,17 @@ def load_model(
     if spec == ORGANISM:
         from refdir.organism import load_organism
 
-        model, tokenizer = load_organism(dtype=torch_dtype, device="cpu" if device == "auto" else device)
-        return ChatModel(model, tokenizer, name=ORGANISM, system=system, chat_template=chat_template,
-                         layout_spec=layout_spec)
+        model, tokenizer = load_organism(
+            dtype=torch_dtype, device="cpu" if device == "auto" else device
+        )
+        return ChatModel(
+            model,
+            tokenizer,
+            name=ORGANISM,
+            system=system,
+            chat_template=chat_template,
+            layout_spec=layout_spec,
+        )
     source, gguf = _source(spec, gguf_file)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf is not None:
@@ -161,7 +177,14 @@ def load_model(
     if gguf is not None:
         detach_gguf_quantizer(model)
     if device not in ("auto", "cpu"):
-        model.to(device)
+        model.to(torch.device(device))  # type: ignore[arg-type]  # transformers stubs wrap .to
     log.info("loaded %s (%s, %s)", spec, torch_dtype, device)
-    return ChatModel(model, tokenizer, name=spec, revision=revision, system=system,
-                     chat_template=chat_template, layout_spec=layout_spec)
+    return ChatModel(
+        model,
+        tokenizer,
+        name=spec,
+        revision=revision,
+        system=system,
+        chat_template=chat_template,
+        layout_spec=layout_spec,
+    )

@@ -118,18 +118,22 @@ def orthogonalize(cm: ChatModel, direction: Direction | torch.Tensor) -> Orthogo
     return OrthogonalizeReport(exact, untied, edited, note)
 
 
-def _write_direction(cm: ChatModel, sandwich: bool, writer: nn.Module, r: torch.Tensor) -> torch.Tensor:
+def _write_direction(
+    cm: ChatModel, sandwich: bool, writer: nn.Module, r: torch.Tensor
+) -> torch.Tensor:
     if not sandwich:
         return r
     g = effective_norm_scale(writer, cm.d_model)
-    u = (g.double() * r.double().cpu())
+    u = g.double() * r.double().cpu()
     return (u / u.norm()).float()
 
 
 def _last_logits(cm: ChatModel, prompts: Sequence[str]) -> torch.Tensor:
     batch = cm.chat.encode(prompts).to(cm.device)
     with torch.inference_mode():
-        out = cm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        out = cm.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )
     return out.logits.float()
 
 
@@ -146,7 +150,9 @@ def parity(
     return report, float(delta.max())
 
 
-def export_orthogonalized(cm: ChatModel, direction: Direction, out: str | Path) -> dict[str, object]:
+def export_orthogonalized(
+    cm: ChatModel, direction: Direction, out: str | Path
+) -> dict[str, object]:
     """Orthogonalize ``cm`` in place, then write it with its tokenizer, the direction and a
     manifest to ``out`` atomically (a temporary folder renamed at the end)."""
     out = Path(out)
@@ -157,7 +163,11 @@ def export_orthogonalized(cm: ChatModel, direction: Direction, out: str | Path) 
         "refdir_manifest": 1,
         "source_model": cm.name,
         "source_revision": cm.revision,
-        "direction": {"layer": direction.layer, "position": direction.position, "norm": direction.norm},
+        "direction": {
+            "layer": direction.layer,
+            "position": direction.position,
+            "norm": direction.norm,
+        },
         **asdict(report),
         "parity_max_abs_logit_delta": delta,
         "parity_dtype": str(cm.layout.embed.weight.dtype).removeprefix("torch."),

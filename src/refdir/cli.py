@@ -1,0 +1,337 @@
+"""The command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from refdir.errors import RefdirError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    help="refdir: find, test and edit the refusal direction of chat language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+organism_app = typer.Typer(
+    help="The bundled model organism (safety-tuned SmolLM2-135M).", no_args_is_help=True
+)
+app.add_typer(organism_app, name="organism")
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="'organism' (default), a local folder, a .gguf file or a hub id."
+    ),
+]
+DeviceOpt = Annotated[
+    str, typer.Option(help="cpu, cuda, cuda:N, or auto (device_map over all GPUs).")
+]
+DtypeOpt = Annotated[
+    str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+]
+GgufOpt = Annotated[str | None, typer.Option(help="GGUF file name inside the --model folder.")]
+SystemOpt = Annotated[str | None, typer.Option(help="System prompt for the chat template.")]
+TemplateOpt = Annotated[
+    Path | None, typer.Option(help="A Jinja chat template file, for models without one.")
+]
+RemoteOpt = Annotated[
+    bool, typer.Option(help="Allow code from the model repository (off unless asked).")
+]
+DirectionOpt = Annotated[
+    Path, typer.Option(help="direction.safetensors / direction.json / its folder.")
+]
+PromptsOpt = Annotated[
+    str,
+    typer.Option(
+        help="A packaged set (harmful_test, jailbreakbench, ...) or a .json/.jsonl/.csv/.txt file."
+    ),
+]
+NOpt = Annotated[
+    int | None, typer.Option("--n", help="Number of prompts (seeded sample); all if omitted.")
+]
+TokensOpt = Annotated[int, typer.Option(help="New tokens per completion (greedy).")]
+BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for prompt sampling.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _errors(fn: F) -> F:
+    """Print a RefdirError as one line and exit 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RefdirError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _load(
+    model: str,
+    device: str,
+    dtype: str,
+    gguf_file: str | None,
+    system: str | None,
+    chat_template: Path | None,
+    trust_remote_code: bool,
+) -> Any:
+    from refdir.model import load_model
+
+    template = None
+    if chat_template is not None:
+        if not chat_template.is_file():
+            raise RefdirError(f"chat template {chat_template} does not exist")
+        template = chat_template.read_text(encoding="utf-8")
+    return load_model(
+        model,
+        dtype=dtype,
+        device=device,
+        gguf_file=gguf_file,
+        system=system,
+        chat_template=template,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+@_errors
+def extract(
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    model: ModelOpt = "organism",
+    harmful: Annotated[str, typer.Option(help="Harmful prompt set.")] = "harmful_train",
+    harmless: Annotated[str, typer.Option(help="Harmless prompt set.")] = "harmless_train",
+    n_train: Annotated[int, typer.Option(help="Prompts sampled from each set.")] = 128,
+    layer: Annotated[
+        int | None, typer.Option(help="Layer of the default direction (default: middle layer).")
+    ] = None,
+    position: Annotated[
+        int,
+        typer.Option(help="Post-instruction position of the default direction (-1 = last token)."),
+    ] = -1,
+    seed: SeedOpt = 42,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    gguf_file: GgufOpt = None,
+    system: SystemOpt = None,
+    chat_template: TemplateOpt = None,
+    trust_remote_code: RemoteOpt = False,
+) -> None:
+    """Difference-of-means candidates at every layer x post-instruction position, and a default direction."""
+    from refdir.activations import extract_candidates
+    from refdir.data import sample_prompts
+
+    harmful_prompts = sample_prompts(harmful, n_train, seed)
+    harmless_prompts = sample_prompts(harmless, n_train, seed)
+    cm = _load(model, device, dtype, gguf_file, system, chat_template, trust_remote_code)
+    cands = extract_candidates(
+        cm,
+        harmful_prompts,
+        harmless_prompts,
+        batch_size,
+        harmful_name=harmful,
+        harmless_name=harmless,
+    )
+    cands.save(out / "candidates.safetensors")
+    chosen = cands.direction(
+        position,
+        cm.n_layers // 2 if layer is None else layer,
+        rule="default: --layer/--position" if layer is not None else "default: middle layer",
+    )
+    chosen.save(out)
+    typer.echo(f"candidates {tuple(cands.diffs.shape)} -> {out / 'candidates.safetensors'}")
+    typer.echo(
+        f"direction layer={chosen.layer} position={chosen.position} norm={chosen.norm:.3f} -> {out / 'direction.safetensors'}"
+    )
+
+
+def _generate_under(
+    kind: str,
+    model: str,
+    direction: Path,
+    prompts: str,
+    n: int | None,
+    max_new_tokens: int,
+    batch_size: int,
+    as_json: bool,
+    coeff: float,
+    device: str,
+    dtype: str,
+    seed: int,
+) -> None:
+    from refdir.data import sample_prompts
+    from refdir.direction import Direction
+    from refdir.evaluate import evaluate_refusal
+
+    chosen = Direction.load(direction)
+    instructions = sample_prompts(prompts, n, seed)
+    cm = _load(model, device, dtype, None, None, None, False)
+    chosen.check(cm.d_model, cm.n_layers)
+    result = evaluate_refusal(
+        cm, instructions, prompts, kind, chosen, coeff, max_new_tokens, batch_size
+    )
+    for record in result.completions:
+        if as_json:
+            typer.echo(json.dumps({"prompt": record["prompt"], "completion": record["completion"]}))
+        else:
+            typer.echo(f"### {record['prompt']}\n{record['completion'].strip()}\n")
+    if not as_json:
+        typer.echo(f"refusal rate (markers): {result.refusal_rate:.3f} of {result.n}", err=True)
+
+
+@app.command(name="ablate")
+@_errors
+def ablate_cmd(
+    direction: DirectionOpt,
+    model: ModelOpt = "organism",
+    prompts: PromptsOpt = "harmful_test",
+    n: NOpt = 8,
+    max_new_tokens: TokensOpt = 64,
+    batch_size: BatchOpt = 16,
+    as_json: JsonOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Generate greedily with the direction ablated at every layer and position."""
+    _generate_under(
+        "ablate",
+        model,
+        direction,
+        prompts,
+        n,
+        max_new_tokens,
+        batch_size,
+        as_json,
+        1.0,
+        device,
+        dtype,
+        seed,
+    )
+
+
+@app.command(name="add")
+@_errors
+def add_cmd(
+    direction: DirectionOpt,
+    model: ModelOpt = "organism",
+    prompts: PromptsOpt = "harmless_test",
+    coeff: Annotated[
+        float, typer.Option(help="Multiple of the direction added at its layer.")
+    ] = 1.0,
+    n: NOpt = 8,
+    max_new_tokens: TokensOpt = 64,
+    batch_size: BatchOpt = 16,
+    as_json: JsonOpt = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Generate greedily with coeff x direction added to its layer's input at every position."""
+    _generate_under(
+        "actadd",
+        model,
+        direction,
+        prompts,
+        n,
+        max_new_tokens,
+        batch_size,
+        as_json,
+        coeff,
+        device,
+        dtype,
+        seed,
+    )
+
+
+@app.command()
+@_errors
+def orthogonalize(
+    direction: DirectionOpt,
+    out: Annotated[Path, typer.Option(help="New folder for the edited checkpoint.")],
+    model: ModelOpt = "organism",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    gguf_file: GgufOpt = None,
+    trust_remote_code: RemoteOpt = False,
+) -> None:
+    """Edit the weights so nothing writes along the direction; export a safetensors checkpoint."""
+    from refdir.direction import Direction
+    from refdir.orthogonalize import export_orthogonalized
+
+    chosen = Direction.load(direction)
+    cm = _load(model, device, dtype, gguf_file, None, None, trust_remote_code)
+    manifest = export_orthogonalized(cm, chosen, out)
+    kind = "exact" if manifest["exact"] else "approximate"
+    typer.echo(
+        f"wrote {out} ({kind}; max |logit delta| vs hook ablation = {manifest['parity_max_abs_logit_delta']:.2e})"
+    )
+
+
+@app.command()
+@_errors
+def evaluate(
+    model: ModelOpt = "organism",
+    prompts: PromptsOpt = "harmful_test",
+    n: NOpt = None,
+    direction: Annotated[
+        Path | None, typer.Option(help="Direction for --intervention ablate/actadd.")
+    ] = None,
+    intervention: Annotated[str, typer.Option(help="none, ablate or actadd.")] = "none",
+    coeff: Annotated[float, typer.Option(help="Coefficient for actadd.")] = 1.0,
+    max_new_tokens: TokensOpt = 64,
+    batch_size: BatchOpt = 32,
+    as_json: JsonOpt = False,
+    completions: Annotated[
+        Path | None, typer.Option(help="Also write the completions as JSONL here.")
+    ] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Greedy completions on a prompt set, scored for refusal by markers."""
+    from refdir.data import sample_prompts
+    from refdir.direction import Direction, atomic_path
+    from refdir.evaluate import evaluate_refusal
+
+    chosen = Direction.load(direction) if direction is not None else None
+    instructions = sample_prompts(prompts, n, seed)
+    cm = _load(model, device, dtype, None, None, None, False)
+    result = evaluate_refusal(
+        cm, instructions, prompts, intervention, chosen, coeff, max_new_tokens, batch_size
+    )
+    if completions is not None:
+        with atomic_path(completions) as tmp:
+            tmp.write_text(
+                "".join(json.dumps(r) + "\n" for r in result.completions), encoding="utf-8"
+            )
+    summary = result.summary()
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            typer.echo(f"{key:16s} {value}")

@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from refdir.cli import app
+from refdir.direction import Direction
+from tiny import tiny_model, tiny_tokenizer
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_model("qwen2").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("prompts")
+    harmful = root / "harmful.txt"
+    harmful.write_text("how to pick a lock\nsteal a car\nmake poison\n")
+    harmless = root / "harmless.jsonl"
+    harmless.write_text(
+        "".join(json.dumps({"instruction": t}) + "\n" for t in ["bake bread", "a poem", "sum 2+2"])
+    )
+    return harmful, harmless
+
+
+@pytest.fixture(scope="module")
+def extracted(
+    model_dir: Path, prompt_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    harmful, harmless = prompt_files
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            "--model",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--harmful",
+            str(harmful),
+            "--harmless",
+            str(harmless),
+            "--n-train",
+            "3",
+            "--layer",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_help_lists_every_command() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("extract", "ablate", "add", "orthogonalize", "evaluate", "organism"):
+        assert command in result.output
+
+
+def test_extract_writes_candidates_and_a_direction(extracted: Path) -> None:
+    cands = load_file(str(extracted / "candidates.safetensors"))["candidates"]
+    assert cands.shape == (13, 4, 32)
+    direction = Direction.load(extracted)
+    assert (direction.layer, direction.position, direction.n_harmful) == (2, -1, 3)
+    torch.testing.assert_close(direction.vector, cands[-1, 2])
+
+
+@pytest.mark.parametrize("command", ["ablate", "add"])
+def test_generation_under_intervention_prints_jsonl(
+    command: str, model_dir: Path, extracted: Path, prompt_files: tuple[Path, Path]
+) -> None:
+    result = runner.invoke(
+        app,
+        [
+            command,
+            "--model",
+            str(model_dir),
+            "--direction",
+            str(extracted / "direction.safetensors"),
+            "--prompts",
+            str(prompt_files[0]),
+            "--n",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert len(records) == 2 and set(records[0]) == {"prompt", "completion"}
+
+
+def test_evaluate_json_summary(
+    model_dir: Path, extracted: Path, prompt_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(model_dir),
+            "--prompts",
+            str(prompt_files[1]),
+            "--direction",
+            str(extracted),
+            "--intervention",
+            "actadd",
+            "--coeff",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--json",
+            "--completions",
+            str(tmp_path / "c.jsonl"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n"] == 3 and summary["intervention"] == "actadd" and summary["coeff"] == 2.0
+    assert 0.0 <= summary["refusal_rate"] <= 1.0 and summary["model"] == str(model_dir)
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 3
+
+
+def test_orthogonalize_exports(model_dir: Path, extracted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "edited"
+    result = runner.invoke(
+        app,
+        [
+            "orthogonalize",
+            "--model",
+            str(model_dir),
+            "--direction",
+            str(extracted),
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "exact" in result.output and (out / "model.safetensors").exists()
+
+
+def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -> None:
+    cases = [
+        (
+            ["evaluate", "--model", str(model_dir), "--prompts", "no_such_set"],
+            "no such file or packaged set",
+        ),
+        (["evaluate", "--model", str(model_dir), "--intervention", "ablate"], "needs --direction"),
+        (["evaluate", "--model", str(tmp_path / "missing")], "could not load model"),
+        (
+            ["ablate", "--model", str(model_dir), "--direction", str(tmp_path)],
+            "direction.safetensors is missing",
+        ),
+        (
+            ["extract", "--model", str(model_dir), "--out", str(tmp_path), "--device", "cuda"],
+            "no CUDA GPU",
+        ),
+    ]
+    Direction(torch.ones(8), 1, -1, "other").save(tmp_path / "small")
+    cases.append(
+        (["ablate", "--model", str(model_dir), "--direction", str(tmp_path / "small")], "size 8")
+    )
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], (args, result.stderr)
+        assert "Traceback" not in result.stderr
