@@ -113,3 +113,15 @@ def test_last_position_logits_match_the_full_forward(cm: ChatModel) -> None:
             :, -1
         ]
     torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mixtral"])
+def test_shared_prefix_cache_gives_the_same_logits(arch: str) -> None:
+    cm = tiny_chat_model(arch)
+    cm = ChatModel(cm.model, cm.tokenizer, system="A long shared system prompt for every row.")
+    prompts = ["one", "two words here", "three words and more", "x"]
+    r = torch.randn(cm.d_model)
+    with ablate(cm, r):
+        cached = last_position_logits(cm, prompts, batch_size=3)
+        plain = last_position_logits(cm, prompts, batch_size=3, reuse_prefix=False)
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import Cache, GenerationConfig
 
 from refdir.activations import batches
+from refdir.chat import pad_left
 from refdir.model import ChatModel
 
 __all__ = ["generate", "last_position_logits"]
@@ -43,19 +45,70 @@ def generate(
     return completions
 
 
+def _shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix common to every row, leaving at least one token per row."""
+    first = rows[0]
+    limit = min(len(r) for r in rows) - 1
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n
+
+
 def last_position_logits(
-    cm: ChatModel, instructions: Sequence[str], batch_size: int = 32, suffix: str = ""
+    cm: ChatModel,
+    instructions: Sequence[str],
+    batch_size: int = 32,
+    suffix: str = "",
+    reuse_prefix: bool = True,
 ) -> torch.Tensor:
-    """[N, vocab] float32 logits at the last prompt position (the first response token)."""
-    rows: list[torch.Tensor] = []
-    for chunk in batches(instructions, batch_size):
-        batch = cm.chat.encode(chunk, suffix).to(cm.device)
-        with torch.inference_mode():
-            out = cm.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                use_cache=False,
-                logits_to_keep=1,
-            )
-        rows.append(out.logits[:, -1].float().cpu())
-    return torch.cat(rows)
+    """[N, vocab] float32 logits at the last prompt position (the first response token).
+
+    Only the last position goes through the unembedding. The template prefix that every
+    prompt shares (system prompt, headers) is run once per call and its key/value cache is
+    reused for every batch, with position ids that match the unpadded prompts; any active
+    intervention applies to the prefix pass too.
+    """
+    rows = [cm.chat.token_ids(text, suffix) for text in instructions]
+    shared = _shared_prefix_len(rows) if reuse_prefix and len(rows) > 1 else 0
+    out: list[torch.Tensor] = []
+    with torch.inference_mode():
+        cache = _prefix_cache(cm, rows[0][:shared]) if shared >= _MIN_SHARED else None
+        if cache is None:
+            shared = 0
+        for start in range(0, len(rows), batch_size):
+            chunk = [r[shared:] for r in rows[start : start + batch_size]]
+            out.append(_last_logits(cm, chunk, shared, cache))
+    return torch.cat(out)
+
+
+_MIN_SHARED = 4
+
+
+def _prefix_cache(cm: ChatModel, prefix: Sequence[int]) -> Cache | None:
+    ids = torch.tensor([list(prefix)], dtype=torch.long, device=cm.device)
+    result = cm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = getattr(result, "past_key_values", None)
+    return cache if isinstance(cache, Cache) else None
+
+
+def _last_logits(
+    cm: ChatModel, rows: Sequence[Sequence[int]], shared: int, cache: Cache | None
+) -> torch.Tensor:
+    batch = pad_left(rows, cm.chat.pad_id).to(cm.device)
+    if cache is None:
+        result = cm.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+            logits_to_keep=1,
+        )
+        return result.logits[:, -1].float().cpu()
+    n = batch.input_ids.shape[0]
+    mask = torch.cat([batch.attention_mask.new_ones(n, shared), batch.attention_mask], dim=1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)[:, shared:]
+    past = copy.deepcopy(cache)
+    past.batch_repeat_interleave(n)
+    result = cm.model(
+        input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
+        past_key_values=past, use_cache=True, logits_to_keep=1,
+    )
+    return result.logits[:, -1].float().cpu()
