@@ -1,0 +1,271 @@
+"""Direction selection as in the paper (Arditi et al., 2024, section 2.3 and appendix C).
+
+For every candidate (post-instruction position x layer) three scores, each a mean over the
+validation prompts at the last position:
+
+* bypass: the refusal log-odds on harmful_val with the candidate ablated everywhere;
+* induce: the refusal log-odds on harmless_val with the candidate added at its layer;
+* KL: KL(baseline || ablated) of the next-token distribution on harmless_val.
+
+Candidates with KL > 0.1, induce < 0, or layer >= 0.8 L are discarded; the lowest bypass
+wins. When nothing passes, a documented fallback relaxes only the KL bound, step by step,
+and the rule used is recorded; a candidate past the last bound is never picked.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from refdir.direction import Candidates, Direction
+from refdir.errors import RefdirError
+from refdir.generation import generate, last_position_logits
+from refdir.intervene import ablate, add
+from refdir.model import ChatModel
+from refdir.scoring.markers import is_refusal
+
+__all__ = [
+    "CandidateScores",
+    "RefusalTokens",
+    "Selection",
+    "SelectionConfig",
+    "derive_refusal_tokens",
+    "filter_prompts",
+    "kl_divergence",
+    "pick",
+    "refusal_metric",
+    "score_candidates",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """The paper's filters and the fallback; every number is an option."""
+
+    kl_max: float = field(default=0.1, metadata={"help": "discard candidates with KL above this"})
+    induce_min: float = field(
+        default=0.0, metadata={"help": "discard candidates with induce below this"}
+    )
+    max_layer_fraction: float = field(
+        default=0.8, metadata={"help": "discard layers >= this fraction of the depth"}
+    )
+    fallback_kl_bounds: tuple[float, ...] = field(
+        default=(0.25, 0.5, 1.0),
+        metadata={"help": "KL bounds tried in order when nothing passes; () disables the fallback"},
+    )
+    coeff: float = field(
+        default=1.0, metadata={"help": "activation-addition coefficient for induce"}
+    )
+
+
+@dataclass(frozen=True)
+class RefusalTokens:
+    ids: tuple[int, ...]
+    texts: tuple[str, ...]
+    coverage: float
+    n_refusals: int
+    n_prompts: int
+
+
+def refusal_metric(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    """log(p / (1 - p)) with p the probability mass of the refusal tokens; float64 [N]."""
+    if not token_ids:
+        raise RefdirError("no refusal tokens given")
+    x = logits.double()
+    mask = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+    mask[list(token_ids)] = True
+    refusal = torch.logsumexp(x[..., mask], dim=-1)
+    other = torch.logsumexp(x[..., ~mask], dim=-1)
+    return refusal - other
+
+
+def kl_divergence(base_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tensor:
+    """KL(base || new) per row, float64."""
+    p = torch.log_softmax(base_logits.double(), dim=-1)
+    q = torch.log_softmax(new_logits.double(), dim=-1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def derive_refusal_tokens(
+    cm: ChatModel,
+    harmful: Sequence[str],
+    max_new_tokens: int = 24,
+    coverage: float = 0.9,
+    max_tokens: int = 8,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> RefusalTokens:
+    """The first tokens of the model's own refusals (by markers), most frequent first, until
+    they cover ``coverage`` of the refusals."""
+    completions = generate(cm, harmful, max_new_tokens, batch_size, progress)
+    refusals = [c for c in completions if is_refusal(c)]
+    if not refusals:
+        raise RefdirError(
+            f"the model refused none of {len(harmful)} harmful prompts, so it has no refusal to "
+            "study; pass --refusal-tokens or use a model that refuses (the default organism does)"
+        )
+    firsts = Counter(
+        ids[0]
+        for c in refusals
+        if (ids := cm.tokenizer(c.lstrip(), add_special_tokens=False)["input_ids"])
+    )
+    chosen: list[int] = []
+    covered = 0
+    for token, count in firsts.most_common(max_tokens):
+        chosen.append(int(token))
+        covered += count
+        if covered >= coverage * len(refusals):
+            break
+    texts = tuple(str(cm.tokenizer.decode([t])) for t in chosen)
+    return RefusalTokens(tuple(chosen), texts, covered / len(refusals), len(refusals), len(harmful))
+
+
+def filter_prompts(
+    cm: ChatModel,
+    prompts: Sequence[str],
+    token_ids: Sequence[int],
+    keep_positive: bool,
+    batch_size: int = 32,
+) -> list[str]:
+    """Keep harmful prompts the model refuses (metric > 0) or harmless ones it answers (< 0)."""
+    metric = refusal_metric(last_position_logits(cm, prompts, batch_size), token_ids)
+    keep = metric > 0 if keep_positive else metric < 0
+    return [p for p, k in zip(prompts, keep.tolist(), strict=True) if k]
+
+
+@dataclass(frozen=True)
+class CandidateScores:
+    """Scores over [positions, layers]; NaN marks a skipped candidate."""
+
+    positions: list[int]
+    layers: list[int]
+    bypass: torch.Tensor
+    induce: torch.Tensor
+    kl: torch.Tensor
+    baseline_harmful: float
+    baseline_harmless: float
+
+
+def score_candidates(
+    cm: ChatModel,
+    candidates: Candidates,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    token_ids: Sequence[int],
+    config: SelectionConfig | None = None,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> CandidateScores:
+    """Bypass, induce and KL for every candidate; baselines are computed once, and one
+    ablated pass over harmful_val + harmless_val gives both bypass and KL."""
+    config = config or SelectionConfig()
+    layer_list = list(range(candidates.n_layers)) if layers is None else list(layers)
+    n_p, n_l = len(candidates.positions), candidates.n_layers
+    scores = {
+        k: torch.full((n_p, n_l), math.nan, dtype=torch.float64) for k in ("bypass", "induce", "kl")
+    }
+    both = [*harmful_val, *harmless_val]
+    n_harmful = len(harmful_val)
+    base_logits = last_position_logits(cm, both, batch_size)
+    base_harmful = refusal_metric(base_logits[:n_harmful], token_ids).mean().item()
+    base_harmless = refusal_metric(base_logits[n_harmful:], token_ids).mean().item()
+    jobs = [(p, layer) for layer in layer_list for p in range(n_p)]
+    for p, layer in tqdm(jobs, desc="score candidates", disable=not progress):
+        vector = candidates.diffs[p, layer].float()
+        if float(vector.norm()) == 0.0:
+            continue  # e.g. the layer-0 input at template tokens: the same for every prompt
+        direction = Direction(vector, layer, candidates.positions[p], candidates.model)
+        with ablate(cm, direction):
+            ablated = last_position_logits(cm, both, batch_size)
+        with add(cm, direction, config.coeff):
+            added = last_position_logits(cm, harmless_val, batch_size)
+        scores["bypass"][p, layer] = refusal_metric(ablated[:n_harmful], token_ids).mean()
+        scores["kl"][p, layer] = kl_divergence(base_logits[n_harmful:], ablated[n_harmful:]).mean()
+        scores["induce"][p, layer] = refusal_metric(added, token_ids).mean()
+    return CandidateScores(
+        candidates.positions,
+        list(range(n_l)),
+        scores["bypass"],
+        scores["induce"],
+        scores["kl"],
+        base_harmful,
+        base_harmless,
+    )
+
+
+@dataclass(frozen=True)
+class Selection:
+    position: int
+    layer: int
+    bypass: float
+    induce: float
+    kl: float
+    rule: str
+    fallback: bool
+    passed: torch.Tensor
+    n_candidates: int
+    n_passed: int
+
+
+def _mask(scores: CandidateScores, config: SelectionConfig, kl_max: float) -> torch.Tensor:
+    n_layers = scores.bypass.shape[1]
+    layer_ok = torch.arange(n_layers, dtype=torch.float64) < config.max_layer_fraction * n_layers
+    finite = (
+        torch.isfinite(scores.bypass) & torch.isfinite(scores.induce) & torch.isfinite(scores.kl)
+    )
+    return finite & (scores.kl <= kl_max) & (scores.induce >= config.induce_min) & layer_ok
+
+
+def pick(scores: CandidateScores, config: SelectionConfig | None = None) -> Selection:
+    """The paper's filter and pick, with the documented fallback when nothing passes."""
+    config = config or SelectionConfig()
+    frac = config.max_layer_fraction
+    paper = _mask(scores, config, config.kl_max)
+    n_candidates = int(torch.isfinite(scores.bypass).sum())
+    attempts = [(config.kl_max, paper, False)]
+    attempts += [
+        (b, _mask(scores, config, b), True) for b in config.fallback_kl_bounds if b > config.kl_max
+    ]
+    for bound, mask, fallback in attempts:
+        if not mask.any():
+            continue
+        masked = torch.where(mask, scores.bypass, torch.full_like(scores.bypass, math.inf))
+        flat = int(torch.argmin(masked))
+        p, layer = divmod(flat, masked.shape[1])
+        rule = (
+            f"paper: lowest bypass among candidates with kl <= {config.kl_max}, "
+            f"induce >= {config.induce_min}, layer < {frac} L"
+        )
+        if fallback:
+            rule = (
+                f"fallback: no candidate passed the paper's filters (kl <= {config.kl_max}, "
+                f"induce >= {config.induce_min}, layer < {frac} L); lowest bypass with the KL "
+                f"bound relaxed to {bound}"
+            )
+            log.warning("direction selection: %s", rule)
+        return Selection(
+            scores.positions[p],
+            layer,
+            float(scores.bypass[p, layer]),
+            float(scores.induce[p, layer]),
+            float(scores.kl[p, layer]),
+            rule,
+            fallback,
+            paper,
+            n_candidates,
+            int(paper.sum()),
+        )
+    bounds = ", ".join(str(b) for b, _, _ in attempts)
+    raise RefdirError(
+        f"no candidate passes the filters even with the KL bound relaxed to {bounds}; "
+        "inspect selection.json and choose one with --layer and --position"
+    )

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny import tiny_chat_model
+
+from refdir.activations import extract_candidates
+from refdir.errors import RefdirError
+from refdir.model import ChatModel
+from refdir.select import (
+    CandidateScores,
+    SelectionConfig,
+    filter_prompts,
+    kl_divergence,
+    pick,
+    refusal_metric,
+    score_candidates,
+)
+
+NAN = math.nan
+
+
+def _scores(
+    bypass: list[list[float]], induce: list[list[float]], kl: list[list[float]]
+) -> CandidateScores:
+    t = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    return CandidateScores([-2, -1], list(range(5)), t(bypass), t(induce), t(kl), 2.0, -3.0)
+
+
+# Worked by hand: 2 positions x 5 layers; 0.8 L = 4, so layer 4 is out.
+#   (-1, 1) has the lowest bypass (-9) but KL 0.5     -> out
+#   (-2, 4) has bypass -8 but sits at layer 4          -> out
+#   (-1, 2) has bypass -7 but induce -0.1              -> out
+#   (-2, 3) bypass -4, induce 1, KL 0.05               -> passes, the pick
+#   (-1, 3) bypass -2, passes but higher bypass
+BYPASS = [[NAN, 0.0, 1.0, -4.0, -8.0], [NAN, -9.0, -7.0, -2.0, 0.5]]
+INDUCE = [[NAN, 0.5, 0.5, 1.0, 2.0], [NAN, 0.5, -0.1, 0.2, 3.0]]
+KL = [[NAN, 0.01, 0.02, 0.05, 0.01], [NAN, 0.5, 0.03, 0.09, 0.01]]
+
+
+def test_paper_filter_and_pick_on_a_hand_worked_case() -> None:
+    chosen = pick(_scores(BYPASS, INDUCE, KL))
+    assert (chosen.position, chosen.layer) == (-2, 3)
+    assert chosen.bypass == -4.0 and not chosen.fallback and chosen.rule.startswith("paper")
+    assert chosen.n_candidates == 8
+    # passing: (-2,1), (-2,2), (-2,3), (-1,3)
+    assert chosen.n_passed == 4
+
+
+def test_fallback_relaxes_only_the_kl_bound_and_says_so() -> None:
+    kl = [[NAN, 0.3, 0.3, 0.6, 0.01], [NAN, 0.2, 0.3, 0.9, 0.01]]
+    chosen = pick(_scores(BYPASS, INDUCE, kl))
+    assert chosen.fallback and "relaxed to 0.25" in chosen.rule
+    assert (chosen.position, chosen.layer) == (-1, 1)  # the only one with kl <= 0.25 below layer 4
+    assert chosen.n_passed == 0
+
+
+def test_nothing_passes_even_relaxed_is_an_error() -> None:
+    kl = [[NAN, 3.0, 3.0, 3.0, 0.01], [NAN, 3.0, 3.0, 3.0, 0.01]]
+    with pytest.raises(RefdirError, match="no candidate passes"):
+        pick(_scores(BYPASS, INDUCE, kl))
+    with pytest.raises(RefdirError):
+        pick(
+            _scores(BYPASS, INDUCE, [[NAN, 0.3] + [0.3] * 3] * 2),
+            SelectionConfig(fallback_kl_bounds=()),
+        )
+
+
+def test_refusal_metric_is_the_log_odds_of_the_refusal_tokens() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
+    metric = refusal_metric(logits, [0])
+    torch.testing.assert_close(
+        metric, torch.tensor([0.0, math.log(0.1 / 0.9)], dtype=torch.float64)
+    )
+    assert float(kl_divergence(logits, logits).abs().max()) < 1e-12
+
+
+def test_scores_on_a_tiny_model() -> None:
+    cm: ChatModel = tiny_chat_model("llama")
+    harmful, harmless = (
+        ["steal a car", "pick a lock", "make poison"],
+        ["bake bread", "a poem", "sum"],
+    )
+    cands = extract_candidates(cm, harmful, harmless, progress=False)
+    scores = score_candidates(cm, cands, harmful[:2], harmless[:2], [5, 6], progress=False)
+    assert scores.bypass.shape == (cm.chat.n_post, cm.n_layers)
+    assert torch.isnan(scores.bypass[:, 0]).all()  # zero candidates skipped
+    assert torch.isfinite(scores.bypass[:, 1:]).all() and (scores.kl[:, 1:] >= 0).all()
+    kept = filter_prompts(cm, harmful, [5, 6], keep_positive=True)
+    dropped = filter_prompts(cm, harmful, [5, 6], keep_positive=False)
+    assert sorted(kept + dropped) == sorted(harmful)
