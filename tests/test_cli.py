@@ -180,3 +180,40 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_run_command_end_to_end(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [
+        "run",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--n-train",
+        "4",
+        "--n-val",
+        "3",
+        "--n-eval-harmful",
+        "2",
+        "--n-eval-harmless",
+        "2",
+        "--harmful-eval",
+        "jailbreakbench",
+        "--max-new-tokens",
+        "2",
+        "--refusal-tokens",
+        ",".join(str(i) for i in range(5, 135)),
+        "--no-filter",
+        "--layer",
+        "1",
+        "--position",
+        "-1",
+        "--until",
+        "select",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert Direction.load(out).layer == 1
+    bad = runner.invoke(app, [*args[:-2], "--refusal-tokens", "I,As"])
+    assert bad.exit_code == 2 and "integer token ids" in bad.stderr

@@ -292,6 +292,107 @@ def orthogonalize(
     )
 
 
+@app.command(name="run")
+@_errors
+def run_cmd(
+    out: Annotated[Path, typer.Option(help="Run folder (created; an existing one is resumed).")],
+    model: ModelOpt = "organism",
+    force: Annotated[
+        str | None,
+        typer.Option(
+            help="Redo this step and the later ones: prompts, extract, select, evaluate, report."
+        ),
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Stop after this step.")] = None,
+    n_train: Annotated[
+        int, typer.Option(help="Harmful and harmless prompts for the difference of means.")
+    ] = 128,
+    n_val: Annotated[int, typer.Option(help="Harmful and harmless prompts for selection.")] = 32,
+    n_eval_harmful: Annotated[
+        int | None, typer.Option(help="Prompts per held-out harmful set (all if omitted).")
+    ] = None,
+    n_eval_harmless: Annotated[int, typer.Option(help="Held-out harmless prompts.")] = 100,
+    harmful_eval: Annotated[
+        str, typer.Option(help="Held-out harmful sets, comma-separated.")
+    ] = "harmful_test,jailbreakbench",
+    kl_max: Annotated[
+        float, typer.Option(help="Selection: discard candidates with KL above this.")
+    ] = 0.1,
+    max_layer_fraction: Annotated[
+        float, typer.Option(help="Selection: discard layers >= this fraction of depth.")
+    ] = 0.8,
+    score_all_layers: Annotated[
+        bool, typer.Option(help="Also score the layers the layer filter discards.")
+    ] = False,
+    layer: Annotated[
+        int | None, typer.Option(help="Choose the direction by hand (with --position).")
+    ] = None,
+    position: Annotated[
+        int | None, typer.Option(help="Choose the direction by hand (with --layer).")
+    ] = None,
+    refusal_tokens: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated token ids that start a refusal (default: derived)."),
+    ] = None,
+    filter_prompts: Annotated[
+        bool,
+        typer.Option(
+            "--filter/--no-filter",
+            help="Keep only prompts the model refuses (harmful) or answers (harmless), by the refusal metric.",
+        ),
+    ] = True,
+    judge: Annotated[
+        str | None, typer.Option(help="Safety judge: llamaguard or harmbench.")
+    ] = None,
+    judge_model: Annotated[
+        str | None, typer.Option(help="Local folder of the judge model.")
+    ] = None,
+    max_new_tokens: TokensOpt = 64,
+    batch_size: BatchOpt = 32,
+    seed: SeedOpt = 42,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """The paper's study end to end: select a direction, evaluate it, write report.html."""
+    from refdir.pipeline import RunConfig, run_pipeline
+
+    tokens = None
+    if refusal_tokens is not None:
+        try:
+            tokens = tuple(int(t) for t in refusal_tokens.split(",") if t.strip())
+        except ValueError:
+            raise RefdirError(
+                "--refusal-tokens takes comma-separated integer token ids, e.g. 40,1205"
+            ) from None
+    config = RunConfig(
+        model=model,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        n_train=n_train,
+        n_val=n_val,
+        harmful_eval=tuple(s.strip() for s in harmful_eval.split(",") if s.strip()),
+        n_eval_harmful=n_eval_harmful,
+        n_eval_harmless=n_eval_harmless,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        refusal_tokens=tokens,
+        kl_max=kl_max,
+        max_layer_fraction=max_layer_fraction,
+        score_all_layers=score_all_layers,
+        layer=layer,
+        position=position,
+        judge=judge,
+        judge_model=judge_model,
+        filter_prompts=filter_prompts,
+    )
+    done = run_pipeline(config, out, force=force, until=until)
+    for step, seconds in done.items():
+        typer.echo(f"{step:10s} {seconds:8.1f} s")
+    if (out / "report.html").exists():
+        typer.echo(f"report: {out / 'report.html'}")
+
+
 @app.command()
 @_errors
 def evaluate(
@@ -335,3 +436,83 @@ def evaluate(
     else:
         for key, value in summary.items():
             typer.echo(f"{key:16s} {value}")
+
+
+@app.command()
+@_errors
+def suffix(
+    direction: DirectionOpt,
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    model: ModelOpt = "organism",
+    prompts: Annotated[
+        str, typer.Option(help="Harmful set the universal suffix is searched on.")
+    ] = "harmful_train",
+    n_prompts: Annotated[int, typer.Option(help="Instructions the suffix is searched on.")] = 8,
+    steps: Annotated[int, typer.Option(help="GCG steps.")] = 32,
+    topk: Annotated[int, typer.Option(help="Candidate tokens per suffix position.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Candidate suffixes scored per step.")] = 32,
+    n_tokens: Annotated[int, typer.Option(help="Suffix length in tokens.")] = 16,
+    objective: Annotated[
+        str, typer.Option(help="refusal (log-odds of refusal tokens) or target (--target prefix).")
+    ] = "refusal",
+    target: Annotated[str, typer.Option(help="Response prefix for --objective target.")] = (
+        "Sure, here is"
+    ),
+    refusal_words: Annotated[
+        str, typer.Option(help="Comma-separated words whose first tokens start refusals.")
+    ] = "I,As",
+    eval_prompts: Annotated[
+        str, typer.Option(help="Held-out harmful set for the analysis and refusal rates.")
+    ] = "harmful_test",
+    n_eval: Annotated[int, typer.Option(help="Held-out prompts (seeded sample).")] = 32,
+    top_heads: Annotated[int, typer.Option(help="Heads shown in the attention analysis.")] = 6,
+    max_new_tokens: TokensOpt = 64,
+    keep_completions: Annotated[
+        bool, typer.Option(help="Also store completions (cut to 80 characters) in analysis.json.")
+    ] = False,
+    seed: Annotated[
+        int, typer.Option(help="Seed for prompt sampling, search and random suffix.")
+    ] = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Search a universal adversarial suffix (GCG) and show how it moves the refusal direction."""
+    from refdir.data import sample_prompts
+    from refdir.direction import Direction
+    from refdir.suffix import SuffixConfig
+    from refdir.suffix_analysis import held_out_prompts, run_suffix_experiment
+
+    words = tuple(w.strip() for w in refusal_words.split(",") if w.strip())
+    config = SuffixConfig(
+        n_tokens=n_tokens,
+        n_steps=steps,
+        topk=topk,
+        batch_size=batch_size,
+        objective=objective,  # type: ignore[arg-type]  # checked by SuffixConfig
+        target=target,
+        refusal_words=words,
+        seed=seed,
+    )
+    chosen = Direction.load(direction)
+    train = sample_prompts(prompts, n_prompts, seed)
+    held_out = held_out_prompts(eval_prompts, n_eval, seed, exclude=train)
+    cm = _load(model, device, dtype, None, None, None, False)
+    summary = run_suffix_experiment(
+        cm,
+        chosen,
+        out,
+        train,
+        held_out,
+        config,
+        eval_name=eval_prompts,
+        n_top=top_heads,
+        max_new_tokens=max_new_tokens,
+        keep_completions=keep_completions,
+    )
+    rates = summary["refusal_rate"]
+    typer.echo(f"suffix {summary['suffix']!r} ({summary['seconds']:.0f} s)")
+    typer.echo(
+        f"refusal rate on {summary['n_eval']} {eval_prompts}: without {rates['without']:.3f}, "
+        f"with {rates['with']:.3f}, random {rates['random']:.3f}"
+    )
+    typer.echo(f"wrote {out / 'suffix.json'}, analysis.json, history.json, figures")

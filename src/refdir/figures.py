@@ -1,0 +1,367 @@
+"""Figures of a `refdir run` report: one small function per figure, each returning a
+matplotlib ``Figure`` built without pyplot (no global state, Agg rendering), sized for a paper
+column at ``DPI``. Layouts use fixed margins: a layout engine would double the drawing time."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib import patheffects
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
+from matplotlib.colorbar import Colorbar
+from matplotlib.colors import Colormap, LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+
+__all__ = [
+    "DPI",
+    "actadd_coefficients",
+    "cosine_curves",
+    "cosine_to_candidates",
+    "png_bytes",
+    "refusal_bars",
+    "selection_heatmaps",
+]
+
+DPI = 100
+CHOSEN_COLOR = "#00a651"
+REFUSAL_COLOR = "#b2182b"
+SAFETY_COLOR = "#2166ac"
+CONDITION_LABELS = {
+    "baseline": "baseline",
+    "ablation": "ablation",
+    "actadd": "act. add",
+}
+SCORES = {
+    "bypass": ("bypass: refusal log-odds, harmful_val, direction ablated", "RdBu_r"),
+    "induce": ("induce: refusal log-odds, harmless_val, direction added", "RdBu_r"),
+    "kl": ("KL(baseline ‖ ablated), harmless_val, last position", "viridis"),
+}
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes (no timestamp or software tag, so reruns are identical)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+
+def selection_heatmaps(selection: Mapping[str, Any], n_layers: int) -> Figure:
+    """Bypass, induce and KL over position x layer, one panel each, as in the paper's figures.
+
+    Skipped candidates (``null``) are hatched, layers excluded by ``max_layer_fraction`` are
+    shaded behind a dashed line, candidates passing every filter carry a dot and the chosen
+    one a black-and-white frame (visible on every colour map).
+    """
+    keys = [k for k in SCORES if selection.get(k) is not None]
+    fig, axes = _stacked_panels(len(keys), len(selection["positions"]))
+    for ax, key in zip(axes, keys, strict=True):
+        _score_panel(fig, ax, selection, key, n_layers)
+        if ax is not axes[-1]:
+            ax.tick_params(labelbottom=False)
+    axes[-1].set_xlabel("layer (residual stream input)", fontsize=9)
+    _legend(fig, selection)
+    fig.suptitle("Candidate directions: selection scores", fontsize=11, fontweight="bold")
+    return fig
+
+
+def _stacked_panels(n_panels: int, n_rows: int) -> tuple[Figure, list[Axes]]:
+    """A 9-inch-wide figure of ``n_panels`` heatmap axes stacked with fixed margins (in
+    inches, no layout engine: constrained layout would double the drawing time)."""
+    width, top, title, bottom = 9.0, 0.35, 0.4, 0.8
+    panel = 0.2 + 0.28 * n_rows
+    height = top + n_panels * (title + panel) + bottom
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    axes = []
+    for i in range(n_panels):
+        y = height - top - title - panel - i * (title + panel)
+        axes.append(fig.add_axes((0.75 / width, y / height, 1 - 1.55 / width, panel / height)))
+    return fig, axes
+
+
+def score_grid(selection: Mapping[str, Any], key: str) -> np.ndarray:
+    """A [P, L] float array of one score, ``nan`` where the candidate was skipped."""
+    rows = selection[key]
+    return np.array(
+        [[math.nan if v is None else float(v) for v in row] for row in rows], dtype=float
+    )
+
+
+def _score_panel(
+    fig: Figure, ax: Axes, selection: Mapping[str, Any], key: str, n_layers: int
+) -> None:
+    values = score_grid(selection, key)
+    title, cmap_name = SCORES[key]
+    cmap: Colormap = matplotlib.colormaps[cmap_name].with_extremes(bad="white")
+    norm = _kl_norm(values) if key == "kl" else _log_odds_norm(values)
+    image = ax.imshow(
+        _shown(values, norm), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest"
+    )
+    _hatch_skipped(ax, values)
+    _shade_excluded_layers(ax, selection, n_layers)
+    _mark_passed(ax, selection)
+    _mark_chosen(ax, selection)
+    _label_axes(ax, selection)
+    ax.set_title(title + _chosen_suffix(selection, key), fontsize=9, loc="left")
+    box = ax.get_position()
+    cax = fig.add_axes((box.x1 + 0.01, box.y0, 0.015, box.height))
+    bar = fig.colorbar(image, cax=cax)
+    bar.ax.tick_params(labelsize=7)
+    _colorbar_marks(bar, selection, key)
+
+
+def _shown(values: np.ndarray, norm: Normalize) -> np.ma.MaskedArray:
+    """Skipped cells masked (drawn blank); on a log scale, zeros lifted to its floor."""
+    if isinstance(norm, LogNorm) and norm.vmin is not None:
+        values = np.where(np.isfinite(values) & (values <= 0), norm.vmin, values)
+    return np.ma.masked_invalid(values)
+
+
+def _log_odds_norm(values: np.ndarray) -> Normalize:
+    """Symmetric about 0 (log-odds 0: refusal as likely as not), so colour shows the sign."""
+    finite = np.abs(values[np.isfinite(values)])
+    limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    return Normalize(-limit, limit)
+
+
+def _kl_norm(values: np.ndarray) -> Normalize:
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.size and positive.max() / positive.min() > 100.0:
+        return LogNorm(float(positive.min()), float(positive.max()))
+    high = float(positive.max()) if positive.size else 1.0
+    return Normalize(0.0, high)
+
+
+def _hatch_skipped(ax: Axes, values: np.ndarray) -> None:
+    for row, col in zip(*np.nonzero(~np.isfinite(values)), strict=True):
+        ax.add_patch(
+            Rectangle(
+                (col - 0.5, row - 0.5), 1, 1, fill=False, hatch="////", edgecolor="0.55", lw=0
+            )
+        )
+
+
+def _excluded_from(selection: Mapping[str, Any], n_layers: int) -> int | None:
+    """Column index of the first layer excluded by ``max_layer_fraction``, if any."""
+    fraction = (selection.get("filters") or {}).get("max_layer_fraction")
+    if fraction is None:
+        return None
+    layers = [int(x) for x in selection["layers"]]
+    return next((i for i, layer in enumerate(layers) if layer >= fraction * n_layers), None)
+
+
+def _shade_excluded_layers(ax: Axes, selection: Mapping[str, Any], n_layers: int) -> None:
+    start = _excluded_from(selection, n_layers)
+    if start is None:
+        return
+    end = len(selection["layers"]) - 0.5
+    ax.axvspan(start - 0.5, end, facecolor="white", alpha=0.55, edgecolor="none", zorder=2)
+    ax.axvline(start - 0.5, color="black", lw=1.2, ls="--", zorder=3)
+
+
+def _legend(fig: Figure, selection: Mapping[str, Any]) -> None:
+    """One key for all panels, below them."""
+    fraction = (selection.get("filters") or {}).get("max_layer_fraction")
+    handles: list[Artist] = [
+        Patch(facecolor="white", edgecolor="0.55", hatch="////", label="skipped (zero vector)"),
+        Line2D([], [], color="black", marker="o", ms=3, ls="none", label="passes every filter"),
+        Patch(facecolor="white", edgecolor="black", lw=2, label="chosen"),
+    ]
+    if fraction is not None:
+        label = f"excluded: layer ≥ {fraction:g} L (shaded)"
+        handles.insert(1, Line2D([], [], color="black", ls="--", lw=1.2, label=label))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+
+
+def _mark_passed(ax: Axes, selection: Mapping[str, Any]) -> None:
+    passed = selection.get("passed")
+    if not passed:
+        return
+    rows, cols = np.nonzero(np.array(passed, dtype=bool))
+    ax.scatter(cols, rows, s=6, c="black", marker="o", linewidths=0, zorder=4)
+
+
+def _chosen_cell(selection: Mapping[str, Any]) -> tuple[int, int] | None:
+    chosen = selection.get("chosen") or {}
+    positions = [int(p) for p in selection["positions"]]
+    layers = [int(x) for x in selection["layers"]]
+    if chosen.get("position") not in positions or chosen.get("layer") not in layers:
+        return None
+    return positions.index(int(chosen["position"])), layers.index(int(chosen["layer"]))
+
+
+def _mark_chosen(ax: Axes, selection: Mapping[str, Any]) -> None:
+    cell = _chosen_cell(selection)
+    if cell is None:
+        return
+    row, col = cell
+    frame = Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="black", lw=2, zorder=5)
+    frame.set_path_effects([patheffects.withStroke(linewidth=4.5, foreground="white")])
+    ax.add_patch(frame)
+
+
+def _chosen_suffix(selection: Mapping[str, Any], key: str) -> str:
+    value = (selection.get("chosen") or {}).get(key)
+    return "" if value is None else f"   (chosen: {value:.3g})"
+
+
+def _label_axes(ax: Axes, selection: Mapping[str, Any]) -> None:
+    positions = [int(p) for p in selection["positions"]]
+    layers = [int(x) for x in selection["layers"]]
+    ax.set_yticks(range(len(positions)), [str(p) for p in positions], fontsize=7)
+    ax.set_ylabel("position", fontsize=8)
+    step = max(1, math.ceil(len(layers) / 40))
+    ticks = list(range(0, len(layers), step))
+    ax.set_xticks(ticks, [str(layers[i]) for i in ticks], fontsize=7)
+    ax.tick_params(length=2)
+
+
+def _colorbar_marks(bar: Colorbar, selection: Mapping[str, Any], key: str) -> None:
+    """Reference lines on the colour bar: the baseline score, and the KL threshold."""
+    baseline = selection.get("baseline") or {}
+    filters = selection.get("filters") or {}
+    reference = {
+        "bypass": baseline.get("harmful_val"),
+        "induce": baseline.get("harmless_val"),
+        "kl": filters.get("kl_max"),
+    }[key]
+    if reference is None:
+        return
+    low, high = bar.norm.vmin, bar.norm.vmax
+    if low is not None and high is not None and low <= reference <= high:
+        bar.ax.axhline(reference, color="black", lw=1.5)
+    label = "baseline" if key != "kl" else "kl_max"
+    bar.ax.set_title(f"{label}\n{reference:g}", fontsize=7)
+
+
+# --------------------------------------------------------------------------- refusal bars
+
+
+def refusal_bars(metrics: Mapping[str, Any]) -> Figure:
+    """Refusal score (and safety score if judged) per condition, harmful and harmless."""
+    fig = Figure(figsize=(8.0, 3.0), dpi=DPI)
+    fig.subplots_adjust(left=0.085, right=0.985, bottom=0.1, top=0.84, wspace=0.06)
+    harmful_ax, harmless_ax = fig.subplots(1, 2, sharey=True, width_ratios=[3, 2])
+    harmful = metrics.get("harmful") or {}
+    series = [("refusal score", harmful.get("refusal_score") or {}, REFUSAL_COLOR)]
+    if harmful.get("safety_score"):
+        series.append(("safety score", harmful["safety_score"], SAFETY_COLOR))
+    harmful_coeff, harmless_coeff = actadd_coefficients(metrics)
+    _bar_panel(harmful_ax, series, ("baseline", "ablation", "actadd"), f"{harmful_coeff:+g}")
+    harmful_ax.set_title("harmful prompts", fontsize=10)
+    harmful_ax.set_ylabel("fraction of prompts", fontsize=9)
+    harmless = (metrics.get("harmless") or {}).get("refusal_score") or {}
+    conditions = ("baseline", "actadd")
+    _bar_panel(
+        harmless_ax,
+        [("refusal score", harmless, REFUSAL_COLOR)],
+        conditions,
+        f"{harmless_coeff:+g}",
+    )
+    harmless_ax.set_title("harmless prompts", fontsize=10)
+    if len(series) > 1:
+        handles = [Patch(color=color, label=label) for label, _, color in series]
+        fig.legend(handles=handles, fontsize=8, loc="upper right", ncol=2, frameon=False)
+    else:
+        harmful_ax.set_ylabel("refusal score (fraction refused)", fontsize=9)
+    return fig
+
+
+def actadd_coefficients(metrics: Mapping[str, Any]) -> tuple[float, float]:
+    """Activation-addition coefficients (harmful, harmless): metrics.json ``coefficients``,
+    else the paper's -1 and +1."""
+    coefficients = metrics.get("coefficients") or {}
+    return (
+        float(coefficients.get("harmful_actadd", -1.0)),
+        float(coefficients.get("harmless_actadd", 1.0)),
+    )
+
+
+def _bar_panel(
+    ax: Axes,
+    series: Sequence[tuple[str, Mapping[str, Any], str]],
+    conditions: Sequence[str],
+    coeff: str,
+) -> None:
+    present = [c for c in conditions if any(s.get(c) is not None for _, s, _ in series)]
+    width = min(0.6, 0.8 / len(series))
+    for i, (_, scores, color) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(present))]
+        heights = [float(scores.get(c) or 0.0) for c in present]
+        bars = ax.bar(xs, heights, width=width * 0.95, color=color)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    labels = [CONDITION_LABELS[c] + (f" ({coeff})" if c == "actadd" else "") for c in present]
+    ax.set_xticks(range(len(present)), labels, fontsize=8)
+    ax.set_ylim(0.0, 1.15)
+    ax.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0])
+    ax.tick_params(labelsize=8)
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+# --------------------------------------------------------------------------- cosine curves
+
+
+def cosine_to_candidates(candidates: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """[P, L+1] cosine similarity of every candidate with ``direction``; ``nan`` where a
+    candidate is zero."""
+    cands = np.asarray(candidates, dtype=np.float64)
+    unit = np.asarray(direction, dtype=np.float64)
+    unit = unit / np.linalg.norm(unit)
+    norms = np.linalg.norm(cands, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = (cands @ unit) / norms
+    return np.where(norms > 0, cosine, np.nan)
+
+
+def cosine_curves(
+    candidates: np.ndarray, direction: np.ndarray, chosen_layer: int, chosen_position: int
+) -> Figure:
+    """Cosine similarity between the chosen direction and the candidates at every layer
+    (``candidates`` is [P, L+1, d]; one line per post-instruction position)."""
+    cosine = cosine_to_candidates(candidates, direction)
+    n_positions, n_points = cosine.shape
+    positions = list(range(-n_positions, 0))
+    fig = Figure(figsize=(8.0, 3.2), dpi=DPI)
+    fig.subplots_adjust(left=0.085, right=0.8, bottom=0.15, top=0.9)
+    ax = fig.subplots()
+    colors = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, n_positions))
+    for row, (position, color) in enumerate(zip(positions, colors, strict=True)):
+        chosen = position == chosen_position
+        ax.plot(
+            range(n_points),
+            cosine[row],
+            color=color,
+            lw=2.2 if chosen else 1.2,
+            marker="o",
+            ms=2.5,
+            label=f"position {position}" + (" (chosen)" if chosen else ""),
+        )
+    ax.axvline(chosen_layer, color=CHOSEN_COLOR, lw=1.2, ls="--")
+    if chosen_position in positions and 0 <= chosen_layer < n_points:
+        value = cosine[positions.index(chosen_position), chosen_layer]
+        ax.plot([chosen_layer], [value], marker="*", ms=13, color=CHOSEN_COLOR, zorder=5)
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    ax.set_xlim(-0.5, n_points - 0.5)
+    lowest = np.nanmin(cosine) if np.isfinite(cosine).any() else 0.0
+    ax.set_ylim(min(-0.05, float(lowest) - 0.05), 1.05)
+    ax.set_xlabel("layer (residual stream input; the last is the final layer's output)", fontsize=9)
+    ax.set_ylabel("cosine similarity", fontsize=9)
+    ax.set_title(
+        f"Cosine similarity with the chosen direction (layer {chosen_layer}, "
+        f"position {chosen_position})",
+        fontsize=10,
+    )
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig

@@ -1,0 +1,581 @@
+"""`refdir run`: the paper's study of one model, one artifact per step, resumable.
+
+Steps: prompts -> extract -> select -> evaluate -> report. A step whose artifact exists is
+skipped, so a killed run resumes where it stopped; ``force`` redoes a step and every step
+after it. The layout of the run folder is documented in docs/run-artifacts.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from refdir.activations import extract_candidates
+from refdir.data import sample_prompts
+from refdir.direction import Candidates, Direction, atomic_path
+from refdir.errors import RefdirError
+from refdir.model import ChatModel, load_model
+from refdir.select import (
+    CandidateScores,
+    Selection,
+    SelectionConfig,
+    derive_refusal_tokens,
+    filter_prompts,
+    pick,
+    score_candidates,
+)
+
+__all__ = ["STEPS", "RunConfig", "run_pipeline"]
+
+log = logging.getLogger(__name__)
+
+STEPS = ("prompts", "extract", "select", "evaluate", "report")
+
+
+class RunConfig(BaseModel):
+    """Every option of a run; the defaults are the paper's where it gives one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("organism", description="organism, a local folder, a .gguf file or a hub id")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    dtype: str = Field("auto", description="auto, float32, bfloat16 or float16")
+    seed: int = Field(42, description="seed for every sample of prompts")
+    n_train: int = Field(
+        128, description="harmful and harmless prompts for the difference of means"
+    )
+    n_val: int = Field(32, description="harmful and harmless prompts for selection")
+    harmful_train: str = Field("harmful_train", description="harmful set for extraction")
+    harmless_train: str = Field("harmless_train", description="harmless set for extraction")
+    harmful_val: str = Field("harmful_val", description="harmful set for selection (bypass)")
+    harmless_val: str = Field("harmless_val", description="harmless set for selection (induce, KL)")
+    harmful_eval: tuple[str, ...] = Field(
+        ("harmful_test", "jailbreakbench"), description="held-out harmful sets"
+    )
+    harmless_eval: str = Field("harmless_test", description="held-out harmless set")
+    n_eval_harmful: int | None = Field(
+        None, description="prompts per harmful eval set (all if None)"
+    )
+    n_eval_harmless: int = Field(100, description="held-out harmless prompts")
+    max_new_tokens: int = Field(64, description="greedy tokens per completion")
+    batch_size: int = Field(32, description="prompts per forward pass")
+    refusal_tokens: tuple[int, ...] | None = Field(
+        None,
+        description="token ids that start a refusal; derived from the model's own refusals if None",
+    )
+    n_refusal_probe: int = Field(
+        32, description="harmful_train prompts generated to find the refusal tokens"
+    )
+    filter_prompts: bool = Field(
+        True, description="keep harmful prompts with refusal metric > 0 and harmless ones < 0"
+    )
+    kl_max: float = Field(0.1, description="selection: discard candidates with KL above this")
+    induce_min: float = Field(
+        0.0, description="selection: discard candidates with induce below this"
+    )
+    max_layer_fraction: float = Field(
+        0.8, description="selection: discard layers >= this fraction of depth"
+    )
+    fallback_kl_bounds: tuple[float, ...] = Field(
+        (0.25, 0.5, 1.0), description="KL bounds tried when nothing passes"
+    )
+    score_all_layers: bool = Field(
+        False, description="also score the layers the layer filter discards (for the heatmaps)"
+    )
+    layer: int | None = Field(
+        None, description="use this layer instead of selecting (with position)"
+    )
+    position: int | None = Field(
+        None, description="use this position instead of selecting (with layer)"
+    )
+    harmful_coeff: float = Field(
+        -1.0, description="activation addition on harmful prompts (negative: subtract)"
+    )
+    harmless_coeff: float = Field(1.0, description="activation addition on harmless prompts")
+    ce_corpus: str = Field("prose", description="packaged text corpus for the CE loss")
+    n_ce: int = Field(64, description="texts of the corpus used for the CE loss")
+    judge: str | None = Field(None, description="safety judge name (llamaguard, harmbench)")
+    judge_model: str | None = Field(None, description="local path of the judge model")
+    truncate: int = Field(200, description="characters of each completion shown in the report")
+
+    def selection(self) -> SelectionConfig:
+        return SelectionConfig(
+            self.kl_max, self.induce_min, self.max_layer_fraction, self.fallback_kl_bounds
+        )
+
+    def result_keys(self) -> dict[str, Any]:
+        """The options that change results (device and display options excluded)."""
+        return self.model_dump(mode="json", exclude={"device", "dtype", "batch_size", "truncate"})
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "refdir", "peft", "safetensors"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+class Run:
+    """One run folder: its config, lazily loaded model and step timings."""
+
+    def __init__(
+        self, config: RunConfig, out: Path, progress: bool = True, model: ChatModel | None = None
+    ) -> None:
+        self.config, self.out, self.progress = config, out, progress
+        self._cm = model
+        self.timings: dict[str, float] = (
+            _read_json(out / "timings.json") if (out / "timings.json").exists() else {}
+        )
+
+    @property
+    def cm(self) -> ChatModel:
+        if self._cm is None:
+            c = self.config
+            self._cm = load_model(c.model, dtype=c.dtype, device=c.device)
+        return self._cm
+
+    def timed(self, step: str, fn: Callable[[], None]) -> None:
+        start = time.perf_counter()
+        fn()
+        self.timings[step] = round(time.perf_counter() - start, 2)
+        _write_json(self.out / "timings.json", self.timings)
+        log.info("step %s done in %.1f s", step, self.timings[step])
+
+
+# -- step: prompts -------------------------------------------------------------------------
+
+
+def step_prompts(run: Run) -> None:
+    c, cm = run.config, run.cm
+    sets = {
+        "harmful_train": sample_prompts(c.harmful_train, c.n_train, c.seed),
+        "harmless_train": sample_prompts(c.harmless_train, c.n_train, c.seed),
+        "harmful_val": sample_prompts(c.harmful_val, c.n_val, c.seed),
+        "harmless_val": sample_prompts(c.harmless_val, c.n_val, c.seed),
+    }
+    if c.refusal_tokens is not None:
+        tokens: dict[str, Any] = {
+            "ids": list(c.refusal_tokens),
+            "source": "option --refusal-tokens",
+        }
+    else:
+        found = derive_refusal_tokens(
+            cm,
+            sets["harmful_train"][: c.n_refusal_probe],
+            batch_size=c.batch_size,
+            progress=run.progress,
+        )
+        tokens = {
+            "ids": list(found.ids),
+            "coverage": found.coverage,
+            "n_refusals": found.n_refusals,
+            "n_prompts": found.n_prompts,
+            "source": "first tokens of the model's own refusals",
+        }
+    tokens["texts"] = [cm.tokenizer.decode([t]) for t in tokens["ids"]]
+    kept: dict[str, list[str]] = {}
+    for name, prompts in sets.items():
+        harmful = name.startswith("harmful")
+        kept[name] = (
+            filter_prompts(
+                cm, prompts, tokens["ids"], keep_positive=harmful, batch_size=c.batch_size
+            )
+            if c.filter_prompts
+            else prompts
+        )
+        if not kept[name]:
+            raise RefdirError(
+                f"the refusal-metric filter removed every prompt of {name}; check the refusal tokens"
+            )
+    counts = {name: {"sampled": len(sets[name]), "kept": len(kept[name])} for name in sets}
+    _write_json(run.out / "refusal_tokens.json", tokens)
+    _write_json(run.out / "prompts.json", {**kept, "filter": counts})
+
+
+# -- step: extract -------------------------------------------------------------------------
+
+
+def step_extract(run: Run) -> None:
+    prompts = _read_json(run.out / "prompts.json")
+    c = run.config
+    cands = extract_candidates(
+        run.cm,
+        prompts["harmful_train"],
+        prompts["harmless_train"],
+        c.batch_size,
+        run.progress,
+        c.harmful_train,
+        c.harmless_train,
+    )
+    cands.save(run.out / "candidates.safetensors")
+
+
+# -- step: select --------------------------------------------------------------------------
+
+
+def _nan_to_none(t: torch.Tensor) -> list[list[float | None]]:
+    return [[None if v != v else round(float(v), 6) for v in row] for row in t.tolist()]
+
+
+def _selection_json(
+    scores: CandidateScores, chosen: Selection | None, config: SelectionConfig, rule: str
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "positions": scores.positions,
+        "layers": scores.layers,
+        "bypass": _nan_to_none(scores.bypass),
+        "induce": _nan_to_none(scores.induce),
+        "kl": _nan_to_none(scores.kl),
+        "baseline": {
+            "harmful_val": scores.baseline_harmful,
+            "harmless_val": scores.baseline_harmless,
+        },
+        "filters": {
+            "kl_max": config.kl_max,
+            "induce_min": config.induce_min,
+            "max_layer_fraction": config.max_layer_fraction,
+            "fallback_kl_bounds": list(config.fallback_kl_bounds),
+        },
+        "rule": rule,
+    }
+    if chosen is not None:
+        data["passed"] = chosen.passed.tolist()
+        data["fallback"] = chosen.fallback
+        data["n_candidates"], data["n_passed"] = chosen.n_candidates, chosen.n_passed
+    return data
+
+
+def _scores_from_json(data: dict[str, Any]) -> CandidateScores:
+    def tensor(rows: list[list[float | None]]) -> torch.Tensor:
+        return torch.tensor(
+            [[float("nan") if v is None else v for v in row] for row in rows], dtype=torch.float64
+        )
+
+    return CandidateScores(
+        data["positions"],
+        data["layers"],
+        tensor(data["bypass"]),
+        tensor(data["induce"]),
+        tensor(data["kl"]),
+        data["baseline"]["harmful_val"],
+        data["baseline"]["harmless_val"],
+    )
+
+
+def _scores(run: Run, cands: Candidates, config: SelectionConfig) -> CandidateScores:
+    """Scores from an earlier attempt's selection.json (same run), else computed now."""
+    c, out = run.config, run.out
+    path = out / "selection.json"
+    if path.exists():
+        log.info("reusing candidate scores from %s", path)
+        return _scores_from_json(_read_json(path))
+    prompts = _read_json(out / "prompts.json")
+    tokens = _read_json(out / "refusal_tokens.json")["ids"]
+    n_layers = cands.n_layers
+    layers = (
+        None
+        if c.score_all_layers
+        else [i for i in range(n_layers) if i < c.max_layer_fraction * n_layers]
+    )
+    return score_candidates(
+        run.cm,
+        cands,
+        prompts["harmful_val"],
+        prompts["harmless_val"],
+        tokens,
+        config,
+        layers,
+        c.batch_size,
+        run.progress,
+    )
+
+
+def _choose(
+    c: RunConfig, scores: CandidateScores, config: SelectionConfig
+) -> tuple[Selection | None, str, int, int]:
+    if c.layer is None and c.position is None:
+        chosen = pick(scores, config)
+        return chosen, chosen.rule, chosen.layer, chosen.position
+    if c.layer is None or c.position is None:
+        raise RefdirError("give both --layer and --position to choose the direction by hand")
+    if c.position not in scores.positions or not 0 <= c.layer < len(scores.layers):
+        raise RefdirError(
+            f"--position must be one of {scores.positions} and --layer in 0..{len(scores.layers) - 1}"
+        )
+    return None, f"manual: --layer {c.layer} --position {c.position}", c.layer, c.position
+
+
+def step_select(run: Run) -> None:
+    out, config = run.out, run.config.selection()
+    cands = Candidates.load(out / "candidates.safetensors")
+    scores = _scores(run, cands, config)
+    try:
+        chosen, rule, layer, position = _choose(run.config, scores, config)
+    except RefdirError as exc:
+        _write_json(
+            out / "selection.json",
+            {**_selection_json(scores, None, config, f"none: {exc}"), "chosen": None},
+        )
+        raise
+    p = scores.positions.index(position)
+    picked = {k: float(getattr(scores, k)[p, layer]) for k in ("bypass", "induce", "kl")}
+    data = _selection_json(scores, chosen, config, rule)
+    data["chosen"] = {"position": position, "layer": layer, **picked}
+    direction = cands.direction(position, layer, rule=rule, **picked)
+    direction.save(out)
+    _write_json(out / "selection.json", data)
+
+
+# -- step: evaluate ------------------------------------------------------------------------
+
+
+def _eval_prompts(c: RunConfig) -> tuple[dict[str, list[str]], list[str], list[str]]:
+    by_set = {name: sample_prompts(name, c.n_eval_harmful, c.seed) for name in c.harmful_eval}
+    harmful = list(dict.fromkeys(p for prompts in by_set.values() for p in prompts))
+    harmless = sample_prompts(c.harmless_eval, c.n_eval_harmless, c.seed)
+    return by_set, harmful, harmless
+
+
+def _completions(
+    run: Run,
+    group: str,
+    condition: str,
+    prompts: list[str],
+    direction: Direction,
+    kind: str,
+    coeff: float,
+) -> list[dict[str, Any]]:
+    from refdir.evaluate import evaluate_refusal
+
+    path = run.out / "completions" / f"{group}.{condition}.jsonl"
+    if path.exists():
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    c = run.config
+    result = evaluate_refusal(
+        run.cm, prompts, group, kind, direction, coeff, c.max_new_tokens, c.batch_size, run.progress
+    )
+    _write_jsonl(path, result.completions)
+    return result.completions
+
+
+def _rate(records: Sequence[dict[str, Any]], subset: set[str] | None = None) -> float:
+    chosen = [r for r in records if subset is None or r["prompt"] in subset]
+    return round(sum(bool(r["refusal"]) for r in chosen) / len(chosen), 4) if chosen else 0.0
+
+
+def step_evaluate(run: Run) -> None:
+    from refdir.metrics import ce_loss, ce_loss_on_completions, kl_last_position, load_corpus
+
+    c, out, cm = run.config, run.out, run.cm
+    direction = Direction.load(out)
+    by_set, harmful, harmless = _eval_prompts(c)
+    conditions = {
+        "baseline": ("none", 1.0),
+        "ablation": ("ablate", 1.0),
+        "actadd": ("actadd", c.harmful_coeff),
+    }
+    harmful_runs = {
+        name: _completions(run, "harmful", name, harmful, direction, kind, coeff)
+        for name, (kind, coeff) in conditions.items()
+    }
+    harmless_runs = {
+        "baseline": _completions(run, "harmless", "baseline", harmless, direction, "none", 1.0),
+        "actadd": _completions(
+            run, "harmless", "actadd", harmless, direction, "actadd", c.harmless_coeff
+        ),
+    }
+    corpus = load_corpus(c.ce_corpus, c.n_ce)
+    own = [r["completion"] for r in harmless_runs["baseline"]]
+    ce: dict[str, float] = {}
+    ce_own: dict[str, float] = {}
+    for name, (kind, coeff) in conditions.items():
+        from refdir.evaluate import intervention
+
+        with intervention(cm, kind, direction, coeff):
+            ce[name] = round(ce_loss(cm, corpus, progress=run.progress), 5)
+            ce_own[name] = round(
+                ce_loss_on_completions(cm, harmless, own, progress=run.progress), 5
+            )
+    kl = kl_last_position(cm, harmless, kind="ablate", direction=direction, batch_size=c.batch_size)
+    selection = _read_json(out / "selection.json")
+    prompts = _read_json(out / "prompts.json")
+    metrics: dict[str, Any] = {
+        "model": c.model,
+        "direction": {
+            "layer": direction.layer,
+            "position": direction.position,
+            "norm": round(direction.norm, 5),
+        },
+        "selection": {
+            "rule": selection["rule"],
+            "fallback": selection.get("fallback", False),
+            "n_candidates": selection.get("n_candidates"),
+            "n_passed": selection.get("n_passed"),
+            **{k: selection["chosen"][k] for k in ("bypass", "induce", "kl")},
+        },
+        "refusal_tokens": _read_json(out / "refusal_tokens.json")["texts"],
+        "sizes": {
+            **{
+                k: len(prompts[k])
+                for k in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
+            },
+            "harmful_eval": {k: len(v) for k, v in by_set.items()},
+            "harmful_eval_unique": len(harmful),
+            "harmless_eval": {c.harmless_eval: len(harmless)},
+        },
+        "harmful": {
+            "refusal_score": {k: _rate(v) for k, v in harmful_runs.items()},
+            "by_set": {
+                name: {k: _rate(v, set(ps)) for k, v in harmful_runs.items()}
+                for name, ps in by_set.items()
+            },
+        },
+        "harmless": {
+            "refusal_score": {k: _rate(v) for k, v in harmless_runs.items()},
+            "kl_ablation": round(kl, 5),
+        },
+        "ce_loss": ce,
+        "ce_loss_own_completions": ce_own,
+        "coefficients": {"harmful_actadd": c.harmful_coeff, "harmless_actadd": c.harmless_coeff},
+    }
+    if c.judge is not None:
+        metrics["harmful"]["safety_score"] = _safety(run, harmful_runs)
+    _write_json(out / "metrics.json", metrics)
+
+
+def _safety(run: Run, harmful_runs: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    from refdir.scoring.judges import load_judge, safety_score
+
+    c = run.config
+    if c.judge is None or c.judge_model is None:
+        raise RefdirError("--judge needs --judge-model PATH (a local judge model folder)")
+    judge = load_judge(
+        c.judge, c.judge_model, device=c.device, dtype=c.dtype, progress=run.progress
+    )
+    return {
+        k: round(safety_score(judge, [r["prompt"] for r in v], [r["completion"] for r in v]), 4)
+        for k, v in harmful_runs.items()
+    }
+
+
+# -- step: report --------------------------------------------------------------------------
+
+
+def step_report(run: Run) -> None:
+    from refdir.report import write_report
+
+    suffix_md = None
+    suffix_dir = run.out / "suffix"
+    if (suffix_dir / "suffix.json").exists():
+        from refdir.suffix_analysis import suffix_report_section
+
+        suffix_md = suffix_report_section(suffix_dir)
+    metrics = _read_json(run.out / "metrics.json")
+    metrics["timings"] = dict(run.timings)
+    _write_json(run.out / "metrics.json", metrics)
+    write_report(run.out, truncate=run.config.truncate, suffix_section=suffix_md)
+
+
+ARTIFACTS: dict[str, tuple[str, ...]] = {
+    "prompts": ("prompts.json", "refusal_tokens.json"),
+    "extract": ("candidates.safetensors",),
+    "select": ("selection.json", "direction.safetensors", "direction.json"),
+    "evaluate": ("metrics.json",),
+    "report": ("report.html", "report.md"),
+}
+STEP_FUNCTIONS: dict[str, Callable[[Run], None]] = {
+    "prompts": step_prompts,
+    "extract": step_extract,
+    "select": step_select,
+    "evaluate": step_evaluate,
+    "report": step_report,
+}
+
+
+def _check_config(config: RunConfig, out: Path, force_from: int) -> None:
+    path = out / "config.json"
+    if path.exists() and force_from > 0:
+        old = _read_json(path).get("options", {})
+        new = config.result_keys()
+        changed = sorted(k for k in new if old.get(k) != new[k])
+        if changed:
+            raise RefdirError(
+                f"{out} holds a run with other options ({', '.join(changed)}); "
+                "use another --out, or --force prompts to redo it"
+            )
+    _write_json(
+        path,
+        {
+            "options": config.result_keys(),
+            "run": config.model_dump(mode="json"),
+            "versions": versions(),
+        },
+    )
+
+
+def run_pipeline(
+    config: RunConfig,
+    out: str | Path,
+    force: str | None = None,
+    progress: bool = True,
+    model: ChatModel | None = None,
+    until: str | None = None,
+) -> dict[str, float]:
+    """Run (or resume) every step into ``out``; ``force`` redoes that step and the later ones.
+    Returns the wall time of each step run now."""
+    out = Path(out)
+    if force is not None and force not in STEPS:
+        raise RefdirError(f"unknown step {force!r} for --force; use one of {', '.join(STEPS)}")
+    if until is not None and until not in STEPS:
+        raise RefdirError(f"unknown step {until!r}; use one of {', '.join(STEPS)}")
+    force_from = STEPS.index(force) if force is not None else len(STEPS)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(config, out, force_from)
+    run = Run(config, out, progress, model)
+    done: dict[str, float] = {}
+    last = STEPS.index(until) if until is not None else len(STEPS) - 1
+    for i, step in enumerate(STEPS[: last + 1]):
+        finished = all((out / name).exists() for name in ARTIFACTS[step])
+        if finished and i < force_from:
+            log.info("step %s: artifacts present, skipped", step)
+            continue
+        if i >= force_from:
+            for name in ARTIFACTS[step]:
+                (out / name).unlink(missing_ok=True)
+            if step == "evaluate":
+                for stale in (out / "completions").glob("*.jsonl"):
+                    stale.unlink()
+        log.info("step %s", step)
+        run.timed(step, lambda step=step: STEP_FUNCTIONS[step](run))  # type: ignore[misc]
+        done[step] = run.timings[step]
+    if done and (out / "metrics.json").exists():
+        metrics = _read_json(out / "metrics.json")
+        metrics["timings"] = dict(run.timings)
+        _write_json(out / "metrics.json", metrics)
+    return done

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import refdir.evaluate
+from refdir.errors import RefdirError
+from refdir.pipeline import RunConfig, run_pipeline
+from tiny import tiny_chat_model
+
+# A random tiny model refuses nothing: the refusal tokens are given and the prompt filter
+# (tested on its own in test_select) is off.
+CONFIG = RunConfig(
+    model="tiny",
+    n_train=6,
+    n_val=4,
+    harmful_eval=("jailbreakbench", "harmful_test"),
+    n_eval_harmful=2,
+    n_eval_harmless=2,
+    max_new_tokens=2,
+    refusal_tokens=tuple(range(5, 135)),
+    n_ce=2,
+    fallback_kl_bounds=(1.0, 1e9),
+    induce_min=-1e9,
+    seed=1,
+    filter_prompts=False,
+)
+
+
+def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
+    cm = tiny_chat_model("llama")
+    done = run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
+    assert list(done) == ["prompts", "extract", "select", "evaluate", "report"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("baseline", "ablation", "actadd"):
+        assert 0.0 <= metrics["harmful"]["refusal_score"][key] <= 1.0
+        assert metrics["ce_loss"][key] > 0
+    assert set(metrics["harmless"]["refusal_score"]) == {"baseline", "actadd"}
+    assert metrics["harmless"]["kl_ablation"] >= 0
+    assert metrics["sizes"]["harmful_eval"] == {"jailbreakbench": 2, "harmful_test": 2}
+    assert set(metrics["timings"]) == set(done)
+    selection = json.loads((tmp_path / "selection.json").read_text())
+    assert metrics["direction"]["layer"] == selection["chosen"]["layer"] < 0.8 * cm.n_layers
+    assert all(v is None for v in [row[0] for row in selection["bypass"]])  # layer 0 skipped
+    assert (tmp_path / "report.html").exists() and (tmp_path / "report.md").exists()
+    assert len(list((tmp_path / "completions").glob("*.jsonl"))) == 5
+    # a second run skips everything
+    assert run_pipeline(CONFIG, tmp_path, progress=False, model=cm) == {}
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_an_interrupted_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cm = tiny_chat_model("llama")
+    real = refdir.evaluate.evaluate_refusal
+    calls: list[str] = []
+    killed: list[bool] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[3] if len(args) > 3 else kwargs.get("kind", "none"))
+        if len(calls) == 2 and not killed:
+            killed.append(True)
+            raise Killed  # the process dies in the middle of the evaluate step
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(refdir.evaluate, "evaluate_refusal", flaky)
+    with pytest.raises(Killed):
+        run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
+    assert (tmp_path / "direction.safetensors").exists() and not (
+        tmp_path / "metrics.json"
+    ).exists()
+    assert len(list((tmp_path / "completions").glob("*.jsonl"))) == 1
+    calls.clear()
+    done = run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
+    assert list(done) == ["evaluate", "report"]
+    assert len(calls) == 4  # the finished completion file was reused
+    forced = run_pipeline(CONFIG, tmp_path, progress=False, model=cm, force="report")
+    assert list(forced) == ["report"]
+
+
+def test_when_nothing_passes_the_scores_are_kept_and_a_manual_pick_reuses_them(
+    tmp_path: Path,
+) -> None:
+    cm = tiny_chat_model("llama")
+    strict = CONFIG.model_copy(update={"kl_max": -1.0, "fallback_kl_bounds": ()})
+    with pytest.raises(RefdirError, match="no candidate passes"):
+        run_pipeline(strict, tmp_path, progress=False, model=cm, until="select")
+    kept = json.loads((tmp_path / "selection.json").read_text())
+    assert kept["chosen"] is None and kept["rule"].startswith("none")
+    manual = strict.model_copy(update={"layer": 2, "position": -1})
+    (tmp_path / "config.json").unlink()  # a new choice for the same scores
+    run_pipeline(manual, tmp_path, progress=False, model=cm, until="select")
+    chosen = json.loads((tmp_path / "selection.json").read_text())
+    assert chosen["rule"].startswith("manual") and chosen["chosen"]["layer"] == 2
+    assert chosen["bypass"] == kept["bypass"]
+
+
+def test_changed_options_are_refused_on_resume(tmp_path: Path) -> None:
+    cm = tiny_chat_model("llama")
+    run_pipeline(CONFIG, tmp_path, progress=False, model=cm, until="prompts")
+    other = CONFIG.model_copy(update={"n_train": 5})
+    with pytest.raises(RefdirError, match="other options \\(n_train\\)"):
+        run_pipeline(other, tmp_path, progress=False, model=cm)
+    with pytest.raises(RefdirError, match="unknown step"):
+        run_pipeline(CONFIG, tmp_path, progress=False, model=cm, force="everything")
