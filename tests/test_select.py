@@ -91,3 +91,26 @@ def test_scores_on_a_tiny_model() -> None:
     kept = filter_prompts(cm, harmful, [5, 6], keep_positive=True)
     dropped = filter_prompts(cm, harmful, [5, 6], keep_positive=False)
     assert sorted(kept + dropped) == sorted(harmful)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3_moe"])
+def test_batched_candidates_equal_one_at_a_time(arch: str) -> None:
+    from refdir.generation import last_position_logits
+    from refdir.intervene import ablate, add
+    from refdir.select import candidate_logits
+
+    cm = tiny_chat_model(arch)
+    cm = ChatModel(cm.model, cm.tokenizer, system="A shared system prompt for every prompt.")
+    prompts = ["steal a car", "pick a lock please", "x"]
+    vectors = torch.randn(3, cm.d_model)
+    ablated = candidate_logits(cm, prompts, vectors, "ablate", batch_size=4)
+    added = candidate_logits(cm, prompts, vectors, "actadd", layer=1, coeff=2.0, batch_size=4)
+    for i, v in enumerate(vectors):
+        with ablate(cm, v):
+            torch.testing.assert_close(
+                ablated[i], last_position_logits(cm, prompts), atol=1e-5, rtol=1e-5
+            )
+        with add(cm, v, 2.0, layer=1):
+            torch.testing.assert_close(
+                added[i], last_position_logits(cm, prompts), atol=1e-5, rtol=1e-5
+            )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -13,7 +14,7 @@ from refdir.activations import batches
 from refdir.chat import pad_left
 from refdir.model import ChatModel
 
-__all__ = ["generate", "last_position_logits"]
+__all__ = ["SharedPrefix", "generate", "last_position_logits"]
 
 
 def generate(
@@ -35,7 +36,7 @@ def generate(
     for chunk in tqdm(batches(instructions, batch_size), desc="generate", disable=not progress):
         batch = cm.chat.encode(chunk, suffix).to(cm.device)
         with torch.inference_mode():
-            out = cm.model.generate(
+            out = cm.model.generate(  # type: ignore[operator]
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
                 generation_config=config,
@@ -70,45 +71,68 @@ def last_position_logits(
     intervention applies to the prefix pass too.
     """
     rows = [cm.chat.token_ids(text, suffix) for text in instructions]
-    shared = _shared_prefix_len(rows) if reuse_prefix and len(rows) > 1 else 0
-    out: list[torch.Tensor] = []
     with torch.inference_mode():
-        cache = _prefix_cache(cm, rows[0][:shared]) if shared >= _MIN_SHARED else None
-        if cache is None:
-            shared = 0
-        for start in range(0, len(rows), batch_size):
-            chunk = [r[shared:] for r in rows[start : start + batch_size]]
-            out.append(_last_logits(cm, chunk, shared, cache))
+        prefix = SharedPrefix.build(cm, rows, reuse_prefix)
+        out = [
+            prefix.logits(cm, rows[start : start + batch_size])
+            for start in range(0, len(rows), batch_size)
+        ]
     return torch.cat(out)
 
 
 _MIN_SHARED = 4
 
 
-def _prefix_cache(cm: ChatModel, prefix: Sequence[int]) -> Cache | None:
-    ids = torch.tensor([list(prefix)], dtype=torch.long, device=cm.device)
-    result = cm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache = getattr(result, "past_key_values", None)
-    return cache if isinstance(cache, Cache) else None
+@dataclass
+class SharedPrefix:
+    """The token prefix every row shares, and its key/value cache (one cache row per
+    ``copies``: callers that run several variants of the model, such as one candidate
+    direction per row, keep one prefix row per variant)."""
 
+    length: int
+    cache: Cache | None
 
-def _last_logits(
-    cm: ChatModel, rows: Sequence[Sequence[int]], shared: int, cache: Cache | None
-) -> torch.Tensor:
-    batch = pad_left(rows, cm.chat.pad_id).to(cm.device)
-    if cache is None:
+    @classmethod
+    def build(
+        cls, cm: ChatModel, rows: Sequence[Sequence[int]], enabled: bool = True, copies: int = 1
+    ) -> SharedPrefix:
+        shared = _shared_prefix_len(rows) if enabled and len(rows) > 1 else 0
+        if shared < _MIN_SHARED:
+            return cls(0, None)
+        ids = torch.tensor([list(rows[0][:shared])] * copies, dtype=torch.long, device=cm.device)
+        result = cm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache = getattr(result, "past_key_values", None)
+        return cls(shared, cache) if isinstance(cache, Cache) else cls(0, None)
+
+    def logits(
+        self, cm: ChatModel, rows: Sequence[Sequence[int]], cache_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Last-position logits of ``rows``; ``cache_rows`` picks the prefix row of each."""
+        batch = pad_left([r[self.length :] for r in rows], cm.chat.pad_id).to(cm.device)
+        if self.cache is None:
+            result = cm.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                use_cache=False,
+                logits_to_keep=1,
+            )
+            return result.logits[:, -1].float().cpu()
+        n = batch.input_ids.shape[0]
+        mask = torch.cat(
+            [batch.attention_mask.new_ones(n, self.length), batch.attention_mask], dim=1
+        )
+        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, self.length :]
+        past = copy.deepcopy(self.cache)
+        if cache_rows is None:
+            past.batch_repeat_interleave(n)
+        else:
+            past.batch_select_indices(cache_rows.to(cm.device))
         result = cm.model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+            input_ids=batch.input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=True,
             logits_to_keep=1,
         )
         return result.logits[:, -1].float().cpu()
-    n = batch.input_ids.shape[0]
-    mask = torch.cat([batch.attention_mask.new_ones(n, shared), batch.attention_mask], dim=1)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)[:, shared:]
-    past = copy.deepcopy(cache)
-    past.batch_repeat_interleave(n)
-    result = cm.model(
-        input_ids=batch.input_ids, attention_mask=mask, position_ids=positions,
-        past_key_values=past, use_cache=True, logits_to_keep=1,
-    )
-    return result.logits[:, -1].float().cpu()

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from refdir.direction import Candidates, Direction
+from refdir.direction import Candidates
 from refdir.errors import RefdirError
-from refdir.generation import generate, last_position_logits
-from refdir.intervene import ablate, add
+from refdir.generation import SharedPrefix, generate, last_position_logits
+from refdir.hooks import Hook, hooked, map_input, map_output
 from refdir.model import ChatModel
 from refdir.scoring.markers import is_refusal
 
@@ -35,6 +35,7 @@ __all__ = [
     "RefusalTokens",
     "Selection",
     "SelectionConfig",
+    "candidate_logits",
     "derive_refusal_tokens",
     "filter_prompts",
     "kl_divergence",
@@ -154,6 +155,59 @@ class CandidateScores:
     baseline_harmless: float
 
 
+def candidate_logits(
+    cm: ChatModel,
+    prompts: Sequence[str],
+    vectors: torch.Tensor,
+    kind: str,
+    layer: int = 0,
+    coeff: float = 1.0,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Last-position logits [K, N, vocab] of N prompts under K candidate interventions at once.
+
+    ``kind`` is ``ablate`` (each row's vector projected out everywhere) or ``actadd``
+    (``coeff`` x each row's vector added to ``layer``'s input). Rows are candidate-major and
+    go through the model ``batch_size`` at a time; the hooks read the vectors of the rows in
+    flight, and the shared prompt prefix is computed once per candidate.
+    """
+    if kind not in ("ablate", "actadd"):
+        raise RefdirError(f"unknown candidate intervention {kind!r}")
+    k, n = int(vectors.shape[0]), len(prompts)
+    vectors = vectors.detach().double()
+    per_row = (
+        vectors / vectors.norm(dim=-1, keepdim=True) if kind == "ablate" else coeff * vectors
+    ).float()
+    live: dict[str, torch.Tensor] = {}
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        u = live["rows"].to(x.device)
+        xf = x.float()
+        return (xf - torch.einsum("btd,bd->bt", xf, u).unsqueeze(-1) * u[:, None, :]).to(x.dtype)
+
+    def shift(x: torch.Tensor) -> torch.Tensor:
+        return (x.float() + live["rows"].to(x.device)[:, None, :]).to(x.dtype)
+
+    if kind == "ablate":
+        writers = [cm.layout.embed, *(w for lay in cm.layout.per_layer for w in lay.writers)]
+        hooks: list[Hook] = [(m, "output", map_output(project)) for m in writers]
+    else:
+        hooks = [(cm.layout.layers[layer], "input", map_input(shift))]
+    rows = [cm.chat.token_ids(p) for p in prompts]
+    out = torch.empty(k * n, cm.model.config.get_text_config().vocab_size)
+    with torch.inference_mode(), hooked(hooks):
+        live["rows"] = per_row
+        prefix = SharedPrefix.build(cm, rows, copies=k)
+        for start in range(0, k * n, batch_size):
+            index = torch.arange(start, min(start + batch_size, k * n))
+            owner = index // n
+            live["rows"] = per_row[owner]
+            chunk = [rows[i] for i in (index % n).tolist()]
+            logits = prefix.logits(cm, chunk, owner)
+            out[start : start + len(chunk), : logits.shape[1]] = logits
+    return out.view(k, n, -1)
+
+
 def score_candidates(
     cm: ChatModel,
     candidates: Candidates,
@@ -165,8 +219,11 @@ def score_candidates(
     batch_size: int = 32,
     progress: bool = True,
 ) -> CandidateScores:
-    """Bypass, induce and KL for every candidate; baselines are computed once, and one
-    ablated pass over harmful_val + harmless_val gives both bypass and KL."""
+    """Bypass, induce and KL for every candidate.
+
+    Baselines are computed once; the candidates of one layer (one per position) go through the
+    model together; one ablated pass over harmful_val + harmless_val gives both bypass and KL.
+    """
     config = config or SelectionConfig()
     layer_list = list(range(candidates.n_layers)) if layers is None else list(layers)
     n_p, n_l = len(candidates.positions), candidates.n_layers
@@ -178,19 +235,22 @@ def score_candidates(
     base_logits = last_position_logits(cm, both, batch_size)
     base_harmful = refusal_metric(base_logits[:n_harmful], token_ids).mean().item()
     base_harmless = refusal_metric(base_logits[n_harmful:], token_ids).mean().item()
-    jobs = [(p, layer) for layer in layer_list for p in range(n_p)]
-    for p, layer in tqdm(jobs, desc="score candidates", disable=not progress):
-        vector = candidates.diffs[p, layer].float()
-        if float(vector.norm()) == 0.0:
-            continue  # e.g. the layer-0 input at template tokens: the same for every prompt
-        direction = Direction(vector, layer, candidates.positions[p], candidates.model)
-        with ablate(cm, direction):
-            ablated = last_position_logits(cm, both, batch_size)
-        with add(cm, direction, config.coeff):
-            added = last_position_logits(cm, harmless_val, batch_size)
-        scores["bypass"][p, layer] = refusal_metric(ablated[:n_harmful], token_ids).mean()
-        scores["kl"][p, layer] = kl_divergence(base_logits[n_harmful:], ablated[n_harmful:]).mean()
-        scores["induce"][p, layer] = refusal_metric(added, token_ids).mean()
+    for layer in tqdm(layer_list, desc="score candidates (layers)", disable=not progress):
+        vectors = candidates.diffs[:, layer].float()
+        live = [p for p in range(n_p) if float(vectors[p].norm()) > 0.0]  # zero: e.g. layer-0 input
+        if not live:
+            continue
+        chosen = vectors[live]
+        ablated = candidate_logits(cm, both, chosen, "ablate", batch_size=batch_size)
+        added = candidate_logits(
+            cm, harmless_val, chosen, "actadd", layer, config.coeff, batch_size
+        )
+        for i, p in enumerate(live):
+            scores["bypass"][p, layer] = refusal_metric(ablated[i, :n_harmful], token_ids).mean()
+            scores["kl"][p, layer] = kl_divergence(
+                base_logits[n_harmful:], ablated[i, n_harmful:]
+            ).mean()
+            scores["induce"][p, layer] = refusal_metric(added[i], token_ids).mean()
     return CandidateScores(
         candidates.positions,
         list(range(n_l)),
