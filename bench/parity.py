@@ -15,9 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tiny import ARCHS, tiny_chat_model  # noqa: E402
-
-from refdir.orthogonalize import parity  # noqa: E402
+from refdir.orthogonalize import parity
+from tiny import ARCHS, tiny_chat_model
 
 
 def main() -> None:

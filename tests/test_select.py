@@ -8,12 +8,12 @@ from tiny import tiny_chat_model
 
 from refdir.activations import extract_candidates
 from refdir.errors import RefdirError
+from refdir.metrics import kl_divergence
 from refdir.model import ChatModel
 from refdir.select import (
     CandidateScores,
     SelectionConfig,
     filter_prompts,
-    kl_divergence,
     pick,
     refusal_metric,
     score_candidates,

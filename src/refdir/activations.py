@@ -61,7 +61,7 @@ def residual_means(
     with torch.inference_mode(), hooked(hooks):
         for chunk in tqdm(batches(instructions, batch_size), desc=desc, disable=not progress):
             batch = cm.chat.encode(chunk).to(cm.device)
-            body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            body(**batch.inputs(), use_cache=False)
     return sums / len(instructions)
 
 

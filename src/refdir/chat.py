@@ -30,6 +30,20 @@ class PromptBatch:
     def to(self, device: torch.device | str) -> PromptBatch:
         return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device))
 
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """Positions of the unpadded prompts (padding gets 0), as generation computes them;
+        needed by models with absolute position embeddings."""
+        return (self.attention_mask.cumsum(1) - 1).clamp(min=0)
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments for a forward pass over this left-padded batch."""
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+        }
+
 
 @dataclass(frozen=True)
 class ChatFormat:

@@ -70,7 +70,7 @@ def evaluate_refusal(
     """Greedy completions under an intervention, and their refusal rate by markers."""
     with intervention(cm, kind, direction, coeff):
         completions = generate(cm, instructions, max_new_tokens, batch_size, progress)
-    records = [
+    records: list[dict[str, Any]] = [
         {"prompt": p, "completion": c, "refusal": is_refusal(c)}
         for p, c in zip(instructions, completions, strict=True)
     ]

@@ -111,8 +111,7 @@ class SharedPrefix:
         batch = pad_left([r[self.length :] for r in rows], cm.chat.pad_id).to(cm.device)
         if self.cache is None:
             result = cm.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
+                **batch.inputs(),
                 use_cache=False,
                 logits_to_keep=1,
             )

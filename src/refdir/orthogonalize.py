@@ -132,7 +132,7 @@ def _last_logits(cm: ChatModel, prompts: Sequence[str]) -> torch.Tensor:
     batch = cm.chat.encode(prompts).to(cm.device)
     with torch.inference_mode():
         out = cm.model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            **batch.inputs(), use_cache=False
         )
     return out.logits.float()
 

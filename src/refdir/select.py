@@ -27,6 +27,7 @@ from refdir.direction import Candidates
 from refdir.errors import RefdirError
 from refdir.generation import SharedPrefix, generate, last_position_logits
 from refdir.hooks import Hook, hooked, map_input, map_output
+from refdir.metrics import kl_divergence
 from refdir.model import ChatModel
 from refdir.scoring.markers import is_refusal
 
@@ -38,7 +39,6 @@ __all__ = [
     "candidate_logits",
     "derive_refusal_tokens",
     "filter_prompts",
-    "kl_divergence",
     "pick",
     "refusal_metric",
     "score_candidates",
@@ -86,13 +86,6 @@ def refusal_metric(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tens
     refusal = torch.logsumexp(x[..., mask], dim=-1)
     other = torch.logsumexp(x[..., ~mask], dim=-1)
     return refusal - other
-
-
-def kl_divergence(base_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tensor:
-    """KL(base || new) per row, float64."""
-    p = torch.log_softmax(base_logits.double(), dim=-1)
-    q = torch.log_softmax(new_logits.double(), dim=-1)
-    return (p.exp() * (p - q)).sum(-1)
 
 
 def derive_refusal_tokens(

@@ -1,0 +1,128 @@
+"""Candidate scoring speed: refdir's scorer against a straightforward baseline, same run.
+
+Model: random weights in SmolLM2-135M's shape (Llama, 30 layers, d=576, vocab 49152) with
+SmolLM2's chat template and its default system prompt, so no download is needed. Scores the
+candidates of a few layers (every post-instruction position) on n harmful + n harmless
+prompts, and prints seconds per layer and the speed-up.
+
+Baseline, the way a first implementation does it: one candidate at a time, full-vocabulary
+logits at every position (``model(...).logits``), no reuse of the shared prompt prefix, and
+separate ablated passes for bypass (harmful) and KL (harmless).
+
+    python bench/selection.py [--layers 3] [--n 32] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from refdir.data import sample_prompts
+from refdir.direction import Direction
+from refdir.intervene import ablate, add
+from refdir.model import ChatModel
+from refdir.select import candidate_logits
+
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def smollm2_shaped() -> ChatModel:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|im_start|>": 0, "<|im_end|>": 1}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    while len(vocab) < 49152:  # the real vocabulary's size, for the unembedding's cost
+        vocab[f"<filler{len(vocab)}>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = SMOLLM2_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        rope_theta=100000.0,
+    )
+    torch.manual_seed(0)
+    return ChatModel(LlamaForCausalLM(config).eval(), fast, name="random-smollm2-shape")
+
+
+def baseline(
+    cm: ChatModel, harmful: list[str], harmless: list[str], vectors: torch.Tensor, layer: int
+) -> None:
+    def full_logits(prompts: list[str]) -> torch.Tensor:
+        batch = cm.chat.encode(prompts)
+        with torch.inference_mode():
+            return cm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[
+                :, -1
+            ]
+
+    for v in vectors:
+        direction = Direction(v, layer, -1, cm.name)
+        with ablate(cm, direction):
+            full_logits(harmful)
+            full_logits(harmless)
+        with add(cm, direction):
+            full_logits(harmless)
+
+
+def refdir_scorer(
+    cm: ChatModel, harmful: list[str], harmless: list[str], vectors: torch.Tensor, layer: int
+) -> None:
+    candidate_logits(cm, [*harmful, *harmless], vectors, "ablate", batch_size=32)
+    candidate_logits(cm, harmless, vectors, "actadd", layer, batch_size=32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cm = smollm2_shaped()
+    harmful = sample_prompts("harmful_val", args.n, 0)
+    harmless = sample_prompts("harmless_val", args.n, 0)
+    n_post = cm.chat.n_post
+    print(
+        f"model {cm.name}: {cm.n_layers} layers, {n_post} post-instruction positions, n={args.n}+{args.n}"
+    )
+    times = {"baseline": 0.0, "refdir": 0.0}
+    for layer in range(10, 10 + args.layers):
+        vectors = torch.randn(n_post, cm.d_model)
+        for name, fn in (("baseline", baseline), ("refdir", refdir_scorer)):  # interleaved
+            start = time.perf_counter()
+            fn(cm, harmful, harmless, vectors, layer)
+            times[name] += time.perf_counter() - start
+    per_layer = {k: v / args.layers for k, v in times.items()}
+    print(
+        f"baseline {per_layer['baseline']:.1f} s/layer   refdir {per_layer['refdir']:.1f} s/layer   "
+        f"speed-up x{per_layer['baseline'] / per_layer['refdir']:.2f}"
+    )
+    print(
+        f"projected for {cm.n_layers * 4 // 5} layers (the paper's layer filter): "
+        f"baseline {per_layer['baseline'] * 24 / 60:.1f} min, refdir {per_layer['refdir'] * 24 / 60:.1f} min"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Capability benchmarks through lm-evaluation-harness, on the in-memory (hooked) model.
+
+The ChatModel's own model object is wrapped as lm_eval's ``HFLM``, so an ``ablate``/``add``
+scope, entered here (``kind=...``) or around the call, is what gets benchmarked; no checkpoint
+is written. Tasks come from local files: a task YAML whose data is a local JSONL file
+
+    dataset_path: json
+    dataset_kwargs: {data_files: {test: /abs/path/items.jsonl}}
+
+and everything runs with the Hugging Face hub and datasets offline. ``write_multiple_choice_task``
+writes such a pair. Needs the ``bench`` extra: ``pip install 'refdir[bench]'``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from refdir.direction import Direction
+from refdir.errors import RefdirError
+from refdir.metrics import Scope, resolve_scope
+from refdir.model import ChatModel
+
+__all__ = ["offline", "run_benchmarks", "write_multiple_choice_task"]
+
+PathLike = str | os.PathLike[str]
+
+_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+_OFFLINE_FLAGS = (
+    ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+    ("datasets.config", "HF_HUB_OFFLINE"),
+    ("datasets.config", "HF_DATASETS_OFFLINE"),
+)
+
+
+@contextmanager
+def offline() -> Iterator[None]:
+    """Hub and datasets offline for the block: the environment variables, and the flags the
+    libraries read once at import; everything is restored afterwards."""
+    modules = {}
+    for name, _ in _OFFLINE_FLAGS:  # import first, so the flags are read before we set them
+        try:
+            modules[name] = importlib.import_module(name)
+        except ImportError:
+            continue
+    saved_env = {k: os.environ.get(k) for k in _OFFLINE_ENV}
+    saved_flags = [
+        (modules[m], attr, getattr(modules[m], attr))
+        for m, attr in _OFFLINE_FLAGS
+        if m in modules and hasattr(modules[m], attr)
+    ]
+    os.environ.update(_OFFLINE_ENV)
+    for module, attr, _ in saved_flags:
+        setattr(module, attr, True)
+    try:
+        yield
+    finally:
+        for module, attr, value in saved_flags:
+            setattr(module, attr, value)
+        for key, old in saved_env.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def _lm_eval() -> Any:
+    try:
+        return importlib.import_module("lm_eval")
+    except ImportError:
+        raise RefdirError(
+            "lm-evaluation-harness is not installed; pip install 'refdir[bench]'"
+        ) from None
+
+
+def _yaml_path(entry: Any) -> Path | None:
+    path = getattr(entry, "yaml_path", None)
+    if path is None and isinstance(entry, Mapping):
+        path = entry.get("yaml_path")
+    return None if path in (None, -1) else Path(path).resolve()
+
+
+def _task_names(
+    tasks: Sequence[PathLike], include_path: Sequence[PathLike], include_defaults: bool
+) -> tuple[list[str], Any]:
+    """lm_eval task names for ``tasks`` (names, or task YAML files), and the TaskManager."""
+    from lm_eval.tasks import TaskManager
+
+    files = [Path(t).resolve() for t in tasks if str(t).endswith((".yaml", ".yml"))]
+    for f in files:
+        if not f.is_file():
+            raise RefdirError(f"task file {f} does not exist")
+    roots = [str(Path(p)) for p in include_path] + sorted({str(f.parent) for f in files})
+    manager = TaskManager(include_path=roots or None, include_defaults=include_defaults)
+    names: list[str] = []
+    for task in tasks:
+        if str(task).endswith((".yaml", ".yml")):
+            names.extend(_names_in_file(manager, Path(task).resolve()))
+        elif str(task) not in manager.all_tasks:
+            raise RefdirError(_unknown_task(str(task), manager.all_tasks, include_defaults))
+        else:
+            names.append(str(task))
+    return names, manager
+
+
+def _names_in_file(manager: Any, path: Path) -> list[str]:
+    found = [name for name, entry in manager.task_index.items() if _yaml_path(entry) == path]
+    if not found:
+        raise RefdirError(f"{path} defines no lm_eval task (it needs a 'task:' name)")
+    return sorted(found)
+
+
+def _unknown_task(name: str, known: Sequence[str], include_defaults: bool) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    where = "" if include_defaults else " (built-in tasks need include_defaults=True)"
+    return f"unknown benchmark task {name!r}{hint}{where}"
+
+
+def _scores(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Numeric metrics per task, stderr dropped, the default filter's ``,none`` stripped."""
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in results.items():
+        row = {}
+        for key, value in metrics.items():
+            metric = key.removesuffix(",none")
+            if "_stderr" in metric or isinstance(value, bool):
+                continue
+            if isinstance(value, int | float) and key != "sample_len":
+                row[metric] = float(value)
+        out[str(task)] = row
+    return out
+
+
+def run_benchmarks(
+    cm: ChatModel,
+    tasks: Sequence[PathLike],
+    limit: int | float | None = None,
+    *,
+    scope: Scope | None = None,
+    kind: str = "none",
+    direction: Direction | None = None,
+    coeff: float = 1.0,
+    include_path: Sequence[PathLike] = (),
+    include_defaults: bool = False,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    apply_chat_template: bool = False,
+    bootstrap_iters: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Scores ``{task: {metric: value}}`` of the model under an intervention (``kind``, or a
+    ``scope`` factory, or whatever scope the caller is in).
+
+    ``tasks``: task YAML files, or names found in ``include_path`` folders (and, with
+    ``include_defaults``, lm_eval's built-in tasks, whose datasets must already be in the local
+    Hugging Face cache). ``limit``: at most that many items per task (a float: a fraction).
+    """
+    if isinstance(tasks, str | os.PathLike) or not tasks:
+        raise RefdirError("give a non-empty list of benchmark tasks")
+    if batch_size <= 0:
+        raise RefdirError(f"batch size must be positive, got {batch_size}")
+    enter = resolve_scope(cm, scope, kind, direction, coeff)
+    with offline():
+        lm_eval = _lm_eval()
+        from lm_eval.models.huggingface import HFLM
+
+        names, manager = _task_names(tasks, include_path, include_defaults)
+        lm = HFLM(
+            pretrained=cm.model,
+            tokenizer=cm.tokenizer,
+            batch_size=batch_size,
+            max_length=max_length,
+        )
+        with enter():
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                task_manager=manager,
+                limit=limit,
+                num_fewshot=num_fewshot,
+                bootstrap_iters=bootstrap_iters,
+                apply_chat_template=apply_chat_template,
+                log_samples=False,
+            )
+    if not results:
+        raise RefdirError("lm_eval returned no results")
+    return _scores(results["results"])
+
+
+def write_multiple_choice_task(
+    folder: PathLike,
+    name: str,
+    items: Sequence[Mapping[str, Any]],
+    metrics: Sequence[str] = ("acc", "acc_norm"),
+    cache_dir: PathLike | None = None,
+) -> Path:
+    """Write ``{name}.jsonl`` and ``{name}.yaml`` (an lm_eval multiple-choice task over local
+    data) into ``folder``; return the YAML path. Items: ``{"question", "choices", "answer"}``
+    with ``answer`` the index of the right choice. ``cache_dir``: where ``datasets`` keeps its
+    Arrow copy of the data (default: the Hugging Face cache)."""
+    if not name.replace("_", "").isalnum():
+        raise RefdirError(f"task name {name!r} must be letters, digits and underscores")
+    for i, item in enumerate(items):
+        _check_item(i, item)
+    root = Path(folder).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(dict(item)) + "\n" for item in items), encoding="utf-8")
+    yaml = root / f"{name}.yaml"
+    cache = None if cache_dir is None else Path(cache_dir).expanduser().resolve()
+    yaml.write_text(_task_yaml(name, data, metrics, cache), encoding="utf-8")
+    return yaml
+
+
+def _check_item(index: int, item: Mapping[str, Any]) -> None:
+    choices = item.get("choices")
+    answer = item.get("answer")
+    ok = (
+        isinstance(item.get("question"), str)
+        and isinstance(choices, list)
+        and len(choices) >= 2
+        and all(isinstance(c, str) for c in choices)
+        and isinstance(answer, int)
+        and 0 <= answer < len(choices)
+    )
+    if not ok:
+        raise RefdirError(
+            f"item {index} needs 'question' (text), 'choices' (2+ texts) and 'answer' "
+            "(the index of the right choice)"
+        )
+
+
+def _task_yaml(name: str, data: Path, metrics: Sequence[str], cache: Path | None) -> str:
+    q = json.dumps  # a JSON string is a valid YAML scalar
+    lines = [
+        f"task: {name}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {q(str(data))}",
+        *([f"  cache_dir: {q(str(cache))}"] if cache is not None else []),
+        "test_split: test",
+        "output_type: multiple_choice",
+        f"doc_to_text: {q('Question: {{question}}' + chr(10) + 'Answer:')}",
+        f"doc_to_choice: {q('{{choices}}')}",
+        "doc_to_target: answer",
+        "metric_list:",
+    ]
+    for metric in metrics:
+        lines += [f"  - metric: {metric}", "    aggregation: mean", "    higher_is_better: true"]
+    return "\n".join([*lines, "metadata:", "  version: 1.0", ""])
