@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from tiny import tiny_chat_model
 
 from refdir.activations import extract_candidates
 from refdir.errors import RefdirError
@@ -18,6 +17,7 @@ from refdir.select import (
     refusal_metric,
     score_candidates,
 )
+from tiny import tiny_chat_model
 
 NAN = math.nan
 
