@@ -66,7 +66,16 @@ def extracted(
 def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("extract", "ablate", "add", "orthogonalize", "evaluate", "organism"):
+    for command in (
+        "extract",
+        "ablate",
+        "add",
+        "orthogonalize",
+        "evaluate",
+        "run",
+        "suffix",
+        "organism",
+    ):
         assert command in result.output
 
 

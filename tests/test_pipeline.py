@@ -33,7 +33,13 @@ CONFIG = RunConfig(
 def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     cm = tiny_chat_model("llama")
     done = run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
-    assert list(done) == ["prompts", "extract", "select", "evaluate", "report"]
+    assert list(done) == [
+        "prompts",
+        "extract",
+        "select",
+        "evaluate",
+        "report",
+    ]  # no suffix unless asked
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("baseline", "ablation", "actadd"):
         assert 0.0 <= metrics["harmful"]["refusal_score"][key] <= 1.0
@@ -108,3 +114,17 @@ def test_changed_options_are_refused_on_resume(tmp_path: Path) -> None:
         run_pipeline(other, tmp_path, progress=False, model=cm)
     with pytest.raises(RefdirError, match="unknown step"):
         run_pipeline(CONFIG, tmp_path, progress=False, model=cm, force="everything")
+
+
+def test_suffix_step_adds_a_section_to_the_report(tmp_path: Path) -> None:
+    cm = tiny_chat_model("llama")
+    config = CONFIG.model_copy(
+        update={"suffix": True, "suffix_steps": 1, "n_suffix_prompts": 2, "n_suffix_eval": 2}
+    )
+    done = run_pipeline(config, tmp_path, progress=False, model=cm)
+    assert "suffix" in done
+    data = json.loads((tmp_path / "suffix" / "suffix.json").read_text())
+    assert set(data["refusal_rate"]) >= {"without", "with", "random"}
+    html = (tmp_path / "report.html").read_text()
+    assert "Adversarial suffix" in html and 'src="suffix/' not in html
+    assert "suffix/projection.png" in (tmp_path / "report.md").read_text()

@@ -292,6 +292,44 @@ def orthogonalize(
     )
 
 
+@organism_app.command("build")
+@_errors
+def organism_build(
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Folder for the new adapter (adapter_model.safetensors, adapter_config.json, build.json)."
+        ),
+    ],
+    recipe: Annotated[
+        Path | None,
+        typer.Option(help="JSON file overriding fields of the recipe (see docs/organism.md)."),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch CPU threads (default: torch's choice).")
+    ] = None,
+) -> None:
+    """Rebuild the model organism from scratch on CPU: self-distillation, then LoRA safety tuning."""
+    import torch
+
+    from refdir.organism import OrganismRecipe, build_organism
+
+    overrides: dict[str, Any] = {}
+    if recipe is not None:
+        try:
+            overrides = json.loads(recipe.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RefdirError(f"cannot read the recipe {recipe}: {exc}") from None
+    try:
+        chosen = OrganismRecipe(**overrides)
+    except ValueError as exc:
+        raise RefdirError(f"bad recipe {recipe}: {str(exc).splitlines()[0]}") from None
+    if threads is not None:
+        torch.set_num_threads(threads)
+    path = build_organism(chosen, out)
+    typer.echo(f"adapter written to {path}")
+
+
 @app.command(name="run")
 @_errors
 def run_cmd(
@@ -347,6 +385,15 @@ def run_cmd(
     judge_model: Annotated[
         str | None, typer.Option(help="Local folder of the judge model.")
     ] = None,
+    suffix: Annotated[
+        bool,
+        typer.Option(
+            "--suffix", help="Also search an adversarial suffix and add its analysis to the report."
+        ),
+    ] = False,
+    suffix_steps: Annotated[
+        int, typer.Option(help="GCG steps of the suffix search (with --suffix).")
+    ] = 20,
     max_new_tokens: TokensOpt = 64,
     batch_size: BatchOpt = 32,
     seed: SeedOpt = 42,
@@ -385,6 +432,8 @@ def run_cmd(
         judge=judge,
         judge_model=judge_model,
         filter_prompts=filter_prompts,
+        suffix=suffix,
+        suffix_steps=suffix_steps,
     )
     done = run_pipeline(config, out, force=force, until=until)
     for step, seconds in done.items():
@@ -448,7 +497,10 @@ def suffix(
         str, typer.Option(help="Harmful set the universal suffix is searched on.")
     ] = "harmful_train",
     n_prompts: Annotated[int, typer.Option(help="Instructions the suffix is searched on.")] = 8,
-    steps: Annotated[int, typer.Option(help="GCG steps.")] = 32,
+    steps: Annotated[int, typer.Option(help="GCG steps.")] = 20,
+    max_minutes: Annotated[
+        float, typer.Option(help="Stop the search after this many minutes (0: no limit).")
+    ] = 10.0,
     topk: Annotated[int, typer.Option(help="Candidate tokens per suffix position.")] = 64,
     batch_size: Annotated[int, typer.Option(help="Candidate suffixes scored per step.")] = 32,
     n_tokens: Annotated[int, typer.Option(help="Suffix length in tokens.")] = 16,
@@ -492,6 +544,7 @@ def suffix(
         target=target,
         refusal_words=words,
         seed=seed,
+        max_seconds=60.0 * max_minutes if max_minutes > 0 else None,
     )
     chosen = Direction.load(direction)
     train = sample_prompts(prompts, n_prompts, seed)

@@ -38,7 +38,7 @@ __all__ = ["STEPS", "RunConfig", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
-STEPS = ("prompts", "extract", "select", "evaluate", "report")
+STEPS = ("prompts", "extract", "select", "evaluate", "suffix", "report")
 
 
 class RunConfig(BaseModel):
@@ -106,6 +106,14 @@ class RunConfig(BaseModel):
     judge: str | None = Field(None, description="safety judge name (llamaguard, harmbench)")
     judge_model: str | None = Field(None, description="local path of the judge model")
     truncate: int = Field(200, description="characters of each completion shown in the report")
+    suffix: bool = Field(
+        False, description="also search an adversarial suffix and analyse it (step 'suffix')"
+    )
+    n_suffix_prompts: int = Field(
+        8, description="refused harmful_train prompts the suffix is optimised on"
+    )
+    n_suffix_eval: int = Field(32, description="held-out harmful prompts for the suffix analysis")
+    suffix_steps: int = Field(20, description="GCG steps of the suffix search")
 
     def selection(self) -> SelectionConfig:
         return SelectionConfig(
@@ -484,6 +492,34 @@ def _safety(run: Run, harmful_runs: dict[str, list[dict[str, Any]]]) -> dict[str
     }
 
 
+# -- step: suffix (only with RunConfig.suffix) -----------------------------------------------
+
+
+def step_suffix(run: Run) -> None:
+    from refdir.suffix import SuffixConfig
+    from refdir.suffix_analysis import run_suffix_experiment
+
+    c = run.config
+    train = _read_json(run.out / "prompts.json")["harmful_train"][: c.n_suffix_prompts]
+    held_out = [p for p in _eval_prompts(c)[1] if p not in set(train)][: c.n_suffix_eval]
+    tokens = _read_json(run.out / "refusal_tokens.json")["texts"]
+    config = SuffixConfig(
+        n_steps=c.suffix_steps, seed=c.seed, refusal_words=tuple(t.strip() or t for t in tokens)
+    )
+    run_suffix_experiment(
+        run.cm,
+        Direction.load(run.out),
+        run.out / "suffix",
+        train,
+        held_out,
+        config,
+        eval_name="+".join(c.harmful_eval),
+        max_new_tokens=c.max_new_tokens,
+        batch_size=c.batch_size,
+        progress=run.progress,
+    )
+
+
 # -- step: report --------------------------------------------------------------------------
 
 
@@ -495,7 +531,7 @@ def step_report(run: Run) -> None:
     if (suffix_dir / "suffix.json").exists():
         from refdir.suffix_analysis import suffix_report_section
 
-        suffix_md = suffix_report_section(suffix_dir)
+        suffix_md = suffix_report_section(suffix_dir, relative_to=run.out)
     metrics = _read_json(run.out / "metrics.json")
     metrics["timings"] = dict(run.timings)
     _write_json(run.out / "metrics.json", metrics)
@@ -507,6 +543,7 @@ ARTIFACTS: dict[str, tuple[str, ...]] = {
     "extract": ("candidates.safetensors",),
     "select": ("selection.json", "direction.safetensors", "direction.json"),
     "evaluate": ("metrics.json",),
+    "suffix": ("suffix/suffix.json",),
     "report": ("report.html", "report.md"),
 }
 STEP_FUNCTIONS: dict[str, Callable[[Run], None]] = {
@@ -514,6 +551,7 @@ STEP_FUNCTIONS: dict[str, Callable[[Run], None]] = {
     "extract": step_extract,
     "select": step_select,
     "evaluate": step_evaluate,
+    "suffix": step_suffix,
     "report": step_report,
 }
 
@@ -561,6 +599,8 @@ def run_pipeline(
     done: dict[str, float] = {}
     last = STEPS.index(until) if until is not None else len(STEPS) - 1
     for i, step in enumerate(STEPS[: last + 1]):
+        if step == "suffix" and not config.suffix:
+            continue
         finished = all((out / name).exists() for name in ARTIFACTS[step])
         if finished and i < force_from:
             log.info("step %s: artifacts present, skipped", step)
