@@ -10,6 +10,8 @@ from refdir.intervene import ablate, add
 from refdir.layout import LayoutSpec, find_layout
 from refdir.model import ChatModel, load_model
 from refdir.orthogonalize import export_orthogonalized, orthogonalize
+from refdir.pipeline import RunConfig, run_pipeline
+from refdir.select import SelectionConfig, pick, score_candidates
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,8 @@ __all__ = [
     "Direction",
     "LayoutSpec",
     "RefdirError",
+    "RunConfig",
+    "SelectionConfig",
     "ablate",
     "add",
     "evaluate_refusal",
@@ -30,6 +34,9 @@ __all__ = [
     "load_model",
     "load_prompts",
     "orthogonalize",
+    "pick",
     "residual_means",
+    "run_pipeline",
     "sample_prompts",
+    "score_candidates",
 ]
