@@ -131,9 +131,7 @@ def _write_direction(
 def _last_logits(cm: ChatModel, prompts: Sequence[str]) -> torch.Tensor:
     batch = cm.chat.encode(prompts).to(cm.device)
     with torch.inference_mode():
-        out = cm.model(
-            **batch.inputs(), use_cache=False
-        )
+        out = cm.model(**batch.inputs(), use_cache=False)
     return out.logits.float()
 
 
