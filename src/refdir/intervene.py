@@ -57,8 +57,7 @@ def ablation_hooks(cm: ChatModel, direction: Direction | torch.Tensor) -> list[H
     if not torch.isfinite(norm) or norm == 0:
         raise RefdirError("cannot ablate a zero or non-finite direction")
     fn = project_out(vector / norm)
-    writers = [cm.layout.embed, *(w for layer in cm.layout.per_layer for w in layer.writers)]
-    return [(module, "output", map_output(fn)) for module in writers]
+    return [(module, "output", map_output(fn)) for module in cm.layout.residual_writers]
 
 
 def addition_hooks(

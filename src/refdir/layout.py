@@ -92,6 +92,12 @@ class ModelLayout:
         return self.per_layer[0].post_norms is not None
 
     @property
+    def residual_writers(self) -> list[nn.Module]:
+        """Every module whose output is added to the residual stream: the embedding, then
+        each layer's attention and MLP writers (post-norms in sandwich families)."""
+        return [self.embed, *(w for layer in self.per_layer for w in layer.writers)]
+
+    @property
     def tied(self) -> bool:
         return (
             self.unembed is not None and getattr(self.unembed, "weight", None) is self.embed.weight

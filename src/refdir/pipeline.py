@@ -398,6 +398,7 @@ def _rate(records: Sequence[dict[str, Any]], subset: set[str] | None = None) -> 
 
 
 def step_evaluate(run: Run) -> None:
+    from refdir.evaluate import intervention
     from refdir.metrics import ce_loss, ce_loss_on_completions, kl_last_position, load_corpus
 
     c, out, cm = run.config, run.out, run.cm
@@ -423,8 +424,6 @@ def step_evaluate(run: Run) -> None:
     ce: dict[str, float] = {}
     ce_own: dict[str, float] = {}
     for name, (kind, coeff) in conditions.items():
-        from refdir.evaluate import intervention
-
         with intervention(cm, kind, direction, coeff):
             ce[name] = round(ce_loss(cm, corpus, progress=run.progress), 5)
             ce_own[name] = round(

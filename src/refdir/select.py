@@ -182,8 +182,7 @@ def candidate_logits(
         return (x.float() + live["rows"].to(x.device)[:, None, :]).to(x.dtype)
 
     if kind == "ablate":
-        writers = [cm.layout.embed, *(w for lay in cm.layout.per_layer for w in lay.writers)]
-        hooks: list[Hook] = [(m, "output", map_output(project)) for m in writers]
+        hooks: list[Hook] = [(m, "output", map_output(project)) for m in cm.layout.residual_writers]
     else:
         hooks = [(cm.layout.layers[layer], "input", map_input(shift))]
     rows = [cm.chat.token_ids(p) for p in prompts]
