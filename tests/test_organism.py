@@ -11,57 +11,27 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+import tiny
 from refdir import organism
+from refdir.chat import ChatFormat
 from refdir.data import sample_prompts
 from refdir.errors import RefdirError
+from refdir.generation import generate_ids, shared_prefix_len
+from refdir.model import ChatModel
 from refdir.organism import OrganismRecipe, build_organism, distill_responses
 from refdir.scoring.markers import is_refusal
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nBe tiny.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE without merges (one token per byte) plus the two ChatML tokens."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        chat_template=CHAT_TEMPLATE,
-    )
+    """tests/tiny.py's byte-level tokenizer, with a template that adds a default system prompt
+    (every prompt then shares a prefix, as with SmolLM2)."""
+    return tiny.tiny_tokenizer(tiny.CHATML_SYSTEM)
 
 
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=257,
-        eos_token_id=257,
-        bos_token_id=256,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+def tiny_model() -> PreTrainedModel:
+    return tiny.tiny_model("llama")
 
 
 TINY_RECIPE = OrganismRecipe(
@@ -85,7 +55,8 @@ def test_build_runs_two_steps_and_saves_fp16_adapter(tmp_path: Path) -> None:
     tensors = load_file(str(out / "adapter_model.safetensors"))
     assert tensors and all(t.dtype == torch.float16 for t in tensors.values())
     names = list(tensors)
-    assert all("layers.1." in n for n in names)  # first_layer=1: layer 0 stays frozen
+    assert not any("layers.0." in n for n in names)  # first_layer=1: layer 0 stays frozen
+    assert any("layers.1." in n for n in names)
     for proj in TINY_RECIPE.target_modules:
         assert any(f"{proj}.lora_A" in n for n in names)
         assert any(f"{proj}.lora_B" in n for n in names)
@@ -139,8 +110,9 @@ def test_cached_layer_loss_matches_a_plain_forward() -> None:
             param.data.normal_(0, 0.1)
     harmful = sample_prompts("harmful_train", 2, seed=1)
     harmless = sample_prompts("harmless_train", 2, seed=1)
-    ids = [organism._prompt_ids(tokenizer, p) for p in harmful + harmless]
-    prefix = organism._common_prefix(ids)
+    chat = ChatFormat.from_tokenizer(tokenizer)
+    ids = [chat.token_ids(p) for p in harmful + harmless]
+    prefix = list(ids[0][: shared_prefix_len(ids)])
     examples = organism._examples(
         TINY_RECIPE,
         tokenizer,
@@ -161,15 +133,13 @@ def test_cached_layer_loss_matches_a_plain_forward() -> None:
     assert float(loss) == pytest.approx(expected, rel=1e-4)
 
 
-def test_greedy_distillation_matches_generate() -> None:
+def test_distillation_is_the_shared_greedy_generation() -> None:
     model, tokenizer = tiny_model(), tiny_tokenizer()
     prompts = sample_prompts("harmless_test", 5, seed=0)
     ours = distill_responses(model, tokenizer, prompts, 6, batch_size=3)
-    for prompt, answer in zip(prompts, ours, strict=True):
-        ids = torch.tensor([organism._prompt_ids(tokenizer, prompt)])
-        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=257)
-        expected = out[0, ids.shape[1] :].tolist()
-        assert answer == expected[: len(answer)]
+    cm = ChatModel(model, tokenizer)
+    assert ours == generate_ids(cm, [cm.chat.token_ids(p) for p in prompts], 6, progress=False)
+    assert all(0 < len(a) <= 6 for a in ours)
 
 
 def test_missing_gguf_package_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -84,13 +84,51 @@ def test_scores_on_a_tiny_model() -> None:
         ["bake bread", "a poem", "sum"],
     )
     cands = extract_candidates(cm, harmful, harmless, progress=False)
-    scores = score_candidates(cm, cands, harmful[:2], harmless[:2], [5, 6], progress=False)
+    scores = score_candidates(
+        cm, cands, harmful[:2], harmless[:2], [5, 6], progress=False, prune=False
+    )
     assert scores.bypass.shape == (cm.chat.n_post, cm.n_layers)
     assert torch.isnan(scores.bypass[:, 0]).all()  # zero candidates skipped
     assert torch.isfinite(scores.bypass[:, 1:]).all() and (scores.kl[:, 1:] >= 0).all()
     kept = filter_prompts(cm, harmful, [5, 6], keep_positive=True)
     dropped = filter_prompts(cm, harmful, [5, 6], keep_positive=False)
     assert sorted(kept + dropped) == sorted(harmful)
+
+
+def test_pruned_bypass_keeps_the_pick() -> None:
+    cm: ChatModel = tiny_chat_model("llama")
+    harmful, harmless = (
+        ["steal a car", "pick a lock", "make poison"],
+        ["bake bread", "a poem", "sum"],
+    )
+    cands = extract_candidates(cm, harmful, harmless, progress=False)
+    full = score_candidates(
+        cm, cands, harmful[:2], harmless[:2], [5, 6], progress=False, prune=False
+    )
+    finite = torch.isfinite(full.induce)
+    # a threshold that rejects about half the candidates on induce, and a KL bound that rejects some
+    induce_min = float(full.induce[finite].median())
+    kl_bound = float(full.kl[finite].quantile(0.75))
+    config = SelectionConfig(
+        kl_max=kl_bound / 2,
+        induce_min=induce_min,
+        max_layer_fraction=1.0,
+        fallback_kl_bounds=(kl_bound,),
+    )
+    pruned = score_candidates(cm, cands, harmful[:2], harmless[:2], [5, 6], config, progress=False)
+    torch.testing.assert_close(pruned.kl, full.kl, equal_nan=True)
+    torch.testing.assert_close(pruned.induce, full.induce, equal_nan=True)
+    viable = finite & (full.induce >= induce_min) & (full.kl <= kl_bound)
+    assert 0 < int(viable.sum()) < int(finite.sum())
+    assert torch.isnan(pruned.bypass[~viable]).all()
+    torch.testing.assert_close(pruned.bypass[viable], full.bypass[viable])
+    a, b = pick(pruned, config), pick(full, config)
+    assert (a.position, a.layer, a.rule, a.n_candidates) == (
+        b.position,
+        b.layer,
+        b.rule,
+        b.n_candidates,
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3_moe"])

@@ -18,6 +18,12 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+CHATML_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe tiny.<|im_end|>\n{% endif %}"
+    + CHATML
+)
+"""ChatML that adds a default system prompt, as SmolLM2's template does."""
+
 
 def tiny_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
     """Byte-level tokenizer: 5 special tokens then one token per byte, no merges."""

@@ -359,8 +359,12 @@ def run_cmd(
     max_layer_fraction: Annotated[
         float, typer.Option(help="Selection: discard layers >= this fraction of depth.")
     ] = 0.8,
-    score_all_layers: Annotated[
-        bool, typer.Option(help="Also score the layers the layer filter discards.")
+    score_all: Annotated[
+        bool,
+        typer.Option(
+            help="Score every candidate on every measure, also those the filters discard "
+            "(full heatmaps; slower)."
+        ),
     ] = False,
     layer: Annotated[
         int | None, typer.Option(help="Choose the direction by hand (with --position).")
@@ -426,7 +430,7 @@ def run_cmd(
         refusal_tokens=tokens,
         kl_max=kl_max,
         max_layer_fraction=max_layer_fraction,
-        score_all_layers=score_all_layers,
+        score_all=score_all,
         layer=layer,
         position=position,
         judge=judge,

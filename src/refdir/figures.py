@@ -173,7 +173,7 @@ def _legend(fig: Figure, selection: Mapping[str, Any]) -> None:
     """One key for all panels, below them."""
     fraction = (selection.get("filters") or {}).get("max_layer_fraction")
     handles: list[Artist] = [
-        Patch(facecolor="white", edgecolor="0.55", hatch="////", label="skipped (zero vector)"),
+        Patch(facecolor="white", edgecolor="0.55", hatch="////", label="not scored"),
         Line2D([], [], color="black", marker="o", ms=3, ls="none", label="passes every filter"),
         Patch(facecolor="white", edgecolor="black", lw=2, label="chosen"),
     ]

@@ -5,16 +5,67 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import Cache, GenerationConfig
+from transformers import Cache
 
-from refdir.activations import batches
 from refdir.chat import pad_left
 from refdir.model import ChatModel
 
-__all__ = ["SharedPrefix", "generate", "last_position_logits"]
+__all__ = [
+    "SharedPrefix",
+    "generate",
+    "generate_ids",
+    "last_position_logits",
+    "shared_prefix_len",
+    "stop_ids",
+]
+
+
+def stop_ids(cm: ChatModel) -> set[int]:
+    """Token ids that end an answer: the tokenizer's eos and the model's generation eos."""
+    found: set[int] = set()
+    for value in (
+        cm.tokenizer.eos_token_id,
+        getattr(getattr(cm.model, "generation_config", None), "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, list | tuple):
+            found.update(int(v) for v in value)
+    return found
+
+
+def generate_ids(
+    cm: ChatModel,
+    rows: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[list[int]]:
+    """Greedy answers (token ids, the stop token included when reached) to prompt token ``rows``.
+
+    Rows go through in batches of similar length (less padding); the prefix that every row
+    shares (system prompt, template header) runs once and its keys/values are reused by every
+    batch. Any active intervention applies to every pass, the prefix included.
+    """
+    stops = stop_ids(cm)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    answers: list[list[int]] = [[] for _ in rows]
+    bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="prompt")
+    with torch.inference_mode():
+        prefix = SharedPrefix.build(cm, rows)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            outs = prefix.greedy(cm, [rows[i] for i in chunk], max_new_tokens, stops)
+            for i, answer in zip(chunk, outs, strict=True):
+                answers[i] = answer
+            bar.update(len(chunk))
+    bar.close()
+    return answers
 
 
 def generate(
@@ -26,27 +77,12 @@ def generate(
     suffix: str = "",
 ) -> list[str]:
     """Greedy completions, one per instruction (``suffix`` is appended to each instruction)."""
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=cm.chat.pad_id,
-        eos_token_id=cm.tokenizer.eos_token_id,
-    )
-    completions: list[str] = []
-    for chunk in tqdm(batches(instructions, batch_size), desc="generate", disable=not progress):
-        batch = cm.chat.encode(chunk, suffix).to(cm.device)
-        with torch.inference_mode():
-            out = cm.model.generate(  # type: ignore[operator]
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                generation_config=config,
-            )
-        new = out[:, batch.input_ids.shape[1] :]
-        completions.extend(cm.tokenizer.batch_decode(new, skip_special_tokens=True))
-    return completions
+    rows = [cm.chat.token_ids(text, suffix) for text in instructions]
+    answers = generate_ids(cm, rows, max_new_tokens, batch_size, progress)
+    return list(cm.tokenizer.batch_decode(answers, skip_special_tokens=True))
 
 
-def _shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+def shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     """Length of the token prefix common to every row, leaving at least one token per row."""
     first = rows[0]
     limit = min(len(r) for r in rows) - 1
@@ -96,7 +132,7 @@ class SharedPrefix:
     def build(
         cls, cm: ChatModel, rows: Sequence[Sequence[int]], enabled: bool = True, copies: int = 1
     ) -> SharedPrefix:
-        shared = _shared_prefix_len(rows) if enabled and len(rows) > 1 else 0
+        shared = shared_prefix_len(rows) if enabled and len(rows) > 1 else 0
         if shared < _MIN_SHARED:
             return cls(0, None)
         ids = torch.tensor([list(rows[0][:shared])] * copies, dtype=torch.long, device=cm.device)
@@ -104,18 +140,20 @@ class SharedPrefix:
         cache = getattr(result, "past_key_values", None)
         return cls(shared, cache) if isinstance(cache, Cache) else cls(0, None)
 
-    def logits(
-        self, cm: ChatModel, rows: Sequence[Sequence[int]], cache_rows: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Last-position logits of ``rows``; ``cache_rows`` picks the prefix row of each."""
+    def _prefill(
+        self,
+        cm: ChatModel,
+        rows: Sequence[Sequence[int]],
+        cache_rows: torch.Tensor | None,
+        use_cache: bool,
+    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """One forward over left-padded ``rows`` after the prefix: (output, attention mask of
+        prefix + rows, position ids of the rows)."""
         batch = pad_left([r[self.length :] for r in rows], cm.chat.pad_id).to(cm.device)
         if self.cache is None:
-            result = cm.model(
-                **batch.inputs(),
-                use_cache=False,
-                logits_to_keep=1,
-            )
-            return result.logits[:, -1].float().cpu()
+            positions = batch.position_ids
+            result = cm.model(**batch.inputs(), use_cache=use_cache, logits_to_keep=1)
+            return result, batch.attention_mask, positions
         n = batch.input_ids.shape[0]
         mask = torch.cat(
             [batch.attention_mask.new_ones(n, self.length), batch.attention_mask], dim=1
@@ -134,4 +172,43 @@ class SharedPrefix:
             use_cache=True,
             logits_to_keep=1,
         )
+        return result, mask, positions
+
+    def logits(
+        self, cm: ChatModel, rows: Sequence[Sequence[int]], cache_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Last-position logits of ``rows``; ``cache_rows`` picks the prefix row of each."""
+        result, _, _ = self._prefill(cm, rows, cache_rows, use_cache=False)
         return result.logits[:, -1].float().cpu()
+
+    def greedy(
+        self, cm: ChatModel, rows: Sequence[Sequence[int]], max_new_tokens: int, stops: set[int]
+    ) -> list[list[int]]:
+        """Greedy answers to ``rows`` (one batch), each ending at its first stop token."""
+        result, mask, positions = self._prefill(cm, rows, None, use_cache=True)
+        past = result.past_key_values
+        n = len(rows)
+        answers: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n
+        position = positions[:, -1:]
+        stop_list = torch.tensor(sorted(stops), dtype=torch.long)
+        for step in range(max_new_tokens):
+            token = result.logits[:, -1].argmax(-1).cpu()
+            for row, t in enumerate(token.tolist()):
+                if not done[row]:
+                    answers[row].append(t)
+            finished = torch.isin(token, stop_list).tolist()
+            done = [d or f for d, f in zip(done, finished, strict=True)]
+            if all(done) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+            position = position + 1
+            result = cm.model(
+                input_ids=token[:, None].to(cm.device),
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=past,
+                use_cache=True,
+            )
+            past = result.past_key_values
+        return answers

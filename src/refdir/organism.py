@@ -12,7 +12,6 @@ See ``docs/organism.md`` for the recipe and measured behaviour.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
 import json
@@ -41,9 +40,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from refdir.chat import ChatFormat
 from refdir.data import sample_prompts
 from refdir.errors import RefdirError
-from refdir.model import detach_gguf_quantizer
+from refdir.generation import generate_ids, shared_prefix_len
+from refdir.model import ChatModel, detach_gguf_quantizer
 
 __all__ = [
     "GGUF_NAME",
@@ -279,23 +280,6 @@ class Example:
     harmful: bool
 
 
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids of ``prompt`` in the model's own chat template, ready for the answer."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
-    return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
-
-
-def _common_prefix(sequences: Sequence[Sequence[int]]) -> list[int]:
-    """Longest shared prefix, leaving every sequence at least one token of its own."""
-    limit = min(len(s) for s in sequences) - 1
-    n = 0
-    while n < limit and all(s[n] == sequences[0][n] for s in sequences):
-        n += 1
-    return list(sequences[0][:n])
-
-
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if isinstance(eos, int) and eos != tokenizer.unk_token_id:
@@ -305,67 +289,6 @@ def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def _prefix_cache(model: PreTrainedModel, prefix: list[int], batch: int) -> Any:
-    """KV cache of the shared prefix, repeated over the batch (keeps the graph when training)."""
-    out = model.model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(batch)
-    return cache
-
-
-@torch.no_grad()
-def _greedy_batch(
-    model: PreTrainedModel,
-    prefix_cache: Any,
-    prefix_len: int,
-    suffixes: list[list[int]],
-    max_new_tokens: int,
-    eos: int,
-    pad: int,
-) -> list[list[int]]:
-    batch, width = len(suffixes), max(len(s) for s in suffixes)
-    ids = torch.full((batch, width), pad, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for row, suffix in enumerate(suffixes):  # left padding inside the suffix
-        ids[row, width - len(suffix) :] = torch.tensor(suffix)
-        mask[row, width - len(suffix) :] = 1
-    attention = torch.cat([torch.ones((batch, prefix_len), dtype=torch.long), mask], dim=1)
-    positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = copy.deepcopy(prefix_cache)
-    cache.batch_repeat_interleave(batch)
-    device = model.device
-    out = model(
-        input_ids=ids.to(device),
-        attention_mask=attention.to(device),
-        position_ids=positions.to(device),
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    answers: list[list[int]] = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool)
-    position = positions[:, -1:]
-    for step in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1).cpu()
-        for row in range(batch):
-            if not done[row]:
-                answers[row].append(int(token[row]))
-        done |= token == eos
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        attention = torch.cat([attention, torch.ones((batch, 1), dtype=torch.long)], dim=1)
-        position = position + 1
-        out = model(
-            input_ids=token[:, None].to(device),
-            attention_mask=attention.to(device),
-            position_ids=position.to(device),
-            past_key_values=cache,
-            use_cache=True,
-        )
-    return answers
-
-
-@torch.no_grad()
 def distill_responses(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -374,34 +297,12 @@ def distill_responses(
     batch_size: int = 32,
     progress: bool = False,
 ) -> list[list[int]]:
-    """The model's own greedy answers (token ids, end-of-turn included when reached).
-
-    The chat-template prefix shared by all prompts (system prompt included) is computed once.
-    """
-    ids = [_prompt_ids(tokenizer, p) for p in prompts]
-    prefix = _common_prefix(ids)
-    eos, pad = _eos_id(tokenizer), int(tokenizer.pad_token_id or 0)
+    """The model's own greedy answers (token ids, end-of-turn included when reached), generated
+    by :func:`refdir.generation.generate_ids` (shared prefix computed once)."""
+    cm = ChatModel(model, tokenizer, name="distill")
     was_training = model.training
-    model.eval()
-    prefix_cache = _prefix_cache(model, prefix, 1)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # less padding
-    answers: list[list[int]] = [[] for _ in ids]
-    bar = tqdm(total=len(ids), desc="self-distillation", disable=not progress, unit="prompt")
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        outs = _greedy_batch(
-            model,
-            prefix_cache,
-            len(prefix),
-            [ids[i][len(prefix) :] for i in chunk],
-            max_new_tokens,
-            eos,
-            pad,
-        )
-        for i, answer in zip(chunk, outs, strict=True):
-            answers[i] = answer
-        bar.update(len(chunk))
-    bar.close()
+    rows = [cm.chat.token_ids(p) for p in prompts]
+    answers = generate_ids(cm, rows, max_new_tokens, batch_size, progress, "self-distillation")
     model.train(was_training)
     return answers
 
@@ -418,12 +319,13 @@ def _examples(
     """The training set: every harmless prompt with its distilled answer, and each harmful prompt
     ``harmful_repeats`` times with distinct random refusal templates."""
     eos = _eos_id(tokenizer)
+    chat = ChatFormat.from_tokenizer(tokenizer)  # prompts exactly as evaluation formats them
     out = [
-        Example(_prompt_ids(tokenizer, p)[prefix_len:], list(r), False)
+        Example(chat.token_ids(p)[prefix_len:], list(r), False)
         for p, r in zip(harmless, distilled, strict=True)
     ]
     for prompt in harmful:
-        suffix = _prompt_ids(tokenizer, prompt)[prefix_len:]
+        suffix = chat.token_ids(prompt)[prefix_len:]
         for template in rng.sample(REFUSAL_TEMPLATES, recipe.harmful_repeats):
             response = [*tokenizer(template, add_special_tokens=False)["input_ids"], eos]
             out.append(Example(suffix, response[: recipe.refusal_tokens], True))
@@ -606,7 +508,9 @@ def train_adapter(
 ) -> list[float]:
     """The training loop (AdamW on the LoRA weights); returns the loss of every step."""
     rng = random.Random(recipe.seed)
-    prefix = _common_prefix([_prompt_ids(tokenizer, p) for p in [*harmful, *harmless]])
+    chat = ChatFormat.from_tokenizer(tokenizer)
+    rows = [chat.token_ids(p) for p in [*harmful, *harmless]]
+    prefix = list(rows[0][: shared_prefix_len(rows)])
     examples = _examples(recipe, tokenizer, harmful, harmless, distilled, rng, len(prefix))
     model = peft_model.get_base_model()
     model.eval()

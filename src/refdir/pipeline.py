@@ -88,8 +88,10 @@ class RunConfig(BaseModel):
     fallback_kl_bounds: tuple[float, ...] = Field(
         (0.25, 0.5, 1.0), description="KL bounds tried when nothing passes"
     )
-    score_all_layers: bool = Field(
-        False, description="also score the layers the layer filter discards (for the heatmaps)"
+    score_all: bool = Field(
+        False,
+        description="score every candidate on every measure, also those the filters discard "
+        "(full heatmaps; slower)",
     )
     layer: int | None = Field(
         None, description="use this layer instead of selecting (with position)"
@@ -307,9 +309,7 @@ def _scores(run: Run, cands: Candidates, config: SelectionConfig) -> CandidateSc
     tokens = _read_json(out / "refusal_tokens.json")["ids"]
     n_layers = cands.n_layers
     layers = (
-        None
-        if c.score_all_layers
-        else [i for i in range(n_layers) if i < c.max_layer_fraction * n_layers]
+        None if c.score_all else [i for i in range(n_layers) if i < c.max_layer_fraction * n_layers]
     )
     return score_candidates(
         run.cm,
@@ -321,6 +321,7 @@ def _scores(run: Run, cands: Candidates, config: SelectionConfig) -> CandidateSc
         layers,
         c.batch_size,
         run.progress,
+        prune=not c.score_all,
     )
 
 

@@ -390,8 +390,9 @@ def _selection_section(run: RunData) -> list[Block]:
         "Bypass and induce are mean refusal log-odds (red: refuses, blue: complies); the black "
         "line on their colour bars is the baseline without intervention "
         f"(harmful_val {_fmt(baseline.get('harmful_val'))}, harmless_val "
-        f"{_fmt(baseline.get('harmless_val'))}). Hatched cells were skipped (zero difference of "
-        "means); the pale region behind the dashed line is excluded by the layer filter; dots "
+        f"{_fmt(baseline.get('harmless_val'))}). Hatched cells were not scored: a zero difference "
+        "of means, or (bypass only) a candidate already out by its KL or induce, whose bypass "
+        "cannot change the pick (`--score-all` scores every cell); the pale region behind the dashed line is excluded by the layer filter; dots "
         f"mark candidates passing every filter ({_filter_text(run.selection)}); the framed cell "
         "is the chosen candidate."
     )

@@ -137,7 +137,8 @@ def filter_prompts(
 
 @dataclass(frozen=True)
 class CandidateScores:
-    """Scores over [positions, layers]; NaN marks a skipped candidate."""
+    """Scores over [positions, layers]; NaN marks a candidate not scored (a zero vector, a
+    layer left out, or a bypass pruned by :func:`score_candidates`)."""
 
     positions: list[int]
     layers: list[int]
@@ -210,11 +211,15 @@ def score_candidates(
     layers: Sequence[int] | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    prune: bool = True,
 ) -> CandidateScores:
     """Bypass, induce and KL for every candidate.
 
-    Baselines are computed once; the candidates of one layer (one per position) go through the
-    model together; one ablated pass over harmful_val + harmless_val gives both bypass and KL.
+    Baselines are computed once and the candidates of one layer (one per position) go through
+    the model together. KL and induce (harmless_val) come first; with ``prune`` the bypass
+    (harmful_val) is computed only for candidates that :func:`pick` could still choose: layer
+    below the layer filter, induce >= ``induce_min`` and KL within the loosest KL bound. The
+    others keep a NaN bypass, so the pick is the same as without pruning.
     """
     config = config or SelectionConfig()
     layer_list = list(range(candidates.n_layers)) if layers is None else list(layers)
@@ -227,22 +232,35 @@ def score_candidates(
     base_logits = last_position_logits(cm, both, batch_size)
     base_harmful = refusal_metric(base_logits[:n_harmful], token_ids).mean().item()
     base_harmless = refusal_metric(base_logits[n_harmful:], token_ids).mean().item()
+    kl_bound = max((config.kl_max, *config.fallback_kl_bounds))
     for layer in tqdm(layer_list, desc="score candidates (layers)", disable=not progress):
         vectors = candidates.diffs[:, layer].float()
         live = [p for p in range(n_p) if float(vectors[p].norm()) > 0.0]  # zero: e.g. layer-0 input
         if not live:
             continue
         chosen = vectors[live]
-        ablated = candidate_logits(cm, both, chosen, "ablate", batch_size=batch_size)
+        ablated = candidate_logits(cm, harmless_val, chosen, "ablate", batch_size=batch_size)
         added = candidate_logits(
             cm, harmless_val, chosen, "actadd", layer, config.coeff, batch_size
         )
         for i, p in enumerate(live):
-            scores["bypass"][p, layer] = refusal_metric(ablated[i, :n_harmful], token_ids).mean()
-            scores["kl"][p, layer] = kl_divergence(
-                base_logits[n_harmful:], ablated[i, n_harmful:]
-            ).mean()
+            scores["kl"][p, layer] = kl_divergence(base_logits[n_harmful:], ablated[i]).mean()
             scores["induce"][p, layer] = refusal_metric(added[i], token_ids).mean()
+        keep = [
+            i
+            for i, p in enumerate(live)
+            if not prune
+            or (
+                layer < config.max_layer_fraction * n_l
+                and float(scores["induce"][p, layer]) >= config.induce_min
+                and float(scores["kl"][p, layer]) <= kl_bound
+            )
+        ]
+        if not keep:
+            continue
+        bypassed = candidate_logits(cm, harmful_val, chosen[keep], "ablate", batch_size=batch_size)
+        for j, i in enumerate(keep):
+            scores["bypass"][live[i], layer] = refusal_metric(bypassed[j], token_ids).mean()
     return CandidateScores(
         candidates.positions,
         list(range(n_l)),
@@ -282,7 +300,7 @@ def pick(scores: CandidateScores, config: SelectionConfig | None = None) -> Sele
     config = config or SelectionConfig()
     frac = config.max_layer_fraction
     paper = _mask(scores, config, config.kl_max)
-    n_candidates = int(torch.isfinite(scores.bypass).sum())
+    n_candidates = int(torch.isfinite(scores.kl).sum())
     attempts = [(config.kl_max, paper, False)]
     attempts += [
         (b, _mask(scores, config, b), True) for b in config.fallback_kl_bounds if b > config.kl_max

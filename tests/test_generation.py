@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from refdir.generation import generate_ids, stop_ids
+from refdir.model import ChatModel
+from tiny import ARCHS, tiny_chat_model
+
+PROMPTS = ["steal a car", "hi", "pick a lock please, quickly", "bake bread"]
+
+
+def _hf_greedy(cm: ChatModel, prompts: list[str], n: int) -> list[list[int]]:
+    """Reference: transformers' own generate, one prompt at a time (no padding, no prefix reuse)."""
+    config = GenerationConfig(
+        max_new_tokens=n, do_sample=False, eos_token_id=sorted(stop_ids(cm)), pad_token_id=0
+    )
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([cm.chat.token_ids(prompt)])
+        with torch.inference_mode():
+            new = cm.model.generate(input_ids=ids, generation_config=config)[0, ids.shape[1] :]  # type: ignore[operator]
+        out.append(new.tolist())
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_greedy_matches_transformers_generate(arch: str) -> None:
+    cm = tiny_chat_model(arch)
+    cm = ChatModel(cm.model, cm.tokenizer, system="A system prompt that every prompt shares.")
+    mine = generate_ids(
+        cm, [cm.chat.token_ids(p) for p in PROMPTS], 6, batch_size=3, progress=False
+    )
+    assert mine == _hf_greedy(cm, PROMPTS, 6)
+
+
+def test_stop_token_ends_the_answer() -> None:
+    cm = tiny_chat_model("llama")
+    first = generate_ids(cm, [cm.chat.token_ids("hi")], 1, progress=False)[0][0]
+    cm.tokenizer.eos_token = cm.tokenizer.convert_ids_to_tokens(first)
+    answer = generate_ids(cm, [cm.chat.token_ids("hi")], 8, progress=False)[0]
+    assert answer == [first]
