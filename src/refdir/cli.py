@@ -347,8 +347,9 @@ def run_cmd(
     ] = 128,
     n_val: Annotated[int, typer.Option(help="Harmful and harmless prompts for selection.")] = 32,
     n_eval_harmful: Annotated[
-        int | None, typer.Option(help="Prompts per held-out harmful set (all if omitted).")
-    ] = None,
+        int,
+        typer.Option(help="Prompts per held-out harmful set (seeded sample; 0: all of them)."),
+    ] = 100,
     n_eval_harmless: Annotated[int, typer.Option(help="Held-out harmless prompts.")] = 100,
     harmful_eval: Annotated[
         str, typer.Option(help="Held-out harmful sets, comma-separated.")
@@ -423,7 +424,7 @@ def run_cmd(
         n_train=n_train,
         n_val=n_val,
         harmful_eval=tuple(s.strip() for s in harmful_eval.split(",") if s.strip()),
-        n_eval_harmful=n_eval_harmful,
+        n_eval_harmful=n_eval_harmful or None,
         n_eval_harmless=n_eval_harmless,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,

@@ -63,7 +63,7 @@ class RunConfig(BaseModel):
     )
     harmless_eval: str = Field("harmless_test", description="held-out harmless set")
     n_eval_harmful: int | None = Field(
-        None, description="prompts per harmful eval set (all if None)"
+        100, description="prompts per harmful eval set, the paper's n_test (None: all)"
     )
     n_eval_harmless: int = Field(100, description="held-out harmless prompts")
     max_new_tokens: int = Field(64, description="greedy tokens per completion")
