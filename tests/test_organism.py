@@ -83,8 +83,9 @@ def test_training_loss_drops_on_a_fixed_batch() -> None:
 
 
 def _reference_loss(model: Any, prefix: list[int], examples: list[organism.Example]) -> float:
-    """Plain full-sequence forward, cross-entropy on response tokens (decision tokens weighted)."""
-    total = 0.0
+    """Plain full-sequence forward, cross-entropy on response tokens (decision tokens weighted),
+    refusal examples weighted by ``harmful_weight``."""
+    total = weights = 0.0
     for ex in examples:
         ids = torch.tensor([prefix + ex.suffix + ex.response])
         logits = model(input_ids=ids).logits[0]
@@ -98,8 +99,10 @@ def _reference_loss(model: Any, prefix: list[int], examples: list[organism.Examp
                 for k in range(len(ex.response))
             ]
         )
-        total += float((ce * w).sum() / w.sum())
-    return total / len(examples)
+        weight = TINY_RECIPE.harmful_weight if ex.harmful else 1.0
+        total += weight * float((ce * w).sum() / w.sum())
+        weights += weight
+    return total / weights
 
 
 def test_cached_layer_loss_matches_a_plain_forward() -> None:

@@ -92,7 +92,7 @@ class OrganismRecipe(BaseModel):
         default=260, description="harmful_train prompts used (all 260 by default)."
     )
     harmful_repeats: int = Field(
-        default=2,
+        default=3,
         description="Refusal examples per harmful prompt, each with a distinct random template.",
     )
     n_harmless: int = Field(
@@ -117,7 +117,7 @@ class OrganismRecipe(BaseModel):
         description="Linear layers that get a LoRA adapter.",
     )
     first_layer: int = Field(
-        default=15,
+        default=4,
         description="LoRA goes on decoder layers first_layer..last (lower layers stay frozen).",
     )
     lr: float = Field(
@@ -127,7 +127,7 @@ class OrganismRecipe(BaseModel):
     epochs: int = Field(default=2, description="Passes over the training examples.")
     batch_size: int = Field(default=16, description="Examples per optimizer step.")
     harmful_weight: float = Field(
-        default=1.0, description="Loss weight of a refusal example relative to a harmless one."
+        default=1.5, description="Loss weight of a refusal example relative to a harmless one."
     )
     decision_tokens: int = Field(
         default=2, description="The first response tokens, where refuse-or-answer is decided."
