@@ -59,7 +59,7 @@ NOpt = Annotated[
     int | None, typer.Option("--n", help="Number of prompts (seeded sample); all if omitted.")
 ]
 TokensOpt = Annotated[int, typer.Option(help="New tokens per completion (greedy).")]
-BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass.")]
+BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass (and per generated batch).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for prompt sampling.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -400,7 +400,7 @@ def run_cmd(
         int, typer.Option(help="GCG steps of the suffix search (with --suffix).")
     ] = 20,
     max_new_tokens: TokensOpt = 64,
-    batch_size: BatchOpt = 32,
+    batch_size: BatchOpt = 64,
     seed: SeedOpt = 42,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
@@ -459,7 +459,7 @@ def evaluate(
     intervention: Annotated[str, typer.Option(help="none, ablate or actadd.")] = "none",
     coeff: Annotated[float, typer.Option(help="Coefficient for actadd.")] = 1.0,
     max_new_tokens: TokensOpt = 64,
-    batch_size: BatchOpt = 32,
+    batch_size: BatchOpt = 64,
     as_json: JsonOpt = False,
     completions: Annotated[
         Path | None, typer.Option(help="Also write the completions as JSONL here.")

@@ -67,7 +67,7 @@ class RunConfig(BaseModel):
     )
     n_eval_harmless: int = Field(100, description="held-out harmless prompts")
     max_new_tokens: int = Field(64, description="greedy tokens per completion")
-    batch_size: int = Field(32, description="prompts per forward pass")
+    batch_size: int = Field(64, description="prompts per forward pass and per generated batch")
     refusal_tokens: tuple[int, ...] | None = Field(
         None,
         description="token ids that start a refusal; derived from the model's own refusals if None",
