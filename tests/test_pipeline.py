@@ -118,11 +118,16 @@ def test_changed_options_are_refused_on_resume(tmp_path: Path) -> None:
 
 def test_suffix_step_adds_a_section_to_the_report(tmp_path: Path) -> None:
     cm = tiny_chat_model("llama")
+    first = run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
+    assert (
+        "suffix" not in first and "Adversarial suffix" not in (tmp_path / "report.html").read_text()
+    )
     config = CONFIG.model_copy(
         update={"suffix": True, "suffix_steps": 1, "n_suffix_prompts": 2, "n_suffix_eval": 2}
     )
+    # adding the suffix step to a finished run redoes only that step and the report
     done = run_pipeline(config, tmp_path, progress=False, model=cm)
-    assert "suffix" in done
+    assert sorted(done) == ["report", "suffix"]
     data = json.loads((tmp_path / "suffix" / "suffix.json").read_text())
     assert set(data["refusal_rate"]) >= {"without", "with", "random"}
     html = (tmp_path / "report.html").read_text()

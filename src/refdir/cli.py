@@ -399,6 +399,10 @@ def run_cmd(
     suffix_steps: Annotated[
         int, typer.Option(help="GCG steps of the suffix search (with --suffix).")
     ] = 20,
+    suffix_max_minutes: Annotated[
+        float,
+        typer.Option(help="Stop the suffix search after this many minutes (0: no limit)."),
+    ] = 10.0,
     max_new_tokens: TokensOpt = 64,
     batch_size: BatchOpt = 64,
     seed: SeedOpt = 42,
@@ -439,6 +443,7 @@ def run_cmd(
         filter_prompts=filter_prompts,
         suffix=suffix,
         suffix_steps=suffix_steps,
+        suffix_max_minutes=suffix_max_minutes,
     )
     done = run_pipeline(config, out, force=force, until=until)
     for step, seconds in done.items():

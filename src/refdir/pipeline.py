@@ -116,6 +116,9 @@ class RunConfig(BaseModel):
     )
     n_suffix_eval: int = Field(32, description="held-out harmful prompts for the suffix analysis")
     suffix_steps: int = Field(20, description="GCG steps of the suffix search")
+    suffix_max_minutes: float = Field(
+        10.0, description="stop the suffix search after this many minutes (0: no limit)"
+    )
 
     def selection(self) -> SelectionConfig:
         return SelectionConfig(
@@ -504,7 +507,10 @@ def step_suffix(run: Run) -> None:
     held_out = [p for p in _eval_prompts(c)[1] if p not in set(train)][: c.n_suffix_eval]
     tokens = _read_json(run.out / "refusal_tokens.json")["texts"]
     config = SuffixConfig(
-        n_steps=c.suffix_steps, seed=c.seed, refusal_words=tuple(t.strip() or t for t in tokens)
+        n_steps=c.suffix_steps,
+        seed=c.seed,
+        refusal_words=tuple(t.strip() or t for t in tokens),
+        max_seconds=c.suffix_max_minutes * 60 if c.suffix_max_minutes > 0 else None,
     )
     run_suffix_experiment(
         run.cm,
@@ -556,17 +562,28 @@ STEP_FUNCTIONS: dict[str, Callable[[Run], None]] = {
 }
 
 
-def _check_config(config: RunConfig, out: Path, force_from: int) -> None:
+SUFFIX_KEYS = frozenset(
+    {"suffix", "n_suffix_prompts", "n_suffix_eval", "suffix_steps", "suffix_max_minutes"}
+)
+"""Options read only by the suffix step: changing them redoes that step and the report."""
+
+
+def _check_config(config: RunConfig, out: Path, force_from: int) -> int:
+    """Refuse to mix options in one folder; returns the step index to redo from (options of
+    the suffix step alone may change: that step and the report are redone)."""
     path = out / "config.json"
     if path.exists() and force_from > 0:
         old = _read_json(path).get("options", {})
         new = config.result_keys()
         changed = sorted(k for k in new if old.get(k) != new[k])
-        if changed:
+        core = [k for k in changed if k not in SUFFIX_KEYS]
+        if core:
             raise RefdirError(
-                f"{out} holds a run with other options ({', '.join(changed)}); "
+                f"{out} holds a run with other options ({', '.join(core)}); "
                 "use another --out, or --force prompts to redo it"
             )
+        if changed and config.suffix:
+            force_from = min(force_from, STEPS.index("suffix"))
     _write_json(
         path,
         {
@@ -575,6 +592,7 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> None:
             "versions": versions(),
         },
     )
+    return force_from
 
 
 def run_pipeline(
@@ -594,7 +612,7 @@ def run_pipeline(
         raise RefdirError(f"unknown step {until!r}; use one of {', '.join(STEPS)}")
     force_from = STEPS.index(force) if force is not None else len(STEPS)
     out.mkdir(parents=True, exist_ok=True)
-    _check_config(config, out, force_from)
+    force_from = _check_config(config, out, force_from)
     run = Run(config, out, progress, model)
     done: dict[str, float] = {}
     last = STEPS.index(until) if until is not None else len(STEPS) - 1
