@@ -77,3 +77,17 @@ def test_batch_size_does_not_change_the_means() -> None:
     a = residual_means(cm, HARMLESS, batch_size=1, progress=False)
     b = residual_means(cm, HARMLESS, batch_size=3, progress=False)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    from refdir.direction import atomic_path
+
+    target = tmp_path / "out.json"
+    with atomic_path(target) as tmp:
+        tmp.write_text("{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]

@@ -23,6 +23,12 @@ DIRECTION_FILE = "direction.safetensors"
 DIRECTION_JSON = "direction.json"
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it over ``target`` only on success."""
@@ -32,6 +38,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():  # mkstemp makes it 0600: give the usual permissions
+            tmp_path.chmod(0o666 & ~_umask())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

@@ -392,7 +392,7 @@ def _selection_section(run: RunData) -> list[Block]:
         f"(harmful_val {_fmt(baseline.get('harmful_val'))}, harmless_val "
         f"{_fmt(baseline.get('harmless_val'))}). Hatched cells were not scored: a zero difference "
         "of means, or (bypass only) a candidate already out by its KL or induce, whose bypass "
-        "cannot change the pick (`--score-all` scores every cell); the pale region behind the dashed line is excluded by the layer filter; dots "
+        "cannot change the pick (--score-all scores every cell); the pale region behind the dashed line is excluded by the layer filter; dots "
         f"mark candidates passing every filter ({_filter_text(run.selection)}); the framed cell "
         "is the chosen candidate."
     )
@@ -533,7 +533,8 @@ def _key_value_table(data: Mapping[str, Any], caption: str = "") -> Table:
 
 def _run_section(run: RunData) -> list[Block]:
     blocks: list[Block] = [Heading("Run")]
-    options = {k: v for k, v in run.config.items() if k != "versions"}
+    # config.json holds "options" (what changes results) and "run" (every option): show one
+    options = run.config.get("run") or {k: v for k, v in run.config.items() if k != "versions"}
     if options:
         blocks += [Heading("Configuration", 3), _key_value_table(options)]
     if run.config.get("versions"):
