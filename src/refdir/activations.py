@@ -7,16 +7,14 @@ them to running sums. Nothing per prompt is kept beyond the current batch and la
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from refdir.direction import Candidates
 from refdir.errors import RefdirError
-from refdir.hooks import Hook, hooked
+from refdir.hooks import hooked, residual_stream
 from refdir.model import ChatModel
 
 __all__ = ["batches", "extract_candidates", "residual_means"]
@@ -44,19 +42,7 @@ def residual_means(
     def accumulate(index: int, hidden: torch.Tensor) -> None:
         sums[:, index] += hidden[:, -n_post:].detach().to("cpu", torch.float64).sum(0)
 
-    def layer_input(index: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            accumulate(index, args[0] if args else kwargs["hidden_states"])
-
-        return hook
-
-    def last_output(module: nn.Module, args: Any, output: Any) -> None:
-        accumulate(n_layers, output if isinstance(output, torch.Tensor) else output[0])
-
-    hooks: list[Hook] = [
-        (layer, "input", layer_input(i)) for i, layer in enumerate(cm.layout.layers)
-    ]
-    hooks.append((cm.layout.layers[-1], "output", last_output))
+    hooks = residual_stream(cm.layout.layers, accumulate)
     body = getattr(cm.model, "base_model", cm.model)
     with torch.inference_mode(), hooked(hooks):
         for chunk in tqdm(batches(instructions, batch_size), desc=desc, disable=not progress):

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["Hook", "TensorMap", "hooked", "map_input", "map_output"]
+__all__ = ["Hook", "TensorMap", "hooked", "map_input", "map_output", "residual_stream"]
 
 TensorMap = Callable[[torch.Tensor], torch.Tensor]
 Hook = tuple[nn.Module, Literal["input", "output"], Callable[..., Any]]
@@ -43,6 +43,28 @@ def map_input(fn: TensorMap) -> Callable[..., Any]:
         raise TypeError(f"cannot find the hidden states passed to {type(module).__name__}")
 
     return hook
+
+
+def residual_stream(
+    layers: Sequence[nn.Module] | nn.ModuleList, keep: Callable[[int, torch.Tensor], None]
+) -> list[Hook]:
+    """Read-only hooks that hand the residual stream to ``keep(index, hidden)``: index ``i`` is
+    the input of ``layers[i]``, index ``len(layers)`` the output of the last layer."""
+
+    def layer_input(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            keep(index, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    modules = list(layers)
+
+    def last_output(module: nn.Module, args: Any, output: Any) -> None:
+        keep(len(modules), output if isinstance(output, torch.Tensor) else output[0])
+
+    hooks: list[Hook] = [(layer, "input", layer_input(i)) for i, layer in enumerate(modules)]
+    hooks.append((modules[-1], "output", last_output))
+    return hooks
 
 
 @contextmanager

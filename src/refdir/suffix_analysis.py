@@ -35,6 +35,7 @@ from refdir.activations import batches
 from refdir.direction import Direction, atomic_path
 from refdir.errors import RefdirError
 from refdir.generation import generate
+from refdir.hooks import Hook, hooked, residual_stream
 from refdir.model import ChatModel
 from refdir.scoring.markers import is_refusal
 from refdir.suffix import (
@@ -62,7 +63,6 @@ __all__ = [
 ANALYSIS_JSON = "analysis.json"
 CONDITIONS: tuple[str, ...] = ("alone", "adversarial", "random")
 REGIONS: tuple[str, ...] = ("instruction", "suffix", "template")
-_Hook = tuple[nn.Module, str, Callable[..., Any]]
 COMPLETION_CHARS = 80
 """Stored completions (only when asked for) are cut to this many characters."""
 
@@ -198,7 +198,7 @@ def _region_masks(
 
 def _capture_hooks(
     cm: ChatModel, unit: torch.Tensor, store: dict[str, list[torch.Tensor]]
-) -> list[_Hook]:
+) -> list[Hook]:
     n_post, n_layers = cm.chat.n_post, cm.n_layers
     n_heads, head_dim = head_geometry(cm)
     store.update(
@@ -210,17 +210,8 @@ def _capture_hooks(
     def keep_resid(index: int, hidden: torch.Tensor) -> None:
         store["resid"][index] = hidden[:, -n_post:].detach().float().cpu()
 
-    def layer_in(index: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            keep_resid(index, args[0] if args else kwargs["hidden_states"])
-
-        return hook
-
-    def last_out(module: nn.Module, args: Any, output: Any) -> None:
-        keep_resid(n_layers, output if isinstance(output, torch.Tensor) else output[0])
-
     def o_proj_in(index: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             z = args[0][:, -1].detach().float().cpu()
             store["heads"][index] = z.view(z.shape[0], n_heads, head_dim)
 
@@ -235,31 +226,11 @@ def _capture_hooks(
 
         return hook
 
-    hooks: list[_Hook] = [(layer, "input", layer_in(i)) for i, layer in enumerate(cm.layout.layers)]
-    hooks.append((cm.layout.layers[-1], "output", last_out))
+    hooks = residual_stream(cm.layout.layers, keep_resid)
     for i, part in enumerate(cm.layout.per_layer):
         hooks.append((part.attn, "output", attn_out(i)))
-        hooks.append((part.attn_out, "pre", o_proj_in(i)))
+        hooks.append((part.attn_out, "input", o_proj_in(i)))
     return hooks
-
-
-@contextmanager
-def _registered(hooks: Sequence[_Hook]) -> Iterator[None]:
-    """Register read-only hooks for the block and always remove them: ``input`` (pre-hook with
-    kwargs), ``pre`` (plain pre-hook) or ``output`` (forward hook)."""
-    handles: list[torch.utils.hooks.RemovableHandle] = []
-    try:
-        for module, kind, fn in hooks:
-            if kind == "output":
-                handles.append(module.register_forward_hook(fn))
-            elif kind == "input":
-                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
-            else:
-                handles.append(module.register_forward_pre_hook(fn))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _head_write_directions(cm: ChatModel, unit: torch.Tensor) -> torch.Tensor:
@@ -279,7 +250,7 @@ def _capture(cm: ChatModel, instructions: Sequence[str], extra: str, unit: torch
     store: dict[str, list[torch.Tensor]] = {}
     hooks = _capture_hooks(cm, unit, store)
     batch = cm.chat.encode(instructions, extra).to(cm.device)
-    with torch.inference_mode(), eager_attention(cm), _registered(hooks):
+    with torch.inference_mode(), eager_attention(cm), hooked(hooks):
         cm.model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
