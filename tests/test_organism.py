@@ -119,8 +119,8 @@ def test_cached_layer_loss_matches_a_plain_forward() -> None:
     examples = organism._examples(
         TINY_RECIPE,
         tokenizer,
-        harmful,
-        harmless,
+        ids[: len(harmful)],
+        ids[len(harmful) :],
         [[5, 6, 7], [8, 9]],
         random.Random(0),
         len(prefix),

@@ -310,22 +310,22 @@ def distill_responses(
 def _examples(
     recipe: OrganismRecipe,
     tokenizer: PreTrainedTokenizerBase,
-    harmful: Sequence[str],
-    harmless: Sequence[str],
+    harmful: Sequence[list[int]],
+    harmless: Sequence[list[int]],
     distilled: Sequence[list[int]],
     rng: random.Random,
     prefix_len: int,
 ) -> list[Example]:
-    """The training set: every harmless prompt with its distilled answer, and each harmful prompt
-    ``harmful_repeats`` times with distinct random refusal templates."""
+    """The training set from chat-formatted prompt ids: every harmless prompt with its distilled
+    answer, and each harmful prompt ``harmful_repeats`` times with distinct random refusal
+    templates."""
     eos = _eos_id(tokenizer)
-    chat = ChatFormat.from_tokenizer(tokenizer)  # prompts exactly as evaluation formats them
     out = [
-        Example(chat.token_ids(p)[prefix_len:], list(r), False)
-        for p, r in zip(harmless, distilled, strict=True)
+        Example(ids[prefix_len:], list(r), False)
+        for ids, r in zip(harmless, distilled, strict=True)
     ]
-    for prompt in harmful:
-        suffix = chat.token_ids(prompt)[prefix_len:]
+    for ids in harmful:
+        suffix = ids[prefix_len:]
         for template in rng.sample(REFUSAL_TEMPLATES, recipe.harmful_repeats):
             response = [*tokenizer(template, add_special_tokens=False)["input_ids"], eos]
             out.append(Example(suffix, response[: recipe.refusal_tokens], True))
@@ -508,10 +508,11 @@ def train_adapter(
 ) -> list[float]:
     """The training loop (AdamW on the LoRA weights); returns the loss of every step."""
     rng = random.Random(recipe.seed)
-    chat = ChatFormat.from_tokenizer(tokenizer)
+    chat = ChatFormat.from_tokenizer(tokenizer)  # prompts exactly as evaluation formats them
     rows = [chat.token_ids(p) for p in [*harmful, *harmless]]
     prefix = list(rows[0][: shared_prefix_len(rows)])
-    examples = _examples(recipe, tokenizer, harmful, harmless, distilled, rng, len(prefix))
+    n = len(harmful)
+    examples = _examples(recipe, tokenizer, rows[:n], rows[n:], distilled, rng, len(prefix))
     model = peft_model.get_base_model()
     model.eval()
     with peft_model.disable_adapter():
