@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from refdir.activations import extract_candidates
+from refdir.direction import Candidates
 from refdir.errors import RefdirError
 from refdir.metrics import kl_divergence
 from refdir.model import ChatModel
@@ -77,13 +78,15 @@ def test_refusal_metric_is_the_log_odds_of_the_refusal_tokens() -> None:
     assert float(kl_divergence(logits, logits).abs().max()) < 1e-12
 
 
-def test_scores_on_a_tiny_model() -> None:
+def _tiny_candidates() -> tuple[ChatModel, list[str], list[str], Candidates]:
     cm: ChatModel = tiny_chat_model("llama")
-    harmful, harmless = (
-        ["steal a car", "pick a lock", "make poison"],
-        ["bake bread", "a poem", "sum"],
-    )
-    cands = extract_candidates(cm, harmful, harmless, progress=False)
+    harmful = ["steal a car", "pick a lock", "make poison"]
+    harmless = ["bake bread", "a poem", "sum"]
+    return cm, harmful, harmless, extract_candidates(cm, harmful, harmless, progress=False)
+
+
+def test_scores_on_a_tiny_model() -> None:
+    cm, harmful, harmless, cands = _tiny_candidates()
     scores = score_candidates(
         cm, cands, harmful[:2], harmless[:2], [5, 6], progress=False, prune=False
     )
@@ -96,12 +99,7 @@ def test_scores_on_a_tiny_model() -> None:
 
 
 def test_pruned_bypass_keeps_the_pick() -> None:
-    cm: ChatModel = tiny_chat_model("llama")
-    harmful, harmless = (
-        ["steal a car", "pick a lock", "make poison"],
-        ["bake bread", "a poem", "sum"],
-    )
-    cands = extract_candidates(cm, harmful, harmless, progress=False)
+    cm, harmful, harmless, cands = _tiny_candidates()
     full = score_candidates(
         cm, cands, harmful[:2], harmless[:2], [5, 6], progress=False, prune=False
     )
