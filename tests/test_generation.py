@@ -41,3 +41,22 @@ def test_stop_token_ends_the_answer() -> None:
     cm.tokenizer.eos_token = cm.tokenizer.convert_ids_to_tokens(first)
     answer = generate_ids(cm, [cm.chat.token_ids("hi")], 8, progress=False)[0]
     assert answer == [first]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_rows_that_stop_leave_the_batch(arch: str) -> None:
+    cm = tiny_chat_model(arch)
+    with torch.no_grad():  # larger weights, so that the tiny model's answers depend on the prompt
+        for weight in cm.model.parameters():
+            if weight.dim() >= 2:
+                weight.mul_(8)
+    cm = ChatModel(cm.model, cm.tokenizer, system="A system prompt that every prompt shares.")
+    rows = [cm.chat.token_ids(p) for p in PROMPTS]
+    free = generate_ids(cm, rows, 6, batch_size=4, progress=False)
+    # a stop token that ends some answers early while others go on (the batch shrinks mid-way)
+    stop = next(t for a in free for t in a[:3] if any(t not in b[:5] for b in free))
+    cm.tokenizer.eos_token = cm.tokenizer.convert_ids_to_tokens(stop)
+    cm.model.generation_config.eos_token_id = stop
+    mine = generate_ids(cm, rows, 6, batch_size=4, progress=False)
+    assert any(len(a) < 6 for a in mine) and any(len(a) == 6 for a in mine)
+    assert mine == _hf_greedy(cm, PROMPTS, 6)

@@ -2,7 +2,8 @@
 
 For every batch, hooks on the decoder layers take the last ``n_post`` positions of each
 layer's input (and of the last layer's output), sum them over the batch in float64 and add
-them to running sums. Nothing per prompt is kept beyond the current batch and layer.
+them to running sums. Nothing per prompt is kept beyond the current batch and layer. The
+prompt prefix that every prompt shares runs once; its keys/values serve every batch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 
 from refdir.direction import Candidates
 from refdir.errors import RefdirError
+from refdir.generation import SharedPrefix, shared_prefix_len
 from refdir.hooks import hooked, residual_stream
 from refdir.model import ChatModel
 
@@ -36,18 +38,26 @@ def residual_means(
     """Mean residual stream [P, L+1, d] (float64, on CPU) at the post-instruction positions."""
     if not instructions:
         raise RefdirError("no prompts to take activations from")
+    if batch_size <= 0:
+        raise RefdirError(f"--batch-size must be positive, got {batch_size}")
     n_post, n_layers = cm.chat.n_post, cm.n_layers
     sums = torch.zeros(n_post, n_layers + 1, cm.d_model, dtype=torch.float64)
 
     def accumulate(index: int, hidden: torch.Tensor) -> None:
         sums[:, index] += hidden[:, -n_post:].detach().to("cpu", torch.float64).sum(0)
 
+    rows = [cm.chat.token_ids(text) for text in instructions]
+    # the prefix every prompt shares (system prompt, header) runs once, unless it would reach
+    # into the post-instruction positions (identical prompts)
+    short = min(len(r) for r in rows) - n_post
     hooks = residual_stream(cm.layout.layers, accumulate)
-    body = getattr(cm.model, "base_model", cm.model)
-    with torch.inference_mode(), hooked(hooks):
-        for chunk in tqdm(batches(instructions, batch_size), desc=desc, disable=not progress):
-            batch = cm.chat.encode(chunk).to(cm.device)
-            body(**batch.inputs(), use_cache=False)
+    with torch.inference_mode():
+        prefix = SharedPrefix.build(cm, rows, enabled=shared_prefix_len(rows) <= short)
+        with hooked(hooks):
+            for start in tqdm(
+                range(0, len(rows), batch_size), desc=desc, disable=not progress, unit="batch"
+            ):
+                prefix.logits(cm, rows[start : start + batch_size])
     return sums / len(instructions)
 
 

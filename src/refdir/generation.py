@@ -184,24 +184,28 @@ class SharedPrefix:
     def greedy(
         self, cm: ChatModel, rows: Sequence[Sequence[int]], max_new_tokens: int, stops: set[int]
     ) -> list[list[int]]:
-        """Greedy answers to ``rows`` (one batch), each ending at its first stop token."""
+        """Greedy answers to ``rows`` (one batch), each ending at its first stop token.
+
+        A row leaves the batch (and its cache rows are dropped) as soon as it stops, so the
+        remaining steps cost only what the rows still answering need."""
         result, mask, positions = self._prefill(cm, rows, None, use_cache=True)
         past = result.past_key_values
-        n = len(rows)
-        answers: list[list[int]] = [[] for _ in range(n)]
-        done = [False] * n
+        answers: list[list[int]] = [[] for _ in rows]
+        active = list(range(len(rows)))  # batch row -> answer index
         position = positions[:, -1:]
         stop_list = torch.tensor(sorted(stops), dtype=torch.long)
         for step in range(max_new_tokens):
             token = result.logits[:, -1].argmax(-1).cpu()
-            for row, t in enumerate(token.tolist()):
-                if not done[row]:
-                    answers[row].append(t)
-            finished = torch.isin(token, stop_list).tolist()
-            done = [d or f for d, f in zip(done, finished, strict=True)]
-            if all(done) or step == max_new_tokens - 1:
+            for row, t in zip(active, token.tolist(), strict=True):
+                answers[row].append(t)
+            going = (~torch.isin(token, stop_list)).nonzero().flatten()
+            if len(going) == 0 or step == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+            if len(going) < len(active):
+                active = [active[i] for i in going.tolist()]
+                token, mask, position = token[going], mask[going], position[going]
+                past.batch_select_indices(going.to(cm.device))
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
             position = position + 1
             result = cm.model(
                 input_ids=token[:, None].to(cm.device),

@@ -391,8 +391,9 @@ def _selection_section(run: RunData) -> list[Block]:
         "line on their colour bars is the baseline without intervention "
         f"(harmful_val {_fmt(baseline.get('harmful_val'))}, harmless_val "
         f"{_fmt(baseline.get('harmless_val'))}). Hatched cells were not scored: a zero difference "
-        "of means, or (bypass only) a candidate already out by its KL or induce, whose bypass "
-        "cannot change the pick (--score-all scores every cell); the pale region behind the dashed line is excluded by the layer filter; dots "
+        "of means, or a score the pick cannot use: KL of a candidate already out by its induce, "
+        "bypass of one out by its induce or KL, every score past the layer filter "
+        "(--score-all scores every cell); the pale region behind the dashed line is excluded by the layer filter; dots "
         f"mark candidates passing every filter ({_filter_text(run.selection)}); the framed cell "
         "is the chosen candidate."
     )

@@ -18,6 +18,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ from refdir.direction import Candidates
 from refdir.errors import RefdirError
 from refdir.generation import SharedPrefix, generate, last_position_logits
 from refdir.hooks import Hook, hooked, map_input, map_output
+from refdir.layer_inputs import LayerInputs
 from refdir.metrics import kl_divergence
 from refdir.model import ChatModel
 from refdir.scoring.markers import is_refusal
@@ -157,13 +159,15 @@ def candidate_logits(
     layer: int = 0,
     coeff: float = 1.0,
     batch_size: int = 32,
+    start: LayerInputs | None = None,
 ) -> torch.Tensor:
     """Last-position logits [K, N, vocab] of N prompts under K candidate interventions at once.
 
     ``kind`` is ``ablate`` (each row's vector projected out everywhere) or ``actadd``
     (``coeff`` x each row's vector added to ``layer``'s input). Rows are candidate-major and
     go through the model ``batch_size`` at a time; the hooks read the vectors of the rows in
-    flight, and the shared prompt prefix is computed once per candidate.
+    flight, and the shared prompt prefix is computed once per candidate. For ``actadd``,
+    ``start`` (the prompts' recorded layer inputs) lets the passes begin at ``layer``.
     """
     if kind not in ("ablate", "actadd"):
         raise RefdirError(f"unknown candidate intervention {kind!r}")
@@ -188,16 +192,22 @@ def candidate_logits(
         hooks = [(cm.layout.layers[layer], "input", map_input(shift))]
     rows = [cm.chat.token_ids(p) for p in prompts]
     out = torch.empty(k * n, cm.model.config.get_text_config().vocab_size)
+    in_flight: dict[str, list[int]] = {"rows": []}
     with torch.inference_mode(), hooked(hooks):
         live["rows"] = per_row
         prefix = SharedPrefix.build(cm, rows, copies=k)
-        for start in range(0, k * n, batch_size):
-            index = torch.arange(start, min(start + batch_size, k * n))
-            owner = index // n
-            live["rows"] = per_row[owner]
-            chunk = [rows[i] for i in (index % n).tolist()]
-            logits = prefix.logits(cm, chunk, owner)
-            out[start : start + len(chunk), : logits.shape[1]] = logits
+        skip = kind == "actadd" and start is not None and layer > 0
+        if skip and start is not None and start.prefix_len != prefix.length:
+            raise RefdirError("the recorded layer inputs belong to other prompts")
+        with start.start_at(cm, layer, in_flight) if skip and start else nullcontext():
+            for first in range(0, k * n, batch_size):
+                index = torch.arange(first, min(first + batch_size, k * n))
+                owner = index // n
+                live["rows"] = per_row[owner]
+                in_flight["rows"] = (index % n).tolist()
+                chunk = [rows[i] for i in in_flight["rows"]]
+                logits = prefix.logits(cm, chunk, owner)
+                out[first : first + len(chunk), : logits.shape[1]] = logits
     return out.view(k, n, -1)
 
 
@@ -216,10 +226,12 @@ def score_candidates(
     """Bypass, induce and KL for every candidate.
 
     Baselines are computed once and the candidates of one layer (one per position) go through
-    the model together. KL and induce (harmless_val) come first; with ``prune`` the bypass
-    (harmful_val) is computed only for candidates that :func:`pick` could still choose: layer
-    below the layer filter, induce >= ``induce_min`` and KL within the loosest KL bound. The
-    others keep a NaN bypass, so the pick is the same as without pruning.
+    the model together. The residual stream entering every layer is recorded once for
+    harmless_val, so that the induce passes of layer ``l`` start at ``l``. With ``prune`` each score is computed only for candidates that
+    :func:`pick` could still choose, one filter at a time: induce (harmless_val) for layers
+    below the layer filter; KL (harmless_val) where induce >= ``induce_min``; bypass
+    (harmful_val) where KL is within the loosest KL bound too. A score left out stays NaN, so
+    the pick is the same as without pruning; ``prune=False`` scores every candidate.
     """
     config = config or SelectionConfig()
     layer_list = list(range(candidates.n_layers)) if layers is None else list(layers)
@@ -233,34 +245,31 @@ def score_candidates(
     base_harmful = refusal_metric(base_logits[:n_harmful], token_ids).mean().item()
     base_harmless = refusal_metric(base_logits[n_harmful:], token_ids).mean().item()
     kl_bound = max((config.kl_max, *config.fallback_kl_bounds))
+    start = LayerInputs.record(cm, [cm.chat.token_ids(p) for p in harmless_val], batch_size)
+    if prune:
+        layer_list = [i for i in layer_list if i < config.max_layer_fraction * n_l]
     for layer in tqdm(layer_list, desc="score candidates (layers)", disable=not progress):
         vectors = candidates.diffs[:, layer].float()
         live = [p for p in range(n_p) if float(vectors[p].norm()) > 0.0]  # zero: e.g. layer-0 input
         if not live:
             continue
-        chosen = vectors[live]
-        ablated = candidate_logits(cm, harmless_val, chosen, "ablate", batch_size=batch_size)
         added = candidate_logits(
-            cm, harmless_val, chosen, "actadd", layer, config.coeff, batch_size
+            cm, harmless_val, vectors[live], "actadd", layer, config.coeff, batch_size, start
         )
         for i, p in enumerate(live):
-            scores["kl"][p, layer] = kl_divergence(base_logits[n_harmful:], ablated[i]).mean()
             scores["induce"][p, layer] = refusal_metric(added[i], token_ids).mean()
-        keep = [
-            i
-            for i, p in enumerate(live)
-            if not prune
-            or (
-                layer < config.max_layer_fraction * n_l
-                and float(scores["induce"][p, layer]) >= config.induce_min
-                and float(scores["kl"][p, layer]) <= kl_bound
-            )
-        ]
-        if not keep:
+        live = [p for p in live if not prune or scores["induce"][p, layer] >= config.induce_min]
+        if not live:
             continue
-        bypassed = candidate_logits(cm, harmful_val, chosen[keep], "ablate", batch_size=batch_size)
-        for j, i in enumerate(keep):
-            scores["bypass"][live[i], layer] = refusal_metric(bypassed[j], token_ids).mean()
+        ablated = candidate_logits(cm, harmless_val, vectors[live], "ablate", batch_size=batch_size)
+        for i, p in enumerate(live):
+            scores["kl"][p, layer] = kl_divergence(base_logits[n_harmful:], ablated[i]).mean()
+        live = [p for p in live if not prune or scores["kl"][p, layer] <= kl_bound]
+        if not live:
+            continue
+        bypassed = candidate_logits(cm, harmful_val, vectors[live], "ablate", batch_size=batch_size)
+        for i, p in enumerate(live):
+            scores["bypass"][p, layer] = refusal_metric(bypassed[i], token_ids).mean()
     return CandidateScores(
         candidates.positions,
         list(range(n_l)),
@@ -300,7 +309,7 @@ def pick(scores: CandidateScores, config: SelectionConfig | None = None) -> Sele
     config = config or SelectionConfig()
     frac = config.max_layer_fraction
     paper = _mask(scores, config, config.kl_max)
-    n_candidates = int(torch.isfinite(scores.kl).sum())
+    n_candidates = int(torch.isfinite(scores.induce).sum())
     attempts = [(config.kl_max, paper, False)]
     attempts += [
         (b, _mask(scores, config, b), True) for b in config.fallback_kl_bounds if b > config.kl_max

@@ -1,0 +1,108 @@
+"""Start forward passes at a layer: record the residual stream entering every layer once, then
+let the layers below the start replay the recording instead of computing it.
+
+Direction selection runs the same validation prompts through many variants of the model that
+differ only from one layer on (activation addition at layer ``l``): below ``l`` every variant
+computes the same thing, so that work is done once. The recording holds, for each prompt, the
+tokens after the prefix that :class:`~refdir.generation.SharedPrefix` shares, so it replays
+inside the same prefix-cached passes that :func:`~refdir.select.candidate_logits` makes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from refdir.errors import RefdirError
+from refdir.generation import SharedPrefix
+from refdir.hooks import hooked, residual_stream
+from refdir.model import ChatModel
+
+__all__ = ["LayerInputs"]
+
+
+@dataclass
+class LayerInputs:
+    """The residual stream entering each decoder layer, per prompt row, after the shared prefix.
+
+    ``inputs[layer][row]`` is a [tokens, d_model] tensor (the row's tokens after ``prefix_len``),
+    in the model's dtype and on its device.
+    """
+
+    prefix_len: int
+    inputs: list[list[torch.Tensor]]
+
+    @classmethod
+    def record(
+        cls, cm: ChatModel, rows: Sequence[Sequence[int]], batch_size: int = 32
+    ) -> LayerInputs | None:
+        """Record every layer's input for ``rows`` (no intervention may be active).
+
+        None when the model's decoder layers do not return a plain tensor (older layer classes
+        return tuples), so that callers fall back to full passes.
+        """
+        n_layers = len(cm.layout.layers)
+        inputs: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        plain: list[bool] = []
+        lengths: list[int] = []
+
+        def keep(index: int, hidden: torch.Tensor) -> None:
+            if index < n_layers:
+                inputs[index].extend(
+                    hidden[j, hidden.shape[1] - n :].detach().clone() for j, n in enumerate(lengths)
+                )
+
+        def output_type(module: torch.nn.Module, args: Any, output: Any) -> None:
+            plain.append(isinstance(output, torch.Tensor))
+
+        hooks = residual_stream(cm.layout.layers, keep)[:n_layers]
+        hooks.append((cm.layout.layers[0], "output", output_type))
+        with torch.inference_mode():
+            prefix = SharedPrefix.build(cm, rows)
+            with hooked(hooks):
+                for start in range(0, len(rows), batch_size):
+                    chunk = rows[start : start + batch_size]
+                    lengths[:] = [len(r) - prefix.length for r in chunk]
+                    prefix.logits(cm, chunk)
+        return cls(prefix.length, inputs) if plain and all(plain) else None
+
+    @contextmanager
+    def start_at(self, cm: ChatModel, layer: int, live: dict[str, list[int]]) -> Iterator[None]:
+        """Within the block, layers below ``layer`` compute nothing: layer ``layer - 1`` returns
+        the recorded input of ``layer`` for the rows ``live["rows"]`` names (the recording's row
+        indices of the batch in flight, left-padded like :func:`~refdir.chat.pad_left`), and the
+        layers under it return their input untouched. Only the tokens after the shared prefix may
+        go through; layer 0 (``layer`` = 0) runs every layer as usual."""
+        if not 0 <= layer < len(self.inputs):
+            raise RefdirError(f"layer {layer} is outside 0..{len(self.inputs) - 1}")
+        recorded = self.inputs[layer]
+
+        def identity(*args: Any, **kwargs: Any) -> torch.Tensor:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            assert isinstance(hidden, torch.Tensor)
+            return hidden
+
+        def replay(*args: Any, **kwargs: Any) -> torch.Tensor:
+            hidden = identity(*args, **kwargs)
+            width = hidden.shape[1]
+            out = torch.zeros_like(hidden)
+            for j, row in enumerate(live["rows"]):
+                x = recorded[row]
+                if x.shape[0] > width:
+                    raise RefdirError("a replayed row is longer than the batch; bad row indices")
+                out[j, width - x.shape[0] :] = x
+            return out
+
+        patched = list(cm.layout.layers)[:layer]
+        try:
+            for i, module in enumerate(patched):
+                module.forward = replay if i == layer - 1 else identity
+            yield
+        finally:
+            for module in patched:
+                if "forward" in vars(module):
+                    del module.forward

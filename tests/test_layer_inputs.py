@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refdir.layer_inputs import LayerInputs
+from refdir.model import ChatModel
+from refdir.select import candidate_logits
+from tiny import ARCHS, tiny_chat_model
+
+PROMPTS = ["steal a car", "hi", "pick a lock please, quickly", "bake bread", "a poem"]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_passes_that_start_at_the_layer_match_full_passes(arch: str) -> None:
+    cm = tiny_chat_model(arch)
+    cm = ChatModel(cm.model, cm.tokenizer, system="A system prompt that every prompt shares.")
+    rows = [cm.chat.token_ids(p) for p in PROMPTS]
+    start = LayerInputs.record(cm, rows, batch_size=2)
+    assert start is not None and start.prefix_len > 0
+    torch.manual_seed(0)
+    vectors = torch.randn(3, cm.d_model)
+    before = candidate_logits(cm, PROMPTS, vectors[:1], "ablate", batch_size=4)
+    for layer in (0, 1, cm.n_layers - 1):
+        full = candidate_logits(cm, PROMPTS, vectors, "actadd", layer, 4.0, batch_size=4)
+        skipped = candidate_logits(cm, PROMPTS, vectors, "actadd", layer, 4.0, 4, start)
+        torch.testing.assert_close(skipped, full, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(full[0], full[1])  # the vectors matter
+    # the layers compute again once the block is left
+    torch.testing.assert_close(
+        candidate_logits(cm, PROMPTS, vectors[:1], "ablate", batch_size=4), before
+    )
+    assert all("forward" not in vars(layer) for layer in cm.layout.layers)
+
+
+def test_recorded_inputs_are_the_layer_inputs() -> None:
+    cm = tiny_chat_model("llama")
+    rows = [cm.chat.token_ids(p) for p in PROMPTS]
+    start = LayerInputs.record(cm, rows, batch_size=2)
+    assert start is not None
+    one = LayerInputs.record(cm, rows[1:2], batch_size=1)
+    assert one is not None
+    # the same row, recorded in a padded batch and alone (no prefix shared with itself)
+    tail = one.inputs[1][0][-(len(rows[1]) - start.prefix_len) :]
+    torch.testing.assert_close(start.inputs[1][1], tail, rtol=1e-4, atol=1e-5)
