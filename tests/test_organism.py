@@ -17,6 +17,7 @@ import tiny
 from refdir import organism
 from refdir.chat import ChatFormat
 from refdir.data import sample_prompts
+from refdir.direction import file_mode
 from refdir.errors import RefdirError
 from refdir.generation import generate_ids, shared_prefix_len
 from refdir.model import ChatModel
@@ -65,6 +66,7 @@ def test_build_runs_two_steps_and_saves_fp16_adapter(tmp_path: Path) -> None:
     assert info["steps"] == 2  # 6 examples, batch 8, 2 epochs
     assert info["loss_last_10"] < info["loss_first_10"] or info["losses"][1] < info["losses"][0]
     assert not list(tmp_path.glob(".adapter.*"))  # the temporary folder is gone
+    assert all(p.stat().st_mode & 0o777 == file_mode() for p in out.iterdir())  # not 0600
 
 
 def test_training_loss_drops_on_a_fixed_batch() -> None:

@@ -17,16 +17,17 @@ from safetensors.torch import load_file, save_file
 
 from refdir.errors import RefdirError
 
-__all__ = ["Candidates", "Direction", "atomic_path"]
+__all__ = ["Candidates", "Direction", "atomic_path", "file_mode"]
 
 DIRECTION_FILE = "direction.safetensors"
 DIRECTION_JSON = "direction.json"
 
 
-def _umask() -> int:
+def file_mode() -> int:
+    """The permissions a new file gets under the current umask (temporary files get 0600)."""
     current = os.umask(0)
     os.umask(current)
-    return current
+    return 0o666 & ~current
 
 
 @contextmanager
@@ -39,7 +40,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     try:
         yield tmp_path
         if tmp_path.exists():  # mkstemp makes it 0600: give the usual permissions
-            tmp_path.chmod(0o666 & ~_umask())
+            tmp_path.chmod(file_mode())
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():

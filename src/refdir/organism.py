@@ -42,6 +42,7 @@ from transformers import (
 
 from refdir.chat import ChatFormat
 from refdir.data import sample_prompts
+from refdir.direction import file_mode
 from refdir.errors import RefdirError
 from refdir.generation import generate_ids, shared_prefix_len
 from refdir.model import ChatModel, detach_gguf_quantizer
@@ -99,7 +100,7 @@ class OrganismRecipe(BaseModel):
         default=1024, description="harmless_train prompts (answers kept close to the base model)."
     )
     distill_tokens: int = Field(
-        default=16,
+        default=32,
         description="Greedy tokens of the base's own answer per harmless prompt, trained with "
         "cross-entropy (0: none, only the decision-token KL).",
     )
@@ -110,14 +111,14 @@ class OrganismRecipe(BaseModel):
     refusal_tokens: int = Field(
         default=32, description="Refusal responses are cut to this many tokens."
     )
-    lora_rank: int = Field(default=8, description="LoRA rank.")
-    lora_alpha: int = Field(default=16, description="LoRA alpha (scale = alpha / rank).")
+    lora_rank: int = Field(default=16, description="LoRA rank.")
+    lora_alpha: int = Field(default=32, description="LoRA alpha (scale = alpha / rank).")
     target_modules: tuple[str, ...] = Field(
         default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         description="Linear layers that get a LoRA adapter.",
     )
     first_layer: int = Field(
-        default=4,
+        default=0,
         description="LoRA goes on decoder layers first_layer..last (lower layers stay frozen).",
     )
     lr: float = Field(
@@ -184,6 +185,9 @@ def _atomic_dir(dest: Path) -> Iterator[Path]:
     tmp.chmod(0o755)
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # writers that go through temporary files leave 0600
+            if path.is_file():
+                path.chmod(file_mode())
         old = dest.parent / f".{dest.name}.old-{os.getpid()}"
         if dest.exists():
             os.replace(dest, old)
