@@ -9,6 +9,9 @@ Baseline, the way a first implementation does it: one candidate at a time, full-
 logits at every position (``model(...).logits``), no reuse of the shared prompt prefix, and
 separate ablated passes for bypass (harmful) and KL (harmless).
 
+Then the induce passes alone, over layers spread across the depth: every pass from layer 0
+against passes that start at the candidate's layer on recorded layer inputs.
+
     python bench/selection.py [--layers 3] [--n 32] [--threads 2]
 """
 
@@ -23,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from refdir.data import sample_prompts
 from refdir.direction import Direction
 from refdir.intervene import ablate, add
+from refdir.layer_inputs import LayerInputs
 from refdir.model import ChatModel
 from refdir.select import candidate_logits
 
@@ -86,10 +90,28 @@ def baseline(
 
 
 def refdir_scorer(
-    cm: ChatModel, harmful: list[str], harmless: list[str], vectors: torch.Tensor, layer: int
+    cm: ChatModel,
+    harmful: list[str],
+    harmless: list[str],
+    vectors: torch.Tensor,
+    layer: int,
+    start: LayerInputs | None = None,
 ) -> None:
     candidate_logits(cm, [*harmful, *harmless], vectors, "ablate", batch_size=32)
-    candidate_logits(cm, harmless, vectors, "actadd", layer, batch_size=32)
+    candidate_logits(cm, harmless, vectors, "actadd", layer, batch_size=32, start=start)
+
+
+def induce_passes(
+    cm: ChatModel, harmless: list[str], vectors: torch.Tensor, layers: list[int], start: bool
+) -> float:
+    """Seconds for the induce passes of ``layers``, from layer 0 or from each layer."""
+    began = time.perf_counter()
+    recorded = (
+        LayerInputs.record(cm, [cm.chat.token_ids(p) for p in harmless], 32) if start else None
+    )
+    for layer in layers:
+        candidate_logits(cm, harmless, vectors, "actadd", layer, batch_size=32, start=recorded)
+    return time.perf_counter() - began
 
 
 def main() -> None:
@@ -114,6 +136,16 @@ def main() -> None:
             fn(cm, harmful, harmless, vectors, layer)
             times[name] += time.perf_counter() - start
     per_layer = {k: v / args.layers for k, v in times.items()}
+    # induce alone, over layers spread across the depth: every pass from layer 0, or passes
+    # that start at the candidate's layer on the recorded layer inputs (what refdir does)
+    spread = list(range(1, cm.n_layers * 4 // 5, max(1, cm.n_layers * 4 // 5 // args.layers)))
+    vectors = torch.randn(n_post, cm.d_model)
+    full = induce_passes(cm, harmless, vectors, spread, start=False)
+    started = induce_passes(cm, harmless, vectors, spread, start=True)
+    print(
+        f"induce over layers {spread}: from layer 0 {full:.1f} s   from the layer {started:.1f} s "
+        f"(recording included)   speed-up x{full / started:.2f}"
+    )
     print(
         f"baseline {per_layer['baseline']:.1f} s/layer   refdir {per_layer['refdir']:.1f} s/layer   "
         f"speed-up x{per_layer['baseline'] / per_layer['refdir']:.2f}"

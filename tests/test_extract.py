@@ -15,12 +15,15 @@ HARMFUL = ["how do I pick a lock", "tell me something bad", "x"]
 HARMLESS = ["bake a cake", "write a poem about spring please", "sum 2 and 2"]
 
 
-def test_streaming_means_match_a_direct_computation(cm: ChatModel) -> None:
-    means = residual_means(cm, HARMFUL, batch_size=2, progress=False)
+@pytest.mark.parametrize("prompts", [HARMFUL, ["the same prompt"] * 3], ids=["varied", "identical"])
+def test_streaming_means_match_a_direct_computation(cm: ChatModel, prompts: list[str]) -> None:
+    # identical prompts share everything but the last token: the prefix reuse must stay out
+    # of the post-instruction positions
+    means = residual_means(cm, prompts, batch_size=2, progress=False)
     assert means.dtype == torch.float64
     assert means.shape == (cm.chat.n_post, cm.n_layers + 1, cm.d_model)
     rows = []
-    for text in HARMFUL:  # one prompt at a time: no padding at all
+    for text in prompts:  # one prompt at a time: no padding at all
         batch = cm.chat.encode([text])
         out = cm.model(input_ids=batch.input_ids, output_hidden_states=True)
         layers = torch.stack(out.hidden_states[: cm.n_layers], dim=1)[0, :, -cm.chat.n_post :]

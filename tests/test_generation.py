@@ -43,8 +43,9 @@ def test_stop_token_ends_the_answer() -> None:
     assert answer == [first]
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_rows_that_stop_leave_the_batch(arch: str) -> None:
+def _early_stopping_model(arch: str) -> tuple[ChatModel, list[list[int]]]:
+    """A tiny model whose answers depend on the prompt, with a stop token that ends some
+    answers within 3 tokens while others run on (so a batch shrinks mid-way)."""
     cm = tiny_chat_model(arch)
     with torch.no_grad():  # larger weights, so that the tiny model's answers depend on the prompt
         for weight in cm.model.parameters():
@@ -53,10 +54,24 @@ def test_rows_that_stop_leave_the_batch(arch: str) -> None:
     cm = ChatModel(cm.model, cm.tokenizer, system="A system prompt that every prompt shares.")
     rows = [cm.chat.token_ids(p) for p in PROMPTS]
     free = generate_ids(cm, rows, 6, batch_size=4, progress=False)
-    # a stop token that ends some answers early while others go on (the batch shrinks mid-way)
     stop = next(t for a in free for t in a[:3] if any(t not in b[:5] for b in free))
     cm.tokenizer.eos_token = cm.tokenizer.convert_ids_to_tokens(stop)
     cm.model.generation_config.eos_token_id = stop
+    return cm, rows
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_rows_that_stop_leave_the_batch(arch: str) -> None:
+    cm, rows = _early_stopping_model(arch)
     mine = generate_ids(cm, rows, 6, batch_size=4, progress=False)
     assert any(len(a) < 6 for a in mine) and any(len(a) == 6 for a in mine)
     assert mine == _hf_greedy(cm, PROMPTS, 6)
+
+
+def test_caches_that_cannot_drop_rows_keep_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    cm, rows = _early_stopping_model("qwen3")
+    shrinking = generate_ids(cm, rows, 6, batch_size=4, progress=False)
+    monkeypatch.setattr("refdir.generation.rows_selectable", lambda cache: False)
+    riding = generate_ids(cm, rows, 6, batch_size=4, progress=False)  # no prefix, no shrinking
+    assert riding == shrinking == _hf_greedy(cm, PROMPTS, 6)
+    assert any(len(a) < 6 for a in riding)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from refdir.errors import RefdirError
 from refdir.layer_inputs import LayerInputs
 from refdir.model import ChatModel
 from refdir.select import candidate_logits
@@ -43,3 +44,31 @@ def test_recorded_inputs_are_the_layer_inputs() -> None:
     # the same row, recorded in a padded batch and alone (no prefix shared with itself)
     tail = one.inputs[1][0][-(len(rows[1]) - start.prefix_len) :]
     torch.testing.assert_close(start.inputs[1][1], tail, rtol=1e-4, atol=1e-5)
+
+
+def test_one_prompt_without_a_shared_prefix() -> None:
+    cm = tiny_chat_model("qwen2")
+    rows = [cm.chat.token_ids("steal a car")]
+    start = LayerInputs.record(cm, rows)
+    assert start is not None and start.prefix_len == 0
+    vectors = torch.randn(2, cm.d_model)
+    full = candidate_logits(cm, ["steal a car"], vectors, "actadd", 1, 4.0)
+    skipped = candidate_logits(cm, ["steal a car"], vectors, "actadd", 1, 4.0, start=start)
+    torch.testing.assert_close(skipped, full, rtol=1e-4, atol=1e-4)
+
+
+def test_other_prompts_and_errors_restore_the_layers() -> None:
+    cm = tiny_chat_model("llama")
+    start = LayerInputs.record(cm, [cm.chat.token_ids(p) for p in PROMPTS])
+    assert start is not None
+    with pytest.raises(RefdirError, match="other prompts"):
+        candidate_logits(cm, PROMPTS[:3], torch.randn(1, cm.d_model), "actadd", 1, start=start)
+    # an instance-level forward that was there before (accelerate's device wrapper) survives
+    layer0 = cm.layout.layers[0]
+    wrapper = layer0.forward
+    layer0.forward = wrapper
+    with pytest.raises(RuntimeError, match="inside"), start.start_at(cm, 2, {"rows": [0]}):
+        assert layer0.forward is not wrapper
+        raise RuntimeError("inside")
+    assert vars(layer0)["forward"] is wrapper
+    assert "forward" not in vars(cm.layout.layers[1])

@@ -84,6 +84,29 @@ def test_training_loss_drops_on_a_fixed_batch() -> None:
     assert losses[-1] < losses[0]
 
 
+def test_parts_of_a_batch_train_like_the_whole_batch() -> None:
+    harmful = sample_prompts("harmful_train", 3, seed=0)
+    harmless = sample_prompts("harmless_train", 3, seed=0)
+    recipe = TINY_RECIPE.model_copy(update={"epochs": 2})
+    runs = []
+    for micro in (recipe.batch_size, 2):  # one padded pass per step, or parts of 2 by length
+        model, tokenizer = tiny_model(), tiny_tokenizer()
+        distilled = distill_responses(model, tokenizer, harmless, 4)
+        torch.manual_seed(0)
+        peft_model = organism._add_lora(model, recipe)
+        losses = organism.train_adapter(
+            peft_model, tokenizer, recipe, harmful, harmless, distilled, False, micro
+        )
+        weights = {k: v.detach().clone() for k, v in peft_model.named_parameters() if "lora" in k}
+        runs.append((losses, weights))
+    (whole, w_whole), (parts, w_parts) = runs
+    assert len(whole) == len(parts) == 2  # 6 examples in batches of 8, 2 epochs
+    torch.testing.assert_close(torch.tensor(parts), torch.tensor(whole), rtol=1e-4, atol=1e-5)
+    for name, value in w_whole.items():
+        torch.testing.assert_close(w_parts[name], value, rtol=1e-3, atol=1e-5)
+    assert any(not torch.equal(v, 0 * v) for k, v in w_whole.items() if "lora_B" in k)
+
+
 def _reference_loss(model: Any, prefix: list[int], examples: list[organism.Example]) -> float:
     """Plain full-sequence forward, cross-entropy on response tokens (decision tokens weighted),
     refusal examples weighted by ``harmful_weight``."""

@@ -45,7 +45,7 @@ def test_paper_filter_and_pick_on_a_hand_worked_case() -> None:
     chosen = pick(_scores(BYPASS, INDUCE, KL))
     assert (chosen.position, chosen.layer) == (-2, 3)
     assert chosen.bypass == -4.0 and not chosen.fallback and chosen.rule.startswith("paper")
-    assert chosen.n_candidates == 8
+    assert chosen.n_candidates == 6  # layers 1-3 x 2 positions (layer 0 zero, layer 4 >= 0.8 L)
     # passing: (-2,1), (-2,2), (-2,3), (-1,3)
     assert chosen.n_passed == 4
 
@@ -153,3 +153,16 @@ def test_batched_candidates_equal_one_at_a_time(arch: str) -> None:
             torch.testing.assert_close(
                 added[i], last_position_logits(cm, prompts), atol=1e-5, rtol=1e-5
             )
+
+
+def test_layer_filter_prunes_whole_layers_and_keeps_the_count() -> None:
+    cm, harmful, harmless, cands = _tiny_candidates()
+    config = SelectionConfig(kl_max=1e9, induce_min=-1e9, max_layer_fraction=0.5)
+    args = (cm, cands, harmful[:2], harmless[:2], [5, 6], config)
+    full = score_candidates(*args, progress=False, prune=False)
+    pruned = score_candidates(*args, progress=False)
+    cut = math.ceil(0.5 * cm.n_layers)
+    assert torch.isnan(pruned.induce[:, cut:]).all() and torch.isfinite(full.induce[:, cut:]).all()
+    a, b = pick(pruned, config), pick(full, config)
+    assert (a.position, a.layer, a.n_candidates) == (b.position, b.layer, b.n_candidates)
+    assert a.n_candidates == int(torch.isfinite(full.induce[:, :cut]).sum())

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import Cache
+from transformers import Cache, cache_utils
 
 from refdir.chat import pad_left
 from refdir.model import ChatModel
@@ -19,6 +19,7 @@ __all__ = [
     "generate",
     "generate_ids",
     "last_position_logits",
+    "rows_selectable",
     "shared_prefix_len",
     "stop_ids",
 ]
@@ -138,7 +139,8 @@ class SharedPrefix:
         ids = torch.tensor([list(rows[0][:shared])] * copies, dtype=torch.long, device=cm.device)
         result = cm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         cache = getattr(result, "past_key_values", None)
-        return cls(shared, cache) if isinstance(cache, Cache) else cls(0, None)
+        usable = isinstance(cache, Cache) and rows_selectable(cache)
+        return cls(shared, cache) if usable else cls(0, None)
 
     def _prefill(
         self,
@@ -163,7 +165,7 @@ class SharedPrefix:
         if cache_rows is None:
             past.batch_repeat_interleave(n)
         else:
-            past.batch_select_indices(cache_rows.to(cm.device))
+            past.batch_select_indices(cache_rows.cpu())
         result = cm.model(
             input_ids=batch.input_ids,
             attention_mask=mask,
@@ -187,24 +189,30 @@ class SharedPrefix:
         """Greedy answers to ``rows`` (one batch), each ending at its first stop token.
 
         A row leaves the batch (and its cache rows are dropped) as soon as it stops, so the
-        remaining steps cost only what the rows still answering need."""
+        remaining steps cost only what the rows still answering need; with a cache whose rows
+        cannot be selected (recurrent state), stopped rows ride along and are ignored."""
         result, mask, positions = self._prefill(cm, rows, None, use_cache=True)
         past = result.past_key_values
+        shrink = rows_selectable(past)
         answers: list[list[int]] = [[] for _ in rows]
-        active = list(range(len(rows)))  # batch row -> answer index
+        active: list[int | None] = list(range(len(rows)))  # batch row -> answer (None: stopped)
         position = positions[:, -1:]
         stop_list = torch.tensor(sorted(stops), dtype=torch.long)
         for step in range(max_new_tokens):
             token = result.logits[:, -1].argmax(-1).cpu()
             for row, t in zip(active, token.tolist(), strict=True):
-                answers[row].append(t)
-            going = (~torch.isin(token, stop_list)).nonzero().flatten()
-            if len(going) == 0 or step == max_new_tokens - 1:
+                if row is not None:
+                    answers[row].append(t)
+            stopped = torch.isin(token, stop_list).tolist()
+            active = [None if s else row for row, s in zip(active, stopped, strict=True)]
+            going = [i for i, row in enumerate(active) if row is not None]
+            if not going or step == max_new_tokens - 1:
                 break
-            if len(going) < len(active):
-                active = [active[i] for i in going.tolist()]
-                token, mask, position = token[going], mask[going], position[going]
-                past.batch_select_indices(going.to(cm.device))
+            if shrink and len(going) < len(active):
+                keep = torch.tensor(going)
+                active = [active[i] for i in going]
+                token, mask, position = token[keep], mask[keep], position[keep]
+                past.batch_select_indices(keep)  # CPU indices serve caches on any device
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
             position = position + 1
             result = cm.model(
@@ -216,3 +224,18 @@ class SharedPrefix:
             )
             past = result.past_key_values
         return answers
+
+
+def rows_selectable(cache: Any) -> bool:
+    """Whether every layer of ``cache`` can keep or repeat a subset of its batch rows: the
+    key/value layers can; the recurrent-state layers of linear-attention models cannot."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return False
+    recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())
+    return all(
+        callable(getattr(layer, "batch_select_indices", None))
+        and callable(getattr(layer, "batch_repeat_interleave", None))
+        and not isinstance(layer, recurrent)
+        for layer in layers
+    )

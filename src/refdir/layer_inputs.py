@@ -30,11 +30,12 @@ class LayerInputs:
     """The residual stream entering each decoder layer, per prompt row, after the shared prefix.
 
     ``inputs[layer][row]`` is a [tokens, d_model] tensor (the row's tokens after ``prefix_len``),
-    in the model's dtype and on its device.
+    in the model's dtype, kept in CPU memory (a large model's recording would crowd a GPU).
     """
 
     prefix_len: int
     inputs: list[list[torch.Tensor]]
+    rows: list[tuple[int, ...]]
 
     @classmethod
     def record(
@@ -53,7 +54,8 @@ class LayerInputs:
         def keep(index: int, hidden: torch.Tensor) -> None:
             if index < n_layers:
                 inputs[index].extend(
-                    hidden[j, hidden.shape[1] - n :].detach().clone() for j, n in enumerate(lengths)
+                    hidden[j, hidden.shape[1] - n :].detach().to("cpu", copy=True)
+                    for j, n in enumerate(lengths)
                 )
 
         def output_type(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -68,7 +70,15 @@ class LayerInputs:
                     chunk = rows[start : start + batch_size]
                     lengths[:] = [len(r) - prefix.length for r in chunk]
                     prefix.logits(cm, chunk)
-        return cls(prefix.length, inputs) if plain and all(plain) else None
+        recorded = [tuple(r) for r in rows]
+        return cls(prefix.length, inputs, recorded) if plain and all(plain) else None
+
+    def check(self, rows: Sequence[Sequence[int]], prefix_len: int) -> None:
+        """Raise unless ``rows`` (and their shared prefix) are the ones recorded."""
+        if prefix_len != self.prefix_len or [tuple(r) for r in rows] != self.rows:
+            raise RefdirError(
+                "the recorded layer inputs belong to other prompts; record them again"
+            )
 
     @contextmanager
     def start_at(self, cm: ChatModel, layer: int, live: dict[str, list[int]]) -> Iterator[None]:
@@ -89,20 +99,26 @@ class LayerInputs:
         def replay(*args: Any, **kwargs: Any) -> torch.Tensor:
             hidden = identity(*args, **kwargs)
             width = hidden.shape[1]
-            out = torch.zeros_like(hidden)
+            if len(live["rows"]) != hidden.shape[0]:
+                raise RefdirError("the replayed rows do not match the batch in flight")
+            out = torch.zeros(hidden.shape, dtype=hidden.dtype)
             for j, row in enumerate(live["rows"]):
                 x = recorded[row]
                 if x.shape[0] > width:
                     raise RefdirError("a replayed row is longer than the batch; bad row indices")
                 out[j, width - x.shape[0] :] = x
-            return out
+            return out.to(hidden.device)
 
         patched = list(cm.layout.layers)[:layer]
+        # an instance-level forward may already be there (accelerate's device wrapper): keep it
+        saved = [vars(module).get("forward") for module in patched]
         try:
             for i, module in enumerate(patched):
                 module.forward = replay if i == layer - 1 else identity
             yield
         finally:
-            for module in patched:
-                if "forward" in vars(module):
+            for module, old in zip(patched, saved, strict=True):
+                if old is not None:
+                    module.forward = old
+                elif "forward" in vars(module):
                     del module.forward

@@ -442,11 +442,14 @@ def _batch_loss(
     batch: Sequence[Example],
     teacher: Sequence[torch.Tensor | None],
     recipe: OrganismRecipe,
+    total_weight: float | None = None,
 ) -> torch.Tensor:
     """Weighted mean over examples of: cross-entropy on the response tokens (decision tokens
     weighted up) plus, for harmless prompts, KL(base || organism) on the first answer token.
 
-    Runs only the trainable layers (``first_layer`` and up) on the cached states."""
+    Runs only the trainable layers (``first_layer`` and up) on the cached states. With
+    ``total_weight`` (the weight of a whole batch split into parts), the weighted sum is divided
+    by it instead, so the parts' losses add up to the batch's."""
     device = model.device
     layers = list(model.model.layers[recipe.first_layer :])
     hidden = _after_prefix(model, layers, prefix_state, _padded(states).to(device))
@@ -472,8 +475,19 @@ def _batch_loss(
             kl = (target.exp() * (target - mine[0])).sum()
             loss = loss + recipe.kl_weight * kl
         losses.append(loss * (recipe.harmful_weight if ex.harmful else 1.0))
-    weights = sum(recipe.harmful_weight if ex.harmful else 1.0 for ex in batch)
+    weights = _weight(batch, recipe) if total_weight is None else total_weight
     return torch.stack(losses).sum() / weights
+
+
+def _weight(batch: Sequence[Example], recipe: OrganismRecipe) -> float:
+    return sum(recipe.harmful_weight if ex.harmful else 1.0 for ex in batch)
+
+
+def _parts(chunk: list[int], lengths: Sequence[int], size: int) -> list[list[int]]:
+    """``chunk`` sorted by length and cut into parts of at most ``size``: each part pads only
+    to its own longest example, so less of every step goes to padding."""
+    ordered = sorted(chunk, key=lambda i: lengths[i])
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -509,8 +523,12 @@ def train_adapter(
     harmless: Sequence[str],
     distilled: Sequence[list[int]],
     progress: bool = True,
+    micro_batch: int = 8,
 ) -> list[float]:
-    """The training loop (AdamW on the LoRA weights); returns the loss of every step."""
+    """The training loop (AdamW on the LoRA weights); returns the loss of every step.
+
+    ``micro_batch`` only sets how many examples go through the model at once (a throughput
+    knob, not part of the recipe): every step's loss and gradient are those of the whole batch."""
     rng = random.Random(recipe.seed)
     chat = ChatFormat.from_tokenizer(tokenizer)  # prompts exactly as evaluation formats them
     rows = [chat.token_ids(p) for p in [*harmful, *harmless]]
@@ -529,6 +547,7 @@ def train_adapter(
         optimizer, lambda s: _lr_factor(s, recipe.warmup_steps, total)
     )
     peft_model.train()
+    lengths = [state.shape[0] for state in states]
     losses: list[float] = []
     bar = tqdm(total=total, desc="training", disable=not progress, unit="step")
     for _ in range(recipe.epochs):
@@ -536,20 +555,27 @@ def train_adapter(
         rng.shuffle(order)
         for start in range(0, len(order), recipe.batch_size):
             chunk = order[start : start + recipe.batch_size]
-            loss = _batch_loss(
-                model,
-                prefix_state,
-                [states[i] for i in chunk],
-                [examples[i] for i in chunk],
-                [teacher.get(i) for i in chunk],
-                recipe,
-            )
-            loss.backward()
+            # one optimizer step per batch; its loss and gradient are summed over parts of
+            # similar length (the same sum as one padded pass, with less padding computed)
+            whole = _weight([examples[i] for i in chunk], recipe)
+            loss_sum = 0.0
+            for part in _parts(chunk, lengths, micro_batch):
+                loss = _batch_loss(
+                    model,
+                    prefix_state,
+                    [states[i] for i in part],
+                    [examples[i] for i in part],
+                    [teacher.get(i) for i in part],
+                    recipe,
+                    whole,
+                )
+                loss.backward()
+                loss_sum += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(loss_sum)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()

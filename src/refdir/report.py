@@ -288,7 +288,7 @@ def _count(run: RunData, key: str) -> int | None:
 
 
 def _n_candidates(run: RunData) -> int:
-    counted = _grid_count(run.selection.get("bypass"), lambda v: v is not None)
+    counted = _grid_count(run.selection.get("induce"), lambda v: v is not None)
     return _count(run, "n_candidates") or counted
 
 

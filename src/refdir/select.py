@@ -197,8 +197,8 @@ def candidate_logits(
         live["rows"] = per_row
         prefix = SharedPrefix.build(cm, rows, copies=k)
         skip = kind == "actadd" and start is not None and layer > 0
-        if skip and start is not None and start.prefix_len != prefix.length:
-            raise RefdirError("the recorded layer inputs belong to other prompts")
+        if skip and start is not None:
+            start.check(rows, prefix.length)
         with start.start_at(cm, layer, in_flight) if skip and start else nullcontext():
             for first in range(0, k * n, batch_size):
                 index = torch.arange(first, min(first + batch_size, k * n))
@@ -309,7 +309,9 @@ def pick(scores: CandidateScores, config: SelectionConfig | None = None) -> Sele
     config = config or SelectionConfig()
     frac = config.max_layer_fraction
     paper = _mask(scores, config, config.kl_max)
-    n_candidates = int(torch.isfinite(scores.induce).sum())
+    n_layers = scores.induce.shape[1]
+    below = torch.arange(n_layers, dtype=torch.float64) < config.max_layer_fraction * n_layers
+    n_candidates = int((torch.isfinite(scores.induce) & below).sum())  # same with --score-all
     attempts = [(config.kl_max, paper, False)]
     attempts += [
         (b, _mask(scores, config, b), True) for b in config.fallback_kl_bounds if b > config.kl_max
