@@ -138,7 +138,7 @@ def main() -> None:
     per_layer = {k: v / args.layers for k, v in times.items()}
     # induce alone, over layers spread across the depth: every pass from layer 0, or passes
     # that start at the candidate's layer on the recorded layer inputs (what refdir does)
-    spread = list(range(1, cm.n_layers * 4 // 5, max(1, cm.n_layers * 4 // 5 // args.layers)))
+    spread = list(range(1, cm.n_layers * 4 // 5, 4))
     vectors = torch.randn(n_post, cm.d_model)
     full = induce_passes(cm, harmless, vectors, spread, start=False)
     started = induce_passes(cm, harmless, vectors, spread, start=True)
