@@ -9,6 +9,7 @@ prompt prefix that every prompt shares runs once; its keys/values serve every ba
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -21,8 +22,10 @@ from refdir.model import ChatModel
 
 __all__ = ["batches", "extract_candidates", "residual_means"]
 
+T = TypeVar("T")
 
-def batches(items: Sequence[str], size: int) -> list[list[str]]:
+
+def batches(items: Sequence[T], size: int) -> list[list[T]]:
     if size <= 0:
         raise RefdirError(f"--batch-size must be positive, got {size}")
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
@@ -38,8 +41,6 @@ def residual_means(
     """Mean residual stream [P, L+1, d] (float64, on CPU) at the post-instruction positions."""
     if not instructions:
         raise RefdirError("no prompts to take activations from")
-    if batch_size <= 0:
-        raise RefdirError(f"--batch-size must be positive, got {batch_size}")
     n_post, n_layers = cm.chat.n_post, cm.n_layers
     sums = torch.zeros(n_post, n_layers + 1, cm.d_model, dtype=torch.float64)
 
@@ -54,10 +55,10 @@ def residual_means(
     with torch.inference_mode():
         prefix = SharedPrefix.build(cm, rows, enabled=shared_prefix_len(rows) <= short)
         with hooked(hooks):
-            for start in tqdm(
-                range(0, len(rows), batch_size), desc=desc, disable=not progress, unit="batch"
+            for chunk in tqdm(
+                batches(rows, batch_size), desc=desc, disable=not progress, unit="batch"
             ):
-                prefix.logits(cm, rows[start : start + batch_size])
+                prefix.logits(cm, chunk)
     return sums / len(instructions)
 
 

@@ -310,10 +310,7 @@ def _scores(run: Run, cands: Candidates, config: SelectionConfig) -> CandidateSc
         return _scores_from_json(_read_json(path))
     prompts = _read_json(out / "prompts.json")
     tokens = _read_json(out / "refusal_tokens.json")["ids"]
-    n_layers = cands.n_layers
-    layers = (
-        None if c.score_all else [i for i in range(n_layers) if i < c.max_layer_fraction * n_layers]
-    )
+    # pruning skips the layers past the layer filter; --score-all scores every layer
     return score_candidates(
         run.cm,
         cands,
@@ -321,7 +318,7 @@ def _scores(run: Run, cands: Candidates, config: SelectionConfig) -> CandidateSc
         prompts["harmless_val"],
         tokens,
         config,
-        layers,
+        None,
         c.batch_size,
         run.progress,
         prune=not c.score_all,

@@ -196,10 +196,10 @@ def candidate_logits(
     with torch.inference_mode(), hooked(hooks):
         live["rows"] = per_row
         prefix = SharedPrefix.build(cm, rows, copies=k)
-        skip = kind == "actadd" and start is not None and layer > 0
-        if skip and start is not None:
-            start.check(rows, prefix.length)
-        with start.start_at(cm, layer, in_flight) if skip and start else nullcontext():
+        replay = start if kind == "actadd" and layer > 0 else None
+        if replay is not None:
+            replay.check(rows, prefix.length)
+        with replay.start_at(cm, layer, in_flight) if replay is not None else nullcontext():
             for first in range(0, k * n, batch_size):
                 index = torch.arange(first, min(first + batch_size, k * n))
                 owner = index // n
@@ -227,8 +227,9 @@ def score_candidates(
 
     Baselines are computed once and the candidates of one layer (one per position) go through
     the model together. The residual stream entering every layer is recorded once for
-    harmless_val, so that the induce passes of layer ``l`` start at ``l``. With ``prune`` each score is computed only for candidates that
-    :func:`pick` could still choose, one filter at a time: induce (harmless_val) for layers
+    harmless_val, so that the induce passes of layer ``l`` start at ``l``. With ``prune`` each
+    score is computed only for candidates that :func:`pick` could still choose, one filter at a
+    time: induce (harmless_val) for layers
     below the layer filter; KL (harmless_val) where induce >= ``induce_min``; bypass
     (harmful_val) where KL is within the loosest KL bound too. A score left out stays NaN, so
     the pick is the same as without pruning; ``prune=False`` scores every candidate.
@@ -247,7 +248,8 @@ def score_candidates(
     kl_bound = max((config.kl_max, *config.fallback_kl_bounds))
     start = LayerInputs.record(cm, [cm.chat.token_ids(p) for p in harmless_val], batch_size)
     if prune:
-        layer_list = [i for i in layer_list if i < config.max_layer_fraction * n_l]
+        below = _below_layer_filter(n_l, config)
+        layer_list = [i for i in layer_list if below[i]]
     for layer in tqdm(layer_list, desc="score candidates (layers)", disable=not progress):
         vectors = candidates.diffs[:, layer].float()
         live = [p for p in range(n_p) if float(vectors[p].norm()) > 0.0]  # zero: e.g. layer-0 input
@@ -295,9 +297,13 @@ class Selection:
     n_passed: int
 
 
+def _below_layer_filter(n_layers: int, config: SelectionConfig) -> torch.Tensor:
+    """[n_layers] bool: the layers the paper's layer filter keeps (layer < fraction x L)."""
+    return torch.arange(n_layers, dtype=torch.float64) < config.max_layer_fraction * n_layers
+
+
 def _mask(scores: CandidateScores, config: SelectionConfig, kl_max: float) -> torch.Tensor:
-    n_layers = scores.bypass.shape[1]
-    layer_ok = torch.arange(n_layers, dtype=torch.float64) < config.max_layer_fraction * n_layers
+    layer_ok = _below_layer_filter(scores.bypass.shape[1], config)
     finite = (
         torch.isfinite(scores.bypass) & torch.isfinite(scores.induce) & torch.isfinite(scores.kl)
     )
@@ -309,8 +315,7 @@ def pick(scores: CandidateScores, config: SelectionConfig | None = None) -> Sele
     config = config or SelectionConfig()
     frac = config.max_layer_fraction
     paper = _mask(scores, config, config.kl_max)
-    n_layers = scores.induce.shape[1]
-    below = torch.arange(n_layers, dtype=torch.float64) < config.max_layer_fraction * n_layers
+    below = _below_layer_filter(scores.induce.shape[1], config)
     n_candidates = int((torch.isfinite(scores.induce) & below).sum())  # same with --score-all
     attempts = [(config.kl_max, paper, False)]
     attempts += [
