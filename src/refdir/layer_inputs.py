@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from refdir.activations import batches
 from refdir.errors import RefdirError
 from refdir.generation import SharedPrefix
 from refdir.hooks import hooked, residual_stream
@@ -66,8 +67,7 @@ class LayerInputs:
         with torch.inference_mode():
             prefix = SharedPrefix.build(cm, rows)
             with hooked(hooks):
-                for start in range(0, len(rows), batch_size):
-                    chunk = rows[start : start + batch_size]
+                for chunk in batches(rows, batch_size):
                     lengths[:] = [len(r) - prefix.length for r in chunk]
                     prefix.logits(cm, chunk)
         recorded = [tuple(r) for r in rows]
