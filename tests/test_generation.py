@@ -75,3 +75,19 @@ def test_caches_that_cannot_drop_rows_keep_them(monkeypatch: pytest.MonkeyPatch)
     riding = generate_ids(cm, rows, 6, batch_size=4, progress=False)  # no prefix, no shrinking
     assert riding == shrinking == _hf_greedy(cm, PROMPTS, 6)
     assert any(len(a) < 6 for a in riding)
+
+
+def test_batches_by_length_and_back() -> None:
+    from refdir.chat import by_length
+    from refdir.errors import RefdirError
+    from refdir.generation import unsort
+
+    rows = [[1, 2, 3], [1], [1, 2], [4], [1, 2, 3, 4]]
+    chunks = by_length(rows, 2)
+    assert chunks == [[1, 3], [2, 0], [4]]  # shortest first, ties in their order
+    parts = [torch.tensor([[float(len(rows[i])), i] for i in chunk]) for chunk in chunks]
+    back = unsort(parts, chunks)
+    assert back[:, 1].tolist() == [0, 1, 2, 3, 4]
+    assert back[:, 0].tolist() == [3, 1, 2, 1, 4]
+    with pytest.raises(RefdirError, match="batch-size must be positive"):
+        by_length(rows, 0)

@@ -169,7 +169,7 @@ def test_ce_loss_rejects_bad_input(cm: ChatModel) -> None:
         ce_loss(cm, TEXTS, max_length=1)
     with pytest.raises(RefdirError, match="3 prompts but 2 completions"):
         ce_loss_on_completions(cm, PROMPTS, COMPLETIONS[:2])
-    with pytest.raises(RefdirError, match="batch size must be positive"):
+    with pytest.raises(RefdirError, match="batch-size must be positive"):
         ce_loss(cm, TEXTS, batch_size=0, progress=False)
 
 
@@ -180,3 +180,29 @@ def test_packaged_corpus_is_plain_prose() -> None:
     assert load_corpus(n=3) == texts[:3]
     with pytest.raises(RefdirError, match="unknown corpus"):
         load_corpus("pile")
+
+
+@pytest.mark.parametrize(
+    ("prompts", "completions"),
+    [
+        ([PROMPTS[0], PROMPTS[1], PROMPTS[0]], ["fine, thanks", "ok", "fine, thanks a lot"]),
+        ([PROMPTS[0], PROMPTS[0]], ["fine, thanks", "fine, thanks a lot"]),  # all one prompt
+    ],
+)
+def test_ce_on_completions_reuses_a_shared_prefix_exactly(
+    cm: ChatModel, direction: Direction, prompts: list[str], completions: list[str]
+) -> None:
+    """The shared system prompt runs once, and never reaches a scored token."""
+    sys_cm = ChatModel(cm.model, cm.tokenizer, system="A system prompt that every prompt shares.")
+    rows, weights = [], []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        head = sys_cm.chat.token_ids(prompt)
+        tail = sys_cm.tokenizer(completion, add_special_tokens=False)["input_ids"]
+        rows.append((head + tail, len(head)))
+        weights.append(len(tail))
+    for scope in (None, direction):
+        with ablate(sys_cm, scope) if scope is not None else torch.inference_mode():
+            hand = [_hand_ce(sys_cm, ids, start) for ids, start in rows]
+            got = ce_loss_on_completions(sys_cm, prompts, completions, batch_size=2, progress=False)
+        pooled = sum(w * h for w, h in zip(weights, hand, strict=True)) / sum(weights)
+        assert got == pytest.approx(pooled, rel=1e-5)

@@ -9,26 +9,18 @@ prompt prefix that every prompt shares runs once; its keys/values serve every ba
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
+from refdir.chat import by_length
 from refdir.direction import Candidates
 from refdir.errors import RefdirError
-from refdir.generation import SharedPrefix, shared_prefix_len
+from refdir.generation import SharedPrefix
 from refdir.hooks import hooked, residual_stream
 from refdir.model import ChatModel
 
-__all__ = ["batches", "extract_candidates", "residual_means"]
-
-T = TypeVar("T")
-
-
-def batches(items: Sequence[T], size: int) -> list[list[T]]:
-    if size <= 0:
-        raise RefdirError(f"--batch-size must be positive, got {size}")
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+__all__ = ["extract_candidates", "residual_means"]
 
 
 def residual_means(
@@ -48,17 +40,17 @@ def residual_means(
         sums[:, index] += hidden[:, -n_post:].detach().to("cpu", torch.float64).sum(0)
 
     rows = [cm.chat.token_ids(text) for text in instructions]
-    # the prefix every prompt shares (system prompt, header) runs once, unless it would reach
-    # into the post-instruction positions (identical prompts)
+    # the prefix every prompt shares (system prompt, header) runs once, cut so that it never
+    # reaches into the post-instruction positions (identical prompts)
     short = min(len(r) for r in rows) - n_post
     hooks = residual_stream(cm.layout.layers, accumulate)
     with torch.inference_mode():
-        prefix = SharedPrefix.build(cm, rows, enabled=shared_prefix_len(rows) <= short)
+        prefix = SharedPrefix.build(cm, rows, at_most=short)
         with hooked(hooks):
             for chunk in tqdm(
-                batches(rows, batch_size), desc=desc, disable=not progress, unit="batch"
+                by_length(rows, batch_size), desc=desc, disable=not progress, unit="batch"
             ):
-                prefix.logits(cm, chunk)
+                prefix.logits(cm, [rows[i] for i in chunk])
     return sums / len(instructions)
 
 

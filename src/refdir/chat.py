@@ -8,7 +8,7 @@ on the left, so the post-instruction tokens are the last ``n_post`` positions of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from refdir.errors import RefdirError
 
-__all__ = ["ChatFormat", "PromptBatch"]
+__all__ = ["ChatFormat", "PromptBatch", "by_length", "pad_left"]
 
 _MARKER = "\x00REFDIR_INSTRUCTION\x00"
 
@@ -123,6 +123,15 @@ class ChatFormat:
                 "the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token"
             )
         return int(pad if not isinstance(pad, list) else pad[0])
+
+
+def by_length(rows: Sequence[Sized], size: int) -> list[list[int]]:
+    """Indices of ``rows`` in batches of at most ``size``, shortest rows first (ties keep their
+    order): the rows of one batch have similar lengths, so left padding wastes little compute."""
+    if size <= 0:
+        raise RefdirError(f"--batch-size must be positive, got {size}")
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def pad_left(rows: Sequence[Sequence[int]], pad_id: int) -> PromptBatch:

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Cache, cache_utils
 
-from refdir.chat import pad_left
+from refdir.chat import by_length, pad_left
 from refdir.model import ChatModel
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "rows_selectable",
     "shared_prefix_len",
     "stop_ids",
+    "unsort",
 ]
 
 
@@ -54,13 +55,12 @@ def generate_ids(
     batch. Any active intervention applies to every pass, the prefix included.
     """
     stops = stop_ids(cm)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    chunks = by_length(rows, batch_size)
     answers: list[list[int]] = [[] for _ in rows]
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="prompt")
     with torch.inference_mode():
         prefix = SharedPrefix.build(cm, rows)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for chunk in chunks:
             outs = prefix.greedy(cm, [rows[i] for i in chunk], max_new_tokens, stops)
             for i, answer in zip(chunk, outs, strict=True):
                 answers[i] = answer
@@ -83,6 +83,16 @@ def generate(
     return list(cm.tokenizer.batch_decode(answers, skip_special_tokens=True))
 
 
+def unsort(parts: Sequence[torch.Tensor], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The rows of ``parts`` (one tensor per chunk of :func:`~refdir.chat.by_length`) back in
+    their original order."""
+    order = torch.tensor([i for chunk in chunks for i in chunk], dtype=torch.long)
+    joined = torch.cat(list(parts))
+    out = torch.empty_like(joined)
+    out[order] = joined
+    return out
+
+
 def shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     """Length of the token prefix common to every row, leaving at least one token per row."""
     first = rows[0]
@@ -102,19 +112,18 @@ def last_position_logits(
 ) -> torch.Tensor:
     """[N, vocab] float32 logits at the last prompt position (the first response token).
 
-    Only the last position goes through the unembedding. The template prefix that every
+    Only the last position goes through the unembedding; prompts go through in batches of
+    similar length. The template prefix that every
     prompt shares (system prompt, headers) is run once per call and its key/value cache is
     reused for every batch, with position ids that match the unpadded prompts; any active
     intervention applies to the prefix pass too.
     """
     rows = [cm.chat.token_ids(text, suffix) for text in instructions]
+    chunks = by_length(rows, batch_size)
     with torch.inference_mode():
         prefix = SharedPrefix.build(cm, rows, reuse_prefix)
-        out = [
-            prefix.logits(cm, rows[start : start + batch_size])
-            for start in range(0, len(rows), batch_size)
-        ]
-    return torch.cat(out)
+        parts = [prefix.logits(cm, [rows[i] for i in chunk]) for chunk in chunks]
+    return unsort(parts, chunks)
 
 
 _MIN_SHARED = 4
@@ -131,9 +140,18 @@ class SharedPrefix:
 
     @classmethod
     def build(
-        cls, cm: ChatModel, rows: Sequence[Sequence[int]], enabled: bool = True, copies: int = 1
+        cls,
+        cm: ChatModel,
+        rows: Sequence[Sequence[int]],
+        enabled: bool = True,
+        copies: int = 1,
+        at_most: int | None = None,
     ) -> SharedPrefix:
+        """Run the prefix ``rows`` share (cut to ``at_most`` tokens) once; no prefix when it is
+        shorter than a few tokens, when ``enabled`` is false or when the cache cannot serve it."""
         shared = shared_prefix_len(rows) if enabled and len(rows) > 1 else 0
+        if at_most is not None:
+            shared = min(shared, at_most)
         if shared < _MIN_SHARED:
             return cls(0, None)
         ids = torch.tensor([list(rows[0][:shared])] * copies, dtype=torch.long, device=cm.device)
@@ -148,13 +166,15 @@ class SharedPrefix:
         rows: Sequence[Sequence[int]],
         cache_rows: torch.Tensor | None,
         use_cache: bool,
+        keep: int = 1,
     ) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """One forward over left-padded ``rows`` after the prefix: (output, attention mask of
-        prefix + rows, position ids of the rows)."""
+        prefix + rows, position ids of the rows). ``keep``: the logits of the last ``keep``
+        positions (0: every position after the prefix)."""
         batch = pad_left([r[self.length :] for r in rows], cm.chat.pad_id).to(cm.device)
         if self.cache is None:
             positions = batch.position_ids
-            result = cm.model(**batch.inputs(), use_cache=use_cache, logits_to_keep=1)
+            result = cm.model(**batch.inputs(), use_cache=use_cache, logits_to_keep=keep)
             return result, batch.attention_mask, positions
         n = batch.input_ids.shape[0]
         mask = torch.cat(
@@ -172,7 +192,7 @@ class SharedPrefix:
             position_ids=positions,
             past_key_values=past,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
         )
         return result, mask, positions
 
@@ -182,6 +202,12 @@ class SharedPrefix:
         """Last-position logits of ``rows``; ``cache_rows`` picks the prefix row of each."""
         result, _, _ = self._prefill(cm, rows, cache_rows, use_cache=False)
         return result.logits[:, -1].float().cpu()
+
+    def all_logits(self, cm: ChatModel, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Logits [B, T, vocab] at every position of ``rows`` after the prefix (left-padded to
+        the longest, T tokens), as the model returns them."""
+        result, _, _ = self._prefill(cm, rows, None, use_cache=False, keep=0)
+        return result.logits
 
     def greedy(
         self, cm: ChatModel, rows: Sequence[Sequence[int]], max_new_tokens: int, stops: set[int]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from refdir.activations import batches
+from refdir.chat import by_length
 from refdir.errors import RefdirError
 from refdir.generation import SharedPrefix
 from refdir.hooks import hooked, residual_stream
@@ -48,16 +48,18 @@ class LayerInputs:
         return tuples), so that callers fall back to full passes.
         """
         n_layers = len(cm.layout.layers)
-        inputs: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        empty = torch.empty(0)
+        inputs = [[empty] * len(rows) for _ in range(n_layers)]
         plain: list[bool] = []
-        lengths: list[int] = []
+        in_flight: list[int] = []
+        after: list[int] = []  # tokens after the shared prefix, per row in flight
 
         def keep(index: int, hidden: torch.Tensor) -> None:
             if index < n_layers:
-                inputs[index].extend(
-                    hidden[j, hidden.shape[1] - n :].detach().to("cpu", copy=True)
-                    for j, n in enumerate(lengths)
-                )
+                for j, (row, n) in enumerate(zip(in_flight, after, strict=True)):
+                    inputs[index][row] = (
+                        hidden[j, hidden.shape[1] - n :].detach().to("cpu", copy=True)
+                    )
 
         def output_type(module: torch.nn.Module, args: Any, output: Any) -> None:
             plain.append(isinstance(output, torch.Tensor))
@@ -67,9 +69,10 @@ class LayerInputs:
         with torch.inference_mode():
             prefix = SharedPrefix.build(cm, rows)
             with hooked(hooks):
-                for chunk in batches(rows, batch_size):
-                    lengths[:] = [len(r) - prefix.length for r in chunk]
-                    prefix.logits(cm, chunk)
+                for chunk in by_length(rows, batch_size):
+                    in_flight[:] = chunk
+                    after[:] = [len(rows[i]) - prefix.length for i in chunk]
+                    prefix.logits(cm, [rows[i] for i in chunk])
         recorded = [tuple(r) for r in rows]
         return cls(prefix.length, inputs, recorded) if plain and all(plain) else None
 

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from refdir.chat import pad_left
+from refdir.chat import by_length, pad_left
 from refdir.direction import Direction
 from refdir.errors import RefdirError
 from refdir.evaluate import intervention
-from refdir.generation import last_position_logits
+from refdir.generation import SharedPrefix, last_position_logits
 from refdir.model import ChatModel
 
 __all__ = [
@@ -151,29 +151,32 @@ def _completion_rows(
 
 
 def _chunks(rows: list[list[int]], starts: list[int], size: int) -> Iterator[_Scored]:
-    if size <= 0:
-        raise RefdirError(f"batch size must be positive, got {size}")
-    for i in range(0, len(rows), size):
-        yield _Scored(rows[i : i + size], starts[i : i + size])
+    """Batches of rows of similar length (the order of the rows does not change a mean)."""
+    for chunk in by_length(rows, size):
+        yield _Scored([rows[i] for i in chunk], [starts[i] for i in chunk])
 
 
-def _scored_logits(cm: ChatModel, batch: _Scored) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [n, vocab] (float32, CPU) that predict each scored token, and those tokens [n]."""
-    padded = pad_left(batch.rows, cm.chat.pad_id)
+def _scored_logits(
+    cm: ChatModel, batch: _Scored, prefix: SharedPrefix
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [n, vocab] (float32, CPU) that predict each scored token, and those tokens [n].
+    ``prefix`` (shorter than every row's first scored token) runs once for every batch."""
+    tails = [row[prefix.length :] for row in batch.rows]
+    padded = pad_left(tails, cm.chat.pad_id)
     width = padded.input_ids.shape[1]
     scored = torch.zeros_like(padded.input_ids, dtype=torch.bool)
-    for i, (row, start) in enumerate(zip(batch.rows, batch.starts, strict=True)):
-        scored[i, width - len(row) + max(start, 1) :] = True
-    mask = padded.attention_mask.to(cm.device)
+    for i, (row, start) in enumerate(zip(tails, batch.starts, strict=True)):
+        scored[i, width - len(row) + max(start - prefix.length, 1) :] = True
     with torch.inference_mode():
-        out = cm.model(
-            input_ids=padded.input_ids.to(cm.device),
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            use_cache=False,
-        )
-    logits = out.logits[:, :-1][scored[:, 1:].to(cm.device)]
-    return logits.float().cpu(), padded.input_ids[:, 1:][scored[:, 1:]]
+        logits = prefix.all_logits(cm, batch.rows)
+    picked = logits[:, :-1][scored[:, 1:].to(logits.device)]
+    return picked.float().cpu(), padded.input_ids[:, 1:][scored[:, 1:]]
+
+
+def _prefix(cm: ChatModel, rows: list[list[int]], starts: list[int]) -> SharedPrefix:
+    """The prefix the rows share, up to the position before the first scored token."""
+    with torch.inference_mode():
+        return SharedPrefix.build(cm, rows, at_most=min(starts) - 1)
 
 
 def _mean_ce(
@@ -187,8 +190,9 @@ def _mean_ce(
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     n_batches = -(-len(rows) // batch_size) if batch_size > 0 else 0
+    prefix = _prefix(cm, rows, starts)
     for batch in tqdm(_chunks(rows, starts, batch_size), desc, n_batches, disable=not progress):
-        logits, targets = _scored_logits(cm, batch)
+        logits, targets = _scored_logits(cm, batch, prefix)
         logp = logits.double().log_softmax(-1).gather(-1, targets.unsqueeze(-1))
         total -= logp.sum()
         count += targets.numel()
@@ -250,10 +254,13 @@ def kl_completions(
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     n_batches = -(-len(rows) // batch_size) if batch_size > 0 else 0
+    base_prefix = _prefix(cm, rows, starts)
+    with enter():
+        new_prefix = _prefix(cm, rows, starts)
     for batch in tqdm(_chunks(rows, starts, batch_size), "kl", n_batches, disable=not progress):
-        base, _ = _scored_logits(cm, batch)
+        base, _ = _scored_logits(cm, batch, base_prefix)
         with enter():
-            new, _ = _scored_logits(cm, batch)
+            new, _ = _scored_logits(cm, batch, new_prefix)
         total += kl_divergence(base, new).sum()
         count += base.shape[0]
     if count == 0:

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from refdir.chat import by_length
 from refdir.direction import Candidates
 from refdir.errors import RefdirError
-from refdir.generation import SharedPrefix, generate, last_position_logits
+from refdir.generation import SharedPrefix, generate, last_position_logits, unsort
 from refdir.hooks import Hook, hooked, map_input, map_output
 from refdir.layer_inputs import LayerInputs
 from refdir.metrics import kl_divergence
@@ -165,8 +166,9 @@ def candidate_logits(
 
     ``kind`` is ``ablate`` (each row's vector projected out everywhere) or ``actadd``
     (``coeff`` x each row's vector added to ``layer``'s input). Rows are candidate-major and
-    go through the model ``batch_size`` at a time; the hooks read the vectors of the rows in
-    flight, and the shared prompt prefix is computed once per candidate. For ``actadd``,
+    go through the model ``batch_size`` at a time, prompts of similar length together; the
+    hooks read the vectors of the rows in flight, and the shared prompt prefix is computed once
+    per candidate. For ``actadd``,
     ``start`` (the prompts' recorded layer inputs) lets the passes begin at ``layer``.
     """
     if kind not in ("ablate", "actadd"):
@@ -191,7 +193,9 @@ def candidate_logits(
     else:
         hooks = [(cm.layout.layers[layer], "input", map_input(shift))]
     rows = [cm.chat.token_ids(p) for p in prompts]
-    out = torch.empty(k * n, cm.model.config.get_text_config().vocab_size)
+    # (candidate, prompt) pairs, candidate-major; batches group prompts of similar length
+    chunks = by_length([rows[i % n] for i in range(k * n)], batch_size)
+    parts: list[torch.Tensor] = []
     in_flight: dict[str, list[int]] = {"rows": []}
     with torch.inference_mode(), hooked(hooks):
         live["rows"] = per_row
@@ -200,15 +204,13 @@ def candidate_logits(
         if replay is not None:
             replay.check(rows, prefix.length)
         with replay.start_at(cm, layer, in_flight) if replay is not None else nullcontext():
-            for first in range(0, k * n, batch_size):
-                index = torch.arange(first, min(first + batch_size, k * n))
+            for chunk in chunks:
+                index = torch.tensor(chunk, dtype=torch.long)
                 owner = index // n
                 live["rows"] = per_row[owner]
                 in_flight["rows"] = (index % n).tolist()
-                chunk = [rows[i] for i in in_flight["rows"]]
-                logits = prefix.logits(cm, chunk, owner)
-                out[first : first + len(chunk), : logits.shape[1]] = logits
-    return out.view(k, n, -1)
+                parts.append(prefix.logits(cm, [rows[i] for i in in_flight["rows"]], owner))
+    return unsort(parts, chunks).view(k, n, -1)
 
 
 def score_candidates(

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from refdir.activations import batches
+from refdir.chat import by_length
 from refdir.direction import Direction, atomic_path
 from refdir.errors import RefdirError
-from refdir.generation import generate
+from refdir.generation import generate, unsort
 from refdir.hooks import Hook, hooked, residual_stream
 from refdir.model import ChatModel
 from refdir.scoring.markers import is_refusal
@@ -277,11 +277,13 @@ def _measure(
     progress: bool,
     desc: str,
 ) -> _Batch:
+    chunks = by_length([cm.chat.token_ids(t, extra) for t in instructions], batch_size)
     parts = [
-        _capture(cm, chunk, extra, unit)
-        for chunk in tqdm(batches(instructions, batch_size), desc=desc, disable=not progress)
+        _capture(cm, [instructions[i] for i in chunk], extra, unit)
+        for chunk in tqdm(chunks, desc=desc, disable=not progress)
     ]
-    return _Batch(*(torch.cat([getattr(p, f) for p in parts]) for f in _Batch.__dataclass_fields__))
+    fields = _Batch.__dataclass_fields__
+    return _Batch(*(unsort([getattr(p, f) for p in parts], chunks) for f in fields))
 
 
 # --------------------------------------------------------------------------- analysis
