@@ -60,6 +60,13 @@ NOpt = Annotated[
 ]
 TokensOpt = Annotated[int, typer.Option(help="New tokens per completion (greedy).")]
 BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass (and per generated batch).")]
+GenBatchOpt = Annotated[
+    int,
+    typer.Option(
+        help="Prompts generated together (each decoding step reads the weights once for all of "
+        "them: larger is faster where memory allows)."
+    ),
+]
 SeedOpt = Annotated[int, typer.Option(help="Seed for prompt sampling.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -404,7 +411,8 @@ def run_cmd(
         typer.Option(help="Stop the suffix search after this many minutes (0: no limit)."),
     ] = 10.0,
     max_new_tokens: TokensOpt = 64,
-    batch_size: BatchOpt = 64,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 32,
+    gen_batch_size: GenBatchOpt = 256,
     seed: SeedOpt = 42,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
@@ -432,6 +440,7 @@ def run_cmd(
         n_eval_harmless=n_eval_harmless,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        gen_batch_size=gen_batch_size,
         refusal_tokens=tokens,
         kl_max=kl_max,
         max_layer_fraction=max_layer_fraction,
