@@ -12,17 +12,22 @@ separate ablated passes for bypass (harmful) and KL (harmless).
 Then the induce passes alone, over layers spread across the depth: every pass from layer 0
 against passes that start at the candidate's layer on recorded layer inputs.
 
-    python bench/selection.py [--layers 3] [--n 32] [--threads 2]
+Then the same induce passes (from the layer) with the (candidate, prompt) rows cut into batches
+in prompt order, as before, against batches of prompts of similar length (what refdir does).
+
+    python bench/selection.py [--layers 3] [--n 32] [--threads 2] [--only scorer|induce|batching]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence, Sized
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import refdir.select
 from refdir.data import sample_prompts
 from refdir.direction import Direction
 from refdir.intervene import ablate, add
@@ -102,16 +107,43 @@ def refdir_scorer(
 
 
 def induce_passes(
-    cm: ChatModel, harmless: list[str], vectors: torch.Tensor, layers: list[int], start: bool
+    cm: ChatModel,
+    harmless: list[str],
+    vectors: torch.Tensor,
+    layers: list[int],
+    start: bool,
+    batch: int = 32,
 ) -> float:
     """Seconds for the induce passes of ``layers``, from layer 0 or from each layer."""
     began = time.perf_counter()
     recorded = (
-        LayerInputs.record(cm, [cm.chat.token_ids(p) for p in harmless], 32) if start else None
+        LayerInputs.record(cm, [cm.chat.token_ids(p) for p in harmless], batch) if start else None
     )
     for layer in layers:
-        candidate_logits(cm, harmless, vectors, "actadd", layer, batch_size=32, start=recorded)
+        candidate_logits(cm, harmless, vectors, "actadd", layer, batch_size=batch, start=recorded)
     return time.perf_counter() - began
+
+
+def in_prompt_order(rows: Sequence[Sized], size: int) -> list[list[int]]:
+    """The batching before length sorting: consecutive rows, whatever their lengths."""
+    return [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
+
+
+def batching(cm: ChatModel, harmless: list[str], layers: list[int], batch: int) -> None:
+    vectors = torch.randn(cm.chat.n_post, cm.d_model)
+    sorted_by_length = refdir.select.by_length
+    times = {}
+    for name, chunker in (("prompt order", in_prompt_order), ("by length", sorted_by_length)):
+        refdir.select.by_length = chunker  # type: ignore[assignment]
+        try:
+            times[name] = induce_passes(cm, harmless, vectors, layers, start=True, batch=batch)
+        finally:
+            refdir.select.by_length = sorted_by_length
+    print(
+        f"induce from the layer over layers {layers}, batch {batch}: prompt order "
+        f"{times['prompt order']:.1f} s   by length {times['by length']:.1f} s   "
+        f"speed-up x{times['prompt order'] / times['by length']:.2f}"
+    )
 
 
 def main() -> None:
@@ -119,6 +151,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=("scorer", "induce", "batching"), default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cm = smollm2_shaped()
@@ -128,6 +161,22 @@ def main() -> None:
     print(
         f"model {cm.name}: {cm.n_layers} layers, {n_post} post-instruction positions, n={args.n}+{args.n}"
     )
+    spread = list(range(1, cm.n_layers * 4 // 5, 4))
+    if args.only in (None, "batching"):
+        for batch in (32, 64):
+            batching(cm, harmless, spread, batch)
+    if args.only in (None, "induce"):
+        # induce alone, over layers spread across the depth: every pass from layer 0, or passes
+        # that start at the candidate's layer on the recorded layer inputs (what refdir does)
+        vectors = torch.randn(n_post, cm.d_model)
+        full = induce_passes(cm, harmless, vectors, spread, start=False)
+        started = induce_passes(cm, harmless, vectors, spread, start=True)
+        print(
+            f"induce over layers {spread}: from layer 0 {full:.1f} s   from the layer "
+            f"{started:.1f} s (recording included)   speed-up x{full / started:.2f}"
+        )
+    if args.only not in (None, "scorer"):
+        return
     times = {"baseline": 0.0, "refdir": 0.0}
     for layer in range(10, 10 + args.layers):
         vectors = torch.randn(n_post, cm.d_model)
@@ -136,16 +185,6 @@ def main() -> None:
             fn(cm, harmful, harmless, vectors, layer)
             times[name] += time.perf_counter() - start
     per_layer = {k: v / args.layers for k, v in times.items()}
-    # induce alone, over layers spread across the depth: every pass from layer 0, or passes
-    # that start at the candidate's layer on the recorded layer inputs (what refdir does)
-    spread = list(range(1, cm.n_layers * 4 // 5, 4))
-    vectors = torch.randn(n_post, cm.d_model)
-    full = induce_passes(cm, harmless, vectors, spread, start=False)
-    started = induce_passes(cm, harmless, vectors, spread, start=True)
-    print(
-        f"induce over layers {spread}: from layer 0 {full:.1f} s   from the layer {started:.1f} s "
-        f"(recording included)   speed-up x{full / started:.2f}"
-    )
     print(
         f"baseline {per_layer['baseline']:.1f} s/layer   refdir {per_layer['refdir']:.1f} s/layer   "
         f"speed-up x{per_layer['baseline'] / per_layer['refdir']:.2f}"
