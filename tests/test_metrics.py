@@ -11,9 +11,11 @@ from refdir.metrics import (
     ce_loss,
     ce_loss_on_completions,
     intervention_scope,
+    kl_by_prompt,
     kl_completions,
     kl_divergence,
     kl_last_position,
+    kl_summary,
     load_corpus,
 )
 from refdir.model import ChatModel
@@ -206,3 +208,26 @@ def test_ce_on_completions_reuses_a_shared_prefix_exactly(
             got = ce_loss_on_completions(sys_cm, prompts, completions, batch_size=2, progress=False)
         pooled = sum(w * h for w, h in zip(weights, hand, strict=True)) / sum(weights)
         assert got == pytest.approx(pooled, rel=1e-5)
+
+
+def test_kl_by_prompt_averages_to_the_kl_score(cm: ChatModel, direction: Direction) -> None:
+    rows = kl_by_prompt(cm, PROMPTS, kind="ablate", direction=direction, batch_size=2)
+    assert rows.shape == (len(PROMPTS),) and bool((rows >= 0).all())
+    mean = kl_last_position(cm, PROMPTS, kind="ablate", direction=direction, batch_size=3)
+    assert float(rows.mean()) == pytest.approx(mean, rel=1e-5)
+    for i, prompt in enumerate(PROMPTS):  # in the prompts' order
+        one = kl_last_position(cm, [prompt], kind="ablate", direction=direction)
+        assert float(rows[i]) == pytest.approx(one, rel=1e-4)
+
+
+def test_kl_summary_on_a_hand_worked_case() -> None:
+    kl = torch.tensor([0.0, 0.1, 0.2, 0.3, 1.0], dtype=torch.float64)
+    summary = kl_summary(kl, [False, False, False, False, True])
+    assert summary["median"] == pytest.approx(0.2)
+    assert summary["p90"] == pytest.approx(0.72)  # linear between 0.3 and 1.0
+    assert summary["max"] == pytest.approx(1.0)
+    assert summary["refused_at_baseline"] == {"n": 1, "mean": 1.0}
+    assert summary["answered_at_baseline"] == {"n": 4, "mean": pytest.approx(0.15)}
+    assert kl_summary(kl, [False] * 5)["refused_at_baseline"] == {"n": 0, "mean": None}
+    with pytest.raises(RefdirError, match="5 KL values for 4 prompts"):
+        kl_summary(kl, [False] * 4)

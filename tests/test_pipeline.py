@@ -46,6 +46,12 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
         assert metrics["ce_loss"][key] > 0
     assert set(metrics["harmless"]["refusal_score"]) == {"baseline", "actadd"}
     assert metrics["harmless"]["kl_ablation"] >= 0
+    spread = metrics["harmless"]["kl_ablation_spread"]
+    groups = [spread["refused_at_baseline"], spread["answered_at_baseline"]]
+    assert sum(g["n"] for g in groups) == sum(metrics["sizes"]["harmless_eval"].values())
+    pooled = sum(g["n"] * g["mean"] for g in groups if g["n"]) / sum(g["n"] for g in groups)
+    assert pooled == pytest.approx(metrics["harmless"]["kl_ablation"], abs=1e-4)
+    assert 0 <= spread["median"] <= spread["p90"] <= spread["max"]
     assert metrics["sizes"]["harmful_eval"] == {"jailbreakbench": 2, "harmful_test": 2}
     assert set(metrics["timings"]) == set(done)
     selection = json.loads((tmp_path / "selection.json").read_text())

@@ -74,7 +74,17 @@ def _metrics(safety: bool) -> dict[str, Any]:
             "harmless_eval": {"harmless_test": 4},
         },
         "harmful": harmful,
-        "harmless": {"refusal_score": {"baseline": 0.02, "actadd": 0.95}, "kl_ablation": 0.05},
+        "harmless": {
+            "refusal_score": {"baseline": 0.02, "actadd": 0.95},
+            "kl_ablation": 0.05,
+            "kl_ablation_spread": {
+                "median": 0.04,
+                "p90": 0.09,
+                "max": 0.31,
+                "refused_at_baseline": {"n": 1, "mean": 0.31},
+                "answered_at_baseline": {"n": 3, "mean": 0.0133},
+            },
+        },
         "ce_loss": {"baseline": 2.1, "ablation": 2.12, "actadd": 2.5},
         "timings": {"prompts": 1.2, "extract": 20.5, "select": 60.1, "evaluate": 120.0},
     }
@@ -176,7 +186,11 @@ def test_report_shows_the_chosen_direction_and_numbers(report: tuple[Path, str, 
     assert f"{CHOSEN_POSITION} (the last post-instruction token)" in page
     assert "paper: lowest bypass among candidates with kl &lt;= 0.1" in page
     assert "Fallback rule" not in page and "Fallback rule" not in md
-    for text in ("2.120", "0.050", "3.12.1", "Wall time per step", "1 min 0 s"):
+    spread = (
+        "Per prompt, that KL has median 0.040, 90th percentile 0.090 and maximum 0.310; its mean "
+        "is 0.310 on the 1 prompt refused at baseline and 0.013 on the 3 prompts answered"
+    )
+    for text in ("2.120", "0.050", "3.12.1", "Wall time per step", "1 min 0 s", spread):
         assert text in page and text in md
     assert "harmful_test" in page and "harmful\\_test" in md
 

@@ -35,9 +35,11 @@ __all__ = [
     "ce_loss",
     "ce_loss_on_completions",
     "intervention_scope",
+    "kl_by_prompt",
     "kl_completions",
     "kl_divergence",
     "kl_last_position",
+    "kl_summary",
     "load_corpus",
     "resolve_scope",
 ]
@@ -56,6 +58,28 @@ def load_corpus(name: str = "prose", n: int | None = None) -> list[str]:
     text = (resources.files("refdir") / "data" / CORPORA[name]).read_text(encoding="utf-8")
     texts = [str(t) for t in json.loads(text)["texts"]]
     return texts if n is None else texts[:n]
+
+
+def kl_summary(kl: torch.Tensor, refused: Sequence[bool]) -> dict[str, Any]:
+    """How a per-prompt KL [N] is spread: median, 90th percentile and maximum, and the mean
+    over the prompts the model refused at baseline and over those it answered (turning a
+    refusal into an answer is what ablation is for; a large KL on answered prompts is damage)."""
+    if kl.dim() != 1 or kl.numel() != len(refused) or kl.numel() == 0:
+        raise RefdirError(f"got {kl.numel()} KL values for {len(refused)} prompts")
+    values = kl.double()
+    mask = torch.tensor([bool(r) for r in refused])
+
+    def group(keep: torch.Tensor) -> dict[str, Any]:
+        n = int(keep.sum())
+        return {"n": n, "mean": round(float(values[keep].mean()), 5) if n else None}
+
+    return {
+        "median": round(float(values.quantile(0.5)), 5),
+        "p90": round(float(values.quantile(0.9)), 5),
+        "max": round(float(values.max()), 5),
+        "refused_at_baseline": group(mask),
+        "answered_at_baseline": group(~mask),
+    }
 
 
 def intervention_scope(
@@ -106,6 +130,32 @@ def kl_last_position(
 ) -> float:
     """Mean KL(baseline || intervened) of the next-token distribution at the last prompt
     position (the paper's KL score). ``baseline``: precomputed ``last_position_logits``."""
+    return float(
+        kl_by_prompt(
+            cm,
+            prompts,
+            scope,
+            kind=kind,
+            direction=direction,
+            coeff=coeff,
+            baseline=baseline,
+            batch_size=batch_size,
+        ).mean()
+    )
+
+
+def kl_by_prompt(
+    cm: ChatModel,
+    prompts: Sequence[str],
+    scope: Scope | None = None,
+    *,
+    kind: str = "none",
+    direction: Direction | None = None,
+    coeff: float = 1.0,
+    baseline: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """The KL of :func:`kl_last_position` for each prompt: float64 [N], in the prompts' order."""
     if not prompts:
         raise RefdirError("no prompts to compute the KL divergence on")
     enter = resolve_scope(cm, scope, kind, direction, coeff)
@@ -117,7 +167,7 @@ def kl_last_position(
         )
     with enter():
         intervened = last_position_logits(cm, prompts, batch_size)
-    return float(kl_divergence(baseline, intervened).mean())
+    return kl_divergence(baseline, intervened)
 
 
 @dataclass(frozen=True)

@@ -417,7 +417,13 @@ def _rate(records: Sequence[dict[str, Any]], subset: set[str] | None = None) -> 
 
 def step_evaluate(run: Run) -> None:
     from refdir.evaluate import intervention
-    from refdir.metrics import ce_loss, ce_loss_on_completions, kl_last_position, load_corpus
+    from refdir.metrics import (
+        ce_loss,
+        ce_loss_on_completions,
+        kl_by_prompt,
+        kl_summary,
+        load_corpus,
+    )
 
     c, out, cm = run.config, run.out, run.cm
     direction = Direction.load(out)
@@ -447,7 +453,8 @@ def step_evaluate(run: Run) -> None:
             ce_own[name] = round(
                 ce_loss_on_completions(cm, harmless, own, progress=run.progress), 5
             )
-    kl = kl_last_position(cm, harmless, kind="ablate", direction=direction, batch_size=c.batch_size)
+    kl = kl_by_prompt(cm, harmless, kind="ablate", direction=direction, batch_size=c.batch_size)
+    refused = {r["prompt"]: bool(r["refusal"]) for r in harmless_runs["baseline"]}
     selection = _read_json(out / "selection.json")
     prompts = _read_json(out / "prompts.json")
     metrics: dict[str, Any] = {
@@ -483,7 +490,8 @@ def step_evaluate(run: Run) -> None:
         },
         "harmless": {
             "refusal_score": {k: _rate(v) for k, v in harmless_runs.items()},
-            "kl_ablation": round(kl, 5),
+            "kl_ablation": round(float(kl.mean()), 5),
+            "kl_ablation_spread": kl_summary(kl, [refused[p] for p in harmless]),
         },
         "ce_loss": ce,
         "ce_loss_own_completions": ce_own,

@@ -460,8 +460,27 @@ def _loss_section(run: RunData) -> list[Block]:
         "means the intervention damages the model. The last row is the KL divergence of the "
         "last-position distribution on harmless prompts when the direction is ablated."
     )
+    spread = (run.metrics.get("harmless") or {}).get("kl_ablation_spread")
+    if spread:
+        caption += " " + _kl_spread_text(spread)
     header = ["condition", *(CE_COLUMNS[k] for k in columns)]
     return [Heading("Loss and KL"), Table(header, rows, caption)]
+
+
+def _kl_spread_text(spread: dict[str, Any]) -> str:
+    groups = []
+    for key, label in (("refused_at_baseline", "refused"), ("answered_at_baseline", "answered")):
+        group = spread.get(key) or {}
+        if group.get("n"):
+            noun = "prompt" if group["n"] == 1 else "prompts"
+            groups.append(
+                f"{_fmt(group.get('mean'))} on the {group['n']} {noun} {label} at baseline"
+            )
+    text = (
+        f"Per prompt, that KL has median {_fmt(spread.get('median'))}, 90th percentile "
+        f"{_fmt(spread.get('p90'))} and maximum {_fmt(spread.get('max'))}"
+    )
+    return text + (f"; its mean is {' and '.join(groups)}." if groups else ".")
 
 
 def _cosine_section(run: RunData) -> list[Block]:
