@@ -91,3 +91,27 @@ def test_batches_by_length_and_back() -> None:
     assert back[:, 0].tolist() == [3, 1, 2, 1, 4]
     with pytest.raises(RefdirError, match="batch-size must be positive"):
         by_length(rows, 0)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("system", [None, "A system prompt that every prompt shares."])
+def test_prompts_read_in_parts_then_decoded_together(
+    arch: str, system: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefill in parts of similar length, caches joined (or one pass where they cannot be):
+    the same answers as transformers, rows stopping mid-batch included."""
+    import refdir.generation as generation
+
+    cm, _ = _early_stopping_model(arch)
+    cm = ChatModel(cm.model, cm.tokenizer, system=system)
+    prompts = [*PROMPTS, "a much longer prompt about a garden and its many trees", "ok"]
+    rows = [cm.chat.token_ids(p) for p in prompts]
+    joined: list[bool] = []
+    real = generation._joinable
+    monkeypatch.setattr(generation, "_PREFILL_ROWS", 2)
+    monkeypatch.setattr(generation, "_joinable", lambda c: joined.append(real(c)) or real(c))
+    mine = generate_ids(cm, rows, 6, batch_size=8, progress=False)
+    assert mine == _hf_greedy(cm, prompts, 6)
+    assert joined  # the batch of 6 was read in parts
+    if arch == "llama":
+        assert all(joined)  # plain key/value caches are joined, not re-read

@@ -214,18 +214,18 @@ class SharedPrefix:
     ) -> list[list[int]]:
         """Greedy answers to ``rows`` (one batch), each ending at its first stop token.
 
-        A row leaves the batch (and its cache rows are dropped) as soon as it stops, so the
-        remaining steps cost only what the rows still answering need; with a cache whose rows
-        cannot be selected (recurrent state), stopped rows ride along and are ignored."""
-        result, mask, positions = self._prefill(cm, rows, None, use_cache=True)
-        past = result.past_key_values
+        The prompts are read in parts of similar length whose caches are joined for decoding
+        (see :meth:`_prefill_parts`). A row leaves the batch (and its cache rows are dropped) as
+        soon as it stops, so the remaining steps cost only what the rows still answering need;
+        with a cache whose rows cannot be selected (recurrent state), stopped rows ride along
+        and are ignored."""
+        logits, past, mask, position, order = self._prefill_parts(cm, rows)
         shrink = rows_selectable(past)
         answers: list[list[int]] = [[] for _ in rows]
-        active: list[int | None] = list(range(len(rows)))  # batch row -> answer (None: stopped)
-        position = positions[:, -1:]
+        active: list[int | None] = list(order)  # batch row -> answer (None: stopped)
         stop_list = torch.tensor(sorted(stops), dtype=torch.long)
         for step in range(max_new_tokens):
-            token = result.logits[:, -1].argmax(-1).cpu()
+            token = logits.argmax(-1).cpu()
             for row, t in zip(active, token.tolist(), strict=True):
                 if row is not None:
                     answers[row].append(t)
@@ -249,7 +249,81 @@ class SharedPrefix:
                 use_cache=True,
             )
             past = result.past_key_values
+            logits = result.logits[:, -1]
         return answers
+
+    def _prefill_parts(
+        self, cm: ChatModel, rows: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor, list[int]]:
+        """Read the prompts before decoding: (last-position logits, cache, attention mask,
+        last position ids, and for each batch row the index of its prompt in ``rows``).
+
+        A batch larger than ``_PREFILL_ROWS`` is read in parts of similar length, each padded
+        only to its own longest prompt; their key/value caches are then joined into one batch,
+        zero-padded (and masked) between the shared prefix and each part's tokens, so decoding
+        runs every row at once. Caches whose layers are not plain key/value layers (sliding
+        windows, recurrent state) are read in one padded pass instead."""
+        parts = (
+            by_length(rows, _PREFILL_ROWS)
+            if len(rows) > _PREFILL_ROWS
+            else [list(range(len(rows)))]
+        )
+        outs = []
+        for part in parts:
+            result, mask, positions = self._prefill(
+                cm, [rows[i] for i in part], None, use_cache=True
+            )
+            outs.append((result.logits[:, -1], result.past_key_values, mask, positions[:, -1:]))
+            if len(parts) > 1 and not _joinable(result.past_key_values):
+                parts = [list(range(len(rows)))]
+                result, mask, positions = self._prefill(cm, rows, None, use_cache=True)
+                outs = [(result.logits[:, -1], result.past_key_values, mask, positions[:, -1:])]
+                break
+        order = [i for part in parts for i in part]
+        if len(outs) == 1:
+            logits, past, mask, position = outs[0]
+            return logits, past, mask, position, order
+        width = max(mask.shape[1] for _, _, mask, _ in outs)
+
+        def widen(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            head = t.narrow(dim, 0, self.length)
+            tail = t.narrow(dim, self.length, t.shape[dim] - self.length)
+            return torch.cat([head, t.new_zeros(shape), tail], dim=dim)
+
+        past = outs[0][1]
+        for index, layer in enumerate(past.layers):
+            layer.keys = torch.cat([widen(o[1].layers[index].keys, -2) for o in outs])
+            layer.values = torch.cat([widen(o[1].layers[index].values, -2) for o in outs])
+        logits = torch.cat([o[0] for o in outs])
+        mask = torch.cat([widen(o[2], 1) for o in outs])
+        position = torch.cat([o[3] for o in outs])
+        return logits, past, mask, position, order
+
+
+_PREFILL_ROWS = 32
+"""Prompts per prefill pass when a generated batch is larger (see ``_prefill_parts``)."""
+
+
+def _joinable(cache: Any) -> bool:
+    """Whether caches like ``cache`` can be joined along the batch: plain key/value layers
+    only, every one holding keys."""
+    layers: list[Any] = list(getattr(cache, "layers", None) or [])
+
+    def plain(layer: Any) -> bool:
+        keys = getattr(layer, "keys", None)
+        return (
+            type(layer) is cache_utils.DynamicLayer
+            and isinstance(keys, torch.Tensor)
+            and keys.dim() == 4
+            and keys.shape[-2] > 0
+        )
+
+    return bool(layers) and all(plain(layer) for layer in layers)
 
 
 def rows_selectable(cache: Any) -> bool:
