@@ -115,3 +115,32 @@ def test_prompts_read_in_parts_then_decoded_together(
     assert joined  # the batch of 6 was read in parts
     if arch == "llama":
         assert all(joined)  # plain key/value caches are joined, not re-read
+
+
+def test_roomy_cache_layer_equals_concatenation() -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    from refdir.generation import _RoomyLayer
+
+    torch.manual_seed(0)
+    plain, roomy = DynamicLayer(), DynamicLayer()
+    first = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
+    plain.update(*first)
+    roomy.update(*first)
+    _RoomyLayer.adopt(roomy, 1)  # room for one token: the second update must make more
+    for step in range(3):
+        new = torch.randn(3, 2, 1 + step, 5), torch.randn(3, 2, 1 + step, 5)
+        expected = plain.update(*new)
+        got = roomy.update(*new)
+        for a, b in zip(expected, got, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    keep = torch.tensor([2, 0])
+    plain.batch_select_indices(keep)
+    roomy.batch_select_indices(keep)
+    torch.testing.assert_close(plain.keys, roomy.keys, rtol=0, atol=0)
+    assert roomy.get_seq_length() == plain.get_seq_length() == 4 + 1 + 2 + 3
+    new = torch.randn(2, 2, 1, 5), torch.randn(2, 2, 1, 5)
+    torch.testing.assert_close(plain.update(*new)[1], roomy.update(*new)[1], rtol=0, atol=0)
+    roomy.crop(-2)
+    assert roomy.get_seq_length() == 9 and roomy.keys is not None
+    torch.testing.assert_close(roomy.keys, plain.keys[..., :9, :], rtol=0, atol=0)

@@ -220,6 +220,9 @@ class SharedPrefix:
         with a cache whose rows cannot be selected (recurrent state), stopped rows ride along
         and are ignored."""
         logits, past, mask, position, order = self._prefill_parts(cm, rows)
+        if _joinable(past):
+            for layer in past.layers:
+                _RoomyLayer.adopt(layer, max_new_tokens)
         shrink = rows_selectable(past)
         answers: list[list[int]] = [[] for _ in rows]
         active: list[int | None] = list(order)  # batch row -> answer (None: stopped)
@@ -303,6 +306,65 @@ class SharedPrefix:
         mask = torch.cat([widen(o[2], 1) for o in outs])
         position = torch.cat([o[3] for o in outs])
         return logits, past, mask, position, order
+
+
+class _RoomyLayer(cache_utils.DynamicLayer):
+    """A plain key/value cache layer with room reserved for the tokens to come: a decoding step
+    writes its keys and values into that room instead of concatenating them to the cache (which
+    copies the whole cache at every step). ``keys`` and ``values`` are views of the room."""
+
+    room: tuple[torch.Tensor, torch.Tensor]
+    length: int
+
+    @classmethod
+    def adopt(cls, layer: cache_utils.DynamicLayer, extra: int) -> None:
+        """Turn a filled :class:`DynamicLayer` into one with room for ``extra`` more tokens."""
+        keys, values = layer.keys, layer.values
+        assert keys is not None and values is not None
+        layer.__class__ = cls
+        assert isinstance(layer, cls)
+        layer.room, layer.length = (keys, values), keys.shape[-2]
+        layer.reserve(extra)
+
+    def reserve(self, extra: int) -> None:
+        keys, values = self.room
+        n = self.length
+        shape = (*keys.shape[:-2], n + extra, keys.shape[-1])
+        more_keys, more_values = keys.new_empty(shape), values.new_empty(shape)
+        more_keys[..., :n, :] = keys[..., :n, :]
+        more_values[..., :n, :] = values[..., :n, :]
+        self._view(more_keys, more_values, n)
+
+    def _view(self, keys: torch.Tensor, values: torch.Tensor, n: int) -> None:
+        self.room, self.length = (keys, values), n
+        self.keys, self.values = keys[..., :n, :], values[..., :n, :]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, m = self.length, key_states.shape[-2]
+        if n + m > self.room[0].shape[-2]:
+            self.reserve(max(m, n))
+        keys, values = self.room
+        keys[..., n : n + m, :] = key_states
+        values[..., n : n + m, :] = value_states
+        self._view(keys, values, n + m)
+        return keys[..., : n + m, :], values[..., : n + m, :]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        keys, values = self.room
+        self._view(keys[indices], values[indices], self.length)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        keys, values = self.room
+        self._view(
+            keys.repeat_interleave(repeats, 0), values.repeat_interleave(repeats, 0), self.length
+        )
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        self._view(*self.room, self.length + tokens_to_remove)
 
 
 _PREFILL_ROWS = 32
