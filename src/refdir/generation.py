@@ -266,26 +266,22 @@ class SharedPrefix:
         zero-padded (and masked) between the shared prefix and each part's tokens, so decoding
         runs every row at once. Caches whose layers are not plain key/value layers (sliding
         windows, recurrent state) are read in one padded pass instead."""
-        parts = (
-            by_length(rows, _PREFILL_ROWS)
-            if len(rows) > _PREFILL_ROWS
-            else [list(range(len(rows)))]
-        )
-        outs = []
-        for part in parts:
+
+        def read(part: list[int]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
             result, mask, positions = self._prefill(
                 cm, [rows[i] for i in part], None, use_cache=True
             )
-            outs.append((result.logits[:, -1], result.past_key_values, mask, positions[:, -1:]))
-            if len(parts) > 1 and not _joinable(result.past_key_values):
-                parts = [list(range(len(rows)))]
-                result, mask, positions = self._prefill(cm, rows, None, use_cache=True)
-                outs = [(result.logits[:, -1], result.past_key_values, mask, positions[:, -1:])]
-                break
+            return result.logits[:, -1], result.past_key_values, mask, positions[:, -1:]
+
+        whole = list(range(len(rows)))
+        if len(rows) <= _PREFILL_ROWS:
+            return (*read(whole), whole)
+        parts = by_length(rows, _PREFILL_ROWS)
+        outs = [read(parts[0])]
+        if not _joinable(outs[0][1]):  # every part gets the same kind of cache
+            return (*read(whole), whole)
+        outs += [read(part) for part in parts[1:]]
         order = [i for part in parts for i in part]
-        if len(outs) == 1:
-            logits, past, mask, position = outs[0]
-            return logits, past, mask, position, order
         width = max(mask.shape[1] for _, _, mask, _ in outs)
 
         def widen(t: torch.Tensor, dim: int) -> torch.Tensor:
