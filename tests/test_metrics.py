@@ -1,15 +1,24 @@
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import pytest
 import torch
 
 from refdir.direction import Direction
 from refdir.errors import RefdirError
+from refdir.evaluate import intervention
 from refdir.generation import last_position_logits
 from refdir.intervene import ablate, add
+from refdir.layer_inputs import LayerInputs
 from refdir.metrics import (
+    _nll,
+    _Window,
     ce_loss,
     ce_loss_on_completions,
+    ce_losses,
+    completion_rows,
     intervention_scope,
     kl_by_prompt,
     kl_completions,
@@ -17,9 +26,10 @@ from refdir.metrics import (
     kl_last_position,
     kl_summary,
     load_corpus,
+    text_rows,
 )
 from refdir.model import ChatModel
-from tiny import tiny_chat_model
+from tiny import ARCHS, tiny_chat_model
 
 PROMPTS = ["hello there", "how are you doing today?", "x"]
 COMPLETIONS = ["fine, thanks", "ok", "a longer answer here"]
@@ -231,3 +241,81 @@ def test_kl_summary_on_a_hand_worked_case() -> None:
     assert kl_summary(kl, [False] * 5)["refused_at_baseline"] == {"n": 0, "mean": None}
     with pytest.raises(RefdirError, match="5 KL values for 4 prompts"):
         kl_summary(kl, [False] * 4)
+
+
+# -- several conditions at once ------------------------------------------------------------
+
+CONDITIONS = {"baseline": ("none", 1.0), "ablation": ("ablate", 1.0), "actadd": ("actadd", -2.0)}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_ce_losses_equal_one_scope_at_a_time(arch: str) -> None:
+    """The actadd pass starts at the direction's layer from the baseline's recording, the CE
+    and the first-token logits are those of separate scoped passes, and on prompt +
+    completion rows the first-token logits are the prompts' last-position logits."""
+    base = tiny_chat_model(arch, seed=2)
+    cm = ChatModel(base.model, base.tokenizer, system="A system prompt that every prompt shares.")
+    torch.manual_seed(0)
+    d = Direction(6.0 * torch.randn(cm.d_model), layer=cm.n_layers - 2, position=-1, model=cm.name)
+    rows = completion_rows(cm, PROMPTS, COMPLETIONS)
+    got = ce_losses(cm, rows, d, CONDITIONS, batch_size=2, progress=False)
+    assert list(got) == list(CONDITIONS)
+    for name, (kind, coeff) in CONDITIONS.items():
+        with intervention(cm, kind, d, coeff):
+            expected = ce_loss_on_completions(
+                cm, PROMPTS, COMPLETIONS, batch_size=3, progress=False
+            )
+            last = last_position_logits(cm, PROMPTS)
+        assert got[name].ce == pytest.approx(expected, rel=1e-5)
+        torch.testing.assert_close(got[name].first, last, rtol=1e-4, atol=1e-4)
+    assert got["actadd"].ce != pytest.approx(got["baseline"].ce, rel=1e-3)  # the layer matters
+    assert got["baseline"].n_tokens == sum(
+        len(r) - s for r, s in zip(rows.ids, rows.starts, strict=True)
+    )
+    assert all("forward" not in vars(layer) for layer in cm.layout.layers)
+
+
+def test_ce_losses_on_text_and_without_a_baseline(cm: ChatModel, direction: Direction) -> None:
+    rows = text_rows(cm, TEXTS)
+    both = ce_losses(cm, rows, direction, CONDITIONS, batch_size=2, progress=False)
+    alone = ce_losses(cm, rows, direction, {"actadd": ("actadd", -2.0)}, progress=False)
+    with add(cm, direction, -2.0):
+        plain = ce_loss(cm, TEXTS, progress=False)
+    assert both["actadd"].ce == pytest.approx(plain, rel=1e-5)
+    assert alone["actadd"].ce == pytest.approx(plain, rel=1e-5)
+    assert both["baseline"].ce == pytest.approx(ce_loss(cm, TEXTS, progress=False), rel=1e-5)
+    with pytest.raises(RefdirError, match="at least one condition"):
+        ce_losses(cm, rows, direction, {})
+    with pytest.raises(RefdirError, match="unknown intervention"):
+        ce_losses(cm, rows, direction, {"x": ("steer", 1.0)})
+    with pytest.raises(RefdirError, match="needs --direction"):
+        ce_losses(cm, rows, None, {"x": ("ablate", 1.0)})
+
+
+def test_nll_takes_the_scored_tokens_only() -> None:
+    """A hand-worked window: two rows, one with two scored tokens and one with none."""
+    logits = torch.log(
+        torch.tensor([[[0.5, 0.5], [0.25, 0.75], [1.0, 1.0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]])
+    )
+    targets = torch.tensor([[1, 0], [0, 0]])
+    scored = torch.tensor([[True, True], [False, False]])
+    nll = _nll(_Window(logits, targets, scored, torch.tensor([0, 2])))
+    assert nll.dtype == torch.float64
+    torch.testing.assert_close(
+        nll, torch.tensor([-math.log(0.5), -math.log(0.25)], dtype=torch.float64)
+    )
+
+
+def test_ce_losses_start_the_actadd_pass_at_the_layer(
+    cm: ChatModel, direction: Direction, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered: list[int] = []
+    start_at = LayerInputs.start_at
+
+    def spy(self: LayerInputs, cm: ChatModel, layer: int, live: dict[str, list[int]]) -> Any:
+        entered.append(layer)
+        return start_at(self, cm, layer, live)
+
+    monkeypatch.setattr(LayerInputs, "start_at", spy)
+    ce_losses(cm, text_rows(cm, TEXTS), direction, CONDITIONS, batch_size=2, progress=False)
+    assert entered == [direction.layer]

@@ -203,11 +203,12 @@ class SharedPrefix:
         result, _, _ = self._prefill(cm, rows, cache_rows, use_cache=False)
         return result.logits[:, -1].float().cpu()
 
-    def all_logits(self, cm: ChatModel, rows: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Logits [B, T, vocab] at every position of ``rows`` after the prefix (left-padded to
-        the longest, T tokens), as the model returns them."""
-        result, _, _ = self._prefill(cm, rows, None, use_cache=False, keep=0)
-        return result.logits
+    def last_logits(self, cm: ChatModel, rows: Sequence[Sequence[int]], keep: int) -> torch.Tensor:
+        """Logits [B, keep, vocab] at the last ``keep`` positions of ``rows`` (left-padded, so
+        every row ends at the last one), as the model returns them; only those positions go
+        through the unembedding. ``keep`` may not exceed the longest row after the prefix."""
+        result, _, _ = self._prefill(cm, rows, None, use_cache=False, keep=keep)
+        return result.logits[:, -keep:]
 
     def greedy(
         self, cm: ChatModel, rows: Sequence[Sequence[int]], max_new_tokens: int, stops: set[int]

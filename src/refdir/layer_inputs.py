@@ -20,10 +20,10 @@ import torch
 from refdir.chat import by_length
 from refdir.errors import RefdirError
 from refdir.generation import SharedPrefix
-from refdir.hooks import hooked, residual_stream
+from refdir.hooks import Hook, hooked, residual_stream
 from refdir.model import ChatModel
 
-__all__ = ["LayerInputs"]
+__all__ = ["LayerInputs", "Recorder"]
 
 
 @dataclass
@@ -40,41 +40,42 @@ class LayerInputs:
 
     @classmethod
     def record(
-        cls, cm: ChatModel, rows: Sequence[Sequence[int]], batch_size: int = 32
+        cls,
+        cm: ChatModel,
+        rows: Sequence[Sequence[int]],
+        batch_size: int = 32,
+        layers: Sequence[int] | None = None,
     ) -> LayerInputs | None:
-        """Record every layer's input for ``rows`` (no intervention may be active).
+        """Record the inputs of ``layers`` (default: every layer) for ``rows`` in a pass of
+        their own (no intervention may be active).
 
         None when the model's decoder layers do not return a plain tensor (older layer classes
         return tuples), so that callers fall back to full passes.
         """
-        n_layers = len(cm.layout.layers)
-        empty = torch.empty(0)
-        inputs = [[empty] * len(rows) for _ in range(n_layers)]
-        plain: list[bool] = []
-        in_flight: list[int] = []
-        after: list[int] = []  # tokens after the shared prefix, per row in flight
-
-        def keep(index: int, hidden: torch.Tensor) -> None:
-            if index < n_layers:
-                for j, (row, n) in enumerate(zip(in_flight, after, strict=True)):
-                    inputs[index][row] = (
-                        hidden[j, hidden.shape[1] - n :].detach().to("cpu", copy=True)
-                    )
-
-        def output_type(module: torch.nn.Module, args: Any, output: Any) -> None:
-            plain.append(isinstance(output, torch.Tensor))
-
-        hooks = residual_stream(cm.layout.layers, keep)[:n_layers]
-        hooks.append((cm.layout.layers[0], "output", output_type))
         with torch.inference_mode():
             prefix = SharedPrefix.build(cm, rows)
-            with hooked(hooks):
+            with cls.recording(cm, rows, prefix.length, layers) as recorder:
                 for chunk in by_length(rows, batch_size):
-                    in_flight[:] = chunk
-                    after[:] = [len(rows[i]) - prefix.length for i in chunk]
+                    recorder.in_flight(chunk)
                     prefix.logits(cm, [rows[i] for i in chunk])
-        recorded = [tuple(r) for r in rows]
-        return cls(prefix.length, inputs, recorded) if plain and all(plain) else None
+        return recorder.result()
+
+    @classmethod
+    @contextmanager
+    def recording(
+        cls,
+        cm: ChatModel,
+        rows: Sequence[Sequence[int]],
+        prefix_len: int,
+        layers: Sequence[int] | None = None,
+    ) -> Iterator[Recorder]:
+        """Record layer inputs during the caller's own passes over ``rows`` (tokens after a
+        shared prefix of ``prefix_len``): before each batch, tell the recorder which rows are in
+        flight, in the batch's order; after the block, :meth:`Recorder.result` is the
+        recording."""
+        recorder = Recorder(cm, rows, prefix_len, layers)
+        with hooked(recorder.hooks()):
+            yield recorder
 
     def check(self, rows: Sequence[Sequence[int]], prefix_len: int) -> None:
         """Raise unless ``rows`` (and their shared prefix) are the ones recorded."""
@@ -93,6 +94,8 @@ class LayerInputs:
         if not 0 <= layer < len(self.inputs):
             raise RefdirError(f"layer {layer} is outside 0..{len(self.inputs) - 1}")
         recorded = self.inputs[layer]
+        if layer > 0 and any(x.numel() == 0 for x in recorded):
+            raise RefdirError(f"the inputs of layer {layer} were not recorded; record that layer")
 
         def identity(*args: Any, **kwargs: Any) -> torch.Tensor:
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -125,3 +128,53 @@ class LayerInputs:
                     module.forward = old
                 elif "forward" in vars(module):
                     del module.forward
+
+
+class Recorder:
+    """Collects the inputs of some decoder layers, per row, while passes run (see
+    :meth:`LayerInputs.recording`)."""
+
+    def __init__(
+        self,
+        cm: ChatModel,
+        rows: Sequence[Sequence[int]],
+        prefix_len: int,
+        layers: Sequence[int] | None,
+    ) -> None:
+        self.n_layers = len(cm.layout.layers)
+        wanted = range(self.n_layers) if layers is None else layers
+        if any(not 0 <= layer < self.n_layers for layer in wanted):
+            raise RefdirError(f"layers to record must lie in 0..{self.n_layers - 1}")
+        self.layers = set(wanted)
+        self.cm, self.rows, self.prefix_len = cm, rows, prefix_len
+        empty = torch.empty(0)
+        self.inputs = [[empty] * len(rows) for _ in range(self.n_layers)]
+        self.plain: list[bool] = []
+        self.rows_in_flight: list[int] = []
+
+    def in_flight(self, rows: Sequence[int]) -> None:
+        """The recording's row indices of the batch about to run, in the batch's order."""
+        self.rows_in_flight = list(rows)
+
+    def hooks(self) -> list[Hook]:
+        def keep(index: int, hidden: torch.Tensor) -> None:
+            if index not in self.layers:
+                return
+            for j, row in enumerate(self.rows_in_flight):
+                n = len(self.rows[row]) - self.prefix_len
+                self.inputs[index][row] = (
+                    hidden[j, hidden.shape[1] - n :].detach().to("cpu", copy=True)
+                )
+
+        def output_type(module: torch.nn.Module, args: Any, output: Any) -> None:
+            self.plain.append(isinstance(output, torch.Tensor))
+
+        hooks = residual_stream(self.cm.layout.layers, keep)[: self.n_layers]
+        hooks.append((self.cm.layout.layers[0], "output", output_type))
+        return hooks
+
+    def result(self) -> LayerInputs | None:
+        """The recording; None when the decoder layers do not return a plain tensor."""
+        if not self.plain or not all(self.plain):
+            return None
+        return LayerInputs(self.prefix_len, self.inputs, [tuple(r) for r in self.rows])

@@ -13,8 +13,8 @@ the KL functions enter the given intervention themselves. Sums are float64.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -22,18 +22,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from refdir.chat import by_length, pad_left
+from refdir.chat import by_length
 from refdir.direction import Direction
 from refdir.errors import RefdirError
 from refdir.evaluate import intervention
-from refdir.generation import SharedPrefix, last_position_logits
+from refdir.generation import SharedPrefix, last_position_logits, unsort
+from refdir.layer_inputs import LayerInputs
 from refdir.model import ChatModel
 
 __all__ = [
     "CORPORA",
+    "Losses",
     "Scope",
+    "ScoredRows",
     "ce_loss",
     "ce_loss_on_completions",
+    "ce_losses",
+    "completion_rows",
     "intervention_scope",
     "kl_by_prompt",
     "kl_completions",
@@ -42,6 +47,7 @@ __all__ = [
     "kl_summary",
     "load_corpus",
     "resolve_scope",
+    "text_rows",
 ]
 
 Scope = Callable[[], AbstractContextManager[Any]]
@@ -171,24 +177,50 @@ def kl_by_prompt(
 
 
 @dataclass(frozen=True)
-class _Scored:
-    """One batch of token rows and, per row, where its scored tokens begin."""
+class ScoredRows:
+    """Token rows and, per row, where its scored tokens begin: row ``i`` is scored on
+    ``ids[i][starts[i]:]`` (each predicted from the tokens before it; ``starts[i]`` >= 1)."""
 
-    rows: list[list[int]]
+    ids: list[list[int]]
     starts: list[int]
 
 
-def _text_rows(cm: ChatModel, texts: Sequence[str], max_length: int | None) -> list[list[int]]:
+@dataclass(frozen=True)
+class Losses:
+    """Cross-entropy of :class:`ScoredRows` under one condition.
+
+    ``ce``: mean nats per scored token (float64 sum); ``n_tokens``: tokens scored; ``first``:
+    [N, vocab] float32 logits at the position before each row's first scored token, in the
+    rows' order (for a prompt + completion row: the prompt's last-position logits, the
+    distribution of the KL score)."""
+
+    ce: float
+    n_tokens: int
+    first: torch.Tensor
+
+
+def text_rows(cm: ChatModel, texts: Sequence[str], max_length: int | None = 256) -> ScoredRows:
+    """Plain texts, no chat template, each cut to its first ``max_length`` tokens; every token
+    after the first is scored."""
+    if isinstance(texts, str) or not texts:
+        raise RefdirError("give a non-empty list of texts for the CE loss")
+    if max_length is not None and max_length < 2:
+        raise RefdirError(f"max_length must be at least 2 tokens, got {max_length}")
     rows = [list(cm.tokenizer(t)["input_ids"]) for t in texts]
-    return [r[:max_length] if max_length else r for r in rows]
+    rows = [r[:max_length] if max_length else r for r in rows]
+    if all(len(r) < 2 for r in rows):
+        raise RefdirError("no tokens to score: every text is shorter than two tokens")
+    return ScoredRows(rows, [1] * len(rows))
 
 
-def _completion_rows(
+def completion_rows(
     cm: ChatModel, prompts: Sequence[str], completions: Sequence[str]
-) -> tuple[list[list[int]], list[int]]:
-    """Chat-formatted prompt ids + completion ids, and where each completion begins."""
+) -> ScoredRows:
+    """Chat-formatted prompts followed by their completions; the completion tokens are scored."""
     if isinstance(prompts, str) or isinstance(completions, str):
         raise RefdirError("give lists of prompts and completions, not one string")
+    if not prompts:
+        raise RefdirError("no prompts to compute the CE loss on")
     if len(prompts) != len(completions):
         raise RefdirError(f"got {len(prompts)} prompts but {len(completions)} completions")
     rows, starts = [], []
@@ -197,58 +229,95 @@ def _completion_rows(
         tail = list(cm.tokenizer(completion, add_special_tokens=False)["input_ids"])
         rows.append(head + tail)
         starts.append(len(head))
-    return rows, starts
+    return ScoredRows(rows, starts)
 
 
-def _chunks(rows: list[list[int]], starts: list[int], size: int) -> Iterator[_Scored]:
-    """Batches of rows of similar length (the order of the rows does not change a mean)."""
-    for chunk in by_length(rows, size):
-        yield _Scored([rows[i] for i in chunk], [starts[i] for i in chunk])
+@dataclass(frozen=True)
+class _Window:
+    """One batch's logits over the last ``keep`` positions of its rows (left-padded, so every
+    row ends at the window's end), with each row's targets and where its scoring begins."""
+
+    logits: torch.Tensor  # [B, keep, vocab], as the model returns them
+    targets: torch.Tensor  # [B, keep - 1]: the token each position predicts (0 where unscored)
+    scored: torch.Tensor  # [B, keep - 1] bool
+    first: torch.Tensor  # [B]: window index of the logits that predict the first scored token
 
 
-def _scored_logits(
-    cm: ChatModel, batch: _Scored, prefix: SharedPrefix
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [n, vocab] (float32, CPU) that predict each scored token, and those tokens [n].
-    ``prefix`` (shorter than every row's first scored token) runs once for every batch."""
-    tails = [row[prefix.length :] for row in batch.rows]
-    padded = pad_left(tails, cm.chat.pad_id)
-    width = padded.input_ids.shape[1]
-    scored = torch.zeros_like(padded.input_ids, dtype=torch.bool)
-    for i, (row, start) in enumerate(zip(tails, batch.starts, strict=True)):
-        scored[i, width - len(row) + max(start - prefix.length, 1) :] = True
-    with torch.inference_mode():
-        logits = prefix.all_logits(cm, batch.rows)
-    picked = logits[:, :-1][scored[:, 1:].to(logits.device)]
-    return picked.float().cpu(), padded.input_ids[:, 1:][scored[:, 1:]]
+def _window(cm: ChatModel, rows: ScoredRows, chunk: Sequence[int], prefix: SharedPrefix) -> _Window:
+    """Run one batch; only the positions that predict a scored token (and the one before the
+    first) go through the unembedding."""
+    ids = [rows.ids[i] for i in chunk]
+    counts = [len(rows.ids[i]) - rows.starts[i] for i in chunk]
+    keep = max(counts) + 1
+    logits = prefix.last_logits(cm, ids, keep)
+    targets = torch.zeros(len(chunk), keep - 1, dtype=torch.long)
+    scored = torch.zeros(len(chunk), keep - 1, dtype=torch.bool)
+    for j, (row, n) in enumerate(zip(ids, counts, strict=True)):
+        if n:
+            targets[j, keep - 1 - n :] = torch.tensor(row[len(row) - n :])
+            scored[j, keep - 1 - n :] = True
+    first = torch.tensor([keep - 1 - n for n in counts])
+    return _Window(logits, targets, scored, first)
 
 
-def _prefix(cm: ChatModel, rows: list[list[int]], starts: list[int]) -> SharedPrefix:
+def _nll(window: _Window) -> torch.Tensor:
+    """Negative log-likelihood of every scored token, float64 [n] (the log-normaliser is taken in
+    float32 over the vocabulary, max-shifted, then the difference in float64)."""
+    logits = window.logits[:, :-1].float()
+    targets = window.targets.to(logits.device)
+    lse = logits.logsumexp(-1)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    scored = window.scored.to(logits.device)
+    return (lse[scored].double() - picked[scored].double()).cpu()
+
+
+def _prefix(cm: ChatModel, rows: ScoredRows) -> SharedPrefix:
     """The prefix the rows share, up to the position before the first scored token."""
     with torch.inference_mode():
-        return SharedPrefix.build(cm, rows, at_most=min(starts) - 1)
+        return SharedPrefix.build(cm, rows.ids, at_most=min(rows.starts) - 1)
 
 
-def _mean_ce(
+def _losses(
     cm: ChatModel,
-    rows: list[list[int]],
-    starts: list[int],
+    rows: ScoredRows,
     batch_size: int,
     desc: str,
     progress: bool,
-) -> float:
+    record: int | None = None,
+    replay: tuple[LayerInputs, int] | None = None,
+) -> tuple[Losses, LayerInputs | None]:
+    """CE of ``rows`` under whatever is active. ``record``: also record that layer's inputs (a
+    baseline pass, for later passes that start there); ``replay``: start at that layer from
+    the recording (the model must equal the recorded one below it)."""
+    chunks = by_length(rows.ids, batch_size)
+    prefix = _prefix(cm, rows)
     total = torch.zeros((), dtype=torch.float64)
     count = 0
-    n_batches = -(-len(rows) // batch_size) if batch_size > 0 else 0
-    prefix = _prefix(cm, rows, starts)
-    for batch in tqdm(_chunks(rows, starts, batch_size), desc, n_batches, disable=not progress):
-        logits, targets = _scored_logits(cm, batch, prefix)
-        logp = logits.double().log_softmax(-1).gather(-1, targets.unsqueeze(-1))
-        total -= logp.sum()
-        count += targets.numel()
+    firsts: list[torch.Tensor] = []
+    live: dict[str, list[int]] = {"rows": []}
+    recorder = None
+    with ExitStack() as stack, torch.inference_mode():
+        if record is not None and record > 0:
+            recorder = stack.enter_context(
+                LayerInputs.recording(cm, rows.ids, prefix.length, [record])
+            )
+        if replay is not None:
+            replay[0].check(rows.ids, prefix.length)
+            stack.enter_context(replay[0].start_at(cm, replay[1], live))
+        for chunk in tqdm(chunks, desc, disable=not progress):
+            if recorder is not None:
+                recorder.in_flight(chunk)
+            live["rows"] = list(chunk)
+            window = _window(cm, rows, chunk, prefix)
+            nll = _nll(window)
+            total += nll.sum()
+            count += nll.numel()
+            at = torch.arange(len(chunk), device=window.logits.device)
+            firsts.append(window.logits[at, window.first.to(at.device)].float().cpu())
     if count == 0:
-        raise RefdirError("no tokens to score: every text is shorter than two tokens")
-    return float(total / count)
+        raise RefdirError("no tokens to score: every completion is empty")
+    first = unsort(firsts, chunks)
+    return Losses(float(total / count), count, first), (recorder.result() if recorder else None)
 
 
 def ce_loss(
@@ -259,13 +328,8 @@ def ce_loss(
     progress: bool = True,
 ) -> float:
     """Mean next-token cross-entropy (nats per token) of plain texts, no chat template; each
-    text is cut to its first ``max_length`` tokens."""
-    if isinstance(texts, str) or not texts:
-        raise RefdirError("give a non-empty list of texts for the CE loss")
-    if max_length is not None and max_length < 2:
-        raise RefdirError(f"max_length must be at least 2 tokens, got {max_length}")
-    rows = _text_rows(cm, texts, max_length)
-    return _mean_ce(cm, rows, [1] * len(rows), batch_size, "ce loss", progress)
+    text is cut to its first ``max_length`` tokens. Measures whatever intervention is active."""
+    return _losses(cm, text_rows(cm, texts, max_length), batch_size, "ce loss", progress)[0].ce
 
 
 def ce_loss_on_completions(
@@ -277,10 +341,44 @@ def ce_loss_on_completions(
 ) -> float:
     """Mean cross-entropy of the completion tokens given their chat-formatted prompts (the
     paper's on-distribution CE, on the model's own completions of harmless prompts)."""
-    if not prompts:
-        raise RefdirError("no prompts to compute the CE loss on")
-    rows, starts = _completion_rows(cm, prompts, completions)
-    return _mean_ce(cm, rows, starts, batch_size, "ce loss (completions)", progress)
+    rows = completion_rows(cm, prompts, completions)
+    return _losses(cm, rows, batch_size, "ce loss (completions)", progress)[0].ce
+
+
+def ce_losses(
+    cm: ChatModel,
+    rows: ScoredRows,
+    direction: Direction | None,
+    conditions: Mapping[str, tuple[str, float]],
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "ce loss",
+) -> dict[str, Losses]:
+    """The CE of the same rows under several conditions (name -> (kind, coeff): ``none``,
+    ``ablate`` or ``actadd`` with ``direction``), each entered in turn.
+
+    Activation addition changes nothing below the direction's layer, so when a ``none``
+    condition is among them it runs first and records that layer's inputs, and the ``actadd``
+    passes start there (the same result, less work)."""
+    if not conditions:
+        raise RefdirError("give at least one condition to compute the CE loss under")
+    for kind, coeff in conditions.values():
+        intervention_scope(cm, kind, direction, coeff)  # validate every one before any pass
+    layer = direction.layer if direction is not None else 0
+    starts_at = any(k == "actadd" for k, _ in conditions.values()) and layer > 0
+    order = sorted(conditions, key=lambda name: conditions[name][0] != "none")
+    recorded: LayerInputs | None = None
+    out: dict[str, Losses] = {}
+    for name in order:
+        kind, coeff = conditions[name]
+        replay = (recorded, layer) if kind == "actadd" and recorded is not None else None
+        record = layer if kind == "none" and starts_at and recorded is None else None
+        with intervention(cm, kind, direction, coeff):
+            out[name], taken = _losses(
+                cm, rows, batch_size, f"{desc} ({name})", progress, record, replay
+            )
+        recorded = taken or recorded
+    return {name: out[name] for name in conditions}
 
 
 def kl_completions(
@@ -297,22 +395,23 @@ def kl_completions(
 ) -> float:
     """Mean KL(baseline || intervened) over every completion token, teacher-forced on the
     given completions; the scope is entered once per batch."""
-    if not prompts:
-        raise RefdirError("no prompts to compute the KL divergence on")
     enter = resolve_scope(cm, scope, kind, direction, coeff)
-    rows, starts = _completion_rows(cm, prompts, completions)
+    rows = completion_rows(cm, prompts, completions)
     total = torch.zeros((), dtype=torch.float64)
     count = 0
-    n_batches = -(-len(rows) // batch_size) if batch_size > 0 else 0
-    base_prefix = _prefix(cm, rows, starts)
+    base_prefix = _prefix(cm, rows)
     with enter():
-        new_prefix = _prefix(cm, rows, starts)
-    for batch in tqdm(_chunks(rows, starts, batch_size), "kl", n_batches, disable=not progress):
-        base, _ = _scored_logits(cm, batch, base_prefix)
-        with enter():
-            new, _ = _scored_logits(cm, batch, new_prefix)
-        total += kl_divergence(base, new).sum()
-        count += base.shape[0]
+        new_prefix = _prefix(cm, rows)
+    chunks = by_length(rows.ids, batch_size)
+    for chunk in tqdm(chunks, "kl", disable=not progress):
+        with torch.inference_mode():
+            base = _window(cm, rows, chunk, base_prefix)
+            with enter():
+                new = _window(cm, rows, chunk, new_prefix)
+        scored = base.scored.to(base.logits.device)
+        kl = kl_divergence(base.logits[:, :-1][scored], new.logits[:, :-1][scored])
+        total += kl.sum().cpu()
+        count += kl.numel()
     if count == 0:
         raise RefdirError("no completion tokens to compare; the completions are empty")
     return float(total / count)

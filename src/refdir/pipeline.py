@@ -416,13 +416,13 @@ def _rate(records: Sequence[dict[str, Any]], subset: set[str] | None = None) -> 
 
 
 def step_evaluate(run: Run) -> None:
-    from refdir.evaluate import intervention
     from refdir.metrics import (
-        ce_loss,
-        ce_loss_on_completions,
-        kl_by_prompt,
+        ce_losses,
+        completion_rows,
+        kl_divergence,
         kl_summary,
         load_corpus,
+        text_rows,
     )
 
     c, out, cm = run.config, run.out, run.cm
@@ -443,17 +443,16 @@ def step_evaluate(run: Run) -> None:
             run, "harmless", "actadd", harmless, direction, "actadd", c.harmless_coeff
         ),
     }
-    corpus = load_corpus(c.ce_corpus, c.n_ce)
-    own = [r["completion"] for r in harmless_runs["baseline"]]
-    ce: dict[str, float] = {}
-    ce_own: dict[str, float] = {}
-    for name, (kind, coeff) in conditions.items():
-        with intervention(cm, kind, direction, coeff):
-            ce[name] = round(ce_loss(cm, corpus, progress=run.progress), 5)
-            ce_own[name] = round(
-                ce_loss_on_completions(cm, harmless, own, progress=run.progress), 5
-            )
-    kl = kl_by_prompt(cm, harmless, kind="ablate", direction=direction, batch_size=c.batch_size)
+    corpus = text_rows(cm, load_corpus(c.ce_corpus, c.n_ce))
+    own = completion_rows(cm, harmless, [r["completion"] for r in harmless_runs["baseline"]])
+    on_text = ce_losses(cm, corpus, direction, conditions, progress=run.progress)
+    on_own = ce_losses(
+        cm, own, direction, conditions, progress=run.progress, desc="ce loss (completions)"
+    )
+    ce = {name: round(losses.ce, 5) for name, losses in on_text.items()}
+    ce_own = {name: round(losses.ce, 5) for name, losses in on_own.items()}
+    # the KL score's distributions are the logits that predict each completion's first token
+    kl = kl_divergence(on_own["baseline"].first, on_own["ablation"].first)
     refused = {r["prompt"]: bool(r["refusal"]) for r in harmless_runs["baseline"]}
     selection = _read_json(out / "selection.json")
     prompts = _read_json(out / "prompts.json")
