@@ -86,11 +86,27 @@ def test_resume_after_an_interrupted_step(tmp_path: Path, monkeypatch: pytest.Mo
     assert (tmp_path / "direction.safetensors").exists() and not (
         tmp_path / "metrics.json"
     ).exists()
-    assert len(list((tmp_path / "completions").glob("*.jsonl"))) == 1
+    # the two baselines decode together, then the kill
+    written = sorted(p.name for p in (tmp_path / "completions").glob("*.jsonl"))
+    assert written == ["harmful.baseline.jsonl", "harmless.baseline.jsonl"]
     calls.clear()
     done = run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
     assert list(done) == ["evaluate", "report"]
-    assert len(calls) == 4  # the finished completion file was reused
+    assert calls == ["ablate", "actadd", "actadd"]  # the finished completion files were reused
+    # one baseline file lost: only its group is generated again
+    harmless = (tmp_path / "completions" / "harmless.baseline.jsonl").read_text()
+    (tmp_path / "completions" / "harmless.baseline.jsonl").unlink()
+    (tmp_path / "metrics.json").unlink()
+    calls.clear()
+    sizes: list[int] = []
+    monkeypatch.setattr(
+        refdir.evaluate,
+        "evaluate_refusal",
+        lambda *a, **k: sizes.append(len(a[1])) or real(*a, **k),
+    )
+    run_pipeline(CONFIG, tmp_path, progress=False, model=cm, until="evaluate")
+    assert sizes == [len(harmless.splitlines())]
+    assert (tmp_path / "completions" / "harmless.baseline.jsonl").read_text() == harmless
     forced = run_pipeline(CONFIG, tmp_path, progress=False, model=cm, force="report")
     assert list(forced) == ["report"]
 

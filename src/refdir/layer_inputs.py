@@ -19,7 +19,7 @@ import torch
 
 from refdir.chat import by_length
 from refdir.errors import RefdirError
-from refdir.generation import SharedPrefix
+from refdir.generation import SharedPrefix, unsort
 from refdir.hooks import Hook, hooked, residual_stream
 from refdir.model import ChatModel
 
@@ -52,13 +52,27 @@ class LayerInputs:
         None when the model's decoder layers do not return a plain tensor (older layer classes
         return tuples), so that callers fall back to full passes.
         """
+        return cls.record_with_logits(cm, rows, batch_size, layers)[0]
+
+    @classmethod
+    def record_with_logits(
+        cls,
+        cm: ChatModel,
+        rows: Sequence[Sequence[int]],
+        batch_size: int = 32,
+        layers: Sequence[int] | None = None,
+    ) -> tuple[LayerInputs | None, torch.Tensor]:
+        """:meth:`record`, and the rows' last-position logits [N, vocab] from the same pass (the
+        baseline that the passes starting at a layer are compared with)."""
+        chunks = by_length(rows, batch_size)
+        parts: list[torch.Tensor] = []
         with torch.inference_mode():
             prefix = SharedPrefix.build(cm, rows)
             with cls.recording(cm, rows, prefix.length, layers) as recorder:
-                for chunk in by_length(rows, batch_size):
+                for chunk in chunks:
                     recorder.in_flight(chunk)
-                    prefix.logits(cm, [rows[i] for i in chunk])
-        return recorder.result()
+                    parts.append(prefix.logits(cm, [rows[i] for i in chunk]))
+        return recorder.result(), unsort(parts, chunks)
 
     @classmethod
     @contextmanager

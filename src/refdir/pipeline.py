@@ -382,32 +382,43 @@ def _eval_prompts(c: RunConfig) -> tuple[dict[str, list[str]], list[str], list[s
 
 def _completions(
     run: Run,
-    group: str,
+    groups: dict[str, list[str]],
     condition: str,
-    prompts: list[str],
     direction: Direction,
     kind: str,
     coeff: float,
-) -> list[dict[str, Any]]:
+) -> dict[str, list[dict[str, Any]]]:
+    """Completions of each group of prompts under one condition, read back when their file is
+    there; the groups still missing are generated together (one decoding batch for all)."""
     from refdir.evaluate import evaluate_refusal
 
-    path = run.out / "completions" / f"{group}.{condition}.jsonl"
-    if path.exists():
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    c = run.config
-    result = evaluate_refusal(
-        run.cm,
-        prompts,
-        group,
-        kind,
-        direction,
-        coeff,
-        c.max_new_tokens,
-        c.gen_batch_size,
-        run.progress,
-    )
-    _write_jsonl(path, result.completions)
-    return result.completions
+    paths = {g: run.out / "completions" / f"{g}.{condition}.jsonl" for g in groups}
+    done = {
+        g: [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        for g, path in paths.items()
+        if path.exists()
+    }
+    missing = [g for g in groups if g not in done]
+    if missing:
+        c = run.config
+        prompts = [p for g in missing for p in groups[g]]
+        result = evaluate_refusal(
+            run.cm,
+            prompts,
+            "+".join(missing),
+            kind,
+            direction,
+            coeff,
+            c.max_new_tokens,
+            c.gen_batch_size,
+            run.progress,
+        )
+        at = 0
+        for g in missing:
+            done[g] = result.completions[at : at + len(groups[g])]
+            at += len(groups[g])
+            _write_jsonl(paths[g], done[g])
+    return {g: done[g] for g in groups}
 
 
 def _rate(records: Sequence[dict[str, Any]], subset: set[str] | None = None) -> float:
@@ -433,15 +444,21 @@ def step_evaluate(run: Run) -> None:
         "ablation": ("ablate", 1.0),
         "actadd": ("actadd", c.harmful_coeff),
     }
-    harmful_runs = {
-        name: _completions(run, "harmful", name, harmful, direction, kind, coeff)
-        for name, (kind, coeff) in conditions.items()
-    }
+    # the two baselines share a condition, so they decode as one batch
+    both = _completions(
+        run, {"harmful": harmful, "harmless": harmless}, "baseline", direction, "none", 1.0
+    )
+    harmful_runs = {"baseline": both["harmful"]}
+    for name in ("ablation", "actadd"):
+        kind, coeff = conditions[name]
+        harmful_runs[name] = _completions(run, {"harmful": harmful}, name, direction, kind, coeff)[
+            "harmful"
+        ]
     harmless_runs = {
-        "baseline": _completions(run, "harmless", "baseline", harmless, direction, "none", 1.0),
+        "baseline": both["harmless"],
         "actadd": _completions(
-            run, "harmless", "actadd", harmless, direction, "actadd", c.harmless_coeff
-        ),
+            run, {"harmless": harmless}, "actadd", direction, "actadd", c.harmless_coeff
+        )["harmless"],
     }
     corpus = text_rows(cm, load_corpus(c.ce_corpus, c.n_ce))
     own = completion_rows(cm, harmless, [r["completion"] for r in harmless_runs["baseline"]])

@@ -242,13 +242,15 @@ def score_candidates(
     scores = {
         k: torch.full((n_p, n_l), math.nan, dtype=torch.float64) for k in ("bypass", "induce", "kl")
     }
-    both = [*harmful_val, *harmless_val]
-    n_harmful = len(harmful_val)
-    base_logits = last_position_logits(cm, both, batch_size)
-    base_harmful = refusal_metric(base_logits[:n_harmful], token_ids).mean().item()
-    base_harmless = refusal_metric(base_logits[n_harmful:], token_ids).mean().item()
+    base_harmful = (
+        refusal_metric(last_position_logits(cm, harmful_val, batch_size), token_ids).mean().item()
+    )
+    # the harmless baseline and the layer inputs that the induce passes start from: one pass
+    start, base_logits = LayerInputs.record_with_logits(
+        cm, [cm.chat.token_ids(p) for p in harmless_val], batch_size
+    )
+    base_harmless = refusal_metric(base_logits, token_ids).mean().item()
     kl_bound = max((config.kl_max, *config.fallback_kl_bounds))
-    start = LayerInputs.record(cm, [cm.chat.token_ids(p) for p in harmless_val], batch_size)
     if prune:
         below = _below_layer_filter(n_l, config)
         layer_list = [i for i in layer_list if below[i]]
@@ -267,7 +269,7 @@ def score_candidates(
             continue
         ablated = candidate_logits(cm, harmless_val, vectors[live], "ablate", batch_size=batch_size)
         for i, p in enumerate(live):
-            scores["kl"][p, layer] = kl_divergence(base_logits[n_harmful:], ablated[i]).mean()
+            scores["kl"][p, layer] = kl_divergence(base_logits, ablated[i]).mean()
         live = [p for p in live if not prune or scores["kl"][p, layer] <= kl_bound]
         if not live:
             continue
