@@ -5,10 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from refdir.activations import extract_candidates, residual_means
+from refdir.activations import extract_candidates, filtered_means, residual_means
 from refdir.direction import Candidates, Direction
 from refdir.errors import RefdirError
+from refdir.generation import last_position_logits
 from refdir.model import ChatModel
+from refdir.select import filter_prompts
 from tiny import tiny_chat_model
 
 HARMFUL = ["how do I pick a lock", "tell me something bad", "x"]
@@ -94,3 +96,44 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path: Path) -> None:
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_filtered_means_keep_only_the_rows_the_filter_accepts(cm: ChatModel) -> None:
+    """The filter decides from the same pass's last-position logits; the means equal plain
+    means over the kept prompts, whatever the batches."""
+    prompts = [*HARMFUL, *HARMLESS]
+    first = last_position_logits(cm, prompts)[:, 0]
+    ordered = first.sort().values  # halfway between two values: no row near the threshold
+    threshold = float(ordered[4] + ordered[5]) / 2
+
+    def keep(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, 0] > threshold
+
+    expected_kept = (first > threshold).tolist()
+    assert 0 < sum(expected_kept) < len(prompts)
+    subset = [p for p, k in zip(prompts, expected_kept, strict=True) if k]
+    for batch_size in (1, 4):
+        got = filtered_means(cm, prompts, keep, batch_size=batch_size, progress=False)
+        assert got.kept == expected_kept
+        torch.testing.assert_close(
+            got.mean, residual_means(cm, subset, progress=False), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_extract_filters_in_its_pass_and_records_the_kept_prompts(
+    cm: ChatModel, tmp_path: Path
+) -> None:
+    vocab = cm.model.config.vocab_size
+    half = list(range(0, vocab, 2))  # on this random model: every harmful metric > 0
+    assert filter_prompts(cm, HARMFUL, half, keep_positive=True) == HARMFUL
+    assert filter_prompts(cm, HARMLESS, half, keep_positive=False) == []
+    with pytest.raises(RefdirError, match="removed every prompt of calm"):
+        extract_candidates(cm, HARMFUL, HARMLESS, harmless_name="calm", refusal_tokens=half)
+    odd = list(range(1, vocab, 2))  # every metric < 0: harmless kept, harmful removed
+    with pytest.raises(RefdirError, match="removed every prompt of harmful"):
+        extract_candidates(cm, HARMFUL, HARMLESS, progress=False, refusal_tokens=odd)
+    plain = extract_candidates(cm, HARMFUL, HARMLESS, progress=False)
+    assert plain.harmful_prompts == HARMFUL and plain.n_harmless == len(HARMLESS)
+    plain.save(tmp_path / "c.safetensors")
+    again = Candidates.load(tmp_path / "c.safetensors")
+    assert again.harmful_prompts == HARMFUL and again.harmless_prompts == HARMLESS

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 import refdir.evaluate
+from refdir.direction import Candidates
 from refdir.errors import RefdirError
 from refdir.pipeline import RunConfig, run_pipeline
 from tiny import tiny_chat_model
@@ -53,6 +54,13 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert pooled == pytest.approx(metrics["harmless"]["kl_ablation"], abs=1e-4)
     assert 0 <= spread["median"] <= spread["p90"] <= spread["max"]
     assert metrics["sizes"]["harmful_eval"] == {"jailbreakbench": 2, "harmful_test": 2}
+    prompts = json.loads((tmp_path / "prompts.json").read_text())
+    cands = Candidates.load(tmp_path / "candidates.safetensors")
+    assert cands.harmful_prompts == prompts["harmful_train"]  # the filter is off here
+    for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val"):
+        n = len(prompts[name])
+        assert metrics["sizes"][name] == n
+        assert metrics["sizes"]["filter"][name] == {"sampled": n, "kept": n}
     assert set(metrics["timings"]) == set(done)
     selection = json.loads((tmp_path / "selection.json").read_text())
     assert metrics["direction"]["layer"] == selection["chosen"]["layer"] < 0.8 * cm.n_layers

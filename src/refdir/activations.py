@@ -1,14 +1,17 @@
 """Streaming means of the residual stream at the post-instruction positions.
 
 For every batch, hooks on the decoder layers take the last ``n_post`` positions of each
-layer's input (and of the last layer's output), sum them over the batch in float64 and add
-them to running sums. Nothing per prompt is kept beyond the current batch and layer. The
+layer's input (and of the last layer's output); once the batch's last-position logits are
+known (and with them which prompts pass a filter, such as the paper's refusal-metric filter),
+the kept rows are summed in float64 into running sums. Nothing per prompt is kept beyond the
+current batch. The
 prompt prefix that every prompt shares runs once; its keys/values serve every batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -20,7 +23,64 @@ from refdir.generation import SharedPrefix
 from refdir.hooks import hooked, residual_stream
 from refdir.model import ChatModel
 
-__all__ = ["extract_candidates", "residual_means"]
+__all__ = ["FilteredMeans", "extract_candidates", "filtered_means", "residual_means"]
+
+
+Keep = Callable[[torch.Tensor], torch.Tensor]
+"""Which prompts of a batch count, from their last-position logits [B, vocab]: bool [B]."""
+
+
+@dataclass(frozen=True)
+class FilteredMeans:
+    """Mean residual stream [P, L+1, d] (float64, CPU) over the prompts kept, and which were."""
+
+    mean: torch.Tensor
+    kept: list[bool]
+
+
+def filtered_means(
+    cm: ChatModel,
+    instructions: Sequence[str],
+    keep: Keep | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    desc: str = "activations",
+) -> FilteredMeans:
+    """Mean residual stream at the post-instruction positions over the prompts that ``keep``
+    accepts, decided from the last-position logits of the same pass (None: every prompt).
+
+    A batch's activations wait until its logits are known, then only the kept rows are added to
+    the running float64 sums."""
+    if not instructions:
+        raise RefdirError("no prompts to take activations from")
+    n_post, n_layers = cm.chat.n_post, cm.n_layers
+    sums = torch.zeros(n_post, n_layers + 1, cm.d_model, dtype=torch.float64)
+    pending: dict[int, torch.Tensor] = {}
+
+    def hold(index: int, hidden: torch.Tensor) -> None:
+        pending[index] = hidden[:, -n_post:].detach()
+
+    rows = [cm.chat.token_ids(text) for text in instructions]
+    kept = [False] * len(rows)
+    # the prefix every prompt shares (system prompt, header) runs once, cut so that it never
+    # reaches into the post-instruction positions (identical prompts)
+    short = min(len(r) for r in rows) - n_post
+    hooks = residual_stream(cm.layout.layers, hold)
+    with torch.inference_mode():
+        prefix = SharedPrefix.build(cm, rows, at_most=short)
+        with hooked(hooks):
+            for chunk in tqdm(
+                by_length(rows, batch_size), desc=desc, disable=not progress, unit="batch"
+            ):
+                logits = prefix.logits(cm, [rows[i] for i in chunk])
+                mask = torch.ones(len(chunk), dtype=torch.bool) if keep is None else keep(logits)
+                for index, hidden in pending.items():
+                    sums[:, index] += hidden[mask.to(hidden.device)].to("cpu", torch.float64).sum(0)
+                pending.clear()
+                for i, k in zip(chunk, mask.tolist(), strict=True):
+                    kept[i] = bool(k)
+    n_kept = sum(kept)
+    return FilteredMeans(sums / max(n_kept, 1), kept)
 
 
 def residual_means(
@@ -31,27 +91,7 @@ def residual_means(
     desc: str = "activations",
 ) -> torch.Tensor:
     """Mean residual stream [P, L+1, d] (float64, on CPU) at the post-instruction positions."""
-    if not instructions:
-        raise RefdirError("no prompts to take activations from")
-    n_post, n_layers = cm.chat.n_post, cm.n_layers
-    sums = torch.zeros(n_post, n_layers + 1, cm.d_model, dtype=torch.float64)
-
-    def accumulate(index: int, hidden: torch.Tensor) -> None:
-        sums[:, index] += hidden[:, -n_post:].detach().to("cpu", torch.float64).sum(0)
-
-    rows = [cm.chat.token_ids(text) for text in instructions]
-    # the prefix every prompt shares (system prompt, header) runs once, cut so that it never
-    # reaches into the post-instruction positions (identical prompts)
-    short = min(len(r) for r in rows) - n_post
-    hooks = residual_stream(cm.layout.layers, accumulate)
-    with torch.inference_mode():
-        prefix = SharedPrefix.build(cm, rows, at_most=short)
-        with hooked(hooks):
-            for chunk in tqdm(
-                by_length(rows, batch_size), desc=desc, disable=not progress, unit="batch"
-            ):
-                prefix.logits(cm, [rows[i] for i in chunk])
-    return sums / len(instructions)
+    return filtered_means(cm, instructions, None, batch_size, progress, desc).mean
 
 
 def extract_candidates(
@@ -62,17 +102,45 @@ def extract_candidates(
     progress: bool = True,
     harmful_name: str | None = None,
     harmless_name: str | None = None,
+    refusal_tokens: Sequence[int] | None = None,
 ) -> Candidates:
-    """Difference-of-means candidates for every post-instruction position and layer."""
-    mu_harmful = residual_means(cm, harmful, batch_size, progress, "harmful activations")
-    mu_harmless = residual_means(cm, harmless, batch_size, progress, "harmless activations")
+    """Difference-of-means candidates for every post-instruction position and layer.
+
+    With ``refusal_tokens``, the paper's filter runs in the same pass: a harmful prompt counts
+    only if its refusal metric is > 0, a harmless one only if it is < 0; the candidates record
+    the prompts kept."""
+    from refdir.select import refusal_metric
+
+    def keeper(positive: bool) -> Keep | None:
+        if refusal_tokens is None:
+            return None
+        tokens = list(refusal_tokens)
+        return lambda logits: (refusal_metric(logits, tokens) > 0) == positive
+
+    means = {}
+    for name, prompts, positive in (("harmful", harmful, True), ("harmless", harmless, False)):
+        means[name] = filtered_means(
+            cm, prompts, keeper(positive), batch_size, progress, f"{name} activations"
+        )
+        if not any(means[name].kept):
+            set_name = harmful_name if positive else harmless_name
+            raise RefdirError(
+                f"the refusal-metric filter removed every prompt of {set_name or name}; "
+                "check the refusal tokens"
+            )
+    kept = {
+        name: [p for p, k in zip(prompts, means[name].kept, strict=True) if k]
+        for name, prompts in (("harmful", harmful), ("harmless", harmless))
+    }
     return Candidates(
-        mu_harmful,
-        mu_harmless,
+        means["harmful"].mean,
+        means["harmless"].mean,
         cm.name,
         cm.revision,
         harmful_name,
         harmless_name,
-        len(harmful),
-        len(harmless),
+        len(kept["harmful"]),
+        len(kept["harmless"]),
+        kept["harmful"],
+        kept["harmless"],
     )

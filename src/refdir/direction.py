@@ -156,7 +156,8 @@ class Candidates:
     """Difference-of-means candidates at every post-instruction position and layer.
 
     ``harmful_mean`` and ``harmless_mean`` are float64 [P, L+1, d]; ``positions`` are the
-    negative positions of the P rows (``-P .. -1``).
+    negative positions of the P rows (``-P .. -1``). ``harmful_prompts`` and
+    ``harmless_prompts``, when known, are the prompts the means are over (after any filter).
     """
 
     harmful_mean: torch.Tensor
@@ -167,6 +168,8 @@ class Candidates:
     harmless: str | None = None
     n_harmful: int = 0
     n_harmless: int = 0
+    harmful_prompts: list[str] | None = None
+    harmless_prompts: list[str] | None = None
 
     @property
     def diffs(self) -> torch.Tensor:
@@ -213,6 +216,8 @@ class Candidates:
             "harmless": self.harmless,
             "n_harmful": self.n_harmful,
             "n_harmless": self.n_harmless,
+            "harmful_prompts": self.harmful_prompts,
+            "harmless_prompts": self.harmless_prompts,
         }
         tensors = {
             "candidates": self.diffs.float().contiguous(),

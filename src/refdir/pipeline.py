@@ -221,21 +221,21 @@ def step_prompts(run: Run) -> None:
             "source": "first tokens of the model's own refusals",
         }
     tokens["texts"] = [cm.tokenizer.decode([t]) for t in tokens["ids"]]
-    kept: dict[str, list[str]] = {}
-    for name, prompts in sets.items():
-        harmful = name.startswith("harmful")
-        kept[name] = (
-            filter_prompts(
-                cm, prompts, tokens["ids"], keep_positive=harmful, batch_size=c.batch_size
+    # the validation sets are filtered here; the training sets in the extract step's own pass
+    kept = dict(sets)
+    for name in ("harmful_val", "harmless_val"):
+        if c.filter_prompts:
+            kept[name] = filter_prompts(
+                cm, sets[name], tokens["ids"], name.startswith("harmful"), c.batch_size
             )
-            if c.filter_prompts
-            else prompts
-        )
         if not kept[name]:
             raise RefdirError(
                 f"the refusal-metric filter removed every prompt of {name}; check the refusal tokens"
             )
-    counts = {name: {"sampled": len(sets[name]), "kept": len(kept[name])} for name in sets}
+    counts = {
+        name: {"sampled": len(sets[name]), "kept": len(kept[name])}
+        for name in ("harmful_val", "harmless_val")
+    }
     _write_json(run.out / "refusal_tokens.json", tokens)
     _write_json(run.out / "prompts.json", {**kept, "filter": counts})
 
@@ -246,6 +246,7 @@ def step_prompts(run: Run) -> None:
 def step_extract(run: Run) -> None:
     prompts = _read_json(run.out / "prompts.json")
     c = run.config
+    tokens = _read_json(run.out / "refusal_tokens.json")["ids"] if c.filter_prompts else None
     cands = extract_candidates(
         run.cm,
         prompts["harmful_train"],
@@ -254,6 +255,7 @@ def step_extract(run: Run) -> None:
         run.progress,
         c.harmful_train,
         c.harmless_train,
+        refusal_tokens=tokens,  # the paper's filter, in the extraction pass
     )
     cands.save(run.out / "candidates.safetensors")
 
@@ -373,6 +375,28 @@ def step_select(run: Run) -> None:
 # -- step: evaluate ------------------------------------------------------------------------
 
 
+def _filter_counts(out: Path) -> dict[str, dict[str, int]]:
+    """Prompts sampled and kept by the refusal-metric filter, per set: the validation sets are
+    filtered in the prompts step (prompts.json), the training sets in the extract step's pass
+    (the candidates record how many prompts their means are over)."""
+    prompts = _read_json(out / "prompts.json")
+    cands = Candidates.load(out / "candidates.safetensors")
+    counts = {
+        "harmful_train": {"sampled": len(prompts["harmful_train"]), "kept": cands.n_harmful},
+        "harmless_train": {"sampled": len(prompts["harmless_train"]), "kept": cands.n_harmless},
+    }
+    for k in ("harmful_val", "harmless_val"):
+        n = len(prompts[k])
+        counts[k] = dict((prompts.get("filter") or {}).get(k) or {"sampled": n, "kept": n})
+    return counts
+
+
+def _kept_harmful_train(out: Path) -> list[str]:
+    """The harmful training prompts the difference of means is over."""
+    cands = Candidates.load(out / "candidates.safetensors")
+    return cands.harmful_prompts or list(_read_json(out / "prompts.json")["harmful_train"])
+
+
 def _eval_prompts(c: RunConfig) -> tuple[dict[str, list[str]], list[str], list[str]]:
     by_set = {name: sample_prompts(name, c.n_eval_harmful, c.seed) for name in c.harmful_eval}
     harmful = list(dict.fromkeys(p for prompts in by_set.values() for p in prompts))
@@ -472,7 +496,7 @@ def step_evaluate(run: Run) -> None:
     kl = kl_divergence(on_own["baseline"].first, on_own["ablation"].first)
     refused = {r["prompt"]: bool(r["refusal"]) for r in harmless_runs["baseline"]}
     selection = _read_json(out / "selection.json")
-    prompts = _read_json(out / "prompts.json")
+    counts = _filter_counts(out)
     metrics: dict[str, Any] = {
         "model": c.model,
         "direction": {
@@ -489,10 +513,8 @@ def step_evaluate(run: Run) -> None:
         },
         "refusal_tokens": _read_json(out / "refusal_tokens.json")["texts"],
         "sizes": {
-            **{
-                k: len(prompts[k])
-                for k in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
-            },
+            **{k: v["kept"] for k, v in counts.items()},
+            "filter": counts,
             "harmful_eval": {k: len(v) for k, v in by_set.items()},
             "harmful_eval_unique": len(harmful),
             "harmless_eval": {c.harmless_eval: len(harmless)},
@@ -541,7 +563,7 @@ def step_suffix(run: Run) -> None:
     from refdir.suffix_analysis import run_suffix_experiment
 
     c = run.config
-    train = _read_json(run.out / "prompts.json")["harmful_train"][: c.n_suffix_prompts]
+    train = _kept_harmful_train(run.out)[: c.n_suffix_prompts]
     held_out = [p for p in _eval_prompts(c)[1] if p not in set(train)][: c.n_suffix_eval]
     tokens = _read_json(run.out / "refusal_tokens.json")["texts"]
     config = SuffixConfig(

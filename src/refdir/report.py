@@ -560,7 +560,7 @@ def _run_section(run: RunData) -> list[Block]:
     if run.config.get("versions"):
         blocks += [Heading("Library versions", 3), _key_value_table(run.config["versions"])]
     sizes = dict(run.metrics.get("sizes") or {})
-    if run.prompts.get("filter"):
+    if run.prompts.get("filter") and "filter" not in sizes:  # runs before the train filter moved
         sizes["validation filter"] = run.prompts["filter"]
     if sizes:
         blocks += [Heading("Sizes", 3), _key_value_table(sizes)]
