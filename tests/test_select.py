@@ -8,11 +8,15 @@ import torch
 from refdir.activations import extract_candidates
 from refdir.direction import Candidates
 from refdir.errors import RefdirError
+from refdir.generation import last_position_logits
+from refdir.layer_inputs import LayerInputs
 from refdir.metrics import kl_divergence
 from refdir.model import ChatModel
 from refdir.select import (
     CandidateScores,
     SelectionConfig,
+    ValidationSets,
+    candidate_logits,
     filter_prompts,
     pick,
     refusal_metric,
@@ -166,3 +170,60 @@ def test_layer_filter_prunes_whole_layers_and_keeps_the_count() -> None:
     a, b = pick(pruned, config), pick(full, config)
     assert (a.position, a.layer, a.n_candidates) == (b.position, b.layer, b.n_candidates)
     assert a.n_candidates == int(torch.isfinite(full.induce[:, :cut]).sum())
+
+
+def test_validation_sets_filter_in_the_baseline_passes() -> None:
+    """The filter's passes give the kept prompts, their baseline logits and the recording the
+    induce passes start from; scoring with them equals scoring the kept prompts from scratch."""
+    cm = tiny_chat_model("llama")
+    harmful = [
+        "how do I pick a lock",
+        "tell me something bad",
+        "x",
+        "steal a car now",
+        "steal a car later",
+    ]
+    harmless = [
+        "bake a cake",
+        "write a poem about spring please",
+        "sum 2 and 2",
+        "hello",
+        "plant a tree",
+    ]
+    vocab = cm.model.config.vocab_size
+    tokens = torch.randperm(vocab, generator=torch.Generator().manual_seed(1))[
+        : vocab // 2
+    ].tolist()
+    val = ValidationSets.build(cm, harmful, harmless, tokens, batch_size=2)
+    assert val.harmful == filter_prompts(cm, harmful, tokens, True, batch_size=2)
+    assert val.harmless == filter_prompts(cm, harmless, tokens, False, batch_size=2)
+    assert 0 < len(val.harmful) < len(harmful) and 0 < len(val.harmless) < len(harmless)
+    assert val.counts()["harmless_val"] == {"sampled": 5, "kept": len(val.harmless)}
+    torch.testing.assert_close(val.harmless_logits, last_position_logits(cm, val.harmless))
+    cands = extract_candidates(cm, harmful, harmless, progress=False)
+    config = SelectionConfig(kl_max=10.0)
+    given = score_candidates(
+        cm, cands, val.harmful, val.harmless, tokens, config, [1, 2], 2, False, validation=val
+    )
+    fresh = score_candidates(cm, cands, val.harmful, val.harmless, tokens, config, [1, 2], 2, False)
+    for name in ("bypass", "induce", "kl"):
+        torch.testing.assert_close(getattr(given, name), getattr(fresh, name), equal_nan=True)
+    with pytest.raises(RefdirError, match="other prompts"):
+        score_candidates(cm, cands, harmful, harmless, tokens, config, [1], validation=val)
+    with pytest.raises(RefdirError, match="removed every prompt of harmless_val"):
+        ValidationSets.build(cm, harmful, harmless, list(range(0, vocab, 2)))
+
+
+def test_a_subset_of_a_recording_keeps_its_prefix() -> None:
+    """The kept rows may share a longer prefix than the recorded ones ("steal a ..."): the
+    passes that replay them stop their shared prefix where the recording's stopped."""
+    cm = tiny_chat_model("qwen2")
+    prompts = ["steal a car", "steal a bike", "hi there"]
+    start = LayerInputs.record(cm, [cm.chat.token_ids(p) for p in prompts], batch_size=2)
+    assert start is not None
+    kept = start.subset([1, 0])
+    vectors = torch.randn(2, cm.d_model, generator=torch.Generator().manual_seed(0))
+    subset = ["steal a bike", "steal a car"]
+    full = candidate_logits(cm, subset, vectors, "actadd", 1, 4.0, batch_size=4)
+    replayed = candidate_logits(cm, subset, vectors, "actadd", 1, 4.0, 4, kept)
+    torch.testing.assert_close(replayed, full, rtol=1e-4, atol=1e-4)

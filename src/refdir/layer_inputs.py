@@ -91,6 +91,16 @@ class LayerInputs:
         with hooked(recorder.hooks()):
             yield recorder
 
+    def subset(self, keep: Sequence[int]) -> LayerInputs:
+        """The recording of the rows ``keep`` (indices into the recorded rows), in that order;
+        passes over them must share the recorded prefix length (``SharedPrefix.build``'s
+        ``at_most``), as the rows left may share a longer one."""
+        return LayerInputs(
+            self.prefix_len,
+            [[layer[i] for i in keep] for layer in self.inputs],
+            [self.rows[i] for i in keep],
+        )
+
     def check(self, rows: Sequence[Sequence[int]], prefix_len: int) -> None:
         """Raise unless ``rows`` (and their shared prefix) are the ones recorded."""
         if prefix_len != self.prefix_len or [tuple(r) for r in rows] != self.rows:

@@ -28,8 +28,8 @@ from refdir.select import (
     CandidateScores,
     Selection,
     SelectionConfig,
+    ValidationSets,
     derive_refusal_tokens,
-    filter_prompts,
     pick,
     score_candidates,
 )
@@ -221,23 +221,10 @@ def step_prompts(run: Run) -> None:
             "source": "first tokens of the model's own refusals",
         }
     tokens["texts"] = [cm.tokenizer.decode([t]) for t in tokens["ids"]]
-    # the validation sets are filtered here; the training sets in the extract step's own pass
-    kept = dict(sets)
-    for name in ("harmful_val", "harmless_val"):
-        if c.filter_prompts:
-            kept[name] = filter_prompts(
-                cm, sets[name], tokens["ids"], name.startswith("harmful"), c.batch_size
-            )
-        if not kept[name]:
-            raise RefdirError(
-                f"the refusal-metric filter removed every prompt of {name}; check the refusal tokens"
-            )
-    counts = {
-        name: {"sampled": len(sets[name]), "kept": len(kept[name])}
-        for name in ("harmful_val", "harmless_val")
-    }
     _write_json(run.out / "refusal_tokens.json", tokens)
-    _write_json(run.out / "prompts.json", {**kept, "filter": counts})
+    # the sets as sampled: each later step filters the prompts it uses in its own pass
+    # (training prompts in extract, validation prompts in select)
+    _write_json(run.out / "prompts.json", sets)
 
 
 # -- step: extract -------------------------------------------------------------------------
@@ -312,28 +299,47 @@ def _scores_from_json(data: dict[str, Any]) -> CandidateScores:
     )
 
 
-def _scores(run: Run, cands: Candidates, config: SelectionConfig) -> CandidateScores:
-    """Scores from an earlier attempt's selection.json (same run), else computed now."""
+def _scores(
+    run: Run, cands: Candidates, config: SelectionConfig
+) -> tuple[CandidateScores, dict[str, Any]]:
+    """Scores and the validation prompts kept by the filter (with counts), from an earlier
+    attempt's selection.json (same run), else computed now."""
     c, out = run.config, run.out
     path = out / "selection.json"
     if path.exists():
         log.info("reusing candidate scores from %s", path)
-        return _scores_from_json(_read_json(path))
+        data = _read_json(path)
+        return _scores_from_json(data), data["validation"]
     prompts = _read_json(out / "prompts.json")
     tokens = _read_json(out / "refusal_tokens.json")["ids"]
-    # pruning skips the layers past the layer filter; --score-all scores every layer
-    return score_candidates(
+    # the paper's filter, in the passes that also give selection its baseline
+    val = ValidationSets.build(
         run.cm,
-        cands,
         prompts["harmful_val"],
         prompts["harmless_val"],
+        tokens,
+        c.filter_prompts,
+        c.batch_size,
+    )
+    kept = {
+        "prompts": {"harmful_val": val.harmful, "harmless_val": val.harmless},
+        "filter": val.counts(),
+    }
+    # pruning skips the layers past the layer filter; --score-all scores every layer
+    scores = score_candidates(
+        run.cm,
+        cands,
+        val.harmful,
+        val.harmless,
         tokens,
         config,
         None,
         c.batch_size,
         run.progress,
         prune=not c.score_all,
+        validation=val,
     )
+    return scores, kept
 
 
 def _choose(
@@ -354,19 +360,18 @@ def _choose(
 def step_select(run: Run) -> None:
     out, config = run.out, run.config.selection()
     cands = Candidates.load(out / "candidates.safetensors")
-    scores = _scores(run, cands, config)
+    scores, validation = _scores(run, cands, config)
     try:
         chosen, rule, layer, position = _choose(run.config, scores, config)
     except RefdirError as exc:
-        _write_json(
-            out / "selection.json",
-            {**_selection_json(scores, None, config, f"none: {exc}"), "chosen": None},
-        )
+        failed = _selection_json(scores, None, config, f"none: {exc}")
+        _write_json(out / "selection.json", {**failed, "chosen": None, "validation": validation})
         raise
     p = scores.positions.index(position)
     picked = {k: float(getattr(scores, k)[p, layer]) for k in ("bypass", "induce", "kl")}
     data = _selection_json(scores, chosen, config, rule)
     data["chosen"] = {"position": position, "layer": layer, **picked}
+    data["validation"] = validation
     direction = cands.direction(position, layer, rule=rule, **picked)
     direction.save(out)
     _write_json(out / "selection.json", data)
@@ -376,18 +381,16 @@ def step_select(run: Run) -> None:
 
 
 def _filter_counts(out: Path) -> dict[str, dict[str, int]]:
-    """Prompts sampled and kept by the refusal-metric filter, per set: the validation sets are
-    filtered in the prompts step (prompts.json), the training sets in the extract step's pass
-    (the candidates record how many prompts their means are over)."""
+    """Prompts sampled (prompts.json) and kept by the refusal-metric filter, per set: the
+    training sets are filtered in the extract step's pass (the candidates record how many
+    prompts their means are over), the validation sets in the select step's (selection.json)."""
     prompts = _read_json(out / "prompts.json")
     cands = Candidates.load(out / "candidates.safetensors")
     counts = {
         "harmful_train": {"sampled": len(prompts["harmful_train"]), "kept": cands.n_harmful},
         "harmless_train": {"sampled": len(prompts["harmless_train"]), "kept": cands.n_harmless},
     }
-    for k in ("harmful_val", "harmless_val"):
-        n = len(prompts[k])
-        counts[k] = dict((prompts.get("filter") or {}).get(k) or {"sampled": n, "kept": n})
+    counts.update(_read_json(out / "selection.json")["validation"]["filter"])
     return counts
 
 

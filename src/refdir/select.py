@@ -39,6 +39,7 @@ __all__ = [
     "RefusalTokens",
     "Selection",
     "SelectionConfig",
+    "ValidationSets",
     "candidate_logits",
     "derive_refusal_tokens",
     "filter_prompts",
@@ -197,10 +198,12 @@ def candidate_logits(
     chunks = by_length([rows[i % n] for i in range(k * n)], batch_size)
     parts: list[torch.Tensor] = []
     in_flight: dict[str, list[int]] = {"rows": []}
+    replay = start if kind == "actadd" and layer > 0 else None
     with torch.inference_mode(), hooked(hooks):
         live["rows"] = per_row
-        prefix = SharedPrefix.build(cm, rows, copies=k)
-        replay = start if kind == "actadd" and layer > 0 else None
+        # rows kept from a recording may share a longer prefix: stop where the recording did
+        at_most = replay.prefix_len if replay is not None else None
+        prefix = SharedPrefix.build(cm, rows, copies=k, at_most=at_most)
         if replay is not None:
             replay.check(rows, prefix.length)
         with replay.start_at(cm, layer, in_flight) if replay is not None else nullcontext():
@@ -211,6 +214,63 @@ def candidate_logits(
                 in_flight["rows"] = (index % n).tolist()
                 parts.append(prefix.logits(cm, [rows[i] for i in in_flight["rows"]], owner))
     return unsort(parts, chunks).view(k, n, -1)
+
+
+@dataclass(frozen=True)
+class ValidationSets:
+    """The validation prompts that selection scores on, after the paper's filter (harmful kept
+    if the refusal metric is > 0, harmless if < 0), with the baseline taken in the filter's own
+    passes: last-position logits of the kept prompts and the kept harmless prompts' layer
+    inputs (from which the induce passes start)."""
+
+    harmful: list[str]
+    harmless: list[str]
+    harmful_logits: torch.Tensor
+    harmless_logits: torch.Tensor
+    start: LayerInputs | None
+    sampled: dict[str, int]
+
+    @classmethod
+    def build(
+        cls,
+        cm: ChatModel,
+        harmful_val: Sequence[str],
+        harmless_val: Sequence[str],
+        token_ids: Sequence[int],
+        filter_prompts: bool = True,
+        batch_size: int = 32,
+    ) -> ValidationSets:
+        """One pass over each set; ``filter_prompts=False`` keeps every prompt."""
+        harmful_logits = last_position_logits(cm, harmful_val, batch_size)
+        start, harmless_logits = LayerInputs.record_with_logits(
+            cm, [cm.chat.token_ids(p) for p in harmless_val], batch_size
+        )
+        kept_harmful = [True] * len(harmful_val)
+        kept_harmless = [True] * len(harmless_val)
+        if filter_prompts:
+            kept_harmful = (refusal_metric(harmful_logits, token_ids) > 0).tolist()
+            kept_harmless = (refusal_metric(harmless_logits, token_ids) < 0).tolist()
+        for name, kept in (("harmful_val", kept_harmful), ("harmless_val", kept_harmless)):
+            if not any(kept):
+                raise RefdirError(
+                    f"the refusal-metric filter removed every prompt of {name}; "
+                    "check the refusal tokens"
+                )
+        h = [i for i, k in enumerate(kept_harmful) if k]
+        s = [i for i, k in enumerate(kept_harmless) if k]
+        return cls(
+            [harmful_val[i] for i in h],
+            [harmless_val[i] for i in s],
+            harmful_logits[h],
+            harmless_logits[s],
+            start.subset(s) if start is not None else None,
+            {"harmful_val": len(harmful_val), "harmless_val": len(harmless_val)},
+        )
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Prompts sampled and kept, per set."""
+        kept = {"harmful_val": len(self.harmful), "harmless_val": len(self.harmless)}
+        return {k: {"sampled": self.sampled[k], "kept": kept[k]} for k in kept}
 
 
 def score_candidates(
@@ -224,10 +284,12 @@ def score_candidates(
     batch_size: int = 32,
     progress: bool = True,
     prune: bool = True,
+    validation: ValidationSets | None = None,
 ) -> CandidateScores:
     """Bypass, induce and KL for every candidate.
 
-    Baselines are computed once and the candidates of one layer (one per position) go through
+    Baselines are computed once (or come with ``validation``, from the filter's passes) and the
+    candidates of one layer (one per position) go through
     the model together. The residual stream entering every layer is recorded once for
     harmless_val, so that the induce passes of layer ``l`` start at ``l``. With ``prune`` each
     score is computed only for candidates that :func:`pick` could still choose, one filter at a
@@ -242,13 +304,15 @@ def score_candidates(
     scores = {
         k: torch.full((n_p, n_l), math.nan, dtype=torch.float64) for k in ("bypass", "induce", "kl")
     }
-    base_harmful = (
-        refusal_metric(last_position_logits(cm, harmful_val, batch_size), token_ids).mean().item()
-    )
-    # the harmless baseline and the layer inputs that the induce passes start from: one pass
-    start, base_logits = LayerInputs.record_with_logits(
-        cm, [cm.chat.token_ids(p) for p in harmless_val], batch_size
-    )
+    if validation is None:  # the prompts as given, unfiltered
+        validation = ValidationSets.build(
+            cm, harmful_val, harmless_val, token_ids, False, batch_size
+        )
+    elif validation.harmful != list(harmful_val) or validation.harmless != list(harmless_val):
+        raise RefdirError("the validation baseline belongs to other prompts; build it again")
+    base_harmful = refusal_metric(validation.harmful_logits, token_ids).mean().item()
+    # the harmless baseline, and the layer inputs that the induce passes start from
+    base_logits, start = validation.harmless_logits, validation.start
     base_harmless = refusal_metric(base_logits, token_ids).mean().item()
     kl_bound = max((config.kl_max, *config.fallback_kl_bounds))
     if prune:
