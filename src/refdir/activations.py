@@ -109,13 +109,13 @@ def extract_candidates(
     With ``refusal_tokens``, the paper's filter runs in the same pass: a harmful prompt counts
     only if its refusal metric is > 0, a harmless one only if it is < 0; the candidates record
     the prompts kept."""
-    from refdir.select import refusal_metric
+    from refdir.select import refusal_filter
 
     def keeper(positive: bool) -> Keep | None:
         if refusal_tokens is None:
             return None
         tokens = list(refusal_tokens)
-        return lambda logits: (refusal_metric(logits, tokens) > 0) == positive
+        return lambda logits: refusal_filter(logits, tokens, positive)
 
     means = {}
     for name, prompts, positive in (("harmful", harmful, True), ("harmless", harmless, False)):

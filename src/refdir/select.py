@@ -44,6 +44,7 @@ __all__ = [
     "derive_refusal_tokens",
     "filter_prompts",
     "pick",
+    "refusal_filter",
     "refusal_metric",
     "score_candidates",
 ]
@@ -126,6 +127,16 @@ def derive_refusal_tokens(
     return RefusalTokens(tuple(chosen), texts, covered / len(refusals), len(refusals), len(harmful))
 
 
+def refusal_filter(
+    logits: torch.Tensor, token_ids: Sequence[int], keep_positive: bool
+) -> torch.Tensor:
+    """The paper's prompt filter on last-position logits [N, vocab]: bool [N], true where a
+    harmful prompt is refused (metric > 0) or, with ``keep_positive`` false, where a harmless
+    one is answered (metric < 0)."""
+    metric = refusal_metric(logits, token_ids)
+    return metric > 0 if keep_positive else metric < 0
+
+
 def filter_prompts(
     cm: ChatModel,
     prompts: Sequence[str],
@@ -134,8 +145,7 @@ def filter_prompts(
     batch_size: int = 32,
 ) -> list[str]:
     """Keep harmful prompts the model refuses (metric > 0) or harmless ones it answers (< 0)."""
-    metric = refusal_metric(last_position_logits(cm, prompts, batch_size), token_ids)
-    keep = metric > 0 if keep_positive else metric < 0
+    keep = refusal_filter(last_position_logits(cm, prompts, batch_size), token_ids, keep_positive)
     return [p for p, k in zip(prompts, keep.tolist(), strict=True) if k]
 
 
@@ -248,8 +258,8 @@ class ValidationSets:
         kept_harmful = [True] * len(harmful_val)
         kept_harmless = [True] * len(harmless_val)
         if filter_prompts:
-            kept_harmful = (refusal_metric(harmful_logits, token_ids) > 0).tolist()
-            kept_harmless = (refusal_metric(harmless_logits, token_ids) < 0).tolist()
+            kept_harmful = refusal_filter(harmful_logits, token_ids, True).tolist()
+            kept_harmless = refusal_filter(harmless_logits, token_ids, False).tolist()
         for name, kept in (("harmful_val", kept_harmful), ("harmless_val", kept_harmless)):
             if not any(kept):
                 raise RefdirError(
