@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import Cache, cache_utils
 
 from refdir.chat import by_length, pad_left
-from refdir.model import ChatModel
+from refdir.model import ChatModel, cache_kwargs, returned_cache
 
 __all__ = [
     "SharedPrefix",
@@ -156,7 +156,7 @@ class SharedPrefix:
             return cls(0, None)
         ids = torch.tensor([list(rows[0][:shared])] * copies, dtype=torch.long, device=cm.device)
         result = cm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache = getattr(result, "past_key_values", None)
+        cache = returned_cache(result)
         usable = isinstance(cache, Cache) and rows_selectable(cache)
         return cls(shared, cache) if usable else cls(0, None)
 
@@ -190,8 +190,8 @@ class SharedPrefix:
             input_ids=batch.input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=past,
             use_cache=True,
+            **cache_kwargs(cm.model, past),
             logits_to_keep=keep,
         )
         return result, mask, positions
@@ -249,10 +249,10 @@ class SharedPrefix:
                 input_ids=token[:, None].to(cm.device),
                 attention_mask=mask,
                 position_ids=position,
-                past_key_values=past,
                 use_cache=True,
+                **cache_kwargs(cm.model, past),
             )
-            past = result.past_key_values
+            past = returned_cache(result)
             logits = result.logits[:, -1]
         return answers
 
@@ -272,7 +272,7 @@ class SharedPrefix:
             result, mask, positions = self._prefill(
                 cm, [rows[i] for i in part], None, use_cache=True
             )
-            return result.logits[:, -1], result.past_key_values, mask, positions[:, -1:]
+            return result.logits[:, -1], returned_cache(result), mask, positions[:, -1:]
 
         whole = list(range(len(rows)))
         if len(rows) <= _PREFILL_ROWS:

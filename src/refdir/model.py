@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,15 @@ from refdir.chat import ChatFormat
 from refdir.errors import RefdirError
 from refdir.layout import LayoutSpec, ModelLayout, find_layout
 
-__all__ = ["ORGANISM", "ChatModel", "load_model", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "ORGANISM",
+    "ChatModel",
+    "cache_kwargs",
+    "load_model",
+    "resolve_device",
+    "resolve_dtype",
+    "returned_cache",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +85,26 @@ class ChatModel:
     @property
     def n_layers(self) -> int:
         return self.layout.n_layers
+
+
+def cache_kwargs(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword argument that hands a key/value ``cache`` to ``module``'s forward (a model or
+    a decoder layer): ``cache`` from transformers 5.24 on, ``past_key_values`` before it."""
+    cls = type(module)
+    if cls not in _CACHE_KEYWORD:
+        parameters = inspect.signature(module.forward).parameters
+        _CACHE_KEYWORD[cls] = "cache" if "cache" in parameters else "past_key_values"
+    return {_CACHE_KEYWORD[cls]: cache}
+
+
+_CACHE_KEYWORD: dict[type, str] = {}
+
+
+def returned_cache(output: Any) -> Any:
+    """The key/value cache a forward returned (``cache``; ``past_key_values`` before 5.24), or
+    None."""
+    found = getattr(output, "cache", None)
+    return found if found is not None else getattr(output, "past_key_values", None)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:

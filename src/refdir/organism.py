@@ -45,7 +45,7 @@ from refdir.data import sample_prompts
 from refdir.direction import file_mode
 from refdir.errors import RefdirError
 from refdir.generation import generate_ids, shared_prefix_len
-from refdir.model import ChatModel, detach_gguf_quantizer
+from refdir.model import ChatModel, cache_kwargs, detach_gguf_quantizer
 
 __all__ = [
     "GGUF_NAME",
@@ -356,8 +356,8 @@ def _run_layers(
             attention_mask=mask,
             position_embeddings=rotary,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=cache is not None,
+            **cache_kwargs(layer, cache),
         )
     return hidden
 

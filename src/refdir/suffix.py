@@ -44,7 +44,7 @@ from transformers import PreTrainedTokenizerBase
 
 from refdir.direction import atomic_path
 from refdir.errors import RefdirError
-from refdir.model import ChatModel
+from refdir.model import ChatModel, cache_kwargs, returned_cache
 
 __all__ = [
     "REFUSAL_WORDS",
@@ -277,9 +277,9 @@ class SuffixSearch:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        if out.past_key_values is None:
+        self.cache = returned_cache(out)
+        if self.cache is None:
             raise RefdirError(f"{self.cm.name} returns no key/value cache; suffix search needs one")
-        self.cache = out.past_key_values
 
     def _forward(
         self,
@@ -304,8 +304,8 @@ class SuffixSearch:
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(self.cm.model, cache),
             logits_to_keep=self.keep if keep is None else keep,
         )
 
@@ -314,7 +314,7 @@ class SuffixSearch:
         with torch.inference_mode():
             embeds = self.cm.layout.embed(ids.to(self.cm.device))[None]
             embeds = embeds.expand(len(self.heads), -1, -1)
-            return self._forward(embeds, 1, keep=1).past_key_values
+            return returned_cache(self._forward(embeds, 1, keep=1))
 
     def _cropped(self, cache: Any, shared: int) -> Any:
         """A copy of a prefix + suffix cache cut back to prefix + ``shared`` suffix tokens, or
