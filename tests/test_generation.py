@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -144,3 +146,47 @@ def test_roomy_cache_layer_equals_concatenation() -> None:
     roomy.crop(-2)
     assert roomy.get_seq_length() == 9 and roomy.keys is not None
     torch.testing.assert_close(roomy.keys, plain.keys[..., :9, :], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_rows_under_different_conditions_match_one_call_per_condition(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Baseline, ablation and two activation additions decoded in the same batches (one
+    intervention per row, prompts read in parts, rows stopping mid-batch) give every row the
+    answer it gets in a call of its own under the scoped intervention."""
+    import refdir.generation as generation
+    from refdir.direction import Direction
+    from refdir.evaluate import Job, evaluate_jobs
+    from refdir.intervene import ablate, add
+
+    cm, rows = _early_stopping_model(arch)
+    torch.manual_seed(0)
+    direction = Direction(4 * torch.randn(cm.d_model), layer=1, position=-1, model="tiny")
+    conditions = [("none", 1.0), ("ablate", 1.0), ("actadd", 3.0), ("actadd", -2.0)]
+    alone = []
+    for kind, coeff in conditions:
+        scope = (
+            ablate(cm, direction)
+            if kind == "ablate"
+            else add(cm, direction, coeff)
+            if kind == "actadd"
+            else contextlib.nullcontext()
+        )
+        with scope:
+            alone.append(generate_ids(cm, rows, 6, batch_size=4, progress=False))
+    assert len({str(a) for a in alone}) == len(conditions)  # the conditions differ
+    monkeypatch.setattr(generation, "_PREFILL_ROWS", 3)
+    batches: list[list[int]] = []
+    real = generation.generate_ids
+    monkeypatch.setattr(
+        "refdir.evaluate.generate_ids",
+        lambda *a, **k: batches.append(k["variants"]) or real(*a, **k),
+    )
+    jobs = [Job(f"job{i}", PROMPTS, kind, coeff) for i, (kind, coeff) in enumerate(conditions)]
+    together = evaluate_jobs(cm, jobs, direction, 6, batch_size=7, progress=False)
+    assert batches == [[v for v in range(4) for _ in PROMPTS]]  # one call for every job
+    for result, ids in zip(together, alone, strict=True):
+        texts = cm.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        assert [r["completion"] for r in result.completions] == texts
+    assert any(len(a) < 6 for a in alone[0]) and any(len(a) == 6 for a in alone[0])

@@ -125,3 +125,23 @@ def test_shared_prefix_cache_gives_the_same_logits(arch: str) -> None:
         cached = last_position_logits(cm, prompts, batch_size=3)
         plain = last_position_logits(cm, prompts, batch_size=3, reuse_prefix=False)
     torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_row_conditions_check_their_input(cm: ChatModel) -> None:
+    from refdir.intervene import RowConditions
+
+    direction = Direction(torch.ones(cm.d_model), layer=1, position=-1, model="tiny")
+    with pytest.raises(RefdirError, match="unknown intervention 'steer'"):
+        RowConditions(cm, direction, [("none", 1.0), ("steer", 1.0)])
+    with pytest.raises(RefdirError, match="need a direction"):
+        RowConditions(cm, None, [("ablate", 1.0)])
+    assert RowConditions(cm, None, [("none", 1.0)]).hooks() == []
+    rows = RowConditions(cm, direction, [("none", 1.0), ("actadd", 2.0)])
+    ((_, _, hook),) = rows.hooks()  # one addition hook, no ablation hooks
+    x = torch.zeros(3, 2, cm.d_model)
+    rows.select(torch.tensor([0, 1]))
+    with pytest.raises(RefdirError, match="do not match the batch"):
+        hook(cm.layout.layers[1], (x,), {})
+    rows.select(torch.tensor([0, 1, 0]))
+    (shifted,), _ = hook(cm.layout.layers[1], (x,), {})
+    assert shifted[1].eq(2.0).all() and shifted[[0, 2]].eq(0).all()

@@ -77,43 +77,41 @@ class Killed(Exception):
 
 def test_resume_after_an_interrupted_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cm = tiny_chat_model("llama")
-    real = refdir.evaluate.evaluate_refusal
-    calls: list[str] = []
+    real = refdir.evaluate.evaluate_jobs
+    calls: list[list[str]] = []
     killed: list[bool] = []
 
-    def flaky(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args[3] if len(args) > 3 else kwargs.get("kind", "none"))
-        if len(calls) == 2 and not killed:
+    def flaky(cm: Any, jobs: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append([job.name for job in jobs])
+        if not killed:
             killed.append(True)
-            raise Killed  # the process dies in the middle of the evaluate step
-        return real(*args, **kwargs)
+            raise Killed  # the process dies while the evaluate step decodes
+        return real(cm, jobs, *args, **kwargs)
 
-    monkeypatch.setattr(refdir.evaluate, "evaluate_refusal", flaky)
+    monkeypatch.setattr(refdir.evaluate, "evaluate_jobs", flaky)
     with pytest.raises(Killed):
         run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
-    assert (tmp_path / "direction.safetensors").exists() and not (
-        tmp_path / "metrics.json"
-    ).exists()
-    # the two baselines decode together, then the kill
-    written = sorted(p.name for p in (tmp_path / "completions").glob("*.jsonl"))
-    assert written == ["harmful.baseline.jsonl", "harmless.baseline.jsonl"]
+    assert (tmp_path / "direction.safetensors").exists()
+    assert not (tmp_path / "metrics.json").exists()
+    assert not list((tmp_path / "completions").glob("*.jsonl"))  # nothing half-written
     calls.clear()
     done = run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
     assert list(done) == ["evaluate", "report"]
-    assert calls == ["ablate", "actadd", "actadd"]  # the finished completion files were reused
-    # one baseline file lost: only its group is generated again
+    every = [
+        "harmful.baseline",
+        "harmless.baseline",
+        "harmful.ablation",
+        "harmful.actadd",
+        "harmless.actadd",
+    ]
+    assert calls == [every]  # the earlier steps were reused; all completions decode together
+    # one completion file lost: only its job is generated again, the others are read back
     harmless = (tmp_path / "completions" / "harmless.baseline.jsonl").read_text()
     (tmp_path / "completions" / "harmless.baseline.jsonl").unlink()
     (tmp_path / "metrics.json").unlink()
     calls.clear()
-    sizes: list[int] = []
-    monkeypatch.setattr(
-        refdir.evaluate,
-        "evaluate_refusal",
-        lambda *a, **k: sizes.append(len(a[1])) or real(*a, **k),
-    )
     run_pipeline(CONFIG, tmp_path, progress=False, model=cm, until="evaluate")
-    assert sizes == [len(harmless.splitlines())]
+    assert calls == [["harmless.baseline"]]
     assert (tmp_path / "completions" / "harmless.baseline.jsonl").read_text() == harmless
     forced = run_pipeline(CONFIG, tmp_path, progress=False, model=cm, force="report")
     assert list(forced) == ["report"]

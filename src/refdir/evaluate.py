@@ -9,12 +9,21 @@ from typing import Any, Literal
 
 from refdir.direction import Direction
 from refdir.errors import RefdirError
-from refdir.generation import generate
-from refdir.intervene import ablate, add
+from refdir.generation import generate_ids
+from refdir.hooks import hooked
+from refdir.intervene import RowConditions, ablate, add
 from refdir.model import ChatModel
 from refdir.scoring.markers import is_refusal
 
-__all__ = ["INTERVENTIONS", "Intervention", "RefusalEval", "evaluate_refusal", "intervention"]
+__all__ = [
+    "INTERVENTIONS",
+    "Intervention",
+    "Job",
+    "RefusalEval",
+    "evaluate_jobs",
+    "evaluate_refusal",
+    "intervention",
+]
 
 Intervention = Literal["none", "ablate", "actadd"]
 INTERVENTIONS: tuple[str, ...] = ("none", "ablate", "actadd")
@@ -68,20 +77,71 @@ def evaluate_refusal(
     progress: bool = True,
 ) -> RefusalEval:
     """Greedy completions under an intervention, and their refusal rate by markers."""
-    with intervention(cm, kind, direction, coeff):
-        completions = generate(cm, instructions, max_new_tokens, batch_size, progress)
-    records: list[dict[str, Any]] = [
-        {"prompt": p, "completion": c, "refusal": is_refusal(c)}
-        for p, c in zip(instructions, completions, strict=True)
-    ]
-    rate = sum(r["refusal"] for r in records) / len(records) if records else 0.0
-    return RefusalEval(
-        cm.name,
-        prompts_name,
-        kind,
-        coeff if kind == "actadd" else None,
-        len(records),
-        rate,
-        max_new_tokens,
-        records,
-    )
+    job = Job(prompts_name, list(instructions), kind, coeff)
+    return evaluate_jobs(cm, [job], direction, max_new_tokens, batch_size, progress)[0]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Prompts to complete under one intervention (``coeff``: the actadd coefficient)."""
+
+    name: str
+    instructions: list[str]
+    kind: str = "none"
+    coeff: float = 1.0
+
+
+def evaluate_jobs(
+    cm: ChatModel,
+    jobs: Sequence[Job],
+    direction: Direction | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[RefusalEval]:
+    """:func:`evaluate_refusal` for several jobs at once: all their prompts decode in the same
+    batches, each row under its own job's intervention
+    (:class:`~refdir.intervene.RowConditions`), so the batches stay full until the longest
+    answers end. A job's completions are those it gets alone."""
+    for job in jobs:
+        if job.kind not in INTERVENTIONS:
+            raise RefdirError(
+                f"unknown intervention {job.kind!r}; use one of {', '.join(INTERVENTIONS)}"
+            )
+        if job.kind != "none" and direction is None:
+            raise RefdirError(f"--intervention {job.kind} needs --direction FILE")
+    conditions = RowConditions(cm, direction, [(job.kind, job.coeff) for job in jobs])
+    rows = [cm.chat.token_ids(text) for job in jobs for text in job.instructions]
+    variants = [v for v, job in enumerate(jobs) for _ in job.instructions]
+    with hooked(conditions.hooks()):
+        answers = generate_ids(
+            cm,
+            rows,
+            max_new_tokens,
+            batch_size,
+            progress,
+            variants=variants,
+            on_batch=conditions.select,
+        )
+    texts = list(cm.tokenizer.batch_decode(answers, skip_special_tokens=True))
+    results, at = [], 0
+    for job in jobs:
+        records: list[dict[str, Any]] = [
+            {"prompt": p, "completion": c, "refusal": is_refusal(c)}
+            for p, c in zip(job.instructions, texts[at : at + len(job.instructions)], strict=True)
+        ]
+        at += len(job.instructions)
+        rate = sum(r["refusal"] for r in records) / len(records) if records else 0.0
+        results.append(
+            RefusalEval(
+                cm.name,
+                job.name,
+                job.kind,
+                job.coeff if job.kind == "actadd" else None,
+                len(records),
+                rate,
+                max_new_tokens,
+                records,
+            )
+        )
+    return results

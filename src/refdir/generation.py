@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from transformers import Cache, cache_utils
 
 from refdir.chat import by_length, pad_left
+from refdir.errors import RefdirError
 from refdir.model import ChatModel, cache_kwargs, returned_cache
 
 __all__ = [
@@ -47,21 +48,35 @@ def generate_ids(
     batch_size: int = 32,
     progress: bool = True,
     desc: str = "generate",
+    variants: Sequence[int] | None = None,
+    on_batch: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """Greedy answers (token ids, the stop token included when reached) to prompt token ``rows``.
 
     Rows go through in batches of similar length (less padding); the prefix that every row
     shares (system prompt, template header) runs once and its keys/values are reused by every
     batch. Any active intervention applies to every pass, the prefix included.
+
+    ``variants`` lets rows run under different versions of the model in the same batches (one
+    intervention per row, :class:`~refdir.intervene.RowConditions`): row ``i`` runs variant
+    ``variants[i]`` (0, 1, ...), the shared prefix runs once per variant, and before every
+    forward pass ``on_batch`` receives the variant of each row in flight, in batch order.
     """
     stops = stop_ids(cm)
     chunks = by_length(rows, batch_size)
+    kinds = torch.tensor(list(variants) if variants is not None else [0] * len(rows))
+    if kinds.shape[0] != len(rows) or (len(rows) and int(kinds.min()) < 0):
+        raise RefdirError("give one variant index (0, 1, ...) per row")
+    copies = int(kinds.max()) + 1 if len(rows) else 1
+    tell = on_batch or (lambda _: None)
     answers: list[list[int]] = [[] for _ in rows]
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="prompt")
     with torch.inference_mode():
-        prefix = SharedPrefix.build(cm, rows)
+        tell(torch.arange(copies))
+        prefix = SharedPrefix.build(cm, rows, copies=copies)
         for chunk in chunks:
-            outs = prefix.greedy(cm, [rows[i] for i in chunk], max_new_tokens, stops)
+            part = [rows[i] for i in chunk]
+            outs = prefix.greedy(cm, part, max_new_tokens, stops, kinds[chunk], tell)
             for i, answer in zip(chunk, outs, strict=True):
                 answers[i] = answer
             bar.update(len(chunk))
@@ -137,6 +152,7 @@ class SharedPrefix:
 
     length: int
     cache: Cache | None
+    copies: int = 1
 
     @classmethod
     def build(
@@ -158,7 +174,7 @@ class SharedPrefix:
         result = cm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         cache = returned_cache(result)
         usable = isinstance(cache, Cache) and rows_selectable(cache)
-        return cls(shared, cache) if usable else cls(0, None)
+        return cls(shared, cache, copies) if usable else cls(0, None)
 
     def _prefill(
         self,
@@ -211,7 +227,13 @@ class SharedPrefix:
         return result.logits[:, -keep:]
 
     def greedy(
-        self, cm: ChatModel, rows: Sequence[Sequence[int]], max_new_tokens: int, stops: set[int]
+        self,
+        cm: ChatModel,
+        rows: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stops: set[int],
+        variants: torch.Tensor | None = None,
+        on_batch: Callable[[torch.Tensor], None] | None = None,
     ) -> list[list[int]]:
         """Greedy answers to ``rows`` (one batch), each ending at its first stop token.
 
@@ -219,8 +241,12 @@ class SharedPrefix:
         (see :meth:`_prefill_parts`). A row leaves the batch (and its cache rows are dropped) as
         soon as it stops, so the remaining steps cost only what the rows still answering need;
         with a cache whose rows cannot be selected (recurrent state), stopped rows ride along
-        and are ignored."""
-        logits, past, mask, position, order = self._prefill_parts(cm, rows)
+        and are ignored. ``variants`` and ``on_batch``: see :func:`generate_ids` (the prefix
+        must then hold one cache row per variant)."""
+        kinds = variants if variants is not None else torch.zeros(len(rows), dtype=torch.long)
+        tell = on_batch or (lambda _: None)
+        logits, past, mask, position, order = self._prefill_parts(cm, rows, kinds, tell)
+        kinds = kinds[order]
         if _joinable(past):
             for layer in past.layers:
                 _RoomyLayer.adopt(layer, max_new_tokens)
@@ -241,10 +267,11 @@ class SharedPrefix:
             if shrink and len(going) < len(active):
                 keep = torch.tensor(going)
                 active = [active[i] for i in going]
-                token, mask, position = token[keep], mask[keep], position[keep]
+                token, mask, position, kinds = token[keep], mask[keep], position[keep], kinds[keep]
                 past.batch_select_indices(keep)  # CPU indices serve caches on any device
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
             position = position + 1
+            tell(kinds)
             result = cm.model(
                 input_ids=token[:, None].to(cm.device),
                 attention_mask=mask,
@@ -257,7 +284,11 @@ class SharedPrefix:
         return answers
 
     def _prefill_parts(
-        self, cm: ChatModel, rows: Sequence[Sequence[int]]
+        self,
+        cm: ChatModel,
+        rows: Sequence[Sequence[int]],
+        variants: torch.Tensor,
+        tell: Callable[[torch.Tensor], None],
     ) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor, list[int]]:
         """Read the prompts before decoding: (last-position logits, cache, attention mask,
         last position ids, and for each batch row the index of its prompt in ``rows``).
@@ -269,8 +300,11 @@ class SharedPrefix:
         windows, recurrent state) are read in one padded pass instead."""
 
         def read(part: list[int]) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+            kinds = variants[part]
+            tell(kinds)
+            cache_rows = kinds if self.copies > 1 else None
             result, mask, positions = self._prefill(
-                cm, [rows[i] for i in part], None, use_cache=True
+                cm, [rows[i] for i in part], cache_rows, use_cache=True
             )
             return result.logits[:, -1], returned_cache(result), mask, positions[:, -1:]
 

@@ -9,7 +9,7 @@ exceptions included. Scopes nest.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -19,7 +19,14 @@ from refdir.errors import RefdirError
 from refdir.hooks import Hook, TensorMap, hooked, map_input, map_output
 from refdir.model import ChatModel
 
-__all__ = ["ablate", "ablation_hooks", "add", "addition_hooks", "project_out"]
+__all__ = [
+    "RowConditions",
+    "ablate",
+    "ablation_hooks",
+    "add",
+    "addition_hooks",
+    "project_out",
+]
 
 
 def _vector(direction: Direction | torch.Tensor, cm: ChatModel) -> torch.Tensor:
@@ -96,3 +103,79 @@ def add(
     """Activation addition of ``coeff * direction`` at ``layer`` (default: the direction's)."""
     with hooked(addition_hooks(cm, direction, coeff, layer)):
         yield cm
+
+
+class RowConditions:
+    """Interventions that differ from row to row of a batch, so that several conditions can
+    share forward passes: a row of variant ``v`` runs ``conditions[v]``, one of ``("none", _)``,
+    ``("ablate", _)`` (the direction projected out everywhere) or ``("actadd", coeff)``
+    (``coeff`` x direction added to its layer's input). Tell it the variant of every row in
+    flight (:meth:`select`, the ``on_batch`` of :func:`~refdir.generation.generate_ids`) before
+    each forward pass.
+
+    Each row gets what :func:`ablate` or :func:`add` would give it alone, computed by the
+    same operations; rows of other conditions pass through unchanged.
+    """
+
+    def __init__(
+        self,
+        cm: ChatModel,
+        direction: Direction | None,
+        conditions: Sequence[tuple[str, float]],
+    ) -> None:
+        kinds = [kind for kind, _ in conditions]
+        unknown = sorted({k for k in kinds if k not in ("none", "ablate", "actadd")})
+        if unknown:
+            raise RefdirError(f"unknown intervention {unknown[0]!r}; use none, ablate or actadd")
+        self.cm = cm
+        self.vector: torch.Tensor | None = None
+        self.layer = 0
+        if any(k != "none" for k in kinds):
+            if direction is None:
+                raise RefdirError("ablate and actadd need a direction")
+            self.vector = _vector(direction, cm)
+            self.layer = direction.layer
+            norm = self.vector.norm()
+            if "ablate" in kinds and (not torch.isfinite(norm) or norm == 0):
+                raise RefdirError("cannot ablate a zero or non-finite direction")
+        self.ablated = torch.tensor([float(k == "ablate") for k in kinds])
+        self.coeffs = torch.tensor([float(c) if k == "actadd" else 0.0 for k, c in conditions])
+        self.rows = torch.zeros(0, dtype=torch.long)
+
+    def select(self, variants: torch.Tensor) -> None:
+        """The variant of each row of the next forward pass, in batch order."""
+        self.rows = variants.detach().long().cpu()
+
+    def _rows_where(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``values`` of each row in flight, shaped to broadcast over ``x`` [batch, tokens, d]."""
+        if self.rows.shape[0] != x.shape[0]:
+            raise RefdirError("the rows' variants do not match the batch in flight")
+        return values[self.rows].to(x.device)[:, None, None]
+
+    def hooks(self) -> list[Hook]:
+        """The hooks to register (none when no condition changes anything). Rows whose
+        condition leaves a hook's tensor alone get it back untouched (``torch.where``)."""
+        if self.vector is None:
+            return []
+        vector = self.vector
+        hooks: list[Hook] = []
+        if bool(self.ablated.any()):
+            unit = vector / vector.norm()
+
+            def project(x: torch.Tensor) -> torch.Tensor:
+                r = unit.to(x.device)
+                xf = x.float()
+                ablated = xf - (xf @ r).unsqueeze(-1) * r
+                return torch.where(self._rows_where(self.ablated, x) > 0, ablated, xf).to(x.dtype)
+
+            hooks += [(m, "output", map_output(project)) for m in self.cm.layout.residual_writers]
+        if bool(self.coeffs.ne(0).any()):
+
+            def shift(x: torch.Tensor) -> torch.Tensor:
+                v = vector.to(x.device)
+                coeff = self._rows_where(self.coeffs, x)
+                xf = x.float()
+                return torch.where(coeff != 0, xf + coeff * v, xf).to(x.dtype)
+
+            hooks.append((self.cm.layout.layers[self.layer], "input", map_input(shift)))
+        return hooks

@@ -408,44 +408,34 @@ def _eval_prompts(c: RunConfig) -> tuple[dict[str, list[str]], list[str], list[s
 
 
 def _completions(
-    run: Run,
-    groups: dict[str, list[str]],
-    condition: str,
-    direction: Direction,
-    kind: str,
-    coeff: float,
-) -> dict[str, list[dict[str, Any]]]:
-    """Completions of each group of prompts under one condition, read back when their file is
-    there; the groups still missing are generated together (one decoding batch for all)."""
-    from refdir.evaluate import evaluate_refusal
+    run: Run, jobs: dict[tuple[str, str], tuple[list[str], str, float]], direction: Direction
+) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Completions of each (group, condition) job, ``(prompts, intervention, coefficient)``,
+    read back when its file is there; the jobs still missing are generated together, every
+    row under its own job's intervention (one set of decoding batches for all)."""
+    from refdir.evaluate import Job, evaluate_jobs
 
-    paths = {g: run.out / "completions" / f"{g}.{condition}.jsonl" for g in groups}
+    paths = {key: run.out / "completions" / f"{key[0]}.{key[1]}.jsonl" for key in jobs}
     done = {
-        g: [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        for g, path in paths.items()
+        key: [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        for key, path in paths.items()
         if path.exists()
     }
-    missing = [g for g in groups if g not in done]
+    missing = [key for key in jobs if key not in done]
     if missing:
         c = run.config
-        prompts = [p for g in missing for p in groups[g]]
-        result = evaluate_refusal(
+        results = evaluate_jobs(
             run.cm,
-            prompts,
-            "+".join(missing),
-            kind,
+            [Job(".".join(key), *jobs[key]) for key in missing],
             direction,
-            coeff,
             c.max_new_tokens,
             c.gen_batch_size,
             run.progress,
         )
-        at = 0
-        for g in missing:
-            done[g] = result.completions[at : at + len(groups[g])]
-            at += len(groups[g])
-            _write_jsonl(paths[g], done[g])
-    return {g: done[g] for g in groups}
+        for key, result in zip(missing, results, strict=True):
+            done[key] = result.completions
+            _write_jsonl(paths[key], done[key])
+    return {key: done[key] for key in jobs}
 
 
 def _rate(records: Sequence[dict[str, Any]], subset: set[str] | None = None) -> float:
@@ -471,22 +461,20 @@ def step_evaluate(run: Run) -> None:
         "ablation": ("ablate", 1.0),
         "actadd": ("actadd", c.harmful_coeff),
     }
-    # the two baselines share a condition, so they decode as one batch
-    both = _completions(
-        run, {"harmful": harmful, "harmless": harmless}, "baseline", direction, "none", 1.0
+    # every completion of the step decodes in the same batches, each row under its condition
+    runs = _completions(
+        run,
+        {
+            ("harmful", "baseline"): (harmful, "none", 1.0),
+            ("harmless", "baseline"): (harmless, "none", 1.0),
+            ("harmful", "ablation"): (harmful, "ablate", 1.0),
+            ("harmful", "actadd"): (harmful, "actadd", c.harmful_coeff),
+            ("harmless", "actadd"): (harmless, "actadd", c.harmless_coeff),
+        },
+        direction,
     )
-    harmful_runs = {"baseline": both["harmful"]}
-    for name in ("ablation", "actadd"):
-        kind, coeff = conditions[name]
-        harmful_runs[name] = _completions(run, {"harmful": harmful}, name, direction, kind, coeff)[
-            "harmful"
-        ]
-    harmless_runs = {
-        "baseline": both["harmless"],
-        "actadd": _completions(
-            run, {"harmless": harmless}, "actadd", direction, "actadd", c.harmless_coeff
-        )["harmless"],
-    }
+    harmful_runs = {name: runs["harmful", name] for name in ("baseline", "ablation", "actadd")}
+    harmless_runs = {name: runs["harmless", name] for name in ("baseline", "actadd")}
     corpus = text_rows(cm, load_corpus(c.ce_corpus, c.n_ce))
     own = completion_rows(cm, harmless, [r["completion"] for r in harmless_runs["baseline"]])
     on_text = ce_losses(cm, corpus, direction, conditions, progress=run.progress)
