@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,35 @@ def test_run_command_end_to_end(model_dir: Path, tmp_path: Path) -> None:
     assert Direction.load(out).layer == 1
     bad = runner.invoke(app, [*args[:-2], "--refusal-tokens", "I,As"])
     assert bad.exit_code == 2 and "integer token ids" in bad.stderr
+
+
+def test_the_command_line_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc's malloc is told to keep freed blocks (mmap threshold 1 GiB, no trimming below
+    2 GiB), unless the user turned it off or set malloc options of their own."""
+    from refdir.allocator import keep_freed_memory
+
+    calls: list[tuple[int, int]] = []
+
+    class Libc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    for name in ("REFDIR_KEEP_FREED_MEMORY", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert keep_freed_memory(Libc())
+    assert calls == [(-3, 1 << 30), (-1, 2**31 - 1)]
+    calls.clear()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert not keep_freed_memory(Libc()) and not calls
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("REFDIR_KEEP_FREED_MEMORY", "0")
+    assert not keep_freed_memory(Libc()) and not calls
+    monkeypatch.delenv("REFDIR_KEEP_FREED_MEMORY")
+    if sys.platform.startswith("linux"):
+        assert keep_freed_memory()  # the real glibc takes both settings
+    seen: list[bool] = []
+    monkeypatch.setattr("refdir.cli.keep_freed_memory", lambda: seen.append(True) or True)
+    result = CliRunner().invoke(app, ["organism", "--help"])
+    assert result.exit_code == 0 and seen == [True]

@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from refdir.allocator import keep_freed_memory
 from refdir.errors import RefdirError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -122,6 +123,7 @@ def main(
     )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    keep_freed_memory()  # before the first large tensor (refdir.allocator)
 
 
 @app.command()
