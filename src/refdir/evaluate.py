@@ -29,17 +29,22 @@ Intervention = Literal["none", "ablate", "actadd"]
 INTERVENTIONS: tuple[str, ...] = ("none", "ablate", "actadd")
 
 
+def _check(kind: str, direction: Direction | None) -> None:
+    """Raise unless ``kind`` is an intervention and has the direction it needs."""
+    if kind not in INTERVENTIONS:
+        raise RefdirError(f"unknown intervention {kind!r}; use one of {', '.join(INTERVENTIONS)}")
+    if kind != "none" and direction is None:
+        raise RefdirError(f"--intervention {kind} needs --direction FILE")
+
+
 @contextmanager
 def intervention(
     cm: ChatModel, kind: str, direction: Direction | None, coeff: float = 1.0
 ) -> Iterator[None]:
     """Enter ``none``, ``ablate`` or ``actadd`` (``coeff`` x direction at its layer)."""
-    if kind not in INTERVENTIONS:
-        raise RefdirError(f"unknown intervention {kind!r}; use one of {', '.join(INTERVENTIONS)}")
-    if kind == "none":
+    _check(kind, direction)
+    if kind == "none" or direction is None:
         scope: Any = nullcontext()
-    elif direction is None:
-        raise RefdirError(f"--intervention {kind} needs --direction FILE")
     elif kind == "ablate":
         scope = ablate(cm, direction)
     else:
@@ -104,12 +109,7 @@ def evaluate_jobs(
     (:class:`~refdir.intervene.RowConditions`), so the batches stay full until the longest
     answers end. A job's completions are those it gets alone."""
     for job in jobs:
-        if job.kind not in INTERVENTIONS:
-            raise RefdirError(
-                f"unknown intervention {job.kind!r}; use one of {', '.join(INTERVENTIONS)}"
-            )
-        if job.kind != "none" and direction is None:
-            raise RefdirError(f"--intervention {job.kind} needs --direction FILE")
+        _check(job.kind, direction)
     conditions = RowConditions(cm, direction, [(job.kind, job.coeff) for job in jobs])
     rows = [cm.chat.token_ids(text) for job in jobs for text in job.instructions]
     variants = [v for v, job in enumerate(jobs) for _ in job.instructions]

@@ -133,11 +133,8 @@ class RowConditions:
         if any(k != "none" for k in kinds):
             if direction is None:
                 raise RefdirError("ablate and actadd need a direction")
-            self.vector = _vector(direction, cm)
+            self.vector = _vector(direction, cm)  # a Direction is never zero or non-finite
             self.layer = direction.layer
-            norm = self.vector.norm()
-            if "ablate" in kinds and (not torch.isfinite(norm) or norm == 0):
-                raise RefdirError("cannot ablate a zero or non-finite direction")
         self.ablated = torch.tensor([float(k == "ablate") for k in kinds])
         self.coeffs = torch.tensor([float(c) if k == "actadd" else 0.0 for k, c in conditions])
         self.rows = torch.zeros(0, dtype=torch.long)
@@ -160,13 +157,10 @@ class RowConditions:
         vector = self.vector
         hooks: list[Hook] = []
         if bool(self.ablated.any()):
-            unit = vector / vector.norm()
+            ablation = project_out(vector / vector.norm())
 
             def project(x: torch.Tensor) -> torch.Tensor:
-                r = unit.to(x.device)
-                xf = x.float()
-                ablated = xf - (xf @ r).unsqueeze(-1) * r
-                return torch.where(self._rows_where(self.ablated, x) > 0, ablated, xf).to(x.dtype)
+                return torch.where(self._rows_where(self.ablated, x) > 0, ablation(x), x)
 
             hooks += [(m, "output", map_output(project)) for m in self.cm.layout.residual_writers]
         if bool(self.coeffs.ne(0).any()):
