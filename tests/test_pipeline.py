@@ -47,6 +47,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
         assert metrics["ce_loss"][key] > 0
     assert set(metrics["harmless"]["refusal_score"]) == {"baseline", "actadd"}
     assert metrics["harmless"]["kl_ablation"] >= 0
+    assert "kl_random_directions" not in metrics["harmless"]  # only when asked
     spread = metrics["harmless"]["kl_ablation_spread"]
     groups = [spread["refused_at_baseline"], spread["answered_at_baseline"]]
     assert sum(g["n"] for g in groups) == sum(metrics["sizes"]["harmless_eval"].values())
@@ -69,6 +70,20 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert len(list((tmp_path / "completions").glob("*.jsonl"))) == 5
     # a second run skips everything
     assert run_pipeline(CONFIG, tmp_path, progress=False, model=cm) == {}
+
+
+def test_random_directions_give_the_kl_a_reference(tmp_path: Path) -> None:
+    cm = tiny_chat_model("llama")
+    config = CONFIG.model_copy(update={"n_random_kl": 3})
+    run_pipeline(config, tmp_path, progress=False, model=cm)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    reference = metrics["harmless"]["kl_random_directions"]
+    assert reference["n"] == 3 and reference["seed"] == config.seed
+    assert 0 <= reference["min"] <= reference["p10"] <= reference["median"] <= reference["p90"]
+    assert reference["p90"] <= reference["max"]
+    assert reference["below_chosen"] in (0.0, 0.3333, 0.6667, 1.0)
+    report = (tmp_path / "report.md").read_text()
+    assert "Ablating 3 random directions instead (seed 1)" in report
 
 
 class Killed(Exception):
@@ -140,6 +155,15 @@ def test_changed_options_are_refused_on_resume(tmp_path: Path) -> None:
     other = CONFIG.model_copy(update={"n_train": 5})
     with pytest.raises(RefdirError, match="other options \\(n_train\\)"):
         run_pipeline(other, tmp_path, progress=False, model=cm)
+    # a folder written before an option existed resumes with that option at its default
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["options"]["n_random_kl"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert run_pipeline(CONFIG, tmp_path, progress=False, model=cm, until="prompts") == {}
+    with pytest.raises(RefdirError, match="other options \\(n_random_kl\\)"):
+        run_pipeline(
+            CONFIG.model_copy(update={"n_random_kl": 2}), tmp_path, progress=False, model=cm
+        )
     with pytest.raises(RefdirError, match="unknown step"):
         run_pipeline(CONFIG, tmp_path, progress=False, model=cm, force="everything")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from refdir.activations import extract_candidates
-from refdir.direction import Candidates
+from refdir.direction import Candidates, Direction
 from refdir.errors import RefdirError
 from refdir.generation import last_position_logits
 from refdir.layer_inputs import LayerInputs
@@ -19,6 +19,7 @@ from refdir.select import (
     candidate_logits,
     filter_prompts,
     pick,
+    random_direction_kl,
     refusal_metric,
     score_candidates,
 )
@@ -157,6 +158,31 @@ def test_batched_candidates_equal_one_at_a_time(arch: str) -> None:
             torch.testing.assert_close(
                 added[i], last_position_logits(cm, prompts), atol=1e-5, rtol=1e-5
             )
+
+
+def test_random_direction_kl_is_the_kl_score_of_seeded_random_directions() -> None:
+    from refdir.metrics import kl_last_position
+
+    cm = tiny_chat_model("llama")
+    prompts = ["bake bread", "name a river in France", "x"]
+    base = last_position_logits(cm, prompts)
+    kl = random_direction_kl(cm, prompts, n=3, seed=7, baseline=base, batch_size=2)
+    assert kl.shape == (3,) and kl.dtype == torch.float64
+    seeded = torch.Generator().manual_seed(7)
+    vectors = torch.randn(3, cm.d_model, generator=seeded, dtype=torch.float64)
+    for value, v in zip(kl.tolist(), vectors, strict=True):
+        d = Direction(v.float(), layer=1, position=-1, model=cm.name)
+        scoped = kl_last_position(cm, prompts, kind="ablate", direction=d, baseline=base)
+        assert value == pytest.approx(scoped, rel=1e-4, abs=1e-7)
+    assert (kl > 0).all() and len(set(kl.tolist())) == 3
+    own_baseline = random_direction_kl(cm, prompts, n=3, seed=7)
+    torch.testing.assert_close(own_baseline, kl, rtol=1e-4, atol=1e-7)
+    other_seed = random_direction_kl(cm, prompts, n=3, seed=8, baseline=base)
+    assert not torch.allclose(other_seed, kl, rtol=1e-2)
+    with pytest.raises(RefdirError, match="at least one"):
+        random_direction_kl(cm, prompts, n=0)
+    with pytest.raises(RefdirError, match="baseline logits"):
+        random_direction_kl(cm, prompts, n=1, baseline=base[:2])
 
 
 def test_layer_filter_prunes_whole_layers_and_keeps_the_count() -> None:

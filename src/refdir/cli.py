@@ -393,6 +393,13 @@ def run_cmd(
             help="Keep only prompts the model refuses (harmful) or answers (harmless), by the refusal metric.",
         ),
     ] = True,
+    random_kl: Annotated[
+        int,
+        typer.Option(
+            help="Also ablate this many random directions on the harmless eval prompts: a "
+            "reference for the chosen direction's KL (0: skip)."
+        ),
+    ] = 0,
     judge: Annotated[
         str | None, typer.Option(help="Safety judge: llamaguard or harmbench.")
     ] = None,
@@ -449,6 +456,7 @@ def run_cmd(
         score_all=score_all,
         layer=layer,
         position=position,
+        n_random_kl=random_kl,
         judge=judge,
         judge_model=judge_model,
         filter_prompts=filter_prompts,

@@ -46,6 +46,7 @@ __all__ = [
     "kl_last_position",
     "kl_summary",
     "load_corpus",
+    "random_kl_summary",
     "resolve_scope",
     "text_rows",
 ]
@@ -85,6 +86,25 @@ def kl_summary(kl: torch.Tensor, refused: Sequence[bool]) -> dict[str, Any]:
         "max": round(float(values.max()), 5),
         "refused_at_baseline": group(mask),
         "answered_at_baseline": group(~mask),
+    }
+
+
+def random_kl_summary(reference: torch.Tensor, chosen: float, seed: int) -> dict[str, Any]:
+    """How the KL score ``chosen`` of a direction compares with that of random directions
+    (``reference``, from :func:`refdir.select.random_direction_kl` with ``seed``): their
+    spread, and the fraction of them whose ablation costs less than the chosen direction's."""
+    if reference.dim() != 1 or reference.numel() == 0:
+        raise RefdirError(f"expected a non-empty vector of KL values, got {tuple(reference.shape)}")
+    values = reference.double()
+    return {
+        "n": int(values.numel()),
+        "seed": seed,
+        "median": round(float(values.quantile(0.5)), 5),
+        "p10": round(float(values.quantile(0.1)), 5),
+        "p90": round(float(values.quantile(0.9)), 5),
+        "min": round(float(values.min()), 5),
+        "max": round(float(values.max()), 5),
+        "below_chosen": round(float((values < chosen).double().mean()), 4),
     }
 
 

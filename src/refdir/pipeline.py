@@ -31,6 +31,7 @@ from refdir.select import (
     ValidationSets,
     derive_refusal_tokens,
     pick,
+    random_direction_kl,
     score_candidates,
 )
 
@@ -112,6 +113,11 @@ class RunConfig(BaseModel):
     harmless_coeff: float = Field(1.0, description="activation addition on harmless prompts")
     ce_corpus: str = Field("prose", description="packaged text corpus for the CE loss")
     n_ce: int = Field(64, description="texts of the corpus used for the CE loss")
+    n_random_kl: int = Field(
+        0,
+        description="also ablate this many random directions on the harmless eval prompts, as "
+        "a reference for the chosen direction's KL (0: skip; each costs a pass over the prompts)",
+    )
     judge: str | None = Field(None, description="safety judge name (llamaguard, harmbench)")
     judge_model: str | None = Field(None, description="local path of the judge model")
     truncate: int = Field(200, description="characters of each completion shown in the report")
@@ -450,6 +456,7 @@ def step_evaluate(run: Run) -> None:
         kl_divergence,
         kl_summary,
         load_corpus,
+        random_kl_summary,
         text_rows,
     )
 
@@ -526,6 +533,19 @@ def step_evaluate(run: Run) -> None:
         "ce_loss_own_completions": ce_own,
         "coefficients": {"harmful_actadd": c.harmful_coeff, "harmless_actadd": c.harmless_coeff},
     }
+    if c.n_random_kl > 0:
+        reference = random_direction_kl(
+            cm,
+            harmless,
+            c.n_random_kl,
+            c.seed,
+            on_own["baseline"].first,
+            c.batch_size,
+            run.progress,
+        )
+        metrics["harmless"]["kl_random_directions"] = random_kl_summary(
+            reference, float(kl.mean()), c.seed
+        )
     if c.judge is not None:
         metrics["harmful"]["safety_score"] = _safety(run, harmful_runs)
     _write_json(out / "metrics.json", metrics)
@@ -626,7 +646,8 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> int:
     if path.exists() and force_from > 0:
         old = _read_json(path).get("options", {})
         new = config.result_keys()
-        changed = sorted(k for k in new if old.get(k) != new[k])
+        default = RunConfig().result_keys()  # an option newer than the folder had its default
+        changed = sorted(k for k in new if old.get(k, default[k]) != new[k])
         core = [k for k in changed if k not in SUFFIX_KEYS]
         if core:
             raise RefdirError(

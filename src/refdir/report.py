@@ -463,6 +463,9 @@ def _loss_section(run: RunData) -> list[Block]:
     spread = (run.metrics.get("harmless") or {}).get("kl_ablation_spread")
     if spread:
         caption += " " + _kl_spread_text(spread)
+    reference = (run.metrics.get("harmless") or {}).get("kl_random_directions")
+    if reference:
+        caption += " " + _kl_reference_text(reference)
     header = ["condition", *(CE_COLUMNS[k] for k in columns)]
     return [Heading("Loss and KL"), Table(header, rows, caption)]
 
@@ -481,6 +484,17 @@ def _kl_spread_text(spread: dict[str, Any]) -> str:
         f"{_fmt(spread.get('p90'))} and maximum {_fmt(spread.get('max'))}"
     )
     return text + (f"; its mean is {' and '.join(groups)}." if groups else ".")
+
+
+def _kl_reference_text(reference: dict[str, Any]) -> str:
+    below = reference.get("below_chosen")
+    share = f"{100 * below:.0f}%" if isinstance(below, int | float) else "?"
+    return (
+        f"Ablating {reference.get('n')} random directions instead (seed {reference.get('seed')}) "
+        f"costs a KL of median {_fmt(reference.get('median'))} (10th to 90th percentile "
+        f"{_fmt(reference.get('p10'))} to {_fmt(reference.get('p90'))}); the chosen direction "
+        f"costs more than {share} of them."
+    )
 
 
 def _cosine_section(run: RunData) -> list[Block]:
