@@ -229,6 +229,28 @@ def test_run_command_end_to_end(model_dir: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "integer token ids" in bad.stderr
 
 
+def test_run_command_sets_every_selection_number(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--model", str(model_dir), "--out", str(out), "--until", "prompts"]
+    args += ["--refusal-tokens", "5,6", "--no-filter", "--n-train", "2", "--n-val", "2"]
+    numbers = ["--kl-max", "0.2", "--induce-min", "-0.5", "--max-layer-fraction", "0.6"]
+    numbers += ["--fallback-kl", "0.3,0.7", "--harmful-coeff", "-2", "--harmless-coeff", "1.5"]
+    numbers += ["--n-ce", "8", "--random-kl", "4"]
+    result = runner.invoke(app, [*args, *numbers])
+    assert result.exit_code == 0, result.output
+    options = json.loads((out / "config.json").read_text())["options"]
+    assert options["kl_max"] == 0.2 and options["induce_min"] == -0.5
+    assert options["max_layer_fraction"] == 0.6 and options["fallback_kl_bounds"] == [0.3, 0.7]
+    assert options["harmful_coeff"] == -2.0 and options["harmless_coeff"] == 1.5
+    assert options["n_ce"] == 8 and options["n_random_kl"] == 4
+    other = tmp_path / "none"
+    result = runner.invoke(app, [*args[:4], str(other), *args[5:], "--fallback-kl", "none"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((other / "config.json").read_text())["options"]["fallback_kl_bounds"] == []
+    bad = runner.invoke(app, [*args, "--fallback-kl", "0.3,high"])
+    assert bad.exit_code == 2 and "comma-separated numbers" in bad.stderr
+
+
 def test_the_command_line_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """glibc's malloc is told to keep freed blocks (mmap threshold 1 GiB, no trimming below
     2 GiB), unless the user turned it off or set malloc options of their own."""

@@ -369,6 +369,16 @@ def run_cmd(
     max_layer_fraction: Annotated[
         float, typer.Option(help="Selection: discard layers >= this fraction of depth.")
     ] = 0.8,
+    induce_min: Annotated[
+        float, typer.Option(help="Selection: discard candidates with induce below this.")
+    ] = 0.0,
+    fallback_kl: Annotated[
+        str,
+        typer.Option(
+            help="Selection: KL bounds tried in order when no candidate passes, comma-separated "
+            "('none': no fallback, fail instead)."
+        ),
+    ] = "0.25,0.5,1.0",
     score_all: Annotated[
         bool,
         typer.Option(
@@ -393,6 +403,13 @@ def run_cmd(
             help="Keep only prompts the model refuses (harmful) or answers (harmless), by the refusal metric.",
         ),
     ] = True,
+    harmful_coeff: Annotated[
+        float, typer.Option(help="Activation addition on harmful prompts (negative: subtract).")
+    ] = -1.0,
+    harmless_coeff: Annotated[
+        float, typer.Option(help="Activation addition on harmless prompts.")
+    ] = 1.0,
+    n_ce: Annotated[int, typer.Option(help="Texts of the corpus used for the CE loss.")] = 64,
     random_kl: Annotated[
         int,
         typer.Option(
@@ -437,6 +454,14 @@ def run_cmd(
             raise RefdirError(
                 "--refusal-tokens takes comma-separated integer token ids, e.g. 40,1205"
             ) from None
+    bounds: tuple[float, ...] = ()
+    if fallback_kl.strip().lower() != "none":
+        try:
+            bounds = tuple(float(b) for b in fallback_kl.split(",") if b.strip())
+        except ValueError:
+            raise RefdirError(
+                "--fallback-kl takes comma-separated numbers, e.g. 0.25,0.5, or 'none'"
+            ) from None
     config = RunConfig(
         model=model,
         device=device,
@@ -452,8 +477,13 @@ def run_cmd(
         gen_batch_size=gen_batch_size,
         refusal_tokens=tokens,
         kl_max=kl_max,
+        induce_min=induce_min,
         max_layer_fraction=max_layer_fraction,
+        fallback_kl_bounds=bounds,
         score_all=score_all,
+        harmful_coeff=harmful_coeff,
+        harmless_coeff=harmless_coeff,
+        n_ce=n_ce,
         layer=layer,
         position=position,
         n_random_kl=random_kl,
