@@ -84,6 +84,7 @@ def test_random_directions_give_the_kl_a_reference(tmp_path: Path) -> None:
     assert reference["below_chosen"] in (0.0, 0.3333, 0.6667, 1.0)
     report = (tmp_path / "report.md").read_text()
     assert "Ablating 3 random directions instead (seed 1)" in report
+    assert "| the same, median of 3 random directions |" in report
 
 
 class Killed(Exception):

@@ -448,8 +448,13 @@ def _loss_section(run: RunData) -> list[Block]:
                 _with_delta(ce.get(condition), ce.get("baseline"), condition == "baseline")
             )
         rows.append([condition, *cells])
-    kl = (run.metrics.get("harmless") or {}).get("kl_ablation")
-    rows.append(["KL(baseline ‖ ablation), harmless", _fmt(kl), *[""] * (len(columns) - 1)])
+    harmless = run.metrics.get("harmless") or {}
+    blank = [""] * (len(columns) - 1)
+    rows.append(["KL(baseline ‖ ablation), harmless", _fmt(harmless.get("kl_ablation")), *blank])
+    reference = harmless.get("kl_random_directions")
+    if reference:
+        label = f"the same, median of {reference.get('n')} random directions"
+        rows.append([label, _fmt(reference.get("median")), *blank])
     texts = {
         "ce_loss": "a plain-text corpus",
         "ce_loss_own_completions": "the model's own baseline completions of harmless prompts",
@@ -460,10 +465,9 @@ def _loss_section(run: RunData) -> list[Block]:
         "means the intervention damages the model. The last row is the KL divergence of the "
         "last-position distribution on harmless prompts when the direction is ablated."
     )
-    spread = (run.metrics.get("harmless") or {}).get("kl_ablation_spread")
+    spread = harmless.get("kl_ablation_spread")
     if spread:
         caption += " " + _kl_spread_text(spread)
-    reference = (run.metrics.get("harmless") or {}).get("kl_random_directions")
     if reference:
         caption += " " + _kl_reference_text(reference)
     header = ["condition", *(CE_COLUMNS[k] for k in columns)]
