@@ -247,8 +247,15 @@ def test_run_command_sets_every_selection_number(model_dir: Path, tmp_path: Path
     result = runner.invoke(app, [*args[:4], str(other), *args[5:], "--fallback-kl", "none"])
     assert result.exit_code == 0, result.output
     assert json.loads((other / "config.json").read_text())["options"]["fallback_kl_bounds"] == []
-    bad = runner.invoke(app, [*args, "--fallback-kl", "0.3,high"])
-    assert bad.exit_code == 2 and "comma-separated numbers" in bad.stderr
+    for value in ("0.3,high", "", "nan", "-1"):
+        bad = runner.invoke(app, [*args, "--fallback-kl", value])
+        assert bad.exit_code == 2 and "comma-separated positive numbers" in bad.stderr
+    for flag, value in (("--random-kl", "-1"), ("--n-ce", "0"), ("--max-new-tokens", "0")):
+        bad = runner.invoke(app, [*args, flag, value])
+        assert bad.exit_code == 2, bad.output
+        assert bad.stderr.strip().splitlines() == [
+            f"error: {flag}: input should be greater than or equal to {1 if flag != '--random-kl' else 0}"
+        ]
 
 
 def test_the_command_line_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:

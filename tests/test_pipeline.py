@@ -67,6 +67,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert metrics["direction"]["layer"] == selection["chosen"]["layer"] < 0.8 * cm.n_layers
     assert all(v is None for v in [row[0] for row in selection["bypass"]])  # layer 0 skipped
     assert (tmp_path / "report.html").exists() and (tmp_path / "report.md").exists()
+    assert "row below it" not in (tmp_path / "report.md").read_text()  # no random directions
     assert len(list((tmp_path / "completions").glob("*.jsonl"))) == 5
     # a second run skips everything
     assert run_pipeline(CONFIG, tmp_path, progress=False, model=cm) == {}
@@ -85,6 +86,7 @@ def test_random_directions_give_the_kl_a_reference(tmp_path: Path) -> None:
     report = (tmp_path / "report.md").read_text()
     assert "Ablating 3 random directions instead (seed 1)" in report
     assert "| the same, median of 3 random directions |" in report
+    assert "ablated, and the row below it the same for random directions." in report
 
 
 class Killed(Exception):
@@ -158,12 +160,12 @@ def test_changed_options_are_refused_on_resume(tmp_path: Path) -> None:
         run_pipeline(other, tmp_path, progress=False, model=cm)
     # a folder written before an option existed resumes with that option at its default
     saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["options"]["n_random_kl"]
+    del saved["options"]["score_all"]  # as if the folder predated --score-all
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert run_pipeline(CONFIG, tmp_path, progress=False, model=cm, until="prompts") == {}
-    with pytest.raises(RefdirError, match="other options \\(n_random_kl\\)"):
+    with pytest.raises(RefdirError, match="other options \\(score_all\\)"):
         run_pipeline(
-            CONFIG.model_copy(update={"n_random_kl": 2}), tmp_path, progress=False, model=cm
+            CONFIG.model_copy(update={"score_all": True}), tmp_path, progress=False, model=cm
         )
     with pytest.raises(RefdirError, match="unknown step"):
         run_pipeline(CONFIG, tmp_path, progress=False, model=cm, force="everything")

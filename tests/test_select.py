@@ -160,7 +160,9 @@ def test_batched_candidates_equal_one_at_a_time(arch: str) -> None:
             )
 
 
-def test_random_direction_kl_is_the_kl_score_of_seeded_random_directions() -> None:
+def test_random_direction_kl_is_the_kl_score_of_seeded_random_directions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from refdir.metrics import kl_last_position
 
     cm = tiny_chat_model("llama")
@@ -175,11 +177,14 @@ def test_random_direction_kl_is_the_kl_score_of_seeded_random_directions() -> No
         scoped = kl_last_position(cm, prompts, kind="ablate", direction=d, baseline=base)
         assert value == pytest.approx(scoped, rel=1e-4, abs=1e-7)
     assert (kl > 0).all() and len(set(kl.tolist())) == 3
+    monkeypatch.setattr("refdir.select._RANDOM_GROUP", 2)  # groups of 2 + 1 directions
+    grouped = random_direction_kl(cm, prompts, n=3, seed=7, baseline=base, batch_size=2)
+    torch.testing.assert_close(grouped, kl, rtol=1e-4, atol=1e-7)
     own_baseline = random_direction_kl(cm, prompts, n=3, seed=7)
     torch.testing.assert_close(own_baseline, kl, rtol=1e-4, atol=1e-7)
     other_seed = random_direction_kl(cm, prompts, n=3, seed=8, baseline=base)
     assert not torch.allclose(other_seed, kl, rtol=1e-2)
-    with pytest.raises(RefdirError, match="at least one"):
+    with pytest.raises(RefdirError, match="1 or more"):
         random_direction_kl(cm, prompts, n=0)
     with pytest.raises(RefdirError, match="baseline logits"):
         random_direction_kl(cm, prompts, n=1, baseline=base[:2])

@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 
 from refdir.allocator import keep_freed_memory
 from refdir.errors import RefdirError
@@ -84,6 +86,18 @@ def _errors(fn: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+_FLAGS = {"n_random_kl": "random-kl", "fallback_kl_bounds": "fallback-kl"}
+"""RunConfig fields whose command-line option is not the field's name with dashes."""
+
+
+def _option_error(exc: ValidationError) -> RefdirError:
+    """The first problem of a rejected RunConfig as a one-line error naming the option."""
+    error = exc.errors()[0]
+    field = str(error["loc"][0]) if error["loc"] else "options"
+    flag = _FLAGS.get(field, field.replace("_", "-"))
+    return RefdirError(f"--{flag}: {error['msg'][0].lower()}{error['msg'][1:]}")
 
 
 def _load(
@@ -459,41 +473,46 @@ def run_cmd(
         try:
             bounds = tuple(float(b) for b in fallback_kl.split(",") if b.strip())
         except ValueError:
+            bounds = ()
+        if not bounds or not all(math.isfinite(b) and b > 0 for b in bounds):
             raise RefdirError(
-                "--fallback-kl takes comma-separated numbers, e.g. 0.25,0.5, or 'none'"
-            ) from None
-    config = RunConfig(
-        model=model,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-        n_train=n_train,
-        n_val=n_val,
-        harmful_eval=tuple(s.strip() for s in harmful_eval.split(",") if s.strip()),
-        n_eval_harmful=n_eval_harmful or None,
-        n_eval_harmless=n_eval_harmless,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        gen_batch_size=gen_batch_size,
-        refusal_tokens=tokens,
-        kl_max=kl_max,
-        induce_min=induce_min,
-        max_layer_fraction=max_layer_fraction,
-        fallback_kl_bounds=bounds,
-        score_all=score_all,
-        harmful_coeff=harmful_coeff,
-        harmless_coeff=harmless_coeff,
-        n_ce=n_ce,
-        layer=layer,
-        position=position,
-        n_random_kl=random_kl,
-        judge=judge,
-        judge_model=judge_model,
-        filter_prompts=filter_prompts,
-        suffix=suffix,
-        suffix_steps=suffix_steps,
-        suffix_max_minutes=suffix_max_minutes,
-    )
+                "--fallback-kl takes comma-separated positive numbers, e.g. 0.25,0.5, or 'none'"
+            )
+    try:
+        config = RunConfig(
+            model=model,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            n_train=n_train,
+            n_val=n_val,
+            harmful_eval=tuple(s.strip() for s in harmful_eval.split(",") if s.strip()),
+            n_eval_harmful=n_eval_harmful or None,
+            n_eval_harmless=n_eval_harmless,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            gen_batch_size=gen_batch_size,
+            refusal_tokens=tokens,
+            kl_max=kl_max,
+            induce_min=induce_min,
+            max_layer_fraction=max_layer_fraction,
+            fallback_kl_bounds=bounds,
+            score_all=score_all,
+            harmful_coeff=harmful_coeff,
+            harmless_coeff=harmless_coeff,
+            n_ce=n_ce,
+            layer=layer,
+            position=position,
+            n_random_kl=random_kl,
+            judge=judge,
+            judge_model=judge_model,
+            filter_prompts=filter_prompts,
+            suffix=suffix,
+            suffix_steps=suffix_steps,
+            suffix_max_minutes=suffix_max_minutes,
+        )
+    except ValidationError as exc:
+        raise _option_error(exc) from None
     done = run_pipeline(config, out, force=force, until=until)
     for step, seconds in done.items():
         typer.echo(f"{step:10s} {seconds:8.1f} s")

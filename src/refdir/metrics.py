@@ -38,6 +38,7 @@ __all__ = [
     "ce_loss",
     "ce_loss_on_completions",
     "ce_losses",
+    "check_baseline",
     "completion_rows",
     "intervention_scope",
     "kl_by_prompt",
@@ -81,12 +82,15 @@ def kl_summary(kl: torch.Tensor, refused: Sequence[bool]) -> dict[str, Any]:
         return {"n": n, "mean": round(float(values[keep].mean()), 5) if n else None}
 
     return {
-        "median": round(float(values.quantile(0.5)), 5),
-        "p90": round(float(values.quantile(0.9)), 5),
-        "max": round(float(values.max()), 5),
+        **_quantiles(values, {"median": 0.5, "p90": 0.9, "max": 1.0}),
         "refused_at_baseline": group(mask),
         "answered_at_baseline": group(~mask),
     }
+
+
+def _quantiles(values: torch.Tensor, at: dict[str, float]) -> dict[str, float]:
+    """``values`` (float64) at the named quantiles, rounded to 5 digits."""
+    return {name: round(float(values.quantile(q)), 5) for name, q in at.items()}
 
 
 def random_kl_summary(reference: torch.Tensor, chosen: float, seed: int) -> dict[str, Any]:
@@ -99,13 +103,20 @@ def random_kl_summary(reference: torch.Tensor, chosen: float, seed: int) -> dict
     return {
         "n": int(values.numel()),
         "seed": seed,
-        "median": round(float(values.quantile(0.5)), 5),
-        "p10": round(float(values.quantile(0.1)), 5),
-        "p90": round(float(values.quantile(0.9)), 5),
-        "min": round(float(values.min()), 5),
-        "max": round(float(values.max()), 5),
+        **_quantiles(values, {"median": 0.5, "p10": 0.1, "p90": 0.9, "min": 0.0, "max": 1.0}),
         "below_chosen": round(float((values < chosen).double().mean()), 4),
     }
+
+
+def check_baseline(baseline: torch.Tensor | None, prompts: Sequence[str]) -> None:
+    """Raise unless there are ``prompts`` and ``baseline``, when given, holds last-position
+    logits [N, vocab] for the N of them."""
+    if not prompts:
+        raise RefdirError("no prompts to compute the KL divergence on")
+    if baseline is not None and (baseline.dim() != 2 or baseline.shape[0] != len(prompts)):
+        raise RefdirError(
+            f"baseline logits have shape {tuple(baseline.shape)}; expected [{len(prompts)}, vocab]"
+        )
 
 
 def intervention_scope(
@@ -182,15 +193,10 @@ def kl_by_prompt(
     batch_size: int = 32,
 ) -> torch.Tensor:
     """The KL of :func:`kl_last_position` for each prompt: float64 [N], in the prompts' order."""
-    if not prompts:
-        raise RefdirError("no prompts to compute the KL divergence on")
+    check_baseline(baseline, prompts)
     enter = resolve_scope(cm, scope, kind, direction, coeff)
     if baseline is None:
         baseline = last_position_logits(cm, prompts, batch_size)
-    if baseline.dim() != 2 or baseline.shape[0] != len(prompts):
-        raise RefdirError(
-            f"baseline logits have shape {tuple(baseline.shape)}; expected [{len(prompts)}, vocab]"
-        )
     with enter():
         intervened = last_position_logits(cm, prompts, batch_size)
     return kl_divergence(baseline, intervened)

@@ -52,9 +52,9 @@ class RunConfig(BaseModel):
     dtype: str = Field("auto", description="auto, float32, bfloat16 or float16")
     seed: int = Field(42, description="seed for every sample of prompts")
     n_train: int = Field(
-        128, description="harmful and harmless prompts for the difference of means"
+        128, ge=1, description="harmful and harmless prompts for the difference of means"
     )
-    n_val: int = Field(32, description="harmful and harmless prompts for selection")
+    n_val: int = Field(32, ge=1, description="harmful and harmless prompts for selection")
     harmful_train: str = Field("harmful_train", description="harmful set for extraction")
     harmless_train: str = Field("harmless_train", description="harmless set for extraction")
     harmful_val: str = Field("harmful_val", description="harmful set for selection (bypass)")
@@ -64,10 +64,10 @@ class RunConfig(BaseModel):
     )
     harmless_eval: str = Field("harmless_test", description="held-out harmless set")
     n_eval_harmful: int | None = Field(
-        100, description="prompts per harmful eval set, the paper's n_test (None: all)"
+        100, ge=1, description="prompts per harmful eval set, the paper's n_test (None: all)"
     )
-    n_eval_harmless: int = Field(100, description="held-out harmless prompts")
-    max_new_tokens: int = Field(64, description="greedy tokens per completion")
+    n_eval_harmless: int = Field(100, ge=1, description="held-out harmless prompts")
+    max_new_tokens: int = Field(64, ge=1, description="greedy tokens per completion")
     batch_size: int = Field(
         32, description="prompts per forward pass (batched by length, so little padding)"
     )
@@ -112,9 +112,10 @@ class RunConfig(BaseModel):
     )
     harmless_coeff: float = Field(1.0, description="activation addition on harmless prompts")
     ce_corpus: str = Field("prose", description="packaged text corpus for the CE loss")
-    n_ce: int = Field(64, description="texts of the corpus used for the CE loss")
+    n_ce: int = Field(64, ge=1, description="texts of the corpus used for the CE loss")
     n_random_kl: int = Field(
         0,
+        ge=0,
         description="also ablate this many random directions on the harmless eval prompts, as "
         "a reference for the chosen direction's KL (0: skip; each costs a pass over the prompts)",
     )
@@ -638,24 +639,57 @@ SUFFIX_KEYS = frozenset(
 )
 """Options read only by the suffix step: changing them redoes that step and the report."""
 
+COMPLETION_KEYS = frozenset(
+    {
+        "harmful_eval",
+        "harmless_eval",
+        "n_eval_harmful",
+        "n_eval_harmless",
+        "max_new_tokens",
+        "harmful_coeff",
+        "harmless_coeff",
+    }
+)
+"""Options first read by the evaluate step that decide its completions: changing them redoes
+that step, completions included, and the later ones."""
 
-def _check_config(config: RunConfig, out: Path, force_from: int) -> int:
-    """Refuse to mix options in one folder; returns the step index to redo from (options of
-    the suffix step alone may change: that step and the report are redone)."""
+SCORING_KEYS = frozenset({"n_ce", "ce_corpus", "n_random_kl", "judge", "judge_model"})
+"""Options the evaluate step reads after its completions: changing them redoes the step's
+scores (the completions on disk are kept) and the later steps."""
+
+
+def _check_config(config: RunConfig, out: Path, force_from: int) -> tuple[int, bool]:
+    """Refuse to mix options in one folder. Returns the step index to redo from, and whether
+    the completion files on disk still hold (options of the evaluate and suffix steps may
+    change: those steps are redone from the first one that reads a changed option; their
+    stale artifacts are removed now, so that a run stopped before them leaves none behind)."""
     path = out / "config.json"
+    keep_completions = force_from > STEPS.index("evaluate")
     if path.exists() and force_from > 0:
         old = _read_json(path).get("options", {})
         new = config.result_keys()
         default = RunConfig().result_keys()  # an option newer than the folder had its default
-        changed = sorted(k for k in new if old.get(k, default[k]) != new[k])
-        core = [k for k in changed if k not in SUFFIX_KEYS]
+        changed = {k for k in new if old.get(k, default[k]) != new[k]}
+        core = sorted(changed - SUFFIX_KEYS - COMPLETION_KEYS - SCORING_KEYS)
         if core:
             raise RefdirError(
                 f"{out} holds a run with other options ({', '.join(core)}); "
                 "use another --out, or --force prompts to redo it"
             )
-        if changed and config.suffix:
-            force_from = min(force_from, STEPS.index("suffix"))
+        redo = len(STEPS)
+        if changed & (COMPLETION_KEYS | SCORING_KEYS):
+            redo = STEPS.index("evaluate")
+        elif changed and config.suffix:
+            redo = STEPS.index("suffix")
+        if changed & COMPLETION_KEYS:
+            keep_completions = False
+        for step in STEPS[redo:]:
+            for name in ARTIFACTS[step]:
+                (out / name).unlink(missing_ok=True)
+        if not keep_completions:
+            for stale in (out / "completions").glob("*.jsonl"):
+                stale.unlink()
+        force_from = min(force_from, redo)
     _write_json(
         path,
         {
@@ -664,7 +698,7 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> int:
             "versions": versions(),
         },
     )
-    return force_from
+    return force_from, keep_completions
 
 
 def run_pipeline(
@@ -684,7 +718,7 @@ def run_pipeline(
         raise RefdirError(f"unknown step {until!r}; use one of {', '.join(STEPS)}")
     force_from = STEPS.index(force) if force is not None else len(STEPS)
     out.mkdir(parents=True, exist_ok=True)
-    force_from = _check_config(config, out, force_from)
+    force_from, keep_completions = _check_config(config, out, force_from)
     run = Run(config, out, progress, model)
     done: dict[str, float] = {}
     last = STEPS.index(until) if until is not None else len(STEPS) - 1
@@ -698,7 +732,7 @@ def run_pipeline(
         if i >= force_from:
             for name in ARTIFACTS[step]:
                 (out / name).unlink(missing_ok=True)
-            if step == "evaluate":
+            if step == "evaluate" and not keep_completions:
                 for stale in (out / "completions").glob("*.jsonl"):
                     stale.unlink()
         log.info("step %s", step)

@@ -462,8 +462,9 @@ def _loss_section(run: RunData) -> list[Block]:
     caption = (
         "Mean next-token cross-entropy (nats per token; in brackets the change from baseline) "
         f"under each condition, on {' and on '.join(texts[k] for k in columns)}. A large rise "
-        "means the intervention damages the model. The last row is the KL divergence of the "
-        "last-position distribution on harmless prompts when the direction is ablated."
+        "means the intervention damages the model. The KL row is the KL divergence of the "
+        "last-position distribution on harmless prompts when the direction is ablated"
+        + (", and the row below it the same for random directions." if reference else ".")
     )
     spread = harmless.get("kl_ablation_spread")
     if spread:

@@ -30,7 +30,7 @@ from refdir.errors import RefdirError
 from refdir.generation import SharedPrefix, generate, last_position_logits, unsort
 from refdir.hooks import Hook, hooked, map_input, map_output
 from refdir.layer_inputs import LayerInputs
-from refdir.metrics import kl_divergence
+from refdir.metrics import check_baseline, kl_divergence
 from refdir.model import ChatModel
 from refdir.scoring.markers import is_refusal
 
@@ -173,7 +173,6 @@ def candidate_logits(
     coeff: float = 1.0,
     batch_size: int = 32,
     start: LayerInputs | None = None,
-    progress: str | None = None,
 ) -> torch.Tensor:
     """Last-position logits [K, N, vocab] of N prompts under K candidate interventions at once.
 
@@ -219,7 +218,7 @@ def candidate_logits(
         if replay is not None:
             replay.check(rows, prefix.length)
         with replay.start_at(cm, layer, in_flight) if replay is not None else nullcontext():
-            for chunk in tqdm(chunks, desc=progress, unit="batch", disable=progress is None):
+            for chunk in chunks:
                 index = torch.tensor(chunk, dtype=torch.long)
                 owner = index // n
                 live["rows"] = per_row[owner]
@@ -247,22 +246,24 @@ def random_direction_kl(
     stream has few dimensions, so any one of them carries more. ``baseline``: the prompts'
     last-position logits, if already computed."""
     if n < 1:
-        raise RefdirError(f"need at least one random direction, got {n}")
-    if not prompts:
-        raise RefdirError("no prompts to compute the KL divergence on")
+        raise RefdirError(f"asked for {n} random directions; ask for 1 or more (--random-kl N)")
+    check_baseline(baseline, prompts)
     if baseline is None:
         baseline = last_position_logits(cm, prompts, batch_size)
-    if baseline.dim() != 2 or baseline.shape[0] != len(prompts):
-        raise RefdirError(
-            f"baseline logits have shape {tuple(baseline.shape)}; expected [{len(prompts)}, vocab]"
-        )
     generator = torch.Generator().manual_seed(seed)
     vectors = torch.randn(n, cm.d_model, generator=generator, dtype=torch.float64)
-    label = "kl of random directions" if progress else None
-    ablated = candidate_logits(
-        cm, prompts, vectors, "ablate", batch_size=batch_size, progress=label
-    )
-    return torch.stack([kl_divergence(baseline, logits).mean() for logits in ablated])
+    kls: list[torch.Tensor] = []
+    bar = tqdm(total=n, desc="kl of random directions", disable=not progress, unit="direction")
+    for group in vectors.split(_RANDOM_GROUP):  # [group, N, vocab] logits at a time
+        ablated = candidate_logits(cm, prompts, group, "ablate", batch_size=batch_size)
+        kls += [kl_divergence(baseline, logits).mean() for logits in ablated]
+        bar.update(len(group))
+    bar.close()
+    return torch.stack(kls)
+
+
+_RANDOM_GROUP = 8
+"""Random directions scored together: their logits [8, N, vocab] are held at once."""
 
 
 @dataclass(frozen=True)
