@@ -69,7 +69,7 @@ def smollm2_shaped() -> ChatModel:
         num_key_value_heads=3,
         tie_word_embeddings=True,
         max_position_embeddings=2048,
-        rope_theta=100000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
     )
     torch.manual_seed(0)
     return ChatModel(LlamaForCausalLM(config).eval(), fast, name="random-smollm2-shape")
@@ -134,7 +134,7 @@ def batching(cm: ChatModel, harmless: list[str], layers: list[int], batch: int) 
     sorted_by_length = refdir.select.by_length
     times = {}
     for name, chunker in (("prompt order", in_prompt_order), ("by length", sorted_by_length)):
-        refdir.select.by_length = chunker  # type: ignore[assignment]
+        refdir.select.by_length = chunker
         try:
             times[name] = induce_passes(cm, harmless, vectors, layers, start=True, batch=batch)
         finally:
