@@ -250,6 +250,10 @@ def test_run_command_sets_every_selection_number(model_dir: Path, tmp_path: Path
     for value in ("0.3,high", "", "nan", "-1"):
         bad = runner.invoke(app, [*args, "--fallback-kl", value])
         assert bad.exit_code == 2 and "comma-separated positive numbers" in bad.stderr
+    nan = runner.invoke(app, [*args, "--harmful-coeff", "nan"])
+    assert nan.exit_code == 2 and nan.stderr.strip() == (
+        "error: --harmful-coeff: input should be a finite number"
+    )
     for flag, value in (("--random-kl", "-1"), ("--n-ce", "0"), ("--max-new-tokens", "0")):
         bad = runner.invoke(app, [*args, flag, value])
         assert bad.exit_code == 2, bad.output

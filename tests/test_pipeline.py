@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,24 @@ def test_changed_options_are_refused_on_resume(tmp_path: Path) -> None:
         )
     with pytest.raises(RefdirError, match="unknown step"):
         run_pipeline(CONFIG, tmp_path, progress=False, model=cm, force="everything")
+
+
+def test_options_a_later_step_would_reject_fail_before_any_step(tmp_path: Path) -> None:
+    cm = tiny_chat_model("llama")
+    bad = [
+        ({"harmful_eval": ("harmful_tset",)}, "no such file or packaged set"),
+        ({"harmful_eval": ()}, "--harmful-eval names no set"),
+        ({"harmless_train": "nope.json"}, "'nope.json': no such file"),
+        ({"judge": "llamagaurd", "judge_model": "/x"}, "llamaguard"),
+        ({"judge": "llamaguard"}, "--judge needs --judge-model"),
+        ({"judge_model": "/x"}, "no judge set"),
+    ]
+    for update, message in bad:
+        with pytest.raises(RefdirError, match=message):
+            run_pipeline(CONFIG.model_copy(update=update), tmp_path, progress=False, model=cm)
+        assert not list(tmp_path.iterdir())  # nothing written, no step run
+    with pytest.raises(ValueError, match="finite"):
+        RunConfig(harmful_coeff=math.nan)
 
 
 def test_suffix_step_adds_a_section_to_the_report(tmp_path: Path) -> None:

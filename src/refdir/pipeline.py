@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from refdir.activations import extract_candidates
-from refdir.data import sample_prompts
+from refdir.data import load_prompts, sample_prompts
 from refdir.direction import Candidates, Direction, atomic_path
 from refdir.errors import RefdirError
 from refdir.model import ChatModel, load_model
@@ -86,12 +86,14 @@ class RunConfig(BaseModel):
     filter_prompts: bool = Field(
         True, description="keep harmful prompts with refusal metric > 0 and harmless ones < 0"
     )
-    kl_max: float = Field(0.1, description="selection: discard candidates with KL above this")
+    kl_max: float = Field(
+        0.1, allow_inf_nan=False, description="selection: discard candidates with KL above this"
+    )
     induce_min: float = Field(
-        0.0, description="selection: discard candidates with induce below this"
+        0.0, allow_inf_nan=False, description="selection: discard candidates with induce below this"
     )
     max_layer_fraction: float = Field(
-        0.8, description="selection: discard layers >= this fraction of depth"
+        0.8, allow_inf_nan=False, description="selection: discard layers >= this fraction of depth"
     )
     fallback_kl_bounds: tuple[float, ...] = Field(
         (0.25, 0.5, 1.0), description="KL bounds tried when nothing passes"
@@ -108,9 +110,13 @@ class RunConfig(BaseModel):
         None, description="use this position instead of selecting (with layer)"
     )
     harmful_coeff: float = Field(
-        -1.0, description="activation addition on harmful prompts (negative: subtract)"
+        -1.0,
+        allow_inf_nan=False,
+        description="activation addition on harmful prompts (negative: subtract)",
     )
-    harmless_coeff: float = Field(1.0, description="activation addition on harmless prompts")
+    harmless_coeff: float = Field(
+        1.0, allow_inf_nan=False, description="activation addition on harmless prompts"
+    )
     ce_corpus: str = Field("prose", description="packaged text corpus for the CE loss")
     n_ce: int = Field(64, ge=1, description="texts of the corpus used for the CE loss")
     n_random_kl: int = Field(
@@ -131,7 +137,9 @@ class RunConfig(BaseModel):
     n_suffix_eval: int = Field(32, description="held-out harmful prompts for the suffix analysis")
     suffix_steps: int = Field(20, description="GCG steps of the suffix search")
     suffix_max_minutes: float = Field(
-        10.0, description="stop the suffix search after this many minutes (0: no limit)"
+        10.0,
+        allow_inf_nan=False,
+        description="stop the suffix search after this many minutes (0: no limit)",
     )
 
     def selection(self) -> SelectionConfig:
@@ -552,15 +560,25 @@ def step_evaluate(run: Run) -> None:
     _write_json(out / "metrics.json", metrics)
 
 
+def _judge(c: RunConfig) -> tuple[str, str]:
+    """The judge's registered name and model folder: an unknown name (close names suggested)
+    or a judge without a model is an error."""
+    from refdir.scoring.judges import JUDGES
+
+    if c.judge is None:
+        raise RefdirError("no judge set; pass --judge NAME --judge-model PATH")
+    JUDGES.get(c.judge)
+    if c.judge_model is None:
+        raise RefdirError("--judge needs --judge-model PATH (a local judge model folder)")
+    return c.judge, c.judge_model
+
+
 def _safety(run: Run, harmful_runs: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
     from refdir.scoring.judges import load_judge, safety_score
 
     c = run.config
-    if c.judge is None or c.judge_model is None:
-        raise RefdirError("--judge needs --judge-model PATH (a local judge model folder)")
-    judge = load_judge(
-        c.judge, c.judge_model, device=c.device, dtype=c.dtype, progress=run.progress
-    )
+    name, model = _judge(c)
+    judge = load_judge(name, model, device=c.device, dtype=c.dtype, progress=run.progress)
     return {
         k: round(safety_score(judge, [r["prompt"] for r in v], [r["completion"] for r in v]), 4)
         for k, v in harmful_runs.items()
@@ -658,6 +676,26 @@ SCORING_KEYS = frozenset({"n_ce", "ce_corpus", "n_random_kl", "judge", "judge_mo
 scores (the completions on disk are kept) and the later steps."""
 
 
+def _check_inputs(config: RunConfig) -> None:
+    """Fail at once, before any step runs, on options that a later step would reject minutes
+    into the run: an unknown prompt set or file, no held-out harmful set, a judge that cannot
+    be built."""
+    if not config.harmful_eval:
+        raise RefdirError("--harmful-eval names no set; give one or more, e.g. harmful_test")
+    sets = (
+        config.harmful_train,
+        config.harmless_train,
+        config.harmful_val,
+        config.harmless_val,
+        *config.harmful_eval,
+        config.harmless_eval,
+    )
+    for name in dict.fromkeys(sets):
+        load_prompts(name)
+    if config.judge is not None or config.judge_model is not None:
+        _judge(config)
+
+
 def _check_config(config: RunConfig, out: Path, force_from: int) -> tuple[int, bool]:
     """Refuse to mix options in one folder. Returns the step index to redo from, and whether
     the completion files on disk still hold (options of the evaluate and suffix steps may
@@ -717,6 +755,7 @@ def run_pipeline(
     if until is not None and until not in STEPS:
         raise RefdirError(f"unknown step {until!r}; use one of {', '.join(STEPS)}")
     force_from = STEPS.index(force) if force is not None else len(STEPS)
+    _check_inputs(config)
     out.mkdir(parents=True, exist_ok=True)
     force_from, keep_completions = _check_config(config, out, force_from)
     run = Run(config, out, progress, model)
