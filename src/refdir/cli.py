@@ -88,6 +88,11 @@ def _errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _items(value: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated option value."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 _FLAGS = {"n_random_kl": "random-kl", "fallback_kl_bounds": "fallback-kl"}
 """RunConfig fields whose command-line option is not the field's name with dashes."""
 
@@ -463,7 +468,7 @@ def run_cmd(
     tokens = None
     if refusal_tokens is not None:
         try:
-            tokens = tuple(int(t) for t in refusal_tokens.split(",") if t.strip())
+            tokens = tuple(int(t) for t in _items(refusal_tokens))
         except ValueError:
             raise RefdirError(
                 "--refusal-tokens takes comma-separated integer token ids, e.g. 40,1205"
@@ -471,7 +476,7 @@ def run_cmd(
     bounds: tuple[float, ...] = ()
     if fallback_kl.strip().lower() != "none":
         try:
-            bounds = tuple(float(b) for b in fallback_kl.split(",") if b.strip())
+            bounds = tuple(float(b) for b in _items(fallback_kl))
         except ValueError:
             bounds = ()
         if not bounds or not all(math.isfinite(b) and b > 0 for b in bounds):
@@ -486,7 +491,7 @@ def run_cmd(
             seed=seed,
             n_train=n_train,
             n_val=n_val,
-            harmful_eval=tuple(s.strip() for s in harmful_eval.split(",") if s.strip()),
+            harmful_eval=tuple(_items(harmful_eval)),
             n_eval_harmful=n_eval_harmful or None,
             n_eval_harmless=n_eval_harmless,
             max_new_tokens=max_new_tokens,
@@ -612,7 +617,7 @@ def suffix(
     from refdir.suffix import SuffixConfig
     from refdir.suffix_analysis import held_out_prompts, run_suffix_experiment
 
-    words = tuple(w.strip() for w in refusal_words.split(",") if w.strip())
+    words = tuple(_items(refusal_words))
     config = SuffixConfig(
         n_tokens=n_tokens,
         n_steps=steps,
