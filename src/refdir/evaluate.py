@@ -11,7 +11,7 @@ from refdir.direction import Direction
 from refdir.errors import RefdirError
 from refdir.generation import generate_ids
 from refdir.hooks import hooked
-from refdir.intervene import RowConditions, ablate, add
+from refdir.intervene import INTERVENTIONS, RowConditions, ablate, add
 from refdir.model import ChatModel
 from refdir.scoring.markers import is_refusal
 
@@ -26,7 +26,6 @@ __all__ = [
 ]
 
 Intervention = Literal["none", "ablate", "actadd"]
-INTERVENTIONS: tuple[str, ...] = ("none", "ablate", "actadd")
 
 
 def _check(kind: str, direction: Direction | None) -> None:

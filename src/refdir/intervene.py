@@ -20,6 +20,7 @@ from refdir.hooks import Hook, TensorMap, hooked, map_input, map_output
 from refdir.model import ChatModel
 
 __all__ = [
+    "INTERVENTIONS",
     "RowConditions",
     "ablate",
     "ablation_hooks",
@@ -27,6 +28,10 @@ __all__ = [
     "addition_hooks",
     "project_out",
 ]
+
+
+INTERVENTIONS: tuple[str, ...] = ("none", "ablate", "actadd")
+"""The interventions a run, an evaluation or :class:`RowConditions` applies."""
 
 
 def _vector(direction: Direction | torch.Tensor, cm: ChatModel) -> torch.Tensor:
@@ -124,7 +129,7 @@ class RowConditions:
         conditions: Sequence[tuple[str, float]],
     ) -> None:
         kinds = [kind for kind, _ in conditions]
-        unknown = sorted({k for k in kinds if k not in ("none", "ablate", "actadd")})
+        unknown = sorted({k for k in kinds if k not in INTERVENTIONS})
         if unknown:
             raise RefdirError(f"unknown intervention {unknown[0]!r}; use none, ablate or actadd")
         self.cm = cm

@@ -696,6 +696,16 @@ def _check_inputs(config: RunConfig) -> None:
         _judge(config)
 
 
+def _remove(out: Path, steps: Sequence[str], completions: bool) -> None:
+    """Delete the artifacts of ``steps`` (and the completion files, with ``completions``)."""
+    for step in steps:
+        for name in ARTIFACTS[step]:
+            (out / name).unlink(missing_ok=True)
+    if completions:
+        for stale in (out / "completions").glob("*.jsonl"):
+            stale.unlink()
+
+
 def _check_config(config: RunConfig, out: Path, force_from: int) -> tuple[int, bool]:
     """Refuse to mix options in one folder. Returns the step index to redo from, and whether
     the completion files on disk still hold (options of the evaluate and suffix steps may
@@ -721,12 +731,7 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> tuple[int, b
             redo = STEPS.index("suffix")
         if changed & COMPLETION_KEYS:
             keep_completions = False
-        for step in STEPS[redo:]:
-            for name in ARTIFACTS[step]:
-                (out / name).unlink(missing_ok=True)
-        if not keep_completions:
-            for stale in (out / "completions").glob("*.jsonl"):
-                stale.unlink()
+        _remove(out, STEPS[redo:], completions=not keep_completions)
         force_from = min(force_from, redo)
     _write_json(
         path,
@@ -769,11 +774,7 @@ def run_pipeline(
             log.info("step %s: artifacts present, skipped", step)
             continue
         if i >= force_from:
-            for name in ARTIFACTS[step]:
-                (out / name).unlink(missing_ok=True)
-            if step == "evaluate" and not keep_completions:
-                for stale in (out / "completions").glob("*.jsonl"):
-                    stale.unlink()
+            _remove(out, [step], completions=step == "evaluate" and not keep_completions)
         log.info("step %s", step)
         run.timed(step, lambda step=step: STEP_FUNCTIONS[step](run))  # type: ignore[misc]
         done[step] = run.timings[step]
