@@ -14,7 +14,8 @@ import torch
 
 from refdir.direction import Candidates
 from refdir.errors import RefdirError
-from refdir.report import render_markdown, truncate_text, write_report
+from refdir.render import render_markdown, truncate_text
+from refdir.report import write_report
 
 P, L, D = 3, 6, 8
 CHOSEN_LAYER, CHOSEN_POSITION = 3, -1
