@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from refdir.cli import app
-from refdir.direction import Direction
+from refdir.direction import Candidates, Direction
+from refdir.pipeline import Run, RunConfig
 from tiny import tiny_model, tiny_tokenizer
 
 runner = CliRunner()
@@ -292,3 +293,35 @@ def test_the_command_line_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr("refdir.cli.keep_freed_memory", lambda: seen.append(True) or True)
     result = CliRunner().invoke(app, ["organism", "--help"])
     assert result.exit_code == 0 and seen == [True]
+
+
+def test_run_command_takes_the_chat_format(model_dir: Path, tmp_path: Path) -> None:
+    template = tmp_path / "template.jinja"
+    template.write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>model\n{% endif %}"
+    )
+    args = ["run", "--model", str(model_dir), "--until", "extract", "--no-filter"]
+    args += ["--refusal-tokens", "5,6", "--n-train", "2", "--n-val", "2"]
+    positions = {}
+    for name, extra in (
+        ("default", []),
+        ("custom", ["--chat-template", str(template), "--system", "Answer briefly."]),
+    ):
+        out = tmp_path / name
+        result = runner.invoke(app, [*args, "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        options = json.loads((out / "config.json").read_text())["options"]
+        positions[name] = len(Candidates.load(out / "candidates.safetensors").positions)
+        if name == "custom":
+            assert options["chat_template"] == template.read_text()
+            assert options["system"] == "Answer briefly."
+            chat = Run(RunConfig(**options), out).cm.chat  # the model the run loads
+            assert chat.prefix.endswith("<|im_start|>user\n")
+            assert "<|im_start|>system\nAnswer briefly.<|im_end|>" in chat.prefix
+        else:
+            assert options["chat_template"] is None and options["system"] is None
+    # "<|im_end|>\n<|im_start|>assistant\n" against "<|im_end|>\n<|im_start|>model\n", by byte
+    assert positions == {"default": 13, "custom": 9}
+    bad = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--chat-template", "nope.j2"])
+    assert bad.exit_code == 2 and "chat template nope.j2 does not exist" in bad.stderr

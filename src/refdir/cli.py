@@ -116,20 +116,27 @@ def _load(
 ) -> Any:
     from refdir.model import load_model
 
-    template = None
-    if chat_template is not None:
-        if not chat_template.is_file():
-            raise RefdirError(f"chat template {chat_template} does not exist")
-        template = chat_template.read_text(encoding="utf-8")
     return load_model(
         model,
         dtype=dtype,
         device=device,
         gguf_file=gguf_file,
         system=system,
-        chat_template=template,
+        chat_template=_template_text(chat_template),
         trust_remote_code=trust_remote_code,
     )
+
+
+def _template_text(chat_template: Path | None) -> str | None:
+    """The text of a --chat-template file."""
+    if chat_template is None:
+        return None
+    if not chat_template.is_file():
+        raise RefdirError(f"chat template {chat_template} does not exist; give a Jinja file")
+    try:
+        return chat_template.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RefdirError(f"chat template {chat_template} is not readable text ({exc})") from None
 
 
 @app.callback()
@@ -461,6 +468,10 @@ def run_cmd(
     seed: SeedOpt = 42,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    gguf_file: GgufOpt = None,
+    system: SystemOpt = None,
+    chat_template: TemplateOpt = None,
+    trust_remote_code: RemoteOpt = False,
 ) -> None:
     """The paper's study end to end: select a direction, evaluate it, write report.html."""
     from refdir.pipeline import RunConfig, run_pipeline
@@ -488,6 +499,10 @@ def run_cmd(
             model=model,
             device=device,
             dtype=dtype,
+            gguf_file=gguf_file,
+            trust_remote_code=trust_remote_code,
+            system=system,
+            chat_template=_template_text(chat_template),
             seed=seed,
             n_train=n_train,
             n_val=n_val,

@@ -50,6 +50,16 @@ class RunConfig(BaseModel):
     model: str = Field("organism", description="organism, a local folder, a .gguf file or a hub id")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     dtype: str = Field("auto", description="auto, float32, bfloat16 or float16")
+    gguf_file: str | None = Field(None, description="GGUF file name inside the model folder")
+    trust_remote_code: bool = Field(
+        False, description="allow code from the model repository (off unless asked)"
+    )
+    system: str | None = Field(
+        None, description="system prompt for the chat template (None: the template's default)"
+    )
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template (its text), for models without one"
+    )
     seed: int = Field(42, description="seed for every sample of prompts")
     n_train: int = Field(
         128, ge=1, description="harmful and harmless prompts for the difference of means"
@@ -150,7 +160,15 @@ class RunConfig(BaseModel):
     def result_keys(self) -> dict[str, Any]:
         """The options that change results (device and display options excluded)."""
         return self.model_dump(
-            mode="json", exclude={"device", "dtype", "batch_size", "gen_batch_size", "truncate"}
+            mode="json",
+            exclude={
+                "device",
+                "dtype",
+                "trust_remote_code",
+                "batch_size",
+                "gen_batch_size",
+                "truncate",
+            },
         )
 
 
@@ -194,7 +212,15 @@ class Run:
     def cm(self) -> ChatModel:
         if self._cm is None:
             c = self.config
-            self._cm = load_model(c.model, dtype=c.dtype, device=c.device)
+            self._cm = load_model(
+                c.model,
+                dtype=c.dtype,
+                device=c.device,
+                gguf_file=c.gguf_file,
+                trust_remote_code=c.trust_remote_code,
+                system=c.system,
+                chat_template=c.chat_template,
+            )
         return self._cm
 
     def timed(self, step: str, fn: Callable[[], None]) -> None:
