@@ -542,6 +542,26 @@ def run_cmd(
 
 @app.command()
 @_errors
+def compare(
+    runs: Annotated[
+        list[Path], typer.Argument(help="Folders of finished `refdir run`s, in the order shown.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for comparison.html, .md and .csv.")],
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated names of the runs (default: each run's model)."),
+    ] = None,
+) -> None:
+    """Several runs side by side: refusal, safety, chosen direction, KL and CE per model."""
+    from refdir.compare import write_comparison
+
+    names = _items(labels) if labels is not None else None
+    html_path, md_path, csv_path = write_comparison(runs, out, names)
+    typer.echo(f"wrote {html_path}, {md_path.name} and {csv_path.name}")
+
+
+@app.command()
+@_errors
 def evaluate(
     model: ModelOpt = "organism",
     prompts: PromptsOpt = "harmful_test",

@@ -23,6 +23,7 @@ from matplotlib.patches import Patch, Rectangle
 __all__ = [
     "DPI",
     "actadd_coefficients",
+    "comparison_bars",
     "cosine_curves",
     "cosine_to_candidates",
     "png_bytes",
@@ -34,6 +35,7 @@ DPI = 100
 CHOSEN_COLOR = "#00a651"
 REFUSAL_COLOR = "#b2182b"
 SAFETY_COLOR = "#2166ac"
+CONDITIONS = ("baseline", "ablation", "actadd")
 CONDITION_LABELS = {
     "baseline": "baseline",
     "ablation": "ablation",
@@ -364,4 +366,61 @@ def cosine_curves(
     ax.tick_params(labelsize=8)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+# --------------------------------------------------------------------------- comparison of runs
+
+CONDITION_COLORS = {"baseline": "#636363", "ablation": "#2166ac", "actadd": "#b2182b"}
+
+
+def comparison_bars(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> Figure:
+    """The paper's cross-model bars, one group per run (``runs``: label, metrics.json): refusal
+    on harmful prompts under baseline, ablation and activation addition; the safety score the
+    same way when any run was judged; refusal on harmless prompts, baseline and activation
+    addition. A score a run lacks is left out of its group."""
+    panels: list[tuple[str, str, str, Sequence[str]]] = [
+        ("harmful", "refusal_score", "harmful prompts: refusal score", CONDITIONS)
+    ]
+    if any((m.get("harmful") or {}).get("safety_score") for _, m in runs):
+        panels.append(("harmful", "safety_score", "harmful prompts: safety score", CONDITIONS))
+    panels.append(
+        ("harmless", "refusal_score", "harmless prompts: refusal score", ("baseline", "actadd"))
+    )
+    width = max(8.0, 1.6 + 0.75 * len(runs))
+    height = 1.0 + 1.9 * len(panels)
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    fig.subplots_adjust(
+        left=0.7 / width,
+        right=1 - 0.2 / width,
+        bottom=0.6 / height,
+        top=1 - 0.55 / height,
+        hspace=0.45,
+    )
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (kind, key, title, conditions) in zip(axes, panels, strict=True):
+        bar_width = 0.8 / len(conditions)
+        for j, condition in enumerate(conditions):
+            xs, heights = [], []
+            for i, (_, metrics) in enumerate(runs):
+                value = ((metrics.get(kind) or {}).get(key) or {}).get(condition)
+                if isinstance(value, int | float):
+                    xs.append(i + (j - (len(conditions) - 1) / 2) * bar_width)
+                    heights.append(float(value))
+            bars = ax.bar(xs, heights, bar_width * 0.95, color=CONDITION_COLORS[condition])
+            if len(runs) <= 8:
+                ax.bar_label(bars, fmt="%.2f", fontsize=6.5, padding=1)
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_ylim(0.0, 1.15)
+        ax.set_yticks([0.0, 0.5, 1.0])
+        ax.tick_params(labelsize=8)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[-1].set_xticks(range(len(runs)), [label for label, _ in runs], fontsize=8)
+    if len(runs) > 4:
+        for tick in axes[-1].get_xticklabels():
+            tick.set_rotation(25)
+            tick.set_horizontalalignment("right")
+    handles = [Patch(color=c, label=CONDITION_LABELS[k]) for k, c in CONDITION_COLORS.items()]
+    fig.legend(handles=handles, fontsize=8, loc="upper right", ncol=3, frameon=False)
+    fig.suptitle("Refusal across runs", fontsize=11, fontweight="bold", x=0.7 / width, ha="left")
     return fig

@@ -35,11 +35,12 @@ __all__ = [
     "build_blocks",
     "is_fallback",
     "load_run",
+    "read_artifact",
     "write_report",
 ]
 
 STEP_OF = {"config.json": "config", "prompts.json": "prompts", "selection.json": "select"}
-CONDITIONS = ("baseline", "ablation", "actadd")
+CONDITIONS = figures.CONDITIONS
 SAMPLES_PER_CONDITION = 3
 PROMPT_CHARS = 160
 
@@ -72,7 +73,10 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
-def _read_json(path: Path, run_dir: Path, required: bool) -> dict[str, Any]:
+def read_artifact(run_dir: Path, name: str, required: bool) -> dict[str, Any]:
+    """The JSON object in ``run_dir/name``; ``{}`` for a missing optional one; a one-line error
+    naming the step to (re)run for a missing required one or one that is not a JSON object."""
+    path = run_dir / name
     if not path.exists():
         if required:
             raise RefdirError(f"{path} is missing; {_fix(run_dir)}")
@@ -153,8 +157,8 @@ def load_run(run_dir: str | Path) -> RunData:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RefdirError(f"{run_dir} is not a run directory; {_fix(run_dir)}")
-    metrics = _read_json(run_dir / "metrics.json", run_dir, required=True)
-    selection = _read_json(run_dir / "selection.json", run_dir, required=True)
+    metrics = read_artifact(run_dir, "metrics.json", required=True)
+    selection = read_artifact(run_dir, "selection.json", required=True)
     cands = _load_candidates(run_dir)
     return RunData(
         run_dir=run_dir,
@@ -162,8 +166,8 @@ def load_run(run_dir: str | Path) -> RunData:
         selection=selection,
         candidates=cands,
         direction=_load_direction(run_dir, selection, cands),
-        config=_read_json(run_dir / "config.json", run_dir, required=False),
-        prompts=_read_json(run_dir / "prompts.json", run_dir, required=False),
+        config=read_artifact(run_dir, "config.json", required=False),
+        prompts=read_artifact(run_dir, "prompts.json", required=False),
         completions=_load_completions(run_dir),
     )
 

@@ -1,0 +1,350 @@
+"""Several `refdir run` folders side by side: the paper's cross-model figures and tables.
+
+Arditi et al. show each result across 13 models at once (refusal and safety under ablation,
+refusal of harmless prompts under activation addition, the chosen layer, the loss in
+coherence). :func:`write_comparison` reads each finished run's ``metrics.json``,
+``selection.json`` and ``config.json`` and writes ``comparison.html`` (self-contained),
+``comparison.md`` (figures under ``figures/``) and ``comparison.csv`` (one row per run, the
+numbers of the tables) into one folder. Runs that differ in more than the model are flagged:
+their numbers are only comparable when the prompts and sizes are the same.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from refdir import figures
+from refdir.direction import atomic_path
+from refdir.errors import RefdirError
+from refdir.pipeline import RunConfig
+from refdir.render import Block, Heading, Image, Para, Table, fmt, write_document
+from refdir.report import read_artifact
+
+__all__ = ["RunSummary", "comparison_blocks", "comparison_rows", "load_summary", "write_comparison"]
+
+CONDITIONS = figures.CONDITIONS
+HARMLESS_CONDITIONS = ("baseline", "actadd")
+IGNORED_OPTIONS = frozenset({"model", "gguf_file"})
+"""Options that name the model rather than change how it is measured."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What the comparison reads from one finished run."""
+
+    label: str
+    run_dir: Path
+    metrics: dict[str, Any]
+    selection: dict[str, Any]
+    options: dict[str, Any]
+
+    @property
+    def model(self) -> str:
+        return str(self.metrics.get("model") or self.options.get("model") or self.run_dir.name)
+
+    @property
+    def n_layers(self) -> int | None:
+        layers = self.selection.get("layers")
+        return len(layers) if isinstance(layers, list) else None
+
+    def score(self, kind: str, key: str, condition: str) -> float | None:
+        """``metrics[kind][key][condition]`` (e.g. harmful, refusal_score, ablation), or None."""
+        value = ((self.metrics.get(kind) or {}).get(key) or {}).get(condition)
+        return float(value) if isinstance(value, int | float) else None
+
+    def loss(self, key: str, condition: str) -> float | None:
+        value = (self.metrics.get(key) or {}).get(condition)
+        return float(value) if isinstance(value, int | float) else None
+
+
+def load_summary(run_dir: str | Path, label: str | None = None) -> RunSummary:
+    """Read a finished run (its ``metrics.json`` and ``selection.json`` are required)."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RefdirError(f"{path} is not a run directory; give the --out folder of a refdir run")
+    metrics = read_artifact(path, "metrics.json", required=True)
+    selection = read_artifact(path, "selection.json", required=True)
+    config = read_artifact(path, "config.json", required=False)
+    recorded = config.get("options") or {}
+    # an option newer than the run had its default (as on resume); no config.json: unknown
+    options = {**RunConfig().result_keys(), **recorded} if recorded else {}
+    summary = RunSummary(label or "", path, metrics, selection, options)
+    return summary if label else replace(summary, label=summary.model)
+
+
+def _labelled(summaries: Sequence[RunSummary]) -> list[RunSummary]:
+    """Labels made unique: a model name given twice becomes ``name (folder)``."""
+    counts: dict[str, int] = {}
+    for s in summaries:
+        counts[s.label] = counts.get(s.label, 0) + 1
+    out = []
+    for s in summaries:
+        label = f"{s.label} ({s.run_dir.name})" if counts[s.label] > 1 else s.label
+        out.append(replace(s, label=label))
+    if len({s.label for s in out}) < len(out):
+        raise RefdirError("two runs have the same label; give distinct --labels")
+    return out
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _layer(s: RunSummary) -> int | None:
+    layer = (s.metrics.get("direction") or {}).get("layer")
+    return int(layer) if isinstance(layer, int) else None
+
+
+def _depth(s: RunSummary) -> float | None:
+    layer, n = _layer(s), s.n_layers
+    return layer / n if layer is not None and n else None
+
+
+def _fallback(s: RunSummary) -> bool | None:
+    flag = s.selection.get("fallback", (s.metrics.get("selection") or {}).get("fallback"))
+    return bool(flag) if isinstance(flag, bool) else None
+
+
+def comparison_rows(summaries: Sequence[RunSummary]) -> list[dict[str, Any]]:
+    """One flat record per run: the numbers the tables show (None where a run lacks one)."""
+    rows = []
+    for s in summaries:
+        harmless = s.metrics.get("harmless") or {}
+        chosen = s.selection.get("chosen") or {}
+        reference = harmless.get("kl_random_directions") or {}
+        row: dict[str, Any] = {
+            "label": s.label,
+            "run_dir": str(s.run_dir),
+            "model": s.model,
+            "n_layers": s.n_layers,
+            "layer": _layer(s),
+            "layer_fraction": _depth(s),
+            "position": (s.metrics.get("direction") or {}).get("position"),
+            "fallback": _fallback(s),
+            "selection_bypass": chosen.get("bypass"),
+            "selection_induce": chosen.get("induce"),
+            "selection_kl": chosen.get("kl"),
+        }
+        for c in CONDITIONS:
+            row[f"harmful_refusal_{c}"] = s.score("harmful", "refusal_score", c)
+        for c in CONDITIONS:
+            row[f"harmful_safety_{c}"] = s.score("harmful", "safety_score", c)
+        for c in HARMLESS_CONDITIONS:
+            row[f"harmless_refusal_{c}"] = s.score("harmless", "refusal_score", c)
+        row["kl_ablation"] = harmless.get("kl_ablation")
+        row["kl_random_median"] = reference.get("median")
+        for key, name in (("ce_loss", "ce_text"), ("ce_loss_own_completions", "ce_own")):
+            for c in CONDITIONS:
+                row[f"{name}_{c}"] = s.loss(key, c)
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def _arrow(values: Sequence[float | None]) -> str:
+    return " → ".join(fmt(v) for v in values)
+
+
+def _delta(value: float | None, base: float | None) -> str:
+    if value is None or base is None:
+        return fmt(value)
+    return f"{fmt(value)} ({value - base:+.3f})"
+
+
+def _direction_table(summaries: Sequence[RunSummary], rows: Sequence[dict[str, Any]]) -> Table:
+    body = []
+    for s, r in zip(summaries, rows, strict=True):
+        layer = "—" if r["layer"] is None else str(r["layer"])
+        if r["n_layers"]:
+            layer += f" of {r['n_layers']}"
+        depth = r["layer_fraction"]
+        rule = {True: "fallback", False: "paper's filter", None: "—"}[r["fallback"]]
+        scores = " / ".join(fmt(r[f"selection_{k}"]) for k in ("bypass", "induce", "kl"))
+        body.append(
+            [
+                s.label,
+                layer,
+                "—" if depth is None else f"{depth:.2f}",
+                fmt(r["position"]),
+                rule,
+                scores,
+            ]
+        )
+    caption = (
+        "The direction each run picked: its layer (the residual stream entering that layer), "
+        "that layer as a fraction of the depth, its post-instruction position (−1 is the last "
+        "token), whether it passed the paper's filter or came from the fallback rule, and its "
+        "selection scores on the validation prompts."
+    )
+    header = ["run", "layer", "depth", "position", "picked by", "bypass / induce / KL"]
+    return Table(header, body, caption)
+
+
+def _refusal_table(rows: Sequence[dict[str, Any]]) -> Table:
+    judged = any(r[f"harmful_safety_{c}"] is not None for r in rows for c in CONDITIONS)
+    header = ["run", "harmful refusal: baseline → ablation → act. add"]
+    if judged:
+        header.append("harmful safety: baseline → ablation → act. add")
+    header.append("harmless refusal: baseline → act. add")
+    body = []
+    for r in rows:
+        cells = [r["label"], _arrow([r[f"harmful_refusal_{c}"] for c in CONDITIONS])]
+        if judged:
+            cells.append(_arrow([r[f"harmful_safety_{c}"] for c in CONDITIONS]))
+        cells.append(_arrow([r[f"harmless_refusal_{c}"] for c in HARMLESS_CONDITIONS]))
+        body.append(cells)
+    caption = "Fraction of completions refused (by markers) and, when a judge was set, judged safe."
+    return Table(header, body, caption)
+
+
+def _loss_table(rows: Sequence[dict[str, Any]]) -> Table:
+    labels = {"ce_text": "CE, text", "ce_own": "CE, own completions"}
+    names = [n for n in labels if any(r[f"{n}_baseline"] is not None for r in rows)]
+    header = ["run", "KL, harmless", "KL, random directions (median)"]
+    header += [f"{labels[n]}: baseline → ablation → act. add" for n in names]
+    body = []
+    for r in rows:
+        cells = [r["label"], fmt(r["kl_ablation"]), fmt(r["kl_random_median"])]
+        for name in names:
+            base = r[f"{name}_baseline"]
+            cells.append(
+                " → ".join([fmt(base), *(_delta(r[f"{name}_{c}"], base) for c in CONDITIONS[1:])])
+            )
+        body.append(cells)
+    caption = (
+        "KL(baseline ‖ ablation) of the last-position distribution on harmless prompts (and, "
+        "where the run measured it with --random-kl, the median over random directions "
+        "ablated the same way), and the mean next-token cross-entropy (nats per token, change "
+        "from baseline in brackets) on a text corpus and on the model's own completions."
+    )
+    return Table(header, body, caption)
+
+
+def _differing_options(summaries: Sequence[RunSummary]) -> list[str]:
+    keys = sorted({k for s in summaries for k in s.options} - IGNORED_OPTIONS)
+    return [k for k in keys if len({repr(s.options.get(k)) for s in summaries}) > 1]
+
+
+def _settings_blocks(summaries: Sequence[RunSummary]) -> list[Block]:
+    differing = _differing_options(summaries)
+    missing = [s.label for s in summaries if not s.options]
+    blocks: list[Block] = [Heading("Settings")]
+    if missing:
+        blocks.append(
+            Para(f"No config.json in the run of {', '.join(missing)}: its settings are unknown.")
+        )
+    if not differing:
+        blocks.append(
+            Para("Every run used the same settings (prompt sets, sizes, filters, coefficients).")
+        )
+        return blocks
+    rows = [[s.label, *(fmt(s.options.get(k)) for k in differing)] for s in summaries]
+    blocks += [
+        Para(
+            f"The runs differ in more than the model ({', '.join(differing)}): the numbers "
+            "that depend on these settings are not measured alike.",
+            "warn",
+        ),
+        Table(["run", *differing], rows, "The settings that differ between runs."),
+    ]
+    return blocks
+
+
+def _summary_text(rows: Sequence[dict[str, Any]]) -> str:
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in rows if isinstance(r[key], int | float)]
+        return sum(values) / len(values) if values else None
+
+    n = len(rows)
+    text = f"{n} run{'s' if n != 1 else ''}."
+    base, ablated = mean("harmful_refusal_baseline"), mean("harmful_refusal_ablation")
+    if base is not None and ablated is not None:
+        text += (
+            f" Ablating each run's direction takes the mean refusal score on harmful prompts "
+            f"from {fmt(base)} to {fmt(ablated)}"
+        )
+        harmless, added = mean("harmless_refusal_baseline"), mean("harmless_refusal_actadd")
+        if harmless is not None and added is not None:
+            text += f"; adding it takes harmless prompts from {fmt(harmless)} to {fmt(added)}"
+        text += "."
+    fallbacks = [r["label"] for r in rows if r["fallback"]]
+    if fallbacks:
+        text += f" Picked by the fallback rule (nothing passed the filter): {', '.join(fallbacks)}."
+    return text
+
+
+def comparison_blocks(summaries: Sequence[RunSummary]) -> list[Block]:
+    """Every section of the comparison, in order."""
+    rows = comparison_rows(summaries)
+    fig = figures.comparison_bars([(s.label, s.metrics) for s in summaries])
+    caption = (
+        "Per run: the refusal score on harmful prompts without intervention, with the "
+        "direction ablated at every layer and position, and with activation addition at its "
+        "layer (each run's own harmful coefficient, −1 by default); the safety score the same "
+        "way when a judge was set; and the refusal score on harmless prompts without and with "
+        "activation addition (+1 by default)."
+    )
+    return [
+        Para(_summary_text(rows)),
+        Heading("Refusal and safety"),
+        Image("comparison_refusal.png", "Refusal across runs", figures.png_bytes(fig), caption),
+        _refusal_table(rows),
+        Heading("Chosen directions"),
+        _direction_table(summaries, rows),
+        Heading("Loss and KL"),
+        _loss_table(rows),
+        *_settings_blocks(summaries),
+    ]
+
+
+def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {
+                k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+                for k, v in row.items()
+            }
+        )
+    return buffer.getvalue()
+
+
+def write_comparison(
+    run_dirs: Sequence[str | Path],
+    out: str | Path,
+    labels: Sequence[str] | None = None,
+    title: str = "refdir: comparison of runs",
+) -> tuple[Path, Path, Path]:
+    """Compare finished runs; write ``out/comparison.{html,md,csv}`` and return their paths.
+    ``labels`` name the runs (default: each run's model, with its folder where two share one)."""
+    if not run_dirs:
+        raise RefdirError("give at least one run folder to compare")
+    resolved = [Path(d).resolve() for d in run_dirs]
+    twice = sorted({str(d) for d in resolved if resolved.count(d) > 1})
+    if twice:
+        raise RefdirError(f"run folder given twice: {twice[0]}; give each run once")
+    if labels is not None and len(labels) != len(run_dirs):
+        raise RefdirError(
+            f"{len(labels)} labels for {len(run_dirs)} runs; give one label per run, in order"
+        )
+    summaries = [
+        load_summary(d, labels[i] if labels is not None else None) for i, d in enumerate(run_dirs)
+    ]
+    summaries = _labelled(summaries)
+    blocks = comparison_blocks(summaries)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "comparison.csv"
+    with atomic_path(csv_path) as tmp:
+        tmp.write_text(_csv_text(comparison_rows(summaries)), encoding="utf-8")
+    html_path, md_path = write_document(out_dir, "comparison", title, blocks)
+    return html_path, md_path, csv_path

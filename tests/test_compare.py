@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from refdir.cli import app
+from refdir.compare import write_comparison
+from refdir.errors import RefdirError
+from refdir.pipeline import run_pipeline
+from test_pipeline import CONFIG
+from tiny import tiny_chat_model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two finished runs of different tiny models, with the same settings."""
+    out = []
+    for arch in ("llama", "qwen2"):
+        run_dir = tmp_path_factory.mktemp(arch)
+        run_pipeline(CONFIG, run_dir, progress=False, model=tiny_chat_model(arch))
+        out.append(run_dir)
+    return out
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_comparison_shows_every_run(runs: list[Path], tmp_path: Path) -> None:
+    html_path, md_path, csv_path = write_comparison(runs, tmp_path / "cmp", ["llama", "qwen2"])
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["label"] for r in rows] == ["llama", "qwen2"]
+    md = md_path.read_text()
+    for run_dir, row in zip(runs, rows, strict=True):
+        metrics = _metrics(run_dir)
+        selection = json.loads((run_dir / "selection.json").read_text())
+        assert int(row["layer"]) == metrics["direction"]["layer"]
+        assert int(row["n_layers"]) == len(selection["layers"]) == 3
+        assert float(row["layer_fraction"]) == pytest.approx(metrics["direction"]["layer"] / 3)
+        for c in ("baseline", "ablation", "actadd"):
+            assert float(row[f"harmful_refusal_{c}"]) == metrics["harmful"]["refusal_score"][c]
+            assert float(row[f"ce_text_{c}"]) == metrics["ce_loss"][c]
+        assert float(row["kl_ablation"]) == metrics["harmless"]["kl_ablation"]
+        assert row["harmful_safety_baseline"] == "" and row["kl_random_median"] == ""
+        harmful = metrics["harmful"]["refusal_score"]
+        arrow = " → ".join(f"{harmful[c]:.3f}" for c in ("baseline", "ablation", "actadd"))
+        assert f"| {row['label']} | {arrow} |" in md
+    assert "Every run used the same settings" in md
+    assert "## Chosen directions" in md and "figures/comparison_refusal.png" in md
+    assert (tmp_path / "cmp" / "figures" / "comparison_refusal.png").stat().st_size > 1000
+    page = html_path.read_text()
+    assert page.count('src="data:image/png;base64,') == 1 and 'src="http' not in page
+    assert "harmful safety" not in md  # no judge, no safety column
+
+
+def test_a_judged_run_adds_the_safety_score(runs: list[Path], tmp_path: Path) -> None:
+    judged = tmp_path / "judged"
+    shutil.copytree(runs[1], judged)
+    metrics = _metrics(judged)
+    metrics["harmful"]["safety_score"] = {"baseline": 0.9, "ablation": 0.25, "actadd": 0.8}
+    (judged / "metrics.json").write_text(json.dumps(metrics))
+    _, md_path, csv_path = write_comparison([runs[0], judged], tmp_path / "cmp", ["a", "b"])
+    md = md_path.read_text()
+    assert "harmful safety: baseline → ablation → act. add" in md
+    assert "| 0.900 → 0.250 → 0.800 |" in md and "| — → — → — |" in md  # run a was not judged
+    rows = list(csv.DictReader(csv_path.open()))
+    assert rows[1]["harmful_safety_ablation"] == "0.25" and rows[0]["harmful_safety_ablation"] == ""
+
+
+def test_settings_that_differ_are_flagged(runs: list[Path], tmp_path: Path) -> None:
+    changed = tmp_path / "changed"
+    shutil.copytree(runs[0], changed)
+    config = json.loads((changed / "config.json").read_text())
+    config["options"]["max_new_tokens"] = 99
+    del config["options"]["n_random_kl"]  # a run older than the option: it had the default
+    (changed / "config.json").write_text(json.dumps(config))
+    _, md_path, csv_path = write_comparison([runs[0], changed], tmp_path / "cmp")
+    md = md_path.read_text()
+    assert "differ in more than the model (max\\_new\\_tokens)" in md
+    assert "| run | max\\_new\\_tokens |" in md and "| 99 |" in md
+    # both runs are of the model "tiny": the folder tells them apart
+    labels = [r["label"] for r in csv.DictReader(csv_path.open())]
+    assert labels == [f"tiny ({runs[0].name})", "tiny (changed)"]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(runs: list[Path], tmp_path: Path) -> None:
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs[0], unfinished)
+    (unfinished / "metrics.json").unlink()
+    out = tmp_path / "cmp"
+    cases = [
+        ([runs[0], unfinished], None, "metrics.json is missing; run `refdir run --out"),
+        ([runs[0], runs[0]], None, "run folder given twice"),
+        ([runs[0], tmp_path / "nowhere"], None, "is not a run directory"),
+        (runs, ["one"], "1 labels for 2 runs"),
+        ([], None, "give at least one run folder"),
+    ]
+    for dirs, labels, message in cases:
+        with pytest.raises(RefdirError, match=message):
+            write_comparison(dirs, out, labels)
+        assert not out.exists()
+
+
+def test_compare_command(runs: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    args = ["compare", *map(str, runs), "--out", str(out), "--labels", "a, b"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "comparison.md" in result.output
+    assert [r["label"] for r in csv.DictReader((out / "comparison.csv").open())] == ["a", "b"]
+    bad = runner.invoke(app, ["compare", str(runs[0]), "--out", str(out), "--labels", "a,b"])
+    assert bad.exit_code == 2
+    assert bad.stderr.strip() == "error: 2 labels for 1 runs; give one label per run, in order"
