@@ -118,3 +118,26 @@ def test_compare_command(runs: list[Path], tmp_path: Path) -> None:
     bad = runner.invoke(app, ["compare", str(runs[0]), "--out", str(out), "--labels", "a,b"])
     assert bad.exit_code == 2
     assert bad.stderr.strip() == "error: 2 labels for 1 runs; give one label per run, in order"
+
+
+def test_labels_name_local_models_briefly(runs: list[Path], tmp_path: Path) -> None:
+    folder = tmp_path / "models" / "my-chat-model"
+    folder.mkdir(parents=True)
+    copies = []
+    for name, options in (
+        ("folder", {"model": str(folder)}),
+        ("gguf", {"model": str(folder), "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}),
+        ("hub", {"model": "org/some-chat-model"}),
+    ):
+        run_dir = tmp_path / name
+        shutil.copytree(runs[0], run_dir)
+        config = json.loads((run_dir / "config.json").read_text())
+        config["options"].update(options)
+        (run_dir / "config.json").write_text(json.dumps(config))
+        metrics = _metrics(run_dir)
+        metrics["model"] = options["model"]
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+        copies.append(run_dir)
+    _, _, csv_path = write_comparison(copies, tmp_path / "cmp")
+    labels = [r["label"] for r in csv.DictReader(csv_path.open())]
+    assert labels == ["my-chat-model", "SmolLM2-135M-Instruct.Q4_1", "org/some-chat-model"]

@@ -49,6 +49,18 @@ class RunSummary:
         return str(self.metrics.get("model") or self.options.get("model") or self.run_dir.name)
 
     @property
+    def short_name(self) -> str:
+        """The model's name for a label: a GGUF file's stem, a local folder's or file's name,
+        a hub id or ``organism`` as is."""
+        gguf = self.options.get("gguf_file")
+        if isinstance(gguf, str) and gguf:
+            return Path(gguf).name.removesuffix(".gguf")
+        path = Path(self.model)
+        if path.exists():
+            return path.name.removesuffix(".gguf")
+        return self.model
+
+    @property
     def n_layers(self) -> int | None:
         layers = self.selection.get("layers")
         return len(layers) if isinstance(layers, list) else None
@@ -75,7 +87,7 @@ def load_summary(run_dir: str | Path, label: str | None = None) -> RunSummary:
     # an option newer than the run had its default (as on resume); no config.json: unknown
     options = {**RunConfig().result_keys(), **recorded} if recorded else {}
     summary = RunSummary(label or "", path, metrics, selection, options)
-    return summary if label else replace(summary, label=summary.model)
+    return summary if label else replace(summary, label=summary.short_name)
 
 
 def _labelled(summaries: Sequence[RunSummary]) -> list[RunSummary]:
