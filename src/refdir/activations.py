@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from refdir.chat import by_length
 from refdir.direction import Candidates
-from refdir.errors import RefdirError
+from refdir.errors import RefdirError, filtered_out
 from refdir.generation import SharedPrefix
 from refdir.hooks import hooked, residual_stream
 from refdir.model import ChatModel
@@ -124,10 +124,7 @@ def extract_candidates(
         )
         if not any(means[name].kept):
             set_name = harmful_name if positive else harmless_name
-            raise RefdirError(
-                f"the refusal-metric filter removed every prompt of {set_name or name}; "
-                "check the refusal tokens"
-            )
+            raise filtered_out(set_name or name)
     kept = {
         name: [p for p, k in zip(prompts, means[name].kept, strict=True) if k]
         for name, prompts in (("harmful", harmful), ("harmless", harmless))

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from refdir.chat import by_length
 from refdir.direction import Candidates
-from refdir.errors import RefdirError
+from refdir.errors import RefdirError, filtered_out
 from refdir.generation import SharedPrefix, generate, last_position_logits, unsort
 from refdir.hooks import Hook, hooked, map_input, map_output
 from refdir.layer_inputs import LayerInputs
@@ -302,10 +302,7 @@ class ValidationSets:
             kept_harmless = refusal_filter(harmless_logits, token_ids, False).tolist()
         for name, kept in (("harmful_val", kept_harmful), ("harmless_val", kept_harmless)):
             if not any(kept):
-                raise RefdirError(
-                    f"the refusal-metric filter removed every prompt of {name}; "
-                    "check the refusal tokens"
-                )
+                raise filtered_out(name)
         h = [i for i, k in enumerate(kept_harmful) if k]
         s = [i for i, k in enumerate(kept_harmless) if k]
         return cls(
