@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import AbstractContextManager, nullcontext
@@ -136,3 +137,59 @@ def test_missing_lm_eval_is_a_one_line_error(
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import now raises ImportError
     with pytest.raises(RefdirError, match=r"pip install 'refdir\[bench\]'"):
         run_benchmarks(cm, [task])
+
+
+def test_run_pipeline_benchmarks_the_chosen_direction(
+    cm: ChatModel, task: Path, tmp_path: Path
+) -> None:
+    from refdir.pipeline import run_pipeline
+    from test_pipeline import CONFIG
+
+    config = CONFIG.model_copy(update={"benchmarks": (str(task),)})
+    done = run_pipeline(config, tmp_path, progress=False, model=cm)
+    assert "benchmarks" in done
+    saved = json.loads((tmp_path / "benchmarks.json").read_text())
+    direction = Direction.load(tmp_path)
+    plain = run_benchmarks(cm, [task])["tiny_mc"]
+    ablated = run_benchmarks(cm, [task], kind="ablate", direction=direction)["tiny_mc"]
+    for metric in ("acc", "acc_norm"):
+        assert saved["scores"]["tiny_mc"][metric] == {
+            "baseline": round(plain[metric], 6),
+            "ablation": round(ablated[metric], 6),
+        }
+    report = (tmp_path / "report.md").read_text()
+    assert "## Benchmarks" in report and f"| tiny\\_mc | acc | {plain['acc']:.3f} |" in report
+    # a benchmark option redoes that step and the report only; no benchmarks: no section
+    completions = {p: p.stat().st_mtime_ns for p in (tmp_path / "completions").glob("*")}
+    metrics = (tmp_path / "metrics.json").read_text()
+    limited = config.model_copy(update={"benchmark_limit": 2})
+    assert set(run_pipeline(limited, tmp_path, progress=False, model=cm)) == {
+        "benchmarks",
+        "report",
+    }
+    assert json.loads((tmp_path / "benchmarks.json").read_text())["limit"] == 2
+    none = limited.model_copy(update={"benchmarks": ()})
+    assert set(run_pipeline(none, tmp_path, progress=False, model=cm)) == {"report"}
+    assert not (tmp_path / "benchmarks.json").exists()
+    assert "## Benchmarks" not in (tmp_path / "report.md").read_text()
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "completions").glob("*")} == completions
+    assert (
+        json.loads((tmp_path / "metrics.json").read_text())["harmful"]
+        == json.loads(metrics)["harmful"]
+    )
+
+
+def test_run_pipeline_checks_the_tasks_before_any_step(task: Path, tmp_path: Path) -> None:
+    from refdir.pipeline import run_pipeline
+    from test_pipeline import CONFIG
+
+    for tasks, path, message in (
+        ((str(task.parent / "missing.yaml"),), (), "task file .*missing.yaml does not exist"),
+        (("tiny_m",), (str(task.parent),), "did you mean 'tiny_mc'"),
+        (("tiny_mc",), (str(tmp_path / "nowhere"),), "task folder .*nowhere does not exist"),
+    ):
+        config = CONFIG.model_copy(update={"benchmarks": tasks, "benchmark_path": path})
+        out = tmp_path / "run"
+        with pytest.raises(RefdirError, match=message):
+            run_pipeline(config, out, progress=False, model=tiny_chat_model("llama"))
+        assert not out.exists() or not any(out.iterdir())

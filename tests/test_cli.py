@@ -325,3 +325,22 @@ def test_run_command_takes_the_chat_format(model_dir: Path, tmp_path: Path) -> N
     assert positions == {"default": 13, "custom": 9}
     bad = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--chat-template", "nope.j2"])
     assert bad.exit_code == 2 and "chat template nope.j2 does not exist" in bad.stderr
+
+
+def test_run_command_takes_benchmark_tasks(model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (bench extra)")
+    from refdir.benchmarks import write_multiple_choice_task
+
+    item = {"question": "2 + 2?", "choices": ["4", "5"], "answer": 0}
+    task = write_multiple_choice_task(tmp_path / "tasks", "sums", [item])
+    out = tmp_path / "run"
+    args = ["run", "--model", str(model_dir), "--out", str(out), "--until", "prompts"]
+    args += ["--refusal-tokens", "5,6", "--no-filter", "--n-train", "2", "--n-val", "2"]
+    result = runner.invoke(app, [*args, "--benchmarks", str(task), "--benchmark-limit", "3"])
+    assert result.exit_code == 0, result.output
+    options = json.loads((out / "config.json").read_text())["options"]
+    assert options["benchmarks"] == [str(task)] and options["benchmark_limit"] == 3
+    assert options["benchmark_path"] == []
+    bad = runner.invoke(app, [*args, "--benchmarks", "sums", "--benchmark-path", "nowhere"])
+    assert bad.exit_code == 2
+    assert bad.stderr.strip() == "error: benchmark task folder nowhere does not exist"

@@ -141,3 +141,19 @@ def test_labels_name_local_models_briefly(runs: list[Path], tmp_path: Path) -> N
     _, _, csv_path = write_comparison(copies, tmp_path / "cmp")
     labels = [r["label"] for r in csv.DictReader(csv_path.open())]
     assert labels == ["my-chat-model", "SmolLM2-135M-Instruct.Q4_1", "org/some-chat-model"]
+
+
+def test_benchmarks_are_compared_where_runs_have_them(runs: list[Path], tmp_path: Path) -> None:
+    benched = tmp_path / "benched"
+    shutil.copytree(runs[1], benched)
+    scores = {"tiny_mc": {"acc": {"baseline": 0.5, "ablation": 0.25}}}
+    (benched / "benchmarks.json").write_text(json.dumps({"tasks": ["t.yaml"], "scores": scores}))
+    _, md_path, csv_path = write_comparison([runs[0], benched], tmp_path / "cmp", ["a", "b"])
+    md = md_path.read_text()
+    assert "## Benchmarks" in md and "| b | tiny\\_mc | acc | 0.500 | 0.250 (-0.250) |" in md
+    assert "| a | tiny\\_mc" not in md  # run a has no benchmarks
+    rows = list(csv.DictReader(csv_path.open()))
+    assert rows[1]["benchmark:tiny_mc:acc:ablation"] == "0.25"
+    assert rows[0]["benchmark:tiny_mc:acc:ablation"] == ""
+    _, md_path, _ = write_comparison(runs, tmp_path / "plain")
+    assert "## Benchmarks" not in md_path.read_text()

@@ -130,7 +130,9 @@ def test_extract_filters_in_its_pass_and_records_the_kept_prompts(
     with pytest.raises(RefdirError, match="removed every prompt of calm"):
         extract_candidates(cm, HARMFUL, HARMLESS, harmless_name="calm", refusal_tokens=half)
     odd = list(range(1, vocab, 2))  # every metric < 0: harmless kept, harmful removed
-    with pytest.raises(RefdirError, match="removed every prompt of harmful.*keep every prompt with --no-filter"):
+    with pytest.raises(
+        RefdirError, match=r"removed every prompt of harmful.*keep every prompt with --no-filter"
+    ):
         extract_candidates(cm, HARMFUL, HARMLESS, progress=False, refusal_tokens=odd)
     plain = extract_candidates(cm, HARMFUL, HARMLESS, progress=False)
     assert plain.harmful_prompts == HARMFUL and plain.n_harmless == len(HARMLESS)

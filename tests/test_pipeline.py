@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 import refdir.evaluate
-from refdir.direction import Candidates
+import refdir.pipeline
+from refdir.direction import Candidates, Direction
 from refdir.errors import RefdirError
 from refdir.pipeline import RunConfig, run_pipeline
 from tiny import tiny_chat_model
@@ -137,7 +138,7 @@ def test_resume_after_an_interrupted_step(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_when_nothing_passes_the_scores_are_kept_and_a_manual_pick_reuses_them(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cm = tiny_chat_model("llama")
     strict = CONFIG.model_copy(update={"kl_max": -1.0, "fallback_kl_bounds": ()})
@@ -146,11 +147,25 @@ def test_when_nothing_passes_the_scores_are_kept_and_a_manual_pick_reuses_them(
     kept = json.loads((tmp_path / "selection.json").read_text())
     assert kept["chosen"] is None and kept["rule"].startswith("none")
     manual = strict.model_copy(update={"layer": 2, "position": -1})
-    (tmp_path / "config.json").unlink()  # a new choice for the same scores
-    run_pipeline(manual, tmp_path, progress=False, model=cm, until="select")
+    # in the same folder, as the error suggests: a new choice among the same scores
+    monkeypatch.setattr(refdir.pipeline, "score_candidates", _never)
+    assert set(run_pipeline(manual, tmp_path, progress=False, model=cm, until="select")) == {
+        "select"
+    }
     chosen = json.loads((tmp_path / "selection.json").read_text())
     assert chosen["rule"].startswith("manual") and chosen["chosen"]["layer"] == 2
     assert chosen["bypass"] == kept["bypass"]
+    assert Direction.load(tmp_path).layer == 2
+    run_pipeline(manual, tmp_path, progress=False, model=cm)  # the whole run, with that pick
+    other = manual.model_copy(update={"layer": 1})
+    done = run_pipeline(other, tmp_path, progress=False, model=cm)
+    assert set(done) == {"select", "evaluate", "report"}  # the scores are kept
+    assert Direction.load(tmp_path).layer == 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["direction"]["layer"] == 1
+
+
+def _never(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the candidates were scored again")
 
 
 def test_changed_options_are_refused_on_resume(tmp_path: Path) -> None:

@@ -241,7 +241,7 @@ def test_validation_sets_filter_in_the_baseline_passes() -> None:
         torch.testing.assert_close(getattr(given, name), getattr(fresh, name), equal_nan=True)
     with pytest.raises(RefdirError, match="other prompts"):
         score_candidates(cm, cands, harmful, harmless, tokens, config, [1], validation=val)
-    with pytest.raises(RefdirError, match="removed every prompt of harmless_val; .*--no-filter"):
+    with pytest.raises(RefdirError, match=r"removed every prompt of harmless_val; .*--no-filter"):
         ValidationSets.build(cm, harmful, harmless, list(range(0, vocab, 2)))
 
 

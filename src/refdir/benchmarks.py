@@ -19,15 +19,22 @@ import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from refdir.direction import Direction
 from refdir.errors import RefdirError
-from refdir.metrics import Scope, resolve_scope
+from refdir.metrics import Scope, intervention_scope, resolve_scope
 from refdir.model import ChatModel
 
-__all__ = ["offline", "run_benchmarks", "write_multiple_choice_task"]
+__all__ = [
+    "benchmark_conditions",
+    "check_tasks",
+    "offline",
+    "run_benchmarks",
+    "write_multiple_choice_task",
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -87,17 +94,27 @@ def _yaml_path(entry: Any) -> Path | None:
 
 
 def _task_names(
-    tasks: Sequence[PathLike], include_path: Sequence[PathLike], include_defaults: bool
+    tasks: Sequence[PathLike], include_path: Sequence[PathLike], include_defaults: bool | None
 ) -> tuple[list[str], Any]:
-    """lm_eval task names for ``tasks`` (names, or task YAML files), and the TaskManager."""
+    """lm_eval task names for ``tasks`` (names, or task YAML files), and the TaskManager.
+    ``include_defaults=None``: lm_eval's built-in tasks are indexed (15-30 s) only when a
+    name is not found in ``include_path`` or beside the task files."""
     from lm_eval.tasks import TaskManager
 
+    if isinstance(tasks, str | os.PathLike) or not tasks:
+        raise RefdirError("give a non-empty list of benchmark tasks")
     files = [Path(t).resolve() for t in tasks if str(t).endswith((".yaml", ".yml"))]
     for f in files:
         if not f.is_file():
             raise RefdirError(f"task file {f} does not exist")
+    for folder in include_path:
+        if not Path(folder).is_dir():
+            raise RefdirError(f"benchmark task folder {folder} does not exist")
     roots = [str(Path(p)) for p in include_path] + sorted({str(f.parent) for f in files})
-    manager = TaskManager(include_path=roots or None, include_defaults=include_defaults)
+    manager = TaskManager(include_path=roots or None, include_defaults=bool(include_defaults))
+    named = [str(t) for t in tasks if not str(t).endswith((".yaml", ".yml"))]
+    if include_defaults is None and any(n not in manager.all_tasks for n in named):
+        manager = TaskManager(include_path=roots or None, include_defaults=True)
     names: list[str] = []
     for task in tasks:
         if str(task).endswith((".yaml", ".yml")):
@@ -109,6 +126,14 @@ def _task_names(
     return names, manager
 
 
+def check_tasks(tasks: Sequence[PathLike], include_path: Sequence[PathLike] = ()) -> None:
+    """Fail now, in one line, on what :func:`benchmark_conditions` would reject later:
+    lm_eval not installed, a missing task file or folder, a task name found nowhere."""
+    with offline():
+        _lm_eval()
+        _task_names(tasks, include_path, None)
+
+
 def _names_in_file(manager: Any, path: Path) -> list[str]:
     found = [name for name, entry in manager.task_index.items() if _yaml_path(entry) == path]
     if not found:
@@ -116,10 +141,10 @@ def _names_in_file(manager: Any, path: Path) -> list[str]:
     return sorted(found)
 
 
-def _unknown_task(name: str, known: Sequence[str], include_defaults: bool) -> str:
+def _unknown_task(name: str, known: Sequence[str], include_defaults: bool | None) -> str:
     close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    where = "" if include_defaults else " (built-in tasks need include_defaults=True)"
+    where = " (built-in tasks need include_defaults=True)" if include_defaults is False else ""
     return f"unknown benchmark task {name!r}{hint}{where}"
 
 
@@ -148,7 +173,7 @@ def run_benchmarks(
     direction: Direction | None = None,
     coeff: float = 1.0,
     include_path: Sequence[PathLike] = (),
-    include_defaults: bool = False,
+    include_defaults: bool | None = False,
     num_fewshot: int | None = None,
     batch_size: int = 8,
     max_length: int | None = None,
@@ -160,13 +185,58 @@ def run_benchmarks(
 
     ``tasks``: task YAML files, or names found in ``include_path`` folders (and, with
     ``include_defaults``, lm_eval's built-in tasks, whose datasets must already be in the local
-    Hugging Face cache). ``limit``: at most that many items per task (a float: a fraction).
+    Hugging Face cache; ``None``: searched only for names found nowhere else). ``limit``: at
+    most that many items per task (a float: a fraction).
     """
-    if isinstance(tasks, str | os.PathLike) or not tasks:
-        raise RefdirError("give a non-empty list of benchmark tasks")
-    if batch_size <= 0:
-        raise RefdirError(f"batch size must be positive, got {batch_size}")
     enter = resolve_scope(cm, scope, kind, direction, coeff)
+    options = _Options(limit, num_fewshot, batch_size, max_length, apply_chat_template)
+    return _evaluate(cm, tasks, include_path, include_defaults, options, bootstrap_iters, [enter])[
+        0
+    ]
+
+
+def benchmark_conditions(
+    cm: ChatModel,
+    tasks: Sequence[PathLike],
+    conditions: Mapping[str, tuple[str, float]],
+    direction: Direction | None = None,
+    limit: int | float | None = None,
+    include_path: Sequence[PathLike] = (),
+    batch_size: int = 8,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{condition: {task: {metric: value}}}`` for several conditions (name -> (kind, coeff):
+    ``none``, ``ablate`` or ``actadd`` with ``direction``), the tasks resolved and the model
+    wrapped once. Built-in task names are looked up only when not found in ``include_path``."""
+    if not conditions:
+        raise RefdirError("give at least one condition to benchmark under")
+    scopes = [intervention_scope(cm, kind, direction, coeff) for kind, coeff in conditions.values()]
+    options = _Options(limit, None, batch_size, None, False)
+    results = _evaluate(cm, tasks, include_path, None, options, 0, scopes)
+    return dict(zip(conditions, results, strict=True))
+
+
+@dataclass(frozen=True)
+class _Options:
+    limit: int | float | None
+    num_fewshot: int | None
+    batch_size: int
+    max_length: int | None
+    apply_chat_template: bool
+
+
+def _evaluate(
+    cm: ChatModel,
+    tasks: Sequence[PathLike],
+    include_path: Sequence[PathLike],
+    include_defaults: bool | None,
+    options: _Options,
+    bootstrap_iters: int,
+    scopes: Sequence[Scope],
+) -> list[dict[str, dict[str, float]]]:
+    """lm_eval's scores of ``tasks`` under each scope in turn."""
+    if options.batch_size <= 0:
+        raise RefdirError(f"batch size must be positive, got {options.batch_size}")
+    out = []
     with offline():
         lm_eval = _lm_eval()
         from lm_eval.models.huggingface import HFLM
@@ -175,23 +245,25 @@ def run_benchmarks(
         lm = HFLM(
             pretrained=cm.model,
             tokenizer=cm.tokenizer,
-            batch_size=batch_size,
-            max_length=max_length,
+            batch_size=options.batch_size,
+            max_length=options.max_length,
         )
-        with enter():
-            results = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=names,
-                task_manager=manager,
-                limit=limit,
-                num_fewshot=num_fewshot,
-                bootstrap_iters=bootstrap_iters,
-                apply_chat_template=apply_chat_template,
-                log_samples=False,
-            )
-    if not results:
-        raise RefdirError("lm_eval returned no results")
-    return _scores(results["results"])
+        for enter in scopes:
+            with enter():
+                results = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=names,
+                    task_manager=manager,
+                    limit=options.limit,
+                    num_fewshot=options.num_fewshot,
+                    bootstrap_iters=bootstrap_iters,
+                    apply_chat_template=options.apply_chat_template,
+                    log_samples=False,
+                )
+            if not results:
+                raise RefdirError("lm_eval returned no results")
+            out.append(_scores(results["results"]))
+    return out
 
 
 def write_multiple_choice_task(

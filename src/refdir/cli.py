@@ -373,7 +373,8 @@ def run_cmd(
     force: Annotated[
         str | None,
         typer.Option(
-            help="Redo this step and the later ones: prompts, extract, select, evaluate, report."
+            help="Redo this step and the later ones: prompts, extract, select, evaluate, "
+            "benchmarks, suffix, report."
         ),
     ] = None,
     until: Annotated[str | None, typer.Option(help="Stop after this step.")] = None,
@@ -448,6 +449,20 @@ def run_cmd(
     ] = None,
     judge_model: Annotated[
         str | None, typer.Option(help="Local folder of the judge model.")
+    ] = None,
+    benchmarks: Annotated[
+        str | None,
+        typer.Option(
+            help="lm-evaluation-harness tasks scored without and with the direction ablated, "
+            "comma-separated: task YAML files, or names found in --benchmark-path (else among "
+            "lm_eval's built-in tasks, whose data must be in the local cache)."
+        ),
+    ] = None,
+    benchmark_path: Annotated[
+        str | None, typer.Option(help="Folders of benchmark task YAMLs, comma-separated.")
+    ] = None,
+    benchmark_limit: Annotated[
+        int | None, typer.Option(help="At most this many items per benchmark task.")
     ] = None,
     suffix: Annotated[
         bool,
@@ -526,6 +541,9 @@ def run_cmd(
             n_random_kl=random_kl,
             judge=judge,
             judge_model=judge_model,
+            benchmarks=tuple(_items(benchmarks or "")),
+            benchmark_path=tuple(_items(benchmark_path or "")),
+            benchmark_limit=benchmark_limit,
             filter_prompts=filter_prompts,
             suffix=suffix,
             suffix_steps=suffix_steps,

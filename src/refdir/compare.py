@@ -30,6 +30,7 @@ __all__ = ["RunSummary", "comparison_blocks", "comparison_rows", "load_summary",
 
 CONDITIONS = figures.CONDITIONS
 HARMLESS_CONDITIONS = ("baseline", "actadd")
+BENCHMARK_CONDITIONS = ("baseline", "ablation")
 IGNORED_OPTIONS = frozenset({"model", "gguf_file"})
 """Options that name the model rather than change how it is measured."""
 
@@ -43,6 +44,7 @@ class RunSummary:
     metrics: dict[str, Any]
     selection: dict[str, Any]
     options: dict[str, Any]
+    benchmarks: dict[str, Any]
 
     @property
     def model(self) -> str:
@@ -86,7 +88,8 @@ def load_summary(run_dir: str | Path, label: str | None = None) -> RunSummary:
     recorded = config.get("options") or {}
     # an option newer than the run had its default (as on resume); no config.json: unknown
     options = {**RunConfig().result_keys(), **recorded} if recorded else {}
-    summary = RunSummary(label or "", path, metrics, selection, options)
+    benchmarks = read_artifact(path, "benchmarks.json", required=False)
+    summary = RunSummary(label or "", path, metrics, selection, options, benchmarks)
     return summary if label else replace(summary, label=summary.short_name)
 
 
@@ -153,6 +156,9 @@ def comparison_rows(summaries: Sequence[RunSummary]) -> list[dict[str, Any]]:
         for key, name in (("ce_loss", "ce_text"), ("ce_loss_own_completions", "ce_own")):
             for c in CONDITIONS:
                 row[f"{name}_{c}"] = s.loss(key, c)
+        for task, metric, values in _benchmark_scores(s):
+            for c in BENCHMARK_CONDITIONS:
+                row[f"benchmark:{task}:{metric}:{c}"] = values.get(c)
         rows.append(row)
     return rows
 
@@ -239,6 +245,31 @@ def _loss_table(rows: Sequence[dict[str, Any]]) -> Table:
     return Table(header, body, caption)
 
 
+def _benchmark_scores(s: RunSummary) -> list[tuple[str, str, dict[str, Any]]]:
+    """(task, metric, {condition: value}) of a run's benchmarks.json, in its order."""
+    scores = s.benchmarks.get("scores") or {}
+    return [(t, m, v) for t, metrics in scores.items() for m, v in metrics.items()]
+
+
+def _benchmark_blocks(summaries: Sequence[RunSummary]) -> list[Block]:
+    body = []
+    for s in summaries:
+        for task, metric, values in _benchmark_scores(s):
+            base = values.get("baseline")
+            body.append([s.label, task, metric, fmt(base), _delta(values.get("ablation"), base)])
+    if not body:
+        return []
+    caption = (
+        "lm-evaluation-harness scores without intervention and with the direction ablated (the "
+        "paper's Table 2); in brackets the change from baseline. Runs without benchmarks are "
+        "left out."
+    )
+    return [
+        Heading("Benchmarks"),
+        Table(["run", "task", "metric", "baseline", "ablation"], body, caption),
+    ]
+
+
 def _differing_options(summaries: Sequence[RunSummary]) -> list[str]:
     keys = sorted({k for s in summaries for k in s.options} - IGNORED_OPTIONS)
     return [k for k in keys if len({repr(s.options.get(k)) for s in summaries}) > 1]
@@ -312,13 +343,15 @@ def comparison_blocks(summaries: Sequence[RunSummary]) -> list[Block]:
         _direction_table(summaries, rows),
         Heading("Loss and KL"),
         _loss_table(rows),
+        *_benchmark_blocks(summaries),
         *_settings_blocks(summaries),
     ]
 
 
 def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    fields = list(dict.fromkeys(k for row in rows for k in row))  # benchmark columns vary
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow(

@@ -39,7 +39,7 @@ __all__ = ["STEPS", "RunConfig", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
-STEPS = ("prompts", "extract", "select", "evaluate", "suffix", "report")
+STEPS = ("prompts", "extract", "select", "evaluate", "benchmarks", "suffix", "report")
 
 
 class RunConfig(BaseModel):
@@ -137,6 +137,17 @@ class RunConfig(BaseModel):
     )
     judge: str | None = Field(None, description="safety judge name (llamaguard, harmbench)")
     judge_model: str | None = Field(None, description="local path of the judge model")
+    benchmarks: tuple[str, ...] = Field(
+        (),
+        description="lm-evaluation-harness tasks (YAML files, or names found in benchmark_path) "
+        "scored without and with the direction ablated (step 'benchmarks'; none: skipped)",
+    )
+    benchmark_path: tuple[str, ...] = Field(
+        (), description="folders searched for the benchmark tasks named by name"
+    )
+    benchmark_limit: int | None = Field(
+        None, ge=1, description="at most this many items per benchmark task (None: all)"
+    )
     truncate: int = Field(200, description="characters of each completion shown in the report")
     suffix: bool = Field(
         False, description="also search an adversarial suffix and analyse it (step 'suffix')"
@@ -611,6 +622,39 @@ def _safety(run: Run, harmful_runs: dict[str, list[dict[str, Any]]]) -> dict[str
     }
 
 
+# -- step: benchmarks (only with RunConfig.benchmarks) ---------------------------------------
+
+
+BENCHMARK_CONDITIONS = (("baseline", "none"), ("ablation", "ablate"))
+"""The paper's Table 2 compares the model with its orthogonalized copy; the hook ablation is
+the same model where the export is exact (docs/orthogonalization.md)."""
+
+
+def step_benchmarks(run: Run) -> None:
+    from refdir.benchmarks import benchmark_conditions
+
+    c = run.config
+    log.info("benchmarks: %s", ", ".join(c.benchmarks))
+    results = benchmark_conditions(
+        run.cm,
+        list(c.benchmarks),
+        {name: (kind, 1.0) for name, kind in BENCHMARK_CONDITIONS},
+        Direction.load(run.out),
+        c.benchmark_limit,
+        list(c.benchmark_path),
+        c.batch_size,
+    )
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for condition, by_task in results.items():
+        for task, metrics in by_task.items():
+            for metric, value in metrics.items():
+                scores.setdefault(task, {}).setdefault(metric, {})[condition] = round(value, 6)
+    _write_json(
+        run.out / "benchmarks.json",
+        {"tasks": list(c.benchmarks), "limit": c.benchmark_limit, "scores": scores},
+    )
+
+
 # -- step: suffix (only with RunConfig.suffix) -----------------------------------------------
 
 
@@ -665,6 +709,7 @@ ARTIFACTS: dict[str, tuple[str, ...]] = {
     "extract": ("candidates.safetensors",),
     "select": ("selection.json", "direction.safetensors", "direction.json"),
     "evaluate": ("metrics.json",),
+    "benchmarks": ("benchmarks.json",),
     "suffix": ("suffix/suffix.json",),
     "report": ("report.html", "report.md"),
 }
@@ -673,6 +718,7 @@ STEP_FUNCTIONS: dict[str, Callable[[Run], None]] = {
     "extract": step_extract,
     "select": step_select,
     "evaluate": step_evaluate,
+    "benchmarks": step_benchmarks,
     "suffix": step_suffix,
     "report": step_report,
 }
@@ -697,6 +743,14 @@ COMPLETION_KEYS = frozenset(
 """Options first read by the evaluate step that decide its completions: changing them redoes
 that step, completions included, and the later ones."""
 
+PICK_KEYS = frozenset({"layer", "position"})
+"""Options that choose the direction by hand among the scored candidates: changing them
+picks again from the scores in selection.json and redoes every later step."""
+
+BENCHMARK_KEYS = frozenset({"benchmarks", "benchmark_path", "benchmark_limit"})
+"""Options read only by the benchmarks step: changing them redoes that step (removing its
+results when no task is left) and the later ones."""
+
 SCORING_KEYS = frozenset({"n_ce", "ce_corpus", "n_random_kl", "judge", "judge_model"})
 """Options the evaluate step reads after its completions: changing them redoes the step's
 scores (the completions on disk are kept) and the later steps."""
@@ -720,6 +774,10 @@ def _check_inputs(config: RunConfig) -> None:
         load_prompts(name)
     if config.judge is not None or config.judge_model is not None:
         _judge(config)
+    if config.benchmarks:
+        from refdir.benchmarks import check_tasks
+
+        check_tasks(config.benchmarks, config.benchmark_path)
 
 
 def _remove(out: Path, steps: Sequence[str], completions: bool) -> None:
@@ -732,11 +790,12 @@ def _remove(out: Path, steps: Sequence[str], completions: bool) -> None:
             stale.unlink()
 
 
-def _check_config(config: RunConfig, out: Path, force_from: int) -> tuple[int, bool]:
-    """Refuse to mix options in one folder. Returns the step index to redo from, and whether
-    the completion files on disk still hold (options of the evaluate and suffix steps may
-    change: those steps are redone from the first one that reads a changed option; their
-    stale artifacts are removed now, so that a run stopped before them leaves none behind)."""
+def _check_config(config: RunConfig, out: Path, force_from: int) -> bool:
+    """Refuse to mix options in one folder, except a hand-picked direction and the options
+    read only by the evaluate, benchmarks and suffix steps: the steps that read a changed one
+    are stale, and their
+    artifacts (and the report's) are removed now, so that a run stopped before redoing them
+    leaves none behind. Returns whether the completion files on disk still hold."""
     path = out / "config.json"
     keep_completions = force_from > STEPS.index("evaluate")
     if path.exists() and force_from > 0:
@@ -744,21 +803,32 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> tuple[int, b
         new = config.result_keys()
         default = RunConfig().result_keys()  # an option newer than the folder had its default
         changed = {k for k in new if old.get(k, default[k]) != new[k]}
-        core = sorted(changed - SUFFIX_KEYS - COMPLETION_KEYS - SCORING_KEYS)
+        later = SUFFIX_KEYS | COMPLETION_KEYS | SCORING_KEYS | BENCHMARK_KEYS | PICK_KEYS
+        core = sorted(changed - later)
         if core:
             raise RefdirError(
                 f"{out} holds a run with other options ({', '.join(core)}); "
                 "use another --out, or --force prompts to redo it"
             )
-        redo = len(STEPS)
-        if changed & (COMPLETION_KEYS | SCORING_KEYS):
-            redo = STEPS.index("evaluate")
-        elif changed and config.suffix:
-            redo = STEPS.index("suffix")
-        if changed & COMPLETION_KEYS:
+        stale = set()
+        if changed & PICK_KEYS:  # another pick among the same scores, which selection.json keeps
+            for name in ARTIFACTS["select"]:
+                if name != "selection.json":
+                    (out / name).unlink(missing_ok=True)
+            stale |= {"evaluate", "benchmarks", "suffix"}
             keep_completions = False
-        _remove(out, STEPS[redo:], completions=not keep_completions)
-        force_from = min(force_from, redo)
+        if changed & COMPLETION_KEYS:  # the suffix analysis reads the eval sets and lengths too
+            stale |= {"evaluate", "suffix"}
+            keep_completions = False
+        if changed & SCORING_KEYS:
+            stale.add("evaluate")
+        if changed & BENCHMARK_KEYS:
+            stale.add("benchmarks")
+        if changed & SUFFIX_KEYS and config.suffix:
+            stale.add("suffix")
+        if stale:
+            stale.add("report")
+        _remove(out, [step for step in STEPS if step in stale], completions=not keep_completions)
     _write_json(
         path,
         {
@@ -767,7 +837,7 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> tuple[int, b
             "versions": versions(),
         },
     )
-    return force_from, keep_completions
+    return keep_completions
 
 
 def run_pipeline(
@@ -788,12 +858,14 @@ def run_pipeline(
     force_from = STEPS.index(force) if force is not None else len(STEPS)
     _check_inputs(config)
     out.mkdir(parents=True, exist_ok=True)
-    force_from, keep_completions = _check_config(config, out, force_from)
+    keep_completions = _check_config(config, out, force_from)
     run = Run(config, out, progress, model)
     done: dict[str, float] = {}
     last = STEPS.index(until) if until is not None else len(STEPS) - 1
     for i, step in enumerate(STEPS[: last + 1]):
-        if step == "suffix" and not config.suffix:
+        if (step == "suffix" and not config.suffix) or (
+            step == "benchmarks" and not config.benchmarks
+        ):
             continue
         finished = all((out / name).exists() for name in ARTIFACTS[step])
         if finished and i < force_from:

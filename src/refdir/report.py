@@ -39,7 +39,12 @@ __all__ = [
     "write_report",
 ]
 
-STEP_OF = {"config.json": "config", "prompts.json": "prompts", "selection.json": "select"}
+STEP_OF = {
+    "config.json": "config",
+    "prompts.json": "prompts",
+    "selection.json": "select",
+    "benchmarks.json": "benchmarks",
+}
 CONDITIONS = figures.CONDITIONS
 SAMPLES_PER_CONDITION = 3
 PROMPT_CHARS = 160
@@ -59,6 +64,7 @@ class RunData:
     config: dict[str, Any]
     prompts: dict[str, Any]
     completions: dict[tuple[str, str], list[dict[str, Any]]]
+    benchmarks: dict[str, Any]
 
 
 def _fix(run_dir: Path) -> str:
@@ -169,6 +175,7 @@ def load_run(run_dir: str | Path) -> RunData:
         config=read_artifact(run_dir, "config.json", required=False),
         prompts=read_artifact(run_dir, "prompts.json", required=False),
         completions=_load_completions(run_dir),
+        benchmarks=read_artifact(run_dir, "benchmarks.json", required=False),
     )
 
 
@@ -381,6 +388,25 @@ def _loss_section(run: RunData) -> list[Block]:
     return [Heading("Loss and KL"), Table(header, rows, caption)]
 
 
+def _benchmark_section(run: RunData) -> list[Block]:
+    scores = run.benchmarks.get("scores") or {}
+    if not scores:
+        return []
+    rows = []
+    for task, metrics in scores.items():
+        for metric, values in metrics.items():
+            base = values.get("baseline")
+            rows.append([task, metric, fmt(base), _with_delta(values.get("ablation"), base, False)])
+    limit = run.benchmarks.get("limit")
+    caption = (
+        "lm-evaluation-harness scores of the model as it is and with the direction ablated at "
+        "every layer and position (the same model as the orthogonalized checkpoint where the "
+        "weight edit is exact: the paper's Table 2); in brackets the change from baseline"
+        + (f"; at most {limit} items per task." if limit else ".")
+    )
+    return [Heading("Benchmarks"), Table(["task", "metric", "baseline", "ablation"], rows, caption)]
+
+
 def _kl_spread_text(spread: dict[str, Any]) -> str:
     groups = []
     for key, label in (("refused_at_baseline", "refused"), ("answered_at_baseline", "answered")):
@@ -507,6 +533,7 @@ def build_blocks(run: RunData, truncate: int, suffix_section: str | None = None)
         *_selection_section(run),
         *_refusal_section(run),
         *_loss_section(run),
+        *_benchmark_section(run),
         *_cosine_section(run),
         *_completions_section(run, truncate),
         *_run_section(run),
