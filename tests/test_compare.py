@@ -53,6 +53,10 @@ def test_comparison_shows_every_run(runs: list[Path], tmp_path: Path) -> None:
         arrow = " → ".join(f"{harmful[c]:.3f}" for c in ("baseline", "ablation", "actadd"))
         assert f"| {row['label']} | {arrow} |" in md
     assert "Every run used the same settings" in md
+    picked = [json.loads((d / "selection.json").read_text())["rule"] for d in runs]
+    assert [r["picked_by"] for r in rows] == [
+        "fallback" if "fallback" in rule else "filter" for rule in picked
+    ]
     assert "## Chosen directions" in md and "figures/comparison_refusal.png" in md
     assert (tmp_path / "cmp" / "figures" / "comparison_refusal.png").stat().st_size > 1000
     page = html_path.read_text()
@@ -100,6 +104,7 @@ def test_bad_input_is_one_line_and_writes_nothing(runs: list[Path], tmp_path: Pa
         ([runs[0], runs[0]], None, "run folder given twice"),
         ([runs[0], tmp_path / "nowhere"], None, "is not a run directory"),
         (runs, ["one"], "1 labels for 2 runs"),
+        (runs, ["same", "same"], "label 'same' given twice"),
         ([], None, "give at least one run folder"),
     ]
     for dirs, labels, message in cases:
@@ -157,3 +162,14 @@ def test_benchmarks_are_compared_where_runs_have_them(runs: list[Path], tmp_path
     assert rows[0]["benchmark:tiny_mc:acc:ablation"] == ""
     _, md_path, _ = write_comparison(runs, tmp_path / "plain")
     assert "## Benchmarks" not in md_path.read_text()
+
+
+def test_a_hand_picked_direction_is_named_so(runs: list[Path], tmp_path: Path) -> None:
+    manual = tmp_path / "manual"
+    shutil.copytree(runs[0], manual)
+    selection = json.loads((manual / "selection.json").read_text())
+    selection.update(rule="manual: --layer 1 --position -1", fallback=False)
+    (manual / "selection.json").write_text(json.dumps(selection))
+    _, md_path, csv_path = write_comparison([manual, runs[1]], tmp_path / "cmp", ["m", "auto"])
+    assert next(csv.DictReader(csv_path.open()))["picked_by"] == "manual"
+    assert "| m | " in md_path.read_text() and "| manual |" in md_path.read_text()

@@ -11,7 +11,7 @@ import refdir.evaluate
 import refdir.pipeline
 from refdir.direction import Candidates, Direction
 from refdir.errors import RefdirError
-from refdir.pipeline import RunConfig, run_pipeline
+from refdir.pipeline import STEPS, RunConfig, run_pipeline
 from tiny import tiny_chat_model
 
 # A random tiny model refuses nothing: the refusal tokens are given and the prompt filter
@@ -152,8 +152,10 @@ def test_when_nothing_passes_the_scores_are_kept_and_a_manual_pick_reuses_them(
     assert set(run_pipeline(manual, tmp_path, progress=False, model=cm, until="select")) == {
         "select"
     }
-    chosen = json.loads((tmp_path / "selection.json").read_text())
+    chosen = _strict_json(tmp_path / "selection.json")
     assert chosen["rule"].startswith("manual") and chosen["chosen"]["layer"] == 2
+    # a candidate the pruned scoring left out has no scores: null, never NaN
+    assert chosen["chosen"]["bypass"] is None or math.isfinite(chosen["chosen"]["bypass"])
     assert chosen["bypass"] == kept["bypass"]
     assert Direction.load(tmp_path).layer == 2
     run_pipeline(manual, tmp_path, progress=False, model=cm)  # the whole run, with that pick
@@ -161,7 +163,17 @@ def test_when_nothing_passes_the_scores_are_kept_and_a_manual_pick_reuses_them(
     done = run_pipeline(other, tmp_path, progress=False, model=cm)
     assert set(done) == {"select", "evaluate", "report"}  # the scores are kept
     assert Direction.load(tmp_path).layer == 1
-    assert json.loads((tmp_path / "metrics.json").read_text())["direction"]["layer"] == 1
+    assert _strict_json(tmp_path / "metrics.json")["direction"]["layer"] == 1
+    _strict_json(tmp_path / "direction.json")
+
+
+def _strict_json(path: Path) -> Any:
+    """The JSON in ``path``, failing on NaN or Infinity (not JSON)."""
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 def _never(*args: object, **kwargs: object) -> None:
@@ -222,3 +234,66 @@ def test_suffix_step_adds_a_section_to_the_report(tmp_path: Path) -> None:
     html = (tmp_path / "report.html").read_text()
     assert "Adversarial suffix" in html and 'src="suffix/' not in html
     assert "suffix/projection.png" in (tmp_path / "report.md").read_text()
+
+
+ALL_ARTIFACTS = [
+    "config.json",
+    "prompts.json",
+    "selection.json",
+    "direction.json",
+    "direction.safetensors",
+    "metrics.json",
+    "benchmarks.json",
+    "suffix/suffix.json",
+    "report.html",
+    "completions/x.baseline.jsonl",
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "removed"),
+    [
+        ({"harmless_coeff": 2.0}, {"metrics.json", "completions/x.baseline.jsonl"}),
+        (
+            {"max_new_tokens": 3},
+            {"metrics.json", "completions/x.baseline.jsonl", "suffix/suffix.json"},
+        ),
+        ({"n_ce": 3}, {"metrics.json"}),
+        ({"benchmark_limit": 5}, {"benchmarks.json"}),
+        ({"suffix_steps": 2}, {"suffix/suffix.json"}),
+        (
+            {"layer": 1, "position": -1},
+            {
+                "direction.json",
+                "direction.safetensors",
+                "metrics.json",
+                "completions/x.baseline.jsonl",
+                "benchmarks.json",
+                "suffix/suffix.json",
+            },
+        ),
+    ],
+)
+def test_a_changed_option_removes_exactly_what_reads_it(
+    tmp_path: Path, change: dict[str, Any], removed: set[str]
+) -> None:
+    config = CONFIG.model_copy(update={"suffix": True, "benchmarks": ("t.yaml",)})
+    for name in ALL_ARTIFACTS:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "config.json").write_text(json.dumps({"options": config.result_keys()}))
+    refdir.pipeline._check_config(config.model_copy(update=change), tmp_path, len(STEPS))
+    left = {name for name in ALL_ARTIFACTS if (tmp_path / name).exists()}
+    assert left == set(ALL_ARTIFACTS) - removed - {"report.html"}
+
+
+def test_forcing_a_run_removes_the_results_of_steps_no_longer_asked_for(tmp_path: Path) -> None:
+    cm = tiny_chat_model("llama")
+    run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
+    (tmp_path / "benchmarks.json").write_text('{"scores": {"OLDTASK": {}}}')  # an older run's
+    (tmp_path / "suffix").mkdir()
+    (tmp_path / "suffix" / "suffix.json").write_text("{}")
+    run_pipeline(CONFIG, tmp_path, force="evaluate", progress=False, model=cm)
+    assert not (tmp_path / "benchmarks.json").exists()
+    assert not (tmp_path / "suffix" / "suffix.json").exists()
+    assert "OLDTASK" not in (tmp_path / "report.md").read_text()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,9 +30,10 @@ from refdir.metrics import Scope, intervention_scope, resolve_scope
 from refdir.model import ChatModel
 
 __all__ = [
+    "ResolvedTasks",
     "benchmark_conditions",
-    "check_tasks",
     "offline",
+    "resolve_tasks",
     "run_benchmarks",
     "write_multiple_choice_task",
 ]
@@ -126,12 +128,24 @@ def _task_names(
     return names, manager
 
 
-def check_tasks(tasks: Sequence[PathLike], include_path: Sequence[PathLike] = ()) -> None:
-    """Fail now, in one line, on what :func:`benchmark_conditions` would reject later:
-    lm_eval not installed, a missing task file or folder, a task name found nowhere."""
+@dataclass(frozen=True)
+class ResolvedTasks:
+    """lm_eval task names and the TaskManager that found them (indexing lm_eval's built-in
+    tasks takes 15-30 s, so a resolution is kept and passed on)."""
+
+    names: list[str]
+    manager: Any
+
+
+def resolve_tasks(
+    tasks: Sequence[PathLike], include_path: Sequence[PathLike] = ()
+) -> ResolvedTasks:
+    """Find ``tasks`` (YAML files, or names in ``include_path``, else among lm_eval's built-in
+    tasks) now; a one-line error for lm_eval not installed, a missing task file or folder, or a
+    name found nowhere. Pass the result to :func:`benchmark_conditions`."""
     with offline():
         _lm_eval()
-        _task_names(tasks, include_path, None)
+        return ResolvedTasks(*_task_names(tasks, include_path, None))
 
 
 def _names_in_file(manager: Any, path: Path) -> list[str]:
@@ -157,7 +171,7 @@ def _scores(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
             metric = key.removesuffix(",none")
             if "_stderr" in metric or isinstance(value, bool):
                 continue
-            if isinstance(value, int | float) and key != "sample_len":
+            if isinstance(value, int | float) and key != "sample_len" and math.isfinite(value):
                 row[metric] = float(value)
         out[str(task)] = row
     return out
@@ -197,7 +211,7 @@ def run_benchmarks(
 
 def benchmark_conditions(
     cm: ChatModel,
-    tasks: Sequence[PathLike],
+    tasks: Sequence[PathLike] | ResolvedTasks,
     conditions: Mapping[str, tuple[str, float]],
     direction: Direction | None = None,
     limit: int | float | None = None,
@@ -205,8 +219,9 @@ def benchmark_conditions(
     batch_size: int = 8,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{condition: {task: {metric: value}}}`` for several conditions (name -> (kind, coeff):
-    ``none``, ``ablate`` or ``actadd`` with ``direction``), the tasks resolved and the model
-    wrapped once. Built-in task names are looked up only when not found in ``include_path``."""
+    ``none``, ``ablate`` or ``actadd`` with ``direction``), the tasks resolved (unless given
+    resolved by :func:`resolve_tasks`) and the model wrapped once. Built-in task names are
+    looked up only when not found in ``include_path``."""
     if not conditions:
         raise RefdirError("give at least one condition to benchmark under")
     scopes = [intervention_scope(cm, kind, direction, coeff) for kind, coeff in conditions.values()]
@@ -226,7 +241,7 @@ class _Options:
 
 def _evaluate(
     cm: ChatModel,
-    tasks: Sequence[PathLike],
+    tasks: Sequence[PathLike] | ResolvedTasks,
     include_path: Sequence[PathLike],
     include_defaults: bool | None,
     options: _Options,
@@ -241,7 +256,10 @@ def _evaluate(
         lm_eval = _lm_eval()
         from lm_eval.models.huggingface import HFLM
 
-        names, manager = _task_names(tasks, include_path, include_defaults)
+        if isinstance(tasks, ResolvedTasks):
+            names, manager = tasks.names, tasks.manager
+        else:
+            names, manager = _task_names(tasks, include_path, include_defaults)
         lm = HFLM(
             pretrained=cm.model,
             tokenizer=cm.tokenizer,

@@ -22,15 +22,26 @@ from typing import Any
 from refdir import figures
 from refdir.direction import atomic_path
 from refdir.errors import RefdirError
-from refdir.pipeline import RunConfig
-from refdir.render import Block, Heading, Image, Para, Table, fmt, write_document
-from refdir.report import read_artifact
+from refdir.pipeline import BENCHMARK_CONDITIONS, RunConfig
+from refdir.render import (
+    Block,
+    Heading,
+    Image,
+    Para,
+    Table,
+    fmt,
+    truncate_text,
+    with_change,
+    write_document,
+)
+from refdir.report import picked_by, read_artifact
 
 __all__ = ["RunSummary", "comparison_blocks", "comparison_rows", "load_summary", "write_comparison"]
 
 CONDITIONS = figures.CONDITIONS
 HARMLESS_CONDITIONS = ("baseline", "actadd")
-BENCHMARK_CONDITIONS = ("baseline", "ablation")
+OPTION_CHARS = 60
+"""Characters of an option's value shown in the settings table (a chat template is long)."""
 IGNORED_OPTIONS = frozenset({"model", "gguf_file"})
 """Options that name the model rather than change how it is measured."""
 
@@ -120,11 +131,6 @@ def _depth(s: RunSummary) -> float | None:
     return layer / n if layer is not None and n else None
 
 
-def _fallback(s: RunSummary) -> bool | None:
-    flag = s.selection.get("fallback", (s.metrics.get("selection") or {}).get("fallback"))
-    return bool(flag) if isinstance(flag, bool) else None
-
-
 def comparison_rows(summaries: Sequence[RunSummary]) -> list[dict[str, Any]]:
     """One flat record per run: the numbers the tables show (None where a run lacks one)."""
     rows = []
@@ -140,7 +146,7 @@ def comparison_rows(summaries: Sequence[RunSummary]) -> list[dict[str, Any]]:
             "layer": _layer(s),
             "layer_fraction": _depth(s),
             "position": (s.metrics.get("direction") or {}).get("position"),
-            "fallback": _fallback(s),
+            "picked_by": picked_by(s.selection, s.metrics),
             "selection_bypass": chosen.get("bypass"),
             "selection_induce": chosen.get("induce"),
             "selection_kl": chosen.get("kl"),
@@ -157,7 +163,7 @@ def comparison_rows(summaries: Sequence[RunSummary]) -> list[dict[str, Any]]:
             for c in CONDITIONS:
                 row[f"{name}_{c}"] = s.loss(key, c)
         for task, metric, values in _benchmark_scores(s):
-            for c in BENCHMARK_CONDITIONS:
+            for c, _ in BENCHMARK_CONDITIONS:
                 row[f"benchmark:{task}:{metric}:{c}"] = values.get(c)
         rows.append(row)
     return rows
@@ -170,12 +176,6 @@ def _arrow(values: Sequence[float | None]) -> str:
     return " → ".join(fmt(v) for v in values)
 
 
-def _delta(value: float | None, base: float | None) -> str:
-    if value is None or base is None:
-        return fmt(value)
-    return f"{fmt(value)} ({value - base:+.3f})"
-
-
 def _direction_table(summaries: Sequence[RunSummary], rows: Sequence[dict[str, Any]]) -> Table:
     body = []
     for s, r in zip(summaries, rows, strict=True):
@@ -183,7 +183,7 @@ def _direction_table(summaries: Sequence[RunSummary], rows: Sequence[dict[str, A
         if r["n_layers"]:
             layer += f" of {r['n_layers']}"
         depth = r["layer_fraction"]
-        rule = {True: "fallback", False: "paper's filter", None: "—"}[r["fallback"]]
+        rule = {"filter": "paper's filter"}.get(r["picked_by"], r["picked_by"])
         scores = " / ".join(fmt(r[f"selection_{k}"]) for k in ("bypass", "induce", "kl"))
         body.append(
             [
@@ -198,7 +198,7 @@ def _direction_table(summaries: Sequence[RunSummary], rows: Sequence[dict[str, A
     caption = (
         "The direction each run picked: its layer (the residual stream entering that layer), "
         "that layer as a fraction of the depth, its post-instruction position (−1 is the last "
-        "token), whether it passed the paper's filter or came from the fallback rule, and its "
+        "token), whether the paper's filter, the fallback rule or a hand choice picked it, and its "
         "selection scores on the validation prompts."
     )
     header = ["run", "layer", "depth", "position", "picked by", "bypass / induce / KL"]
@@ -233,7 +233,9 @@ def _loss_table(rows: Sequence[dict[str, Any]]) -> Table:
         for name in names:
             base = r[f"{name}_baseline"]
             cells.append(
-                " → ".join([fmt(base), *(_delta(r[f"{name}_{c}"], base) for c in CONDITIONS[1:])])
+                " → ".join(
+                    [fmt(base), *(with_change(r[f"{name}_{c}"], base) for c in CONDITIONS[1:])]
+                )
             )
         body.append(cells)
     caption = (
@@ -256,7 +258,9 @@ def _benchmark_blocks(summaries: Sequence[RunSummary]) -> list[Block]:
     for s in summaries:
         for task, metric, values in _benchmark_scores(s):
             base = values.get("baseline")
-            body.append([s.label, task, metric, fmt(base), _delta(values.get("ablation"), base)])
+            body.append(
+                [s.label, task, metric, fmt(base), with_change(values.get("ablation"), base)]
+            )
     if not body:
         return []
     caption = (
@@ -288,7 +292,10 @@ def _settings_blocks(summaries: Sequence[RunSummary]) -> list[Block]:
             Para("Every run used the same settings (prompt sets, sizes, filters, coefficients).")
         )
         return blocks
-    rows = [[s.label, *(fmt(s.options.get(k)) for k in differing)] for s in summaries]
+    rows = [
+        [s.label, *(truncate_text(fmt(s.options.get(k)), OPTION_CHARS) for k in differing)]
+        for s in summaries
+    ]
     blocks += [
         Para(
             f"The runs differ in more than the model ({', '.join(differing)}): the numbers "
@@ -317,7 +324,7 @@ def _summary_text(rows: Sequence[dict[str, Any]]) -> str:
         if harmless is not None and added is not None:
             text += f"; adding it takes harmless prompts from {fmt(harmless)} to {fmt(added)}"
         text += "."
-    fallbacks = [r["label"] for r in rows if r["fallback"]]
+    fallbacks = [r["label"] for r in rows if r["picked_by"] == "fallback"]
     if fallbacks:
         text += f" Picked by the fallback rule (nothing passed the filter): {', '.join(fallbacks)}."
     return text
@@ -381,6 +388,10 @@ def write_comparison(
         raise RefdirError(
             f"{len(labels)} labels for {len(run_dirs)} runs; give one label per run, in order"
         )
+    if labels is not None:
+        twice = sorted({label for label in labels if list(labels).count(label) > 1})
+        if twice:
+            raise RefdirError(f"label {twice[0]!r} given twice; give each run its own label")
     summaries = [
         load_summary(d, labels[i] if labels is not None else None) for i, d in enumerate(run_dirs)
     ]

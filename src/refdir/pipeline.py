@@ -1,14 +1,15 @@
 """`refdir run`: the paper's study of one model, one artifact per step, resumable.
 
-Steps: prompts -> extract -> select -> evaluate -> report. A step whose artifact exists is
-skipped, so a killed run resumes where it stopped; ``force`` redoes a step and every step
-after it. The layout of the run folder is documented in docs/run-artifacts.md.
+Steps: prompts -> extract -> select -> evaluate -> [benchmarks] -> [suffix] -> report (the
+bracketed ones only when asked). A step whose artifact exists is skipped, so a killed run
+resumes where it stopped; ``force`` redoes a step and every step after it. The layout of the run folder is documented in docs/run-artifacts.md.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from refdir.activations import extract_candidates
+from refdir.benchmarks import ResolvedTasks
 from refdir.data import load_prompts, sample_prompts
 from refdir.direction import Candidates, Direction, atomic_path
 from refdir.errors import RefdirError
@@ -215,6 +217,7 @@ class Run:
     ) -> None:
         self.config, self.out, self.progress = config, out, progress
         self._cm = model
+        self.benchmark_tasks: ResolvedTasks | None = None  # resolved when the run was checked
         self.timings: dict[str, float] = (
             _read_json(out / "timings.json") if (out / "timings.json").exists() else {}
         )
@@ -233,6 +236,14 @@ class Run:
                 chat_template=c.chat_template,
             )
         return self._cm
+
+    def step_timings(self) -> dict[str, float]:
+        """Wall time of the steps whose results are in the folder (the report's included)."""
+        return {
+            step: seconds
+            for step, seconds in self.timings.items()
+            if step == "report" or all((self.out / a).exists() for a in ARTIFACTS.get(step, ()))
+        }
 
     def timed(self, step: str, fn: Callable[[], None]) -> None:
         start = time.perf_counter()
@@ -302,6 +313,10 @@ def step_extract(run: Run) -> None:
 # -- step: select --------------------------------------------------------------------------
 
 
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def _nan_to_none(t: torch.Tensor) -> list[list[float | None]]:
     return [[None if v != v else round(float(v), 6) for v in row] for row in t.tolist()]
 
@@ -358,9 +373,9 @@ def _scores(
     attempt's selection.json (same run), else computed now."""
     c, out = run.config, run.out
     path = out / "selection.json"
-    if path.exists():
+    data = _read_json(path) if path.exists() else {}
+    if data.get("validation") and all(k in data for k in ("bypass", "induce", "kl", "baseline")):
         log.info("reusing candidate scores from %s", path)
-        data = _read_json(path)
         return _scores_from_json(data), data["validation"]
     prompts = _read_json(out / "prompts.json")
     tokens = _read_json(out / "refusal_tokens.json")["ids"]
@@ -420,7 +435,8 @@ def step_select(run: Run) -> None:
         _write_json(out / "selection.json", {**failed, "chosen": None, "validation": validation})
         raise
     p = scores.positions.index(position)
-    picked = {k: float(getattr(scores, k)[p, layer]) for k in ("bypass", "induce", "kl")}
+    # a hand pick may be a candidate the pruned scoring left out: its scores are unknown
+    picked = {k: _finite(float(getattr(scores, k)[p, layer])) for k in ("bypass", "induce", "kl")}
     data = _selection_json(scores, chosen, config, rule)
     data["chosen"] = {"position": position, "layer": layer, **picked}
     data["validation"] = validation
@@ -637,7 +653,7 @@ def step_benchmarks(run: Run) -> None:
     log.info("benchmarks: %s", ", ".join(c.benchmarks))
     results = benchmark_conditions(
         run.cm,
-        list(c.benchmarks),
+        run.benchmark_tasks or list(c.benchmarks),
         {name: (kind, 1.0) for name, kind in BENCHMARK_CONDITIONS},
         Direction.load(run.out),
         c.benchmark_limit,
@@ -699,7 +715,7 @@ def step_report(run: Run) -> None:
 
         suffix_md = suffix_report_section(suffix_dir, relative_to=run.out)
     metrics = _read_json(run.out / "metrics.json")
-    metrics["timings"] = dict(run.timings)
+    metrics["timings"] = run.step_timings()
     _write_json(run.out / "metrics.json", metrics)
     write_report(run.out, truncate=run.config.truncate, suffix_section=suffix_md)
 
@@ -729,6 +745,9 @@ SUFFIX_KEYS = frozenset(
 )
 """Options read only by the suffix step: changing them redoes that step and the report."""
 
+SUFFIX_EVAL_KEYS = frozenset({"harmful_eval", "n_eval_harmful", "max_new_tokens"})
+"""Evaluation options that the suffix step reads too."""
+
 COMPLETION_KEYS = frozenset(
     {
         "harmful_eval",
@@ -756,10 +775,11 @@ SCORING_KEYS = frozenset({"n_ce", "ce_corpus", "n_random_kl", "judge", "judge_mo
 scores (the completions on disk are kept) and the later steps."""
 
 
-def _check_inputs(config: RunConfig) -> None:
+def _check_inputs(config: RunConfig, benchmarks_due: bool = False) -> ResolvedTasks | None:
     """Fail at once, before any step runs, on options that a later step would reject minutes
     into the run: an unknown prompt set or file, no held-out harmful set, a judge that cannot
-    be built."""
+    be built, benchmark tasks that cannot be found (only when that step will run; the tasks
+    found are returned for it)."""
     if not config.harmful_eval:
         raise RefdirError("--harmful-eval names no set; give one or more, e.g. harmful_test")
     sets = (
@@ -774,10 +794,11 @@ def _check_inputs(config: RunConfig) -> None:
         load_prompts(name)
     if config.judge is not None or config.judge_model is not None:
         _judge(config)
-    if config.benchmarks:
-        from refdir.benchmarks import check_tasks
+    if benchmarks_due:
+        from refdir.benchmarks import resolve_tasks
 
-        check_tasks(config.benchmarks, config.benchmark_path)
+        return resolve_tasks(config.benchmarks, config.benchmark_path)
+    return None
 
 
 def _remove(out: Path, steps: Sequence[str], completions: bool) -> None:
@@ -790,19 +811,44 @@ def _remove(out: Path, steps: Sequence[str], completions: bool) -> None:
             stale.unlink()
 
 
+def _changed(config: RunConfig, out: Path) -> set[str]:
+    """The options that differ from those recorded in ``out/config.json`` (none recorded:
+    none differ; an option newer than the folder had its default)."""
+    path = out / "config.json"
+    if not path.exists():
+        return set()
+    old = _read_json(path).get("options", {})
+    new = config.result_keys()
+    default = RunConfig().result_keys()
+    return {k for k in new if old.get(k, default[k]) != new[k]}
+
+
+def _enabled(config: RunConfig, step: str) -> bool:
+    """Whether ``step`` is part of this run (benchmarks and suffix only when asked)."""
+    if step == "benchmarks":
+        return bool(config.benchmarks)
+    return config.suffix if step == "suffix" else True
+
+
+def _benchmarks_due(config: RunConfig, out: Path, force_from: int) -> bool:
+    """Whether the benchmarks step will run now (so its tasks must resolve)."""
+    if not config.benchmarks:
+        return False
+    forced = force_from <= STEPS.index("benchmarks")
+    missing = not (out / ARTIFACTS["benchmarks"][0]).exists()
+    return forced or missing or bool(_changed(config, out) & BENCHMARK_KEYS)
+
+
 def _check_config(config: RunConfig, out: Path, force_from: int) -> bool:
     """Refuse to mix options in one folder, except a hand-picked direction and the options
     read only by the evaluate, benchmarks and suffix steps: the steps that read a changed one
-    are stale, and their
-    artifacts (and the report's) are removed now, so that a run stopped before redoing them
-    leaves none behind. Returns whether the completion files on disk still hold."""
+    are stale, and their artifacts (and the report's) are removed now, so that a run stopped
+    before redoing them leaves none behind. Returns whether the completion files on disk
+    still hold."""
     path = out / "config.json"
     keep_completions = force_from > STEPS.index("evaluate")
     if path.exists() and force_from > 0:
-        old = _read_json(path).get("options", {})
-        new = config.result_keys()
-        default = RunConfig().result_keys()  # an option newer than the folder had its default
-        changed = {k for k in new if old.get(k, default[k]) != new[k]}
+        changed = _changed(config, out)
         later = SUFFIX_KEYS | COMPLETION_KEYS | SCORING_KEYS | BENCHMARK_KEYS | PICK_KEYS
         core = sorted(changed - later)
         if core:
@@ -817,9 +863,11 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> bool:
                     (out / name).unlink(missing_ok=True)
             stale |= {"evaluate", "benchmarks", "suffix"}
             keep_completions = False
-        if changed & COMPLETION_KEYS:  # the suffix analysis reads the eval sets and lengths too
-            stale |= {"evaluate", "suffix"}
+        if changed & COMPLETION_KEYS:
+            stale.add("evaluate")
             keep_completions = False
+        if changed & SUFFIX_EVAL_KEYS:  # the suffix analysis's held-out prompts and lengths
+            stale.add("suffix")
         if changed & SCORING_KEYS:
             stale.add("evaluate")
         if changed & BENCHMARK_KEYS:
@@ -856,16 +904,17 @@ def run_pipeline(
     if until is not None and until not in STEPS:
         raise RefdirError(f"unknown step {until!r}; use one of {', '.join(STEPS)}")
     force_from = STEPS.index(force) if force is not None else len(STEPS)
-    _check_inputs(config)
+    tasks = _check_inputs(config, _benchmarks_due(config, out, force_from))
     out.mkdir(parents=True, exist_ok=True)
     keep_completions = _check_config(config, out, force_from)
     run = Run(config, out, progress, model)
+    run.benchmark_tasks = tasks
     done: dict[str, float] = {}
     last = STEPS.index(until) if until is not None else len(STEPS) - 1
     for i, step in enumerate(STEPS[: last + 1]):
-        if (step == "suffix" and not config.suffix) or (
-            step == "benchmarks" and not config.benchmarks
-        ):
+        if not _enabled(config, step):
+            if i >= force_from:  # forced: results of a step no longer asked for go too
+                _remove(out, [step], completions=False)
             continue
         finished = all((out / name).exists() for name in ARTIFACTS[step])
         if finished and i < force_from:
@@ -878,6 +927,6 @@ def run_pipeline(
         done[step] = run.timings[step]
     if done and (out / "metrics.json").exists():
         metrics = _read_json(out / "metrics.json")
-        metrics["timings"] = dict(run.timings)
+        metrics["timings"] = run.step_timings()
         _write_json(out / "metrics.json", metrics)
     return done

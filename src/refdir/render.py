@@ -33,6 +33,7 @@ __all__ = [
     "render_markdown",
     "seconds",
     "truncate_text",
+    "with_change",
     "write_document",
 ]
 
@@ -114,6 +115,13 @@ def fmt(value: Any) -> str:
     if isinstance(value, list | dict):
         return json.dumps(value)
     return str(value)
+
+
+def with_change(value: Any, base: Any) -> str:
+    """``value`` and, when both are numbers, its change from ``base`` in brackets."""
+    if not isinstance(value, int | float) or not isinstance(base, int | float):
+        return fmt(value)
+    return f"{fmt(value)} ({value - base:+.3f})"
 
 
 def seconds(value: Any) -> str:

@@ -27,14 +27,15 @@ from refdir.render import (
     markdown_section,
     seconds,
     truncate_text,
+    with_change,
     write_document,
 )
 
 __all__ = [
     "RunData",
     "build_blocks",
-    "is_fallback",
     "load_run",
+    "picked_by",
     "read_artifact",
     "write_report",
 ]
@@ -192,9 +193,9 @@ def _grid_count(grid: Any, test: Callable[[Any], bool]) -> int:
     return sum(1 for row in grid or [] for value in row if test(value))
 
 
-def _count(run: RunData, key: str) -> int | None:
+def _count(selection: Mapping[str, Any], metrics: Mapping[str, Any], key: str) -> int | None:
     """``n_candidates`` / ``n_passed`` as recorded in selection.json or metrics.json."""
-    for source in (run.selection, run.metrics.get("selection") or {}):
+    for source in (selection, metrics.get("selection") or {}):
         if isinstance(source.get(key), int):
             return int(source[key])
     return None
@@ -202,24 +203,29 @@ def _count(run: RunData, key: str) -> int | None:
 
 def _n_candidates(run: RunData) -> int:
     counted = _grid_count(run.selection.get("induce"), lambda v: v is not None)
-    return _count(run, "n_candidates") or counted
+    return _count(run.selection, run.metrics, "n_candidates") or counted
 
 
-def _n_passed(run: RunData) -> int | None:
-    if run.selection.get("passed"):
-        return _grid_count(run.selection["passed"], lambda v: v is True)
-    return _count(run, "n_passed")
+def _n_passed(selection: Mapping[str, Any], metrics: Mapping[str, Any]) -> int | None:
+    if selection.get("passed"):
+        return _grid_count(selection["passed"], lambda v: v is True)
+    return _count(selection, metrics, "n_passed")
 
 
-def is_fallback(run: RunData) -> bool:
-    """True when the pick did not come from the paper's filter: selection.json says
-    ``"fallback": true``, a rule names a fallback, or no candidate passed the filter."""
-    rules = [
-        str(run.selection.get("rule", "")),
-        str((run.metrics.get("selection") or {}).get("rule", "")),
-    ]
-    flagged = run.selection.get("fallback") is True
-    return flagged or any("fallback" in r.lower() for r in rules) or _n_passed(run) == 0
+def picked_by(selection: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+    """How a run's direction was picked: ``manual`` (``--layer``/``--position``), ``fallback``
+    (selection.json says so, a rule names a fallback, or no candidate passed the paper's
+    filter) or ``filter`` (the paper's rule)."""
+    rules = [str(selection.get("rule", "")), str((metrics.get("selection") or {}).get("rule", ""))]
+    if any(r.startswith("manual") for r in rules):
+        return "manual"
+    flagged = (
+        selection.get("fallback") is True
+        or (metrics.get("selection") or {}).get("fallback") is True
+    )
+    if flagged or any("fallback" in r.lower() for r in rules) or _n_passed(selection, metrics) == 0:
+        return "fallback"
+    return "filter"
 
 
 def _filter_text(selection: Mapping[str, Any]) -> str:
@@ -240,8 +246,13 @@ def _summary(run: RunData) -> list[Block]:
     harmless = (run.metrics.get("harmless") or {}).get("refusal_score") or {}
     text = (
         f"Refusal direction of {run.metrics.get('model', d.model)}: layer {d.layer}, "
-        f"position {d.position}, norm {d.norm:.3g}, picked from {_n_candidates(run)} candidates"
-        + (" by a fallback rule (nothing passed the paper's filter)." if is_fallback(run) else ".")
+        f"position {d.position}, norm {d.norm:.3g}, "
+        + {
+            "manual": f"chosen by hand among {_n_candidates(run)} candidates.",
+            "fallback": f"picked from {_n_candidates(run)} candidates by a fallback rule "
+            "(nothing passed the paper's filter).",
+            "filter": f"picked from {_n_candidates(run)} candidates.",
+        }[picked_by(run.selection, run.metrics)]
     )
     if "baseline" in harmful and "ablation" in harmful:
         text += (
@@ -269,12 +280,25 @@ def _direction_section(run: RunData) -> list[Block]:
             "bypass / induce / KL",
             " / ".join(fmt(chosen.get(k)) for k in ("bypass", "induce", "kl")),
         ],
-        ["candidates (passed the filter)", f"{_n_candidates(run)} ({fmt(_n_passed(run))})"],
+        [
+            "candidates (passed the filter)",
+            f"{_n_candidates(run)} ({fmt(_n_passed(run.selection, run.metrics))})",
+        ],
         ["selection rule", str(run.selection.get("rule", "—"))],
         ["prompts (harmful / harmless)", f"{fmt(d.n_harmful)} / {fmt(d.n_harmless)}"],
     ]
     blocks: list[Block] = [Heading("Chosen direction"), Table(["", ""], rows)]
-    if is_fallback(run):
+    how = picked_by(run.selection, run.metrics)
+    if how == "manual":
+        blocks.append(
+            Para(
+                "Chosen by hand (--layer, --position), not by the paper's filter "
+                f"({_filter_text(run.selection)}); its selection scores are shown where they "
+                "were computed (a candidate the filters had already ruled out is not scored).",
+                "note",
+            )
+        )
+    if how == "fallback":
         blocks.append(
             Para(
                 "Fallback rule: no candidate passed the paper's filter "
@@ -344,12 +368,6 @@ CE_COLUMNS = {
 }
 
 
-def _with_delta(value: Any, base: Any, is_baseline: bool) -> str:
-    if is_baseline or not isinstance(value, int | float) or not isinstance(base, int | float):
-        return fmt(value)
-    return f"{fmt(value)} ({value - base:+.3f})"
-
-
 def _loss_section(run: RunData) -> list[Block]:
     columns = [k for k in CE_COLUMNS if run.metrics.get(k)] or ["ce_loss"]
     rows = []
@@ -358,7 +376,9 @@ def _loss_section(run: RunData) -> list[Block]:
         for key in columns:
             ce = run.metrics.get(key) or {}
             cells.append(
-                _with_delta(ce.get(condition), ce.get("baseline"), condition == "baseline")
+                fmt(ce.get(condition))
+                if condition == "baseline"
+                else with_change(ce.get(condition), ce.get("baseline"))
             )
         rows.append([condition, *cells])
     harmless = run.metrics.get("harmless") or {}
@@ -396,7 +416,7 @@ def _benchmark_section(run: RunData) -> list[Block]:
     for task, metrics in scores.items():
         for metric, values in metrics.items():
             base = values.get("baseline")
-            rows.append([task, metric, fmt(base), _with_delta(values.get("ablation"), base, False)])
+            rows.append([task, metric, fmt(base), with_change(values.get("ablation"), base)])
     limit = run.benchmarks.get("limit")
     caption = (
         "lm-evaluation-harness scores of the model as it is and with the direction ablated at "
