@@ -32,22 +32,44 @@ app.add_typer(organism_app, name="organism")
 ModelOpt = Annotated[
     str,
     typer.Option(
-        "--model", "-m", help="'organism' (default), a local folder, a .gguf file or a hub id."
+        "--model",
+        "-m",
+        help="'organism' (default), a local folder, a .gguf file or a hub id.",
+        rich_help_panel="Model",
     ),
 ]
 DeviceOpt = Annotated[
-    str, typer.Option(help="cpu, cuda, cuda:N, or auto (device_map over all GPUs).")
+    str,
+    typer.Option(
+        help="cpu, cuda, cuda:N, or auto (device_map over all GPUs).", rich_help_panel="Model"
+    ),
 ]
 DtypeOpt = Annotated[
-    str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+    str,
+    typer.Option(
+        help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.",
+        rich_help_panel="Model",
+    ),
 ]
-GgufOpt = Annotated[str | None, typer.Option(help="GGUF file name inside the --model folder.")]
-SystemOpt = Annotated[str | None, typer.Option(help="System prompt for the chat template.")]
+GgufOpt = Annotated[
+    str | None,
+    typer.Option(help="GGUF file name inside the --model folder.", rich_help_panel="Model"),
+]
+SystemOpt = Annotated[
+    str | None,
+    typer.Option(help="System prompt for the chat template.", rich_help_panel="Model"),
+]
 TemplateOpt = Annotated[
-    Path | None, typer.Option(help="A Jinja chat template file, for models without one.")
+    Path | None,
+    typer.Option(
+        help="A Jinja chat template file, for models without one.", rich_help_panel="Model"
+    ),
 ]
 RemoteOpt = Annotated[
-    bool, typer.Option(help="Allow code from the model repository (off unless asked).")
+    bool,
+    typer.Option(
+        help="Allow code from the model repository (off unless asked).", rich_help_panel="Model"
+    ),
 ]
 DirectionOpt = Annotated[
     Path, typer.Option(help="direction.safetensors / direction.json / its folder.")
@@ -379,108 +401,178 @@ def run_cmd(
     ] = None,
     until: Annotated[str | None, typer.Option(help="Stop after this step.")] = None,
     n_train: Annotated[
-        int, typer.Option(help="Harmful and harmless prompts for the difference of means.")
+        int,
+        typer.Option(
+            help="Harmful and harmless prompts for the difference of means.",
+            rich_help_panel="Prompts",
+        ),
     ] = 128,
-    n_val: Annotated[int, typer.Option(help="Harmful and harmless prompts for selection.")] = 32,
+    n_val: Annotated[
+        int,
+        typer.Option(help="Harmful and harmless prompts for selection.", rich_help_panel="Prompts"),
+    ] = 32,
     n_eval_harmful: Annotated[
         int,
-        typer.Option(help="Prompts per held-out harmful set (seeded sample; 0: all of them)."),
+        typer.Option(
+            help="Prompts per held-out harmful set (seeded sample; 0: all of them).",
+            rich_help_panel="Prompts",
+        ),
     ] = 100,
-    n_eval_harmless: Annotated[int, typer.Option(help="Held-out harmless prompts.")] = 100,
+    n_eval_harmless: Annotated[
+        int, typer.Option(help="Held-out harmless prompts.", rich_help_panel="Prompts")
+    ] = 100,
     harmful_eval: Annotated[
-        str, typer.Option(help="Held-out harmful sets, comma-separated.")
+        str, typer.Option(help="Held-out harmful sets, comma-separated.", rich_help_panel="Prompts")
     ] = "harmful_test,jailbreakbench",
     kl_max: Annotated[
-        float, typer.Option(help="Selection: discard candidates with KL above this.")
+        float,
+        typer.Option(help="Discard candidates with KL above this.", rich_help_panel="Selection"),
     ] = 0.1,
     max_layer_fraction: Annotated[
-        float, typer.Option(help="Selection: discard layers >= this fraction of depth.")
+        float,
+        typer.Option(help="Discard layers >= this fraction of depth.", rich_help_panel="Selection"),
     ] = 0.8,
     induce_min: Annotated[
-        float, typer.Option(help="Selection: discard candidates with induce below this.")
+        float,
+        typer.Option(
+            help="Discard candidates with induce below this.",
+            rich_help_panel="Selection",
+        ),
     ] = 0.0,
     fallback_kl: Annotated[
         str,
         typer.Option(
-            help="Selection: KL bounds tried in order when no candidate passes, comma-separated "
-            "('none': no fallback, fail instead)."
+            help="KL bounds tried in order when no candidate passes, comma-separated "
+            "('none': no fallback, fail instead).",
+            rich_help_panel="Selection",
         ),
     ] = "0.25,0.5,1.0",
     score_all: Annotated[
         bool,
         typer.Option(
             help="Score every candidate on every measure, also those the filters discard "
-            "(full heatmaps; slower)."
+            "(full heatmaps; slower).",
+            rich_help_panel="Selection",
         ),
     ] = False,
     layer: Annotated[
-        int | None, typer.Option(help="Choose the direction by hand (with --position).")
+        int | None,
+        typer.Option(
+            help="Choose the direction by hand (with --position).", rich_help_panel="Selection"
+        ),
     ] = None,
     position: Annotated[
-        int | None, typer.Option(help="Choose the direction by hand (with --layer).")
+        int | None,
+        typer.Option(
+            help="Choose the direction by hand (with --layer).", rich_help_panel="Selection"
+        ),
     ] = None,
     refusal_tokens: Annotated[
         str | None,
-        typer.Option(help="Comma-separated token ids that start a refusal (default: derived)."),
+        typer.Option(
+            help="Comma-separated token ids that start a refusal (default: derived).",
+            rich_help_panel="Prompts",
+        ),
     ] = None,
     filter_prompts: Annotated[
         bool,
         typer.Option(
             "--filter/--no-filter",
             help="Keep only prompts the model refuses (harmful) or answers (harmless), by the refusal metric.",
+            rich_help_panel="Prompts",
         ),
     ] = True,
     harmful_coeff: Annotated[
-        float, typer.Option(help="Activation addition on harmful prompts (negative: subtract).")
+        float,
+        typer.Option(
+            help="Activation addition on harmful prompts (negative: subtract).",
+            rich_help_panel="Evaluation",
+        ),
     ] = -1.0,
     harmless_coeff: Annotated[
-        float, typer.Option(help="Activation addition on harmless prompts.")
+        float,
+        typer.Option(help="Activation addition on harmless prompts.", rich_help_panel="Evaluation"),
     ] = 1.0,
-    n_ce: Annotated[int, typer.Option(help="Texts of the corpus used for the CE loss.")] = 64,
+    n_ce: Annotated[
+        int,
+        typer.Option(
+            help="Texts of the corpus used for the CE loss.", rich_help_panel="Evaluation"
+        ),
+    ] = 64,
     random_kl: Annotated[
         int,
         typer.Option(
             help="Also ablate this many random directions on the harmless eval prompts: a "
-            "reference for the chosen direction's KL (0: skip)."
+            "reference for the chosen direction's KL (0: skip).",
+            rich_help_panel="Evaluation",
         ),
     ] = 0,
     judge: Annotated[
-        str | None, typer.Option(help="Safety judge: llamaguard or harmbench.")
+        str | None,
+        typer.Option(help="Safety judge: llamaguard or harmbench.", rich_help_panel="Evaluation"),
     ] = None,
     judge_model: Annotated[
-        str | None, typer.Option(help="Local folder of the judge model.")
+        str | None,
+        typer.Option(help="Local folder of the judge model.", rich_help_panel="Evaluation"),
     ] = None,
     benchmarks: Annotated[
         str | None,
         typer.Option(
             help="lm-evaluation-harness tasks scored without and with the direction ablated, "
             "comma-separated: task YAML files, or names found in --benchmark-path (else among "
-            "lm_eval's built-in tasks, whose data must be in the local cache)."
+            "lm_eval's built-in tasks, whose data must be in the local cache).",
+            rich_help_panel="Benchmarks",
         ),
     ] = None,
     benchmark_path: Annotated[
-        str | None, typer.Option(help="Folders of benchmark task YAMLs, comma-separated.")
+        str | None,
+        typer.Option(
+            help="Folders of benchmark task YAMLs, comma-separated.", rich_help_panel="Benchmarks"
+        ),
     ] = None,
     benchmark_limit: Annotated[
-        int | None, typer.Option(help="At most this many items per benchmark task.")
+        int | None,
+        typer.Option(
+            help="At most this many items per benchmark task.", rich_help_panel="Benchmarks"
+        ),
     ] = None,
     suffix: Annotated[
         bool,
         typer.Option(
-            "--suffix", help="Also search an adversarial suffix and add its analysis to the report."
+            "--suffix",
+            help="Also search an adversarial suffix and add its analysis to the report.",
+            rich_help_panel="Suffix",
         ),
     ] = False,
     suffix_steps: Annotated[
-        int, typer.Option(help="GCG steps of the suffix search (with --suffix).")
+        int,
+        typer.Option(
+            help="GCG steps of the suffix search (with --suffix).", rich_help_panel="Suffix"
+        ),
     ] = 20,
     suffix_max_minutes: Annotated[
         float,
-        typer.Option(help="Stop the suffix search after this many minutes (0: no limit)."),
+        typer.Option(
+            help="Stop the suffix search after this many minutes (0: no limit).",
+            rich_help_panel="Suffix",
+        ),
     ] = 10.0,
-    max_new_tokens: TokensOpt = 64,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 32,
-    gen_batch_size: GenBatchOpt = 256,
-    seed: SeedOpt = 42,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="New tokens per completion (greedy).", rich_help_panel="Evaluation")
+    ] = 64,
+    batch_size: Annotated[
+        int, typer.Option(help="Prompts per forward pass.", rich_help_panel="Speed")
+    ] = 32,
+    gen_batch_size: Annotated[
+        int,
+        typer.Option(
+            help="Prompts generated together (larger is faster where memory allows).",
+            rich_help_panel="Speed",
+        ),
+    ] = 256,
+    seed: Annotated[
+        int, typer.Option(help="Seed for every sample of prompts.", rich_help_panel="Prompts")
+    ] = 42,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     gguf_file: GgufOpt = None,
