@@ -157,6 +157,8 @@ def test_run_pipeline_benchmarks_the_chosen_direction(
             "baseline": round(plain[metric], 6),
             "ablation": round(ablated[metric], 6),
         }
+    timings = json.loads((tmp_path / "metrics.json").read_text())["timings"]
+    assert list(timings) == ["prompts", "extract", "select", "evaluate", "benchmarks", "report"]
     report = (tmp_path / "report.md").read_text()
     assert "## Benchmarks" in report and f"| tiny\\_mc | acc | {plain['acc']:.3f} |" in report
     # a benchmark option redoes that step and the report only; no benchmarks: no section
@@ -172,6 +174,7 @@ def test_run_pipeline_benchmarks_the_chosen_direction(
     assert set(run_pipeline(none, tmp_path, progress=False, model=cm)) == {"report"}
     assert not (tmp_path / "benchmarks.json").exists()
     assert "## Benchmarks" not in (tmp_path / "report.md").read_text()
+    assert "benchmarks" not in json.loads((tmp_path / "metrics.json").read_text())["timings"]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "completions").glob("*")} == completions
     assert (
         json.loads((tmp_path / "metrics.json").read_text())["harmful"]

@@ -238,11 +238,13 @@ class Run:
         return self._cm
 
     def step_timings(self) -> dict[str, float]:
-        """Wall time of the steps whose results are in the folder (the report's included)."""
+        """Wall time of the steps whose results are in the folder (the report's included), in
+        the order the steps run."""
         return {
-            step: seconds
-            for step, seconds in self.timings.items()
-            if step == "report" or all((self.out / a).exists() for a in ARTIFACTS.get(step, ()))
+            step: self.timings[step]
+            for step in STEPS  # in the order the steps run
+            if step in self.timings
+            and (step == "report" or all((self.out / a).exists() for a in ARTIFACTS[step]))
         }
 
     def timed(self, step: str, fn: Callable[[], None]) -> None:
