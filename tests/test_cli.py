@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from refdir.cli import app
+from refdir.config import RunConfig
 from refdir.direction import Candidates, Direction
-from refdir.pipeline import Run, RunConfig
+from refdir.pipeline import Run
 from tiny import tiny_model, tiny_tokenizer
 
 runner = CliRunner()
@@ -344,3 +345,17 @@ def test_run_command_takes_benchmark_tasks(model_dir: Path, tmp_path: Path) -> N
     bad = runner.invoke(app, [*args, "--benchmarks", "sums", "--benchmark-path", "nowhere"])
     assert bad.exit_code == 2
     assert bad.stderr.strip() == "error: benchmark task folder nowhere does not exist"
+
+
+def test_the_package_and_the_command_line_import_torch_only_when_needed() -> None:
+    import subprocess
+
+    import refdir
+
+    code = "import sys, refdir, refdir.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # --help and argument errors stay fast
+    for name in refdir.__all__:
+        assert getattr(refdir, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        refdir.nothing  # noqa: B018

@@ -9,9 +9,10 @@ import pytest
 
 import refdir.evaluate
 import refdir.pipeline
+from refdir.config import RunConfig
 from refdir.direction import Candidates, Direction
 from refdir.errors import RefdirError
-from refdir.pipeline import STEPS, RunConfig, run_pipeline
+from refdir.pipeline import STEPS, run_pipeline
 from tiny import tiny_chat_model
 
 # A random tiny model refuses nothing: the refusal tokens are given and the prompt filter

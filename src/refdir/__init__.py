@@ -1,19 +1,56 @@
-"""refdir: find, test and edit the refusal direction of chat language models."""
+"""refdir: find, test and edit the refusal direction of chat language models.
 
-from refdir.activations import extract_candidates, residual_means
-from refdir.data import load_prompts, sample_prompts
-from refdir.direction import Candidates, Direction
-from refdir.errors import RefdirError
-from refdir.evaluate import evaluate_refusal
-from refdir.generation import generate, last_position_logits
-from refdir.intervene import ablate, add
-from refdir.layout import LayoutSpec, find_layout
-from refdir.model import ChatModel, load_model
-from refdir.orthogonalize import export_orthogonalized, orthogonalize
-from refdir.pipeline import RunConfig, run_pipeline
-from refdir.select import SelectionConfig, pick, score_candidates
+The names below are imported on first use, so that ``import refdir`` (and the command line's
+``--help``) does not pay for torch and transformers until something needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from refdir.activations import extract_candidates, residual_means
+    from refdir.config import RunConfig
+    from refdir.data import load_prompts, sample_prompts
+    from refdir.direction import Candidates, Direction
+    from refdir.errors import RefdirError
+    from refdir.evaluate import evaluate_refusal
+    from refdir.generation import generate, last_position_logits
+    from refdir.intervene import ablate, add
+    from refdir.layout import LayoutSpec, find_layout
+    from refdir.model import ChatModel, load_model
+    from refdir.orthogonalize import export_orthogonalized, orthogonalize
+    from refdir.pipeline import run_pipeline
+    from refdir.select import SelectionConfig, pick, score_candidates
 
 __version__ = "0.1.0"
+
+_SOURCES = {
+    "extract_candidates": "refdir.activations",
+    "residual_means": "refdir.activations",
+    "load_prompts": "refdir.data",
+    "sample_prompts": "refdir.data",
+    "Candidates": "refdir.direction",
+    "Direction": "refdir.direction",
+    "RefdirError": "refdir.errors",
+    "evaluate_refusal": "refdir.evaluate",
+    "generate": "refdir.generation",
+    "last_position_logits": "refdir.generation",
+    "ablate": "refdir.intervene",
+    "add": "refdir.intervene",
+    "LayoutSpec": "refdir.layout",
+    "find_layout": "refdir.layout",
+    "ChatModel": "refdir.model",
+    "load_model": "refdir.model",
+    "export_orthogonalized": "refdir.orthogonalize",
+    "orthogonalize": "refdir.orthogonalize",
+    "RunConfig": "refdir.config",
+    "run_pipeline": "refdir.pipeline",
+    "SelectionConfig": "refdir.select",
+    "pick": "refdir.select",
+    "score_candidates": "refdir.select",
+}
 
 __all__ = [
     "Candidates",
@@ -40,3 +77,15 @@ __all__ = [
     "sample_prompts",
     "score_candidates",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SOURCES:
+        raise AttributeError(f"module 'refdir' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_SOURCES[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -581,7 +581,7 @@ def run_cmd(
     trust_remote_code: RemoteOpt = False,
 ) -> None:
     """The paper's study end to end: select a direction, evaluate it, write report.html."""
-    from refdir.pipeline import RunConfig, run_pipeline
+    from refdir.config import RunConfig
 
     tokens = None
     if refusal_tokens is not None:
@@ -643,6 +643,8 @@ def run_cmd(
         )
     except ValidationError as exc:
         raise _option_error(exc) from None
+    from refdir.pipeline import run_pipeline
+
     done = run_pipeline(config, out, force=force, until=until)
     for step, seconds in done.items():
         typer.echo(f"{step:10s} {seconds:8.1f} s")

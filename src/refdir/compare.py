@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from refdir import figures
+from refdir.config import RunConfig
 from refdir.direction import atomic_path
 from refdir.errors import RefdirError
-from refdir.pipeline import BENCHMARK_CONDITIONS, RunConfig
+from refdir.pipeline import BENCHMARK_CONDITIONS
 from refdir.render import (
     Block,
     Heading,
