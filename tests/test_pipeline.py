@@ -155,6 +155,8 @@ def test_when_nothing_passes_the_scores_are_kept_and_a_manual_pick_reuses_them(
     }
     chosen = _strict_json(tmp_path / "selection.json")
     assert chosen["rule"].startswith("manual") and chosen["chosen"]["layer"] == 2
+    assert chosen["n_passed"] == 0 and chosen["fallback"] is False  # the filter's view, kept
+    assert chosen["n_candidates"] == sum(v is not None for row in kept["induce"] for v in row)
     # a candidate the pruned scoring left out has no scores: null, never NaN
     assert chosen["chosen"]["bypass"] is None or math.isfinite(chosen["chosen"]["bypass"])
     assert chosen["bypass"] == kept["bypass"]

@@ -32,6 +32,7 @@ from refdir.select import (
     SelectionConfig,
     ValidationSets,
     derive_refusal_tokens,
+    passing,
     pick,
     random_direction_kl,
     score_candidates,
@@ -203,10 +204,10 @@ def _selection_json(
         },
         "rule": rule,
     }
-    if chosen is not None:
-        data["passed"] = chosen.passed.tolist()
-        data["fallback"] = chosen.fallback
-        data["n_candidates"], data["n_passed"] = chosen.n_candidates, chosen.n_passed
+    passed, n_candidates = passing(scores, config)  # a hand pick or none: the filter's view
+    data["passed"] = passed.tolist()
+    data["fallback"] = chosen.fallback if chosen is not None else False
+    data["n_candidates"], data["n_passed"] = n_candidates, int(passed.sum())
     return data
 
 

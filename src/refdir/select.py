@@ -43,6 +43,7 @@ __all__ = [
     "candidate_logits",
     "derive_refusal_tokens",
     "filter_prompts",
+    "passing",
     "pick",
     "random_direction_kl",
     "refusal_filter",
@@ -425,13 +426,19 @@ def _mask(scores: CandidateScores, config: SelectionConfig, kl_max: float) -> to
     return finite & (scores.kl <= kl_max) & (scores.induce >= config.induce_min) & layer_ok
 
 
+def passing(scores: CandidateScores, config: SelectionConfig) -> tuple[torch.Tensor, int]:
+    """The candidates that pass the paper's filter ([positions, layers] bool) and how many
+    candidates there are (scored, below the layer filter: the same with --score-all)."""
+    below = _below_layer_filter(scores.induce.shape[1], config)
+    n_candidates = int((torch.isfinite(scores.induce) & below).sum())
+    return _mask(scores, config, config.kl_max), n_candidates
+
+
 def pick(scores: CandidateScores, config: SelectionConfig | None = None) -> Selection:
     """The paper's filter and pick, with the documented fallback when nothing passes."""
     config = config or SelectionConfig()
     frac = config.max_layer_fraction
-    paper = _mask(scores, config, config.kl_max)
-    below = _below_layer_filter(scores.induce.shape[1], config)
-    n_candidates = int((torch.isfinite(scores.induce) & below).sum())  # same with --score-all
+    paper, n_candidates = passing(scores, config)
     attempts = [(config.kl_max, paper, False)]
     attempts += [
         (b, _mask(scores, config, b), True) for b in config.fallback_kl_bounds if b > config.kl_max
