@@ -122,6 +122,7 @@ def make_run(
         "model": "organism",
         "seed": 42,
         "n_train": 16,
+        "chat_template": "{% for m in messages %}" + "x" * 300 + "TEMPLATE-END{% endfor %}",
         "versions": {
             "python": "3.12.1",
             "torch": "2.13.0",
@@ -267,3 +268,9 @@ def test_render_markdown_blocks(tmp_path: Path) -> None:
     assert "<pre><code>&lt;x&gt;</code></pre>" in out
     assert '<a href="https://arxiv.org/abs/2406.11717">paper</a>' in out
     assert 'href="javascript' not in out
+
+
+def test_long_options_are_cut_in_the_configuration_table(report: tuple[Path, str, str]) -> None:
+    _, page, md = report
+    assert "TEMPLATE-END" not in page and "TEMPLATE-END" not in md  # config.json has it whole
+    assert "{% for m in messages %}xxx" in page and "cut to 120 characters" in md

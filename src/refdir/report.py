@@ -49,6 +49,7 @@ STEP_OF = {
 CONDITIONS = figures.CONDITIONS
 SAMPLES_PER_CONDITION = 3
 PROMPT_CHARS = 160
+OPTION_CHARS = 120
 
 # --------------------------------------------------------------------------- loading
 
@@ -523,7 +524,12 @@ def _run_section(run: RunData) -> list[Block]:
     # config.json holds "options" (what changes results) and "run" (every option): show one
     options = run.config.get("run") or {k: v for k, v in run.config.items() if k != "versions"}
     if options:
-        blocks += [Heading("Configuration", 3), key_value_table(options)]
+        shown = {  # a chat template or system prompt is long: config.json has it whole
+            k: truncate_text(v, OPTION_CHARS) if isinstance(v, str) else v
+            for k, v in options.items()
+        }
+        caption = f"Text options are cut to {OPTION_CHARS} characters; config.json has them whole."
+        blocks += [Heading("Configuration", 3), key_value_table(shown, caption)]
     if run.config.get("versions"):
         blocks += [Heading("Library versions", 3), key_value_table(run.config["versions"])]
     sizes = dict(run.metrics.get("sizes") or {})
