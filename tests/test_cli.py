@@ -355,6 +355,10 @@ def test_the_package_and_the_command_line_import_torch_only_when_needed() -> Non
     code = "import sys, refdir, refdir.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # --help and argument errors stay fast
+    # a submodule named like an exported function, imported first, leaves the function
+    code = "import refdir.orthogonalize, refdir; print(type(refdir.orthogonalize).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "function"
     for name in refdir.__all__:
         assert getattr(refdir, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):

@@ -7,6 +7,8 @@ The names below are imported on first use, so that ``import refdir`` (and the co
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -89,3 +91,17 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
+
+
+class _Package(types.ModuleType):
+    """The package keeps its exported functions when a submodule of the same name is first
+    imported (``refdir.orthogonalize`` is the function, as with an eager ``__init__``; the
+    module is ``sys.modules["refdir.orthogonalize"]``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SOURCES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
