@@ -356,9 +356,14 @@ def test_the_package_and_the_command_line_import_torch_only_when_needed() -> Non
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"  # --help and argument errors stay fast
     # a submodule named like an exported function, imported first, leaves the function
-    code = "import refdir.orthogonalize, refdir; print(type(refdir.orthogonalize).__name__)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "function"
+    for first in ("import refdir.orthogonalize", "import refdir; refdir.export_orthogonalized"):
+        code = f"{first}; import refdir; print(type(refdir.orthogonalize).__name__)"
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert run.stdout.strip() == "function", run.stderr
+    # submodules as attributes, as with an eager __init__
+    code = "import refdir; print(refdir.data.PACKAGED_SETS is not None, refdir.select.pick)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.stdout.startswith("True <function pick"), run.stderr
     for name in refdir.__all__:
         assert getattr(refdir, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):

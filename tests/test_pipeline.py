@@ -147,6 +147,7 @@ def test_when_nothing_passes_the_scores_are_kept_and_a_manual_pick_reuses_them(
         run_pipeline(strict, tmp_path, progress=False, model=cm, until="select")
     kept = json.loads((tmp_path / "selection.json").read_text())
     assert kept["chosen"] is None and kept["rule"].startswith("none")
+    assert kept["fallback"] is None and kept["n_passed"] == 0
     manual = strict.model_copy(update={"layer": 2, "position": -1})
     # in the same folder, as the error suggests: a new choice among the same scores
     monkeypatch.setattr(refdir.pipeline, "score_candidates", _never)

@@ -83,6 +83,11 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name not in _SOURCES:
+        try:  # a submodule: refdir.select, refdir.data, ... as with an eager __init__
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
         raise AttributeError(f"module 'refdir' has no attribute {name!r}")
     value = getattr(importlib.import_module(_SOURCES[name]), name)
     globals()[name] = value  # later lookups skip this function

@@ -38,7 +38,7 @@ from refdir.select import (
     score_candidates,
 )
 
-__all__ = ["STEPS", "run_pipeline"]
+__all__ = ["STEPS", "RunConfig", "run_pipeline"]  # RunConfig: from refdir.config
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,10 @@ def _selection_json(
     }
     passed, n_candidates = passing(scores, config)  # a hand pick or none: the filter's view
     data["passed"] = passed.tolist()
-    data["fallback"] = chosen.fallback if chosen is not None else False
+    # a hand pick is no fallback; a selection that picked nothing records null
+    data["fallback"] = (
+        chosen.fallback if chosen is not None else (False if rule.startswith("manual") else None)
+    )
     data["n_candidates"], data["n_passed"] = n_candidates, int(passed.sum())
     return data
 

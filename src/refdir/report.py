@@ -528,7 +528,12 @@ def _run_section(run: RunData) -> list[Block]:
             k: truncate_text(v, OPTION_CHARS) if isinstance(v, str) else v
             for k, v in options.items()
         }
-        caption = f"Text options are cut to {OPTION_CHARS} characters; config.json has them whole."
+        cut = shown != options
+        caption = (
+            f"Text options are cut to {OPTION_CHARS} characters; config.json has them whole."
+            if cut
+            else ""
+        )
         blocks += [Heading("Configuration", 3), key_value_table(shown, caption)]
     if run.config.get("versions"):
         blocks += [Heading("Library versions", 3), key_value_table(run.config["versions"])]
