@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from refdir import figures
 from refdir.direction import Candidates
 from refdir.errors import RefdirError
 from refdir.render import render_markdown, truncate_text
@@ -274,3 +275,27 @@ def test_long_options_are_cut_in_the_configuration_table(report: tuple[Path, str
     _, page, md = report
     assert "TEMPLATE-END" not in page and "TEMPLATE-END" not in md  # config.json has it whole
     assert "{% for m in messages %}xxx" in page and "cut to 120 characters" in md
+
+
+def test_the_projection_figure_is_the_means_along_the_direction(
+    report: tuple[Path, str, str],
+) -> None:
+    run_dir, page, md = report
+    assert "figures/projection.png" in md and (run_dir / "figures" / "projection.png").exists()
+    assert "projected onto the chosen direction" in md and page.count("<figure>") >= 4
+    cands = Candidates.load(run_dir / "candidates.safetensors")
+    fig = figures.projection_curves(
+        cands.harmful_mean[CHOSEN_POSITION].numpy(),
+        cands.harmless_mean[CHOSEN_POSITION].numpy(),
+        cands.diffs[CHOSEN_POSITION, CHOSEN_LAYER].numpy(),
+        CHOSEN_LAYER,
+    )
+    harmful, harmless = (line.get_ydata() for line in fig.axes[0].get_lines()[:2])
+    unit = (
+        cands.diffs[CHOSEN_POSITION, CHOSEN_LAYER]
+        / cands.diffs[CHOSEN_POSITION, CHOSEN_LAYER].norm()
+    )
+    assert harmful[CHOSEN_LAYER] - harmless[CHOSEN_LAYER] == pytest.approx(
+        float(cands.diffs[CHOSEN_POSITION, CHOSEN_LAYER].norm())
+    )  # along its own direction, the gap is the candidate's norm
+    assert harmless == pytest.approx((cands.harmless_mean[CHOSEN_POSITION] @ unit).numpy())

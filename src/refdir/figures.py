@@ -27,6 +27,7 @@ __all__ = [
     "cosine_curves",
     "cosine_to_candidates",
     "png_bytes",
+    "projection_curves",
     "refusal_bars",
     "selection_heatmaps",
 ]
@@ -423,4 +424,35 @@ def comparison_bars(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> Figure:
     handles = [Patch(color=c, label=CONDITION_LABELS[k]) for k, c in CONDITION_COLORS.items()]
     fig.legend(handles=handles, fontsize=8, loc="upper right", ncol=3, frameon=False)
     fig.suptitle("Refusal across runs", fontsize=11, fontweight="bold", x=0.7 / width, ha="left")
+    return fig
+
+
+# --------------------------------------------------------------------------- projections
+
+
+def projection_curves(
+    harmful_mean: np.ndarray, harmless_mean: np.ndarray, direction: np.ndarray, chosen_layer: int
+) -> Figure:
+    """Mean projection of the harmful and harmless training prompts' residual stream (each
+    [L+1, d], at one position) onto the unit ``direction``, per layer."""
+    unit = np.asarray(direction, dtype=np.float64)
+    unit = unit / np.linalg.norm(unit)
+    harmful = np.asarray(harmful_mean, dtype=np.float64) @ unit
+    harmless = np.asarray(harmless_mean, dtype=np.float64) @ unit
+    layers = np.arange(len(harmful))
+    fig = Figure(figsize=(8.0, 3.0), dpi=DPI)
+    fig.subplots_adjust(left=0.085, right=0.8, bottom=0.16, top=0.89)
+    ax = fig.subplots()
+    ax.plot(layers, harmful, color=REFUSAL_COLOR, marker="o", ms=2.5, lw=1.6, label="harmful")
+    ax.plot(layers, harmless, color=SAFETY_COLOR, marker="o", ms=2.5, lw=1.6, label="harmless")
+    ax.fill_between(layers, harmless, harmful, color="0.85", zorder=0, label="difference")
+    ax.axvline(chosen_layer, color=CHOSEN_COLOR, lw=1.2, ls="--", label="chosen layer")
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    ax.set_xlim(-0.5, len(layers) - 0.5)
+    ax.set_xlabel("layer (residual stream input; the last is the final layer's output)", fontsize=9)
+    ax.set_ylabel("projection", fontsize=9)
+    ax.set_title("Mean residual stream projected onto the chosen direction", fontsize=10)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
     return fig

@@ -466,9 +466,30 @@ def _cosine_section(run: RunData) -> list[Block]:
         "same direction is present over many layers; the star is the chosen candidate (1 by "
         "construction)."
     )
+    cands = run.candidates
+    p = cands.positions.index(d.position) if d.position in cands.positions else -1
+    projection = figures.projection_curves(
+        cands.harmful_mean[p].numpy(),
+        cands.harmless_mean[p].numpy(),
+        d.vector.double().numpy(),
+        d.layer,
+    )
+    projection_caption = (
+        f"The residual stream at position {d.position}, averaged over the training prompts "
+        f"({fmt(cands.n_harmful)} harmful, {fmt(cands.n_harmless)} harmless), projected onto "
+        "the chosen direction (unit length) at every layer. The shaded gap is the difference "
+        "of means along the direction: it opens where the model starts to tell the two kinds "
+        "of prompt apart along it."
+    )
     return [
         Heading("Cosine similarity across layers"),
         Image("cosine_similarity.png", "Cosine similarity", figures.png_bytes(fig), caption),
+        Image(
+            "projection.png",
+            "Projection onto the direction",
+            figures.png_bytes(projection),
+            projection_caption,
+        ),
     ]
 
 
