@@ -169,7 +169,9 @@ def test_a_hand_picked_direction_is_named_so(runs: list[Path], tmp_path: Path) -
     shutil.copytree(runs[0], manual)
     selection = json.loads((manual / "selection.json").read_text())
     selection.update(rule="manual: --layer 1 --position -1", fallback=False)
+    selection["chosen"].update(bypass=float("nan"), kl=None)  # unscored (NaN: an older run's)
     (manual / "selection.json").write_text(json.dumps(selection))
     _, md_path, csv_path = write_comparison([manual, runs[1]], tmp_path / "cmp", ["m", "auto"])
     assert next(csv.DictReader(csv_path.open()))["picked_by"] == "manual"
-    assert "| m | " in md_path.read_text() and "| manual |" in md_path.read_text()
+    md = md_path.read_text()
+    assert "| m | " in md and "| manual | — / " in md and md.count(" / —") >= 1

@@ -102,7 +102,8 @@ Block = Heading | Para | Table | Image | Samples | Raw
 
 
 def fmt(value: Any) -> str:
-    if value is None:
+    """A value as a table shows it: three decimals, ``—`` for a missing one (None or NaN)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     if isinstance(value, bool):
         return "yes" if value else "no"
