@@ -301,3 +301,16 @@ def test_forcing_a_run_removes_the_results_of_steps_no_longer_asked_for(tmp_path
     assert not (tmp_path / "benchmarks.json").exists()
     assert not (tmp_path / "suffix" / "suffix.json").exists()
     assert "OLDTASK" not in (tmp_path / "report.md").read_text()
+
+
+def test_a_run_that_failed_before_any_result_takes_new_options(tmp_path: Path) -> None:
+    cm = tiny_chat_model("llama")
+    bad = CONFIG.model_copy(update={"refusal_tokens": None, "n_refusal_probe": 1})
+    with pytest.raises(RefdirError, match="refused none"):  # a random model refuses nothing
+        run_pipeline(bad, tmp_path, progress=False, model=cm)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    assert set(run_pipeline(CONFIG, tmp_path, progress=False, model=cm, until="prompts")) == {
+        "prompts"
+    }  # the fixed options are taken, not refused as "other options"
+    with pytest.raises(RefdirError, match="other options"):  # with results, they are refused
+        run_pipeline(bad, tmp_path, progress=False, model=cm)

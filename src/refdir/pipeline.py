@@ -712,7 +712,9 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> bool:
     still hold."""
     path = out / "config.json"
     keep_completions = force_from > STEPS.index("evaluate")
-    if path.exists() and force_from > 0:
+    # a folder with no results yet (a run that failed in its first step) takes new options
+    results = any((out / name).exists() for names in ARTIFACTS.values() for name in names)
+    if path.exists() and force_from > 0 and results:
         changed = _changed(config, out)
         later = SUFFIX_KEYS | COMPLETION_KEYS | SCORING_KEYS | BENCHMARK_KEYS | PICK_KEYS
         core = sorted(changed - later)
