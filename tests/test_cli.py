@@ -186,6 +186,17 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
     cases.append(
         (["ablate", "--model", str(model_dir), "--direction", str(tmp_path / "small")], "size 8")
     )
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    model = ["--model", str(model_dir)]
+    cases += [  # --out naming a file
+        (["run", *model, "--out", str(a_file)], "exists and is not a folder"),
+        (["extract", *model, "--out", str(a_file)], "exists and is not a folder"),
+        (
+            ["orthogonalize", *model, "--direction", str(extracted), "--out", str(a_file)],
+            "exists and is not an empty folder",
+        ),
+    ]
     for args, message in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)

@@ -111,6 +111,12 @@ def test_bad_input_is_one_line_and_writes_nothing(runs: list[Path], tmp_path: Pa
         with pytest.raises(RefdirError, match=message):
             write_comparison(dirs, out, labels)
         assert not out.exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    with pytest.raises(RefdirError, match="exists and is not a folder"):
+        write_comparison(runs, a_file)
+    with pytest.raises(RefdirError, match=r"cannot create the folder .*a-file/x"):
+        write_comparison(runs, a_file / "x")
 
 
 def test_compare_command(runs: list[Path], tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def test_export_reloads_as_an_ordinary_checkpoint(arch: str, tmp_path: Path) -> 
 def test_export_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     cm = tiny_chat_model("llama")
     (tmp_path / "keep.txt").write_text("x")
-    with pytest.raises(RefdirError, match="not empty"):
+    with pytest.raises(RefdirError, match="not an empty folder"):
         export_orthogonalized(cm, _direction(cm), tmp_path)
 
 

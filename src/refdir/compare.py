@@ -21,7 +21,7 @@ from typing import Any
 
 from refdir import figures
 from refdir.config import RunConfig
-from refdir.direction import atomic_path
+from refdir.direction import atomic_path, make_folder
 from refdir.errors import RefdirError
 from refdir.pipeline import BENCHMARK_CONDITIONS
 from refdir.render import (
@@ -399,7 +399,7 @@ def write_comparison(
     summaries = _labelled(summaries)
     blocks = comparison_blocks(summaries)
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     csv_path = out_dir / "comparison.csv"
     with atomic_path(csv_path) as tmp:
         tmp.write_text(_csv_text(comparison_rows(summaries)), encoding="utf-8")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from refdir.errors import RefdirError
 
-__all__ = ["Candidates", "Direction", "atomic_path", "file_mode"]
+__all__ = ["Candidates", "Direction", "atomic_path", "file_mode", "make_folder"]
 
 DIRECTION_FILE = "direction.safetensors"
 DIRECTION_JSON = "direction.json"
@@ -30,10 +30,23 @@ def file_mode() -> int:
     return 0o666 & ~current
 
 
+def make_folder(path: Path) -> Path:
+    """Create the folder ``path`` (and its parents); a one-line error where that cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RefdirError(f"{path} exists and is not a folder; give a folder path") from None
+    except OSError as exc:
+        raise RefdirError(
+            f"cannot create the folder {path} ({exc.strerror or exc}); give another path"
+        ) from None
+    return path
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it over ``target`` only on success."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from refdir.direction import Direction
+from refdir.direction import Direction, make_folder
 from refdir.errors import RefdirError
 from refdir.intervene import ablate
 from refdir.layout import effective_norm_scale
@@ -154,8 +154,9 @@ def export_orthogonalized(
     """Orthogonalize ``cm`` in place, then write it with its tokenizer, the direction and a
     manifest to ``out`` atomically (a temporary folder renamed at the end)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise RefdirError(f"{out} exists and is not empty; choose a new --out folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RefdirError(f"{out} exists and is not an empty folder; choose a new --out folder")
+    make_folder(out.parent)  # fail now, not after the edit
     report, delta = parity(cm, direction)
     manifest: dict[str, object] = {
         "refdir_manifest": 1,
@@ -170,7 +171,6 @@ def export_orthogonalized(
         "parity_max_abs_logit_delta": delta,
         "parity_dtype": str(cm.layout.embed.weight.dtype).removeprefix("torch."),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:
         cm.model.save_pretrained(tmp, safe_serialization=True)

@@ -23,7 +23,7 @@ from refdir.activations import extract_candidates
 from refdir.benchmarks import ResolvedTasks
 from refdir.config import RunConfig
 from refdir.data import load_prompts, sample_prompts
-from refdir.direction import Candidates, Direction, atomic_path
+from refdir.direction import Candidates, Direction, atomic_path, make_folder
 from refdir.errors import RefdirError
 from refdir.model import ChatModel, load_model
 from refdir.select import (
@@ -772,7 +772,7 @@ def run_pipeline(
         raise RefdirError(f"unknown step {until!r}; use one of {', '.join(STEPS)}")
     force_from = STEPS.index(force) if force is not None else len(STEPS)
     tasks = _check_inputs(config, _benchmarks_due(config, out, force_from))
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     keep_completions = _check_config(config, out, force_from)
     run = Run(config, out, progress, model)
     run.benchmark_tasks = tasks
