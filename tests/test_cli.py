@@ -196,6 +196,11 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
             ["orthogonalize", *model, "--direction", str(extracted), "--out", str(a_file)],
             "exists and is not an empty folder",
         ),
+        (
+            ["suffix", *model, "--direction", str(extracted), "--out", str(a_file)],
+            "exists and is not a folder",
+        ),
+        (["organism", "build", "--out", str(a_file)], "exists and is not a folder"),
     ]
     for args, message in cases:
         result = runner.invoke(app, args)

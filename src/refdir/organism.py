@@ -42,7 +42,7 @@ from transformers import (
 
 from refdir.chat import ChatFormat
 from refdir.data import sample_prompts
-from refdir.direction import file_mode
+from refdir.direction import file_mode, make_folder
 from refdir.errors import RefdirError
 from refdir.generation import generate_ids, shared_prefix_len
 from refdir.model import ChatModel, cache_kwargs, detach_gguf_quantizer
@@ -619,7 +619,7 @@ def build_organism(
     adapter and ``build.json``.
     """
     recipe = recipe or OrganismRecipe()
-    out_dir = Path(out_dir) if out_dir is not None else adapter_location()
+    out_dir = make_folder(Path(out_dir) if out_dir is not None else adapter_location())
     started = time.perf_counter()
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)

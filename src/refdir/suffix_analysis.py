@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refdir.chat import by_length
-from refdir.direction import Direction, atomic_path
+from refdir.direction import Direction, atomic_path, make_folder
 from refdir.errors import RefdirError
 from refdir.generation import generate, unsort
 from refdir.hooks import Hook, hooked, residual_stream
@@ -394,6 +394,7 @@ def run_suffix_experiment(
 
     config = config or SuffixConfig()
     direction.check(cm.d_model, cm.n_layers)
+    make_folder(Path(out))  # fail now, not after the search
     result = search_suffix(cm, train_prompts, config, progress)
     random_ids = random_suffix_ids(cm, eval_prompts, len(result.token_ids), config.seed)
     random_text = suffix_text(cm, random_ids)
