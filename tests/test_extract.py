@@ -139,3 +139,25 @@ def test_extract_filters_in_its_pass_and_records_the_kept_prompts(
     plain.save(tmp_path / "c.safetensors")
     again = Candidates.load(tmp_path / "c.safetensors")
     assert again.harmful_prompts == HARMFUL and again.harmless_prompts == HARMLESS
+
+
+def test_damaged_direction_files_are_one_line_errors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    Direction(torch.ones(8), 1, -1, "m").save(tmp_path)
+    json_path = tmp_path / "direction.json"
+    good = json_path.read_text()
+    for text, message in (
+        ("{bad", "is not readable JSON"),
+        ("5", "lacks 'layer' and 'position'"),
+        (good.replace('"layer": 1', '"layer": "abc"'), "'layer' must be an integer"),
+    ):
+        json_path.write_text(text)
+        with pytest.raises(RefdirError, match=message):
+            Direction.load(tmp_path)
+    json_path.write_text(good)
+    save_file(
+        {"direction": torch.ones(8, dtype=torch.int64)}, str(tmp_path / "direction.safetensors")
+    )
+    with pytest.raises(RefdirError, match="integer 'direction'; save a float vector"):
+        Direction.load(tmp_path)

@@ -286,6 +286,7 @@ def test_a_changed_option_removes_exactly_what_reads_it(
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}")
     (tmp_path / "config.json").write_text(json.dumps({"options": config.result_keys()}))
+    (tmp_path / "selection.json").write_text('{"positions": [-1], "layers": [0, 1, 2]}')
     refdir.pipeline._check_config(config.model_copy(update=change), tmp_path, len(STEPS))
     left = {name for name in ALL_ARTIFACTS if (tmp_path / name).exists()}
     assert left == set(ALL_ARTIFACTS) - removed - {"report.html"}
@@ -314,3 +315,36 @@ def test_a_run_that_failed_before_any_result_takes_new_options(tmp_path: Path) -
     }  # the fixed options are taken, not refused as "other options"
     with pytest.raises(RefdirError, match="other options"):  # with results, they are refused
         run_pipeline(bad, tmp_path, progress=False, model=cm)
+
+
+def test_a_hand_picked_run_is_kept_unless_the_pick_is_repeated_or_forced(tmp_path: Path) -> None:
+    cm = tiny_chat_model("llama")
+    manual = CONFIG.model_copy(update={"layer": 1, "position": -1})
+    run_pipeline(manual, tmp_path, progress=False, model=cm)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(RefdirError, match=r"chosen by hand \(--layer 1 --position -1\)"):
+        run_pipeline(CONFIG, tmp_path, progress=False, model=cm)  # the pick left out
+    bad = CONFIG.model_copy(update={"layer": 99, "position": -1})
+    with pytest.raises(RefdirError, match=r"--layer in 0\.\.2"):
+        run_pipeline(bad, tmp_path, progress=False, model=cm)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing removed
+    assert run_pipeline(manual, tmp_path, progress=False, model=cm) == {}  # repeated: kept
+    done = run_pipeline(CONFIG, tmp_path, force="select", progress=False, model=cm)
+    assert "select" in done and not _strict_json(tmp_path / "selection.json")["rule"].startswith(
+        "manual"
+    )
+
+
+def test_options_that_cannot_go_together_and_damaged_artifacts(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    for update in ({"layer": 1}, {"position": -1}, {"layer": 1, "position": 0}):
+        with pytest.raises(ValidationError):
+            CONFIG.model_copy(update=update).model_validate({**CONFIG.model_dump(), **update})
+    cm = tiny_chat_model("llama")
+    run_pipeline(CONFIG, tmp_path, progress=False, model=cm, until="prompts")
+    (tmp_path / "prompts.json").write_text('{"harmful_tr')
+    with pytest.raises(RefdirError, match=r"prompts.json is damaged .*--force prompts"):
+        run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
+    (tmp_path / "timings.json").write_text("[")  # informational: a warning, not an error
+    run_pipeline(CONFIG, tmp_path, force="prompts", progress=False, model=cm, until="prompts")

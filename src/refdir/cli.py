@@ -122,9 +122,12 @@ _FLAGS = {"n_random_kl": "random-kl", "fallback_kl_bounds": "fallback-kl"}
 def _option_error(exc: ValidationError) -> RefdirError:
     """The first problem of a rejected RunConfig as a one-line error naming the option."""
     error = exc.errors()[0]
-    field = str(error["loc"][0]) if error["loc"] else "options"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:  # a check across options names its options itself
+        return RefdirError(message)
+    field = str(error["loc"][0])
     flag = _FLAGS.get(field, field.replace("_", "-"))
-    return RefdirError(f"--{flag}: {error['msg'][0].lower()}{error['msg'][1:]}")
+    return RefdirError(f"--{flag}: {message[0].lower()}{message[1:]}")
 
 
 def _load(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     from refdir.select import SelectionConfig
@@ -50,10 +50,11 @@ class RunConfig(BaseModel):
     n_eval_harmless: int = Field(100, ge=1, description="held-out harmless prompts")
     max_new_tokens: int = Field(64, ge=1, description="greedy tokens per completion")
     batch_size: int = Field(
-        32, description="prompts per forward pass (batched by length, so little padding)"
+        32, ge=1, description="prompts per forward pass (batched by length, so little padding)"
     )
     gen_batch_size: int = Field(
         256,
+        ge=1,
         description="prompts generated together: each decoding step reads the weights once for "
         "all of them, so larger is faster where memory allows",
     )
@@ -133,6 +134,16 @@ class RunConfig(BaseModel):
         allow_inf_nan=False,
         description="stop the suffix search after this many minutes (0: no limit)",
     )
+
+    @model_validator(mode="after")
+    def _pick_by_hand(self) -> RunConfig:
+        if (self.layer is None) != (self.position is None):
+            raise ValueError("give both --layer and --position to choose the direction by hand")
+        if self.position is not None and self.position >= 0:
+            raise ValueError("--position counts back from the last token: -1, -2, ...")
+        if self.layer is not None and self.layer < 0:
+            raise ValueError("--layer must be 0 or more")
+        return self
 
     def selection(self) -> SelectionConfig:
         from refdir.select import SelectionConfig

@@ -145,12 +145,24 @@ class Direction:
         try:
             vector = load_file(str(tensor_path))["direction"]
         except KeyError:
-            raise RefdirError(f"{tensor_path} holds no tensor named 'direction'") from None
+            raise RefdirError(
+                f"{tensor_path} holds no tensor named 'direction'; save it with Direction.save"
+            ) from None
         except Exception as exc:
             raise RefdirError(f"{tensor_path} is not a safetensors file ({exc})") from None
-        info = json.loads(json_path.read_text(encoding="utf-8")) if json_path.exists() else {}
-        if "layer" not in info or "position" not in info:
+        if not vector.is_floating_point():
+            raise RefdirError(f"{tensor_path} holds an integer 'direction'; save a float vector")
+        try:
+            info = json.loads(json_path.read_text(encoding="utf-8")) if json_path.exists() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RefdirError(
+                f"{json_path} is not readable JSON ({exc}); save the direction again"
+            ) from None
+        if not isinstance(info, dict) or "layer" not in info or "position" not in info:
             raise RefdirError(f"{json_path} is missing or lacks 'layer' and 'position'")
+        for key in ("layer", "position"):
+            if not isinstance(info[key], int) or isinstance(info[key], bool):
+                raise RefdirError(f"{json_path}: '{key}' must be an integer, not {info[key]!r}")
         fields = {k: info[k] for k in cls.__dataclass_fields__ if k in info and k != "vector"}
         fields.setdefault("model", "unknown")
         return cls(vector=vector, **fields)

@@ -51,7 +51,15 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A run artifact's JSON; a damaged one is a one-line error naming the step that writes it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        step = next((k for k, names in ARTIFACTS.items() if path.name in names), "prompts")
+        raise RefdirError(
+            f"{path} is damaged ({str(exc).splitlines()[0]}); redo it with --force {step}, "
+            "or use a new --out"
+        ) from None
 
 
 def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
@@ -78,9 +86,14 @@ class Run:
         self.config, self.out, self.progress = config, out, progress
         self._cm = model
         self.benchmark_tasks: ResolvedTasks | None = None  # resolved when the run was checked
-        self.timings: dict[str, float] = (
-            _read_json(out / "timings.json") if (out / "timings.json").exists() else {}
-        )
+        self.timings: dict[str, float] = {}
+        if (out / "timings.json").exists():
+            try:
+                self.timings = dict(_read_json(out / "timings.json"))
+            except (RefdirError, TypeError, ValueError):
+                log.warning(
+                    "%s is damaged; the earlier steps' times are lost", out / "timings.json"
+                )
 
     @property
     def cm(self) -> ChatModel:
@@ -704,6 +717,27 @@ def _benchmarks_due(config: RunConfig, out: Path, force_from: int) -> bool:
     return forced or missing or bool(_changed(config, out) & BENCHMARK_KEYS)
 
 
+def _check_pick(config: RunConfig, out: Path, force_from: int) -> None:
+    """Before a changed hand pick removes anything: a folder whose direction was chosen by hand
+    keeps it unless the pick is repeated, changed, or selection is forced; a new hand pick
+    must name a scored candidate."""
+    old = _read_json(out / "config.json").get("options", {})
+    if config.layer is None and force_from > STEPS.index("select"):
+        raise RefdirError(
+            f"{out} holds a direction chosen by hand (--layer {old.get('layer')} --position "
+            f"{old.get('position')}); repeat them, or add --force select to pick by the "
+            "paper's rule"
+        )
+    path = out / "selection.json"
+    if config.layer is not None and path.exists():
+        data = _read_json(path)
+        positions, n_layers = data.get("positions") or [], len(data.get("layers") or [])
+        if config.position not in positions or not 0 <= config.layer < n_layers:
+            raise RefdirError(
+                f"--position must be one of {positions} and --layer in 0..{n_layers - 1}"
+            )
+
+
 def _check_config(config: RunConfig, out: Path, force_from: int) -> bool:
     """Refuse to mix options in one folder, except a hand-picked direction and the options
     read only by the evaluate, benchmarks and suffix steps: the steps that read a changed one
@@ -724,6 +758,8 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> bool:
                 "use another --out, or --force prompts to redo it"
             )
         stale = set()
+        if changed & PICK_KEYS:
+            _check_pick(config, out, force_from)
         if changed & PICK_KEYS:  # another pick among the same scores, which selection.json keeps
             for name in ARTIFACTS["select"]:
                 if name != "selection.json":
