@@ -31,6 +31,7 @@ def test_sampling_is_seeded() -> None:
         ("p.jsonl", '{"prompt": "a"}\n{"goal": "b"}\n'),
         ("p.csv", "behavior,extra\na,1\nb,2\n"),
         ("p.txt", "a\n\nb\n"),
+        ("bom.csv", "\ufeffinstruction\na\nb\n"),  # a spreadsheet's byte-order mark
     ],
 )
 def test_user_files(tmp_path: Path, name: str, body: str) -> None:
@@ -47,6 +48,7 @@ def test_user_files(tmp_path: Path, name: str, body: str) -> None:
         ("p.csv", "x,y\n1,2\n", "column"),
         ("p.yaml", "- a", "unsupported"),
         ("p.txt", "\n\n", "contains no prompts"),
+        ("p.jsonl", '{"prompt": "a"}\n\n{"prompt": "b"}\n{bad\n', "line 4 is not valid JSON"),
     ],
 )
 def test_bad_files_name_the_problem(tmp_path: Path, name: str, body: str, message: str) -> None:
@@ -61,3 +63,12 @@ def test_refusal_markers() -> None:
     assert not is_refusal("Sure! Here is a recipe for bread.")
     assert refusal_rate(["I cannot do that", "Sure", "ok", "I'm unable to"]) == 0.5
     assert refusal_rate([]) == 0.0
+
+
+def test_unreadable_prompt_files_name_the_problem(tmp_path: Path) -> None:
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RefdirError, match="is not UTF-8 text"):
+        load_prompts(tmp_path / "latin1.txt")
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(RefdirError, match="is a folder; give a prompt file"):
+        load_prompts(tmp_path / "folder.json")

@@ -46,19 +46,33 @@ def _from_record(record: object, source: str) -> str:
 
 def _read_file(path: Path) -> list[str]:
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise RefdirError(f"{path} is a folder; give a prompt file (.json, .jsonl, .csv, .txt)")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (spreadsheets) is dropped
+    except UnicodeDecodeError:
+        raise RefdirError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise RefdirError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RefdirError(
+                    f"{path}: line {number} is not valid JSON ({exc.msg}); fix the file"
+                ) from None
+            prompts.append(_from_record(record, str(path)))
+        return prompts
     try:
         if suffix == ".json":
             data = json.loads(text)
             if not isinstance(data, list):
                 raise RefdirError(f"{path}: expected a JSON list of prompts")
             return [_from_record(r, str(path)) for r in data]
-        if suffix == ".jsonl":
-            return [
-                _from_record(json.loads(line), str(path))
-                for line in text.splitlines()
-                if line.strip()
-            ]
     except json.JSONDecodeError as exc:
         raise RefdirError(
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file"
