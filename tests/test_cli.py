@@ -201,6 +201,16 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
             "exists and is not a folder",
         ),
         (["organism", "build", "--out", str(a_file)], "exists and is not a folder"),
+        (
+            ["add", *model, "--direction", str(extracted), "--coeff", "nan", "--n", "1"],
+            "--coeff must be a finite number",
+        ),
+        (["evaluate", *model, "--max-new-tokens", "0", "--n", "1"], "1 or more, got 0"),
+        (["evaluate", *model, "--completions", str(tmp_path)], "is a folder; give a .jsonl"),
+        (
+            ["ablate", *model, "--direction", str(extracted), "--chat-template", "nope.j2"],
+            "chat template nope.j2 does not exist",
+        ),
     ]
     for args, message in cases:
         result = runner.invoke(app, args)

@@ -242,6 +242,7 @@ def _generate_under(
     device: str,
     dtype: str,
     seed: int,
+    loading: tuple[str | None, str | None, Path | None, bool],
 ) -> None:
     from refdir.data import sample_prompts
     from refdir.direction import Direction
@@ -249,7 +250,7 @@ def _generate_under(
 
     chosen = Direction.load(direction)
     instructions = sample_prompts(prompts, n, seed)
-    cm = _load(model, device, dtype, None, None, None, False)
+    cm = _load(model, device, dtype, *loading)
     chosen.check(cm.d_model, cm.n_layers)
     result = evaluate_refusal(
         cm, instructions, prompts, kind, chosen, coeff, max_new_tokens, batch_size
@@ -276,6 +277,10 @@ def ablate_cmd(
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    gguf_file: GgufOpt = None,
+    system: SystemOpt = None,
+    chat_template: TemplateOpt = None,
+    trust_remote_code: RemoteOpt = False,
 ) -> None:
     """Generate greedily with the direction ablated at every layer and position."""
     _generate_under(
@@ -291,6 +296,7 @@ def ablate_cmd(
         device,
         dtype,
         seed,
+        (gguf_file, system, chat_template, trust_remote_code),
     )
 
 
@@ -310,6 +316,10 @@ def add_cmd(
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    gguf_file: GgufOpt = None,
+    system: SystemOpt = None,
+    chat_template: TemplateOpt = None,
+    trust_remote_code: RemoteOpt = False,
 ) -> None:
     """Generate greedily with coeff x direction added to its layer's input at every position."""
     _generate_under(
@@ -325,6 +335,7 @@ def add_cmd(
         device,
         dtype,
         seed,
+        (gguf_file, system, chat_template, trust_remote_code),
     )
 
 
@@ -695,15 +706,21 @@ def evaluate(
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    gguf_file: GgufOpt = None,
+    system: SystemOpt = None,
+    chat_template: TemplateOpt = None,
+    trust_remote_code: RemoteOpt = False,
 ) -> None:
     """Greedy completions on a prompt set, scored for refusal by markers."""
     from refdir.data import sample_prompts
     from refdir.direction import Direction, atomic_path
     from refdir.evaluate import evaluate_refusal
 
+    if completions is not None and completions.is_dir():
+        raise RefdirError(f"--completions {completions} is a folder; give a .jsonl file path")
     chosen = Direction.load(direction) if direction is not None else None
     instructions = sample_prompts(prompts, n, seed)
-    cm = _load(model, device, dtype, None, None, None, False)
+    cm = _load(model, device, dtype, gguf_file, system, chat_template, trust_remote_code)
     result = evaluate_refusal(
         cm, instructions, prompts, intervention, chosen, coeff, max_new_tokens, batch_size
     )

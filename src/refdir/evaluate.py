@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -107,8 +108,12 @@ def evaluate_jobs(
     batches, each row under its own job's intervention
     (:class:`~refdir.intervene.RowConditions`), so the batches stay full until the longest
     answers end. A job's completions are those it gets alone."""
+    if max_new_tokens < 1:
+        raise RefdirError(f"--max-new-tokens must be 1 or more, got {max_new_tokens}")
     for job in jobs:
         _check(job.kind, direction)
+        if not math.isfinite(job.coeff):
+            raise RefdirError(f"--coeff must be a finite number, got {job.coeff}")
     conditions = RowConditions(cm, direction, [(job.kind, job.coeff) for job in jobs])
     rows = [cm.chat.token_ids(text) for job in jobs for text in job.instructions]
     variants = [v for v, job in enumerate(jobs) for _ in job.instructions]
