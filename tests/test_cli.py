@@ -172,7 +172,7 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
             "no such file or packaged set",
         ),
         (["evaluate", "--model", str(model_dir), "--intervention", "ablate"], "needs --direction"),
-        (["evaluate", "--model", str(tmp_path / "missing")], "could not load model"),
+        (["evaluate", "--model", str(tmp_path / "missing")], "no such model folder or file"),
         (
             ["ablate", "--model", str(model_dir), "--direction", str(tmp_path)],
             "direction.safetensors is missing",
@@ -188,6 +188,12 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
     )
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for item in model_dir.iterdir():
+        (damaged / item.name).write_bytes(item.read_bytes())
+    (damaged / "model.safetensors").write_text("garbage")
+    cases.append((["evaluate", "--model", str(damaged)], "could not load model"))
     model = ["--model", str(model_dir)]
     cases += [  # --out naming a file
         (["run", *model, "--out", str(a_file)], "exists and is not a folder"),

@@ -137,6 +137,9 @@ def _source(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
         if not path.is_file():
             raise RefdirError(f"GGUF file {spec} does not exist")
         return str(path.parent), path.name
+    looks_local = spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1
+    if looks_local and not path.exists():  # a hub id is "org/name": this is a missing path
+        raise RefdirError(f"no such model folder or file: {spec}; check the path")
     if gguf_file is not None:
         return spec, gguf_file
     if path.exists() and not (path / "config.json").exists() and not path.is_file():
@@ -200,9 +203,11 @@ def load_model(
             device_map="auto" if device == "auto" else None,
             **kwargs,
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # damaged weights raise library-specific errors of their own
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RefdirError(f"could not load model {spec!r}: {reason}") from None
+        raise RefdirError(
+            f"could not load model {spec!r}: {reason}; check the folder's files"
+        ) from None
     if gguf is not None:
         detach_gguf_quantizer(model)
     if device not in ("auto", "cpu"):
