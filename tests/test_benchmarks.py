@@ -196,3 +196,11 @@ def test_run_pipeline_checks_the_tasks_before_any_step(task: Path, tmp_path: Pat
         with pytest.raises(RefdirError, match=message):
             run_pipeline(config, out, progress=False, model=tiny_chat_model("llama"))
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_task_whose_data_is_missing_is_a_one_line_error(cm: ChatModel, tmp_path: Path) -> None:
+    task = write_multiple_choice_task(tmp_path, "gone", ITEMS, cache_dir=tmp_path / "cache")
+    for data in tmp_path.glob("gone*.jsonl"):
+        data.unlink()
+    with pytest.raises(RefdirError, match=r"lm_eval could not run gone: .*check the task's data"):
+        run_benchmarks(cm, [task])

@@ -348,3 +348,14 @@ def test_options_that_cannot_go_together_and_damaged_artifacts(tmp_path: Path) -
         run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
     (tmp_path / "timings.json").write_text("[")  # informational: a warning, not an error
     run_pipeline(CONFIG, tmp_path, force="prompts", progress=False, model=cm, until="prompts")
+
+
+def test_refusal_tokens_outside_the_vocabulary_are_refused(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    bad = CONFIG.model_copy(update={"refusal_tokens": (5, 10**9)})
+    with pytest.raises(RefdirError, match=r"token id 1000000000 is outside .*\(0\.\.260\)"):
+        run_pipeline(bad, tmp_path, progress=False, model=tiny_chat_model("llama"))
+    for fraction in (0.0, 5.0):
+        with pytest.raises(ValidationError):
+            RunConfig(max_layer_fraction=fraction)

@@ -267,17 +267,24 @@ def _evaluate(
             max_length=options.max_length,
         )
         for enter in scopes:
-            with enter():
-                results = lm_eval.simple_evaluate(
-                    model=lm,
-                    tasks=names,
-                    task_manager=manager,
-                    limit=options.limit,
-                    num_fewshot=options.num_fewshot,
-                    bootstrap_iters=bootstrap_iters,
-                    apply_chat_template=options.apply_chat_template,
-                    log_samples=False,
-                )
+            try:
+                with enter():
+                    results = lm_eval.simple_evaluate(
+                        model=lm,
+                        tasks=names,
+                        task_manager=manager,
+                        limit=options.limit,
+                        num_fewshot=options.num_fewshot,
+                        bootstrap_iters=bootstrap_iters,
+                        apply_chat_template=options.apply_chat_template,
+                        log_samples=False,
+                    )
+            except (OSError, ValueError, KeyError) as exc:  # a task's data missing or malformed
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise RefdirError(
+                    f"lm_eval could not run {', '.join(names)}: {reason}; check the task's "
+                    "data files (absolute paths, in the local cache when offline)"
+                ) from None
             if not results:
                 raise RefdirError("lm_eval returned no results")
             out.append(_scores(results["results"]))

@@ -75,7 +75,11 @@ class RunConfig(BaseModel):
         0.0, allow_inf_nan=False, description="selection: discard candidates with induce below this"
     )
     max_layer_fraction: float = Field(
-        0.8, allow_inf_nan=False, description="selection: discard layers >= this fraction of depth"
+        0.8,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="selection: discard layers >= this fraction of depth",
     )
     fallback_kl_bounds: tuple[float, ...] = Field(
         (0.25, 0.5, 1.0), description="KL bounds tried when nothing passes"

@@ -140,6 +140,13 @@ def step_prompts(run: Run) -> None:
         "harmless_val": sample_prompts(c.harmless_val, c.n_val, c.seed),
     }
     if c.refusal_tokens is not None:
+        vocab = int(cm.model.get_output_embeddings().weight.shape[0])
+        outside = [t for t in c.refusal_tokens if not 0 <= t < vocab]
+        if outside:
+            raise RefdirError(
+                f"--refusal-tokens: token id {outside[0]} is outside the model's vocabulary "
+                f"(0..{vocab - 1})"
+            )
         tokens: dict[str, Any] = {
             "ids": list(c.refusal_tokens),
             "source": "option --refusal-tokens",
