@@ -217,6 +217,10 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
             ["ablate", *model, "--direction", str(extracted), "--chat-template", "nope.j2"],
             "chat template nope.j2 does not exist",
         ),
+        (
+            ["ablate", *model, "--direction", str(extracted), "--chat-template", str(tmp_path)],
+            "is a folder; give a Jinja file",
+        ),
     ]
     for args, message in cases:
         result = runner.invoke(app, args)

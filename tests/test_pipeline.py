@@ -212,6 +212,7 @@ def test_options_a_later_step_would_reject_fail_before_any_step(tmp_path: Path) 
         ({"judge": "llamagaurd", "judge_model": "/x"}, "llamaguard"),
         ({"judge": "llamaguard"}, "--judge needs --judge-model"),
         ({"judge_model": "/x"}, "no judge set"),
+        ({"judge": "llamaguard", "judge_model": "/no/such/judge"}, "no such folder"),
     ]
     for update, message in bad:
         with pytest.raises(RefdirError, match=message):

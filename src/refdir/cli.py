@@ -156,6 +156,8 @@ def _template_text(chat_template: Path | None) -> str | None:
     """The text of a --chat-template file."""
     if chat_template is None:
         return None
+    if chat_template.is_dir():
+        raise RefdirError(f"chat template {chat_template} is a folder; give a Jinja file")
     if not chat_template.is_file():
         raise RefdirError(f"chat template {chat_template} does not exist; give a Jinja file")
     try:

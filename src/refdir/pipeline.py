@@ -508,6 +508,9 @@ def _judge(c: RunConfig) -> tuple[str, str]:
     JUDGES.get(c.judge)
     if c.judge_model is None:
         raise RefdirError("--judge needs --judge-model PATH (a local judge model folder)")
+    path = Path(c.judge_model).expanduser()
+    if c.judge_model.startswith((".", "/", "~")) and not path.is_dir():
+        raise RefdirError(f"--judge-model {c.judge_model}: no such folder; give the judge's folder")
     return c.judge, c.judge_model
 
 
