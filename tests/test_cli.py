@@ -207,6 +207,11 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
             "exists and is not a folder",
         ),
         (["organism", "build", "--out", str(a_file)], "exists and is not a folder"),
+        (["extract", *model, "--out", str(tmp_path / "e"), "--layer", "99"], "--layer must be in"),
+        (
+            ["extract", *model, "--out", str(tmp_path / "e"), "--position", "-99"],
+            "--position must be in -13..-1",
+        ),
         (
             ["add", *model, "--direction", str(extracted), "--coeff", "nan", "--n", "1"],
             "--coeff must be a finite number",

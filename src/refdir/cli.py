@@ -210,6 +210,13 @@ def extract(
     harmful_prompts = sample_prompts(harmful, n_train, seed)
     harmless_prompts = sample_prompts(harmless, n_train, seed)
     cm = _load(model, device, dtype, gguf_file, system, chat_template, trust_remote_code)
+    if layer is not None and not 0 <= layer <= cm.n_layers:  # check before the passes
+        raise RefdirError(f"--layer must be in 0..{cm.n_layers} for this model, got {layer}")
+    if position >= 0 or -position > len(cm.chat.suffix_ids):
+        raise RefdirError(
+            f"--position must be in -{len(cm.chat.suffix_ids)}..-1 (the post-instruction "
+            f"tokens), got {position}"
+        )
     cands = extract_candidates(
         cm,
         harmful_prompts,
