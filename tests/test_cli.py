@@ -188,6 +188,12 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
     )
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
+    typo, listed = tmp_path / "typo.json", tmp_path / "list.json"
+    typo.write_text('{"lora_rankk": 3}')
+    listed.write_text("[1]")
+    build = ["organism", "build", "--out", str(tmp_path / "o"), "--recipe"]
+    cases.append(([*build, str(typo)], "typo.json: lora_rankk: Extra inputs"))
+    cases.append(([*build, str(listed)], "must be a JSON object of recipe fields"))
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     for item in model_dir.iterdir():
@@ -207,6 +213,7 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
             "exists and is not a folder",
         ),
         (["organism", "build", "--out", str(a_file)], "exists and is not a folder"),
+        (["organism", "build", "--out", str(tmp_path / "o"), "--threads", "0"], "1 or more"),
         (["extract", *model, "--out", str(tmp_path / "e"), "--layer", "99"], "--layer must be in"),
         (
             ["extract", *model, "--out", str(tmp_path / "e"), "--position", "-99"],

@@ -398,12 +398,18 @@ def organism_build(
     if recipe is not None:
         try:
             overrides = json.loads(recipe.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise RefdirError(f"cannot read the recipe {recipe}: {exc}") from None
+        if not isinstance(overrides, dict):
+            raise RefdirError(f"the recipe {recipe} must be a JSON object of recipe fields")
     try:
         chosen = OrganismRecipe(**overrides)
-    except ValueError as exc:
-        raise RefdirError(f"bad recipe {recipe}: {str(exc).splitlines()[0]}") from None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "recipe"
+        raise RefdirError(f"bad recipe {recipe}: {where}: {error['msg']}") from None
+    if threads is not None and threads < 1:
+        raise RefdirError(f"--threads must be 1 or more, got {threads}")
     if threads is not None:
         torch.set_num_threads(threads)
     path = build_organism(chosen, out)
