@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refdir.direction import Direction
+from refdir.direction import Direction, make_folder
 from refdir.errors import RefdirError
 from refdir.metrics import Scope, intervention_scope, resolve_scope
 from refdir.model import ChatModel
@@ -307,7 +307,7 @@ def write_multiple_choice_task(
     for i, item in enumerate(items):
         _check_item(i, item)
     root = Path(folder).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    make_folder(root)
     data = root / f"{name}.jsonl"
     data.write_text("".join(json.dumps(dict(item)) + "\n" for item in items), encoding="utf-8")
     yaml = root / f"{name}.yaml"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from refdir import figures
-from refdir.config import RunConfig
+from refdir.config import recorded_options
 from refdir.direction import atomic_path, make_folder
 from refdir.errors import RefdirError
 from refdir.pipeline import BENCHMARK_CONDITIONS
@@ -98,8 +98,7 @@ def load_summary(run_dir: str | Path, label: str | None = None) -> RunSummary:
     selection = read_artifact(path, "selection.json", required=True)
     config = read_artifact(path, "config.json", required=False)
     recorded = config.get("options") or {}
-    # an option newer than the run had its default (as on resume); no config.json: unknown
-    options = {**RunConfig().result_keys(), **recorded} if recorded else {}
+    options = recorded_options(recorded) if recorded else {}  # no config.json: unknown
     benchmarks = read_artifact(path, "benchmarks.json", required=False)
     summary = RunSummary(label or "", path, metrics, selection, options, benchmarks)
     return summary if label else replace(summary, label=summary.short_name)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 if TYPE_CHECKING:
     from refdir.select import SelectionConfig
 
-__all__ = ["RunConfig"]
+__all__ = ["RunConfig", "recorded_options"]
 
 
 class RunConfig(BaseModel):
@@ -169,3 +169,9 @@ class RunConfig(BaseModel):
                 "truncate",
             },
         )
+
+
+def recorded_options(recorded: dict[str, Any]) -> dict[str, Any]:
+    """The options a run's config.json records, each option newer than the record at its
+    default (the run resumes with those)."""
+    return {**RunConfig().result_keys(), **recorded}

@@ -26,6 +26,7 @@ __all__ = [
     "ChatModel",
     "cache_kwargs",
     "load_model",
+    "names_local_path",
     "resolve_device",
     "resolve_dtype",
     "returned_cache",
@@ -131,14 +132,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def names_local_path(spec: str) -> bool:
+    """Whether ``spec`` can only be a local path, never a hub id ("org/name")."""
+    return spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1
+
+
 def _source(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise RefdirError(f"GGUF file {spec} does not exist")
         return str(path.parent), path.name
-    looks_local = spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1
-    if looks_local and not path.exists():  # a hub id is "org/name": this is a missing path
+    if names_local_path(spec) and not path.exists():
         raise RefdirError(f"no such model folder or file: {spec}; check the path")
     if gguf_file is not None:
         return spec, gguf_file

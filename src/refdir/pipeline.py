@@ -21,11 +21,11 @@ import torch
 
 from refdir.activations import extract_candidates
 from refdir.benchmarks import ResolvedTasks
-from refdir.config import RunConfig
+from refdir.config import RunConfig, recorded_options
 from refdir.data import load_prompts, sample_prompts
 from refdir.direction import Candidates, Direction, atomic_path, make_folder
 from refdir.errors import RefdirError
-from refdir.model import ChatModel, load_model
+from refdir.model import ChatModel, load_model, names_local_path
 from refdir.select import (
     CandidateScores,
     Selection,
@@ -508,8 +508,7 @@ def _judge(c: RunConfig) -> tuple[str, str]:
     JUDGES.get(c.judge)
     if c.judge_model is None:
         raise RefdirError("--judge needs --judge-model PATH (a local judge model folder)")
-    path = Path(c.judge_model).expanduser()
-    if c.judge_model.startswith((".", "/", "~")) and not path.is_dir():
+    if names_local_path(c.judge_model) and not Path(c.judge_model).expanduser().is_dir():
         raise RefdirError(f"--judge-model {c.judge_model}: no such folder; give the judge's folder")
     return c.judge, c.judge_model
 
@@ -699,16 +698,16 @@ def _remove(out: Path, steps: Sequence[str], completions: bool) -> None:
             stale.unlink()
 
 
-def _changed(config: RunConfig, out: Path) -> set[str]:
-    """The options that differ from those recorded in ``out/config.json`` (none recorded:
-    none differ; an option newer than the folder had its default)."""
+def _recorded(out: Path) -> dict[str, Any]:
+    """The options recorded in ``out/config.json`` (:func:`recorded_options`); ``{}`` if none."""
     path = out / "config.json"
-    if not path.exists():
-        return set()
-    old = _read_json(path).get("options", {})
+    return recorded_options(_read_json(path).get("options", {})) if path.exists() else {}
+
+
+def _changed(config: RunConfig, recorded: dict[str, Any]) -> set[str]:
+    """The options that differ from the ``recorded`` ones (none recorded: none differ)."""
     new = config.result_keys()
-    default = RunConfig().result_keys()
-    return {k for k in new if old.get(k, default[k]) != new[k]}
+    return {k for k in new if recorded and recorded[k] != new[k]}
 
 
 def _enabled(config: RunConfig, step: str) -> bool:
@@ -724,14 +723,13 @@ def _benchmarks_due(config: RunConfig, out: Path, force_from: int) -> bool:
         return False
     forced = force_from <= STEPS.index("benchmarks")
     missing = not (out / ARTIFACTS["benchmarks"][0]).exists()
-    return forced or missing or bool(_changed(config, out) & BENCHMARK_KEYS)
+    return forced or missing or bool(_changed(config, _recorded(out)) & BENCHMARK_KEYS)
 
 
-def _check_pick(config: RunConfig, out: Path, force_from: int) -> None:
+def _check_pick(config: RunConfig, old: dict[str, Any], out: Path, force_from: int) -> None:
     """Before a changed hand pick removes anything: a folder whose direction was chosen by hand
-    keeps it unless the pick is repeated, changed, or selection is forced; a new hand pick
-    must name a scored candidate."""
-    old = _read_json(out / "config.json").get("options", {})
+    (``old``: its recorded options) keeps it unless the pick is repeated, changed, or selection
+    is forced; a new hand pick must name a scored candidate."""
     if config.layer is None and force_from > STEPS.index("select"):
         raise RefdirError(
             f"{out} holds a direction chosen by hand (--layer {old.get('layer')} --position "
@@ -759,7 +757,8 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> bool:
     # a folder with no results yet (a run that failed in its first step) takes new options
     results = any((out / name).exists() for names in ARTIFACTS.values() for name in names)
     if path.exists() and force_from > 0 and results:
-        changed = _changed(config, out)
+        recorded = _recorded(out)
+        changed = _changed(config, recorded)
         later = SUFFIX_KEYS | COMPLETION_KEYS | SCORING_KEYS | BENCHMARK_KEYS | PICK_KEYS
         core = sorted(changed - later)
         if core:
@@ -769,7 +768,7 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> bool:
             )
         stale = set()
         if changed & PICK_KEYS:
-            _check_pick(config, out, force_from)
+            _check_pick(config, recorded, out, force_from)
         if changed & PICK_KEYS:  # another pick among the same scores, which selection.json keeps
             for name in ARTIFACTS["select"]:
                 if name != "selection.json":
