@@ -767,9 +767,8 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> bool:
                 "use another --out, or --force prompts to redo it"
             )
         stale = set()
-        if changed & PICK_KEYS:
-            _check_pick(config, recorded, out, force_from)
         if changed & PICK_KEYS:  # another pick among the same scores, which selection.json keeps
+            _check_pick(config, recorded, out, force_from)
             for name in ARTIFACTS["select"]:
                 if name != "selection.json":
                     (out / name).unlink(missing_ok=True)
