@@ -30,7 +30,7 @@ import torch
 from refdir.data import sample_prompts
 from refdir.direction import Direction
 from refdir.generation import shared_prefix_len
-from refdir.hooks import Hook, hooked, map_output
+from refdir.hooks import Hook, hooked, map_sites
 from refdir.metrics import kl_divergence
 from refdir.model import ChatModel, load_model
 from refdir.select import random_direction_kl
@@ -61,8 +61,7 @@ def one_by_one(cm: ChatModel, prompts: list[str]) -> torch.Tensor:
 def kl_skipping(
     cm: ChatModel, prompts: list[str], base: torch.Tensor, unit: torch.Tensor, skip: int
 ) -> float:
-    project = map_output(project_after(unit, skip))
-    hooks: list[Hook] = [(m, "output", project) for m in cm.layout.residual_writers]
+    hooks: list[Hook] = map_sites(cm.layout.residual_writes, project_after(unit, skip))
     with hooked(hooks):
         ablated = one_by_one(cm, prompts)
     return float(kl_divergence(base, ablated).mean())

@@ -17,14 +17,14 @@ def test_layout_found_for_every_family(arch: str) -> None:
     assert layout.sandwich == (arch in SANDWICH)
     for layer in layout.per_layer:
         assert layer.mlp_out, "an MLP output weight is found"
-        for module, name in layer.mlp_out:
-            assert getattr(module, name).shape[-2] == 32
+        for weight in layer.mlp_out:
+            assert weight.param.shape[weight.axis] == 32
 
 
 def test_moe_experts_are_fused_tensors() -> None:
     layout = find_layout(tiny_model("mixtral"))
-    ((module, name),) = layout.per_layer[0].mlp_out
-    assert name == "down_proj" and getattr(module, name).dim() == 3
+    (weight,) = layout.per_layer[0].mlp_out
+    assert weight.name == "down_proj" and weight.param.dim() == 3 and weight.axis == -2
 
 
 def test_unsupported_model_names_what_is_missing() -> None:

@@ -74,10 +74,74 @@ ARCHS: dict[str, Any] = {
 }
 SANDWICH = {"gemma2", "gemma3"}
 
+_MOE: dict[str, Any] = dict(num_experts_per_tok=2, moe_intermediate_size=16)
+
+
+def _more(model_type: str, **extra: Any) -> Any:
+    return T.AutoConfig.for_model(model_type, **{**_COMMON, **extra})
+
+
+MORE_ARCHS: dict[str, Any] = {
+    # fused experts stored [E, in, d] with biases (transformers' is_transposed)
+    "gpt_oss": lambda: _more("gpt_oss", head_dim=8, num_local_experts=4, **_MOE),
+    # fused experts [E, in, d] without the flag, and a shared expert
+    "llama4_text": lambda: _more(
+        "llama4_text", head_dim=8, num_local_experts=4, num_experts_per_tok=1
+    ),
+    # linear-attention (gated delta) and attention layers, MoE with a shared expert
+    "qwen3_next": lambda: _more(
+        "qwen3_next",
+        head_dim=8,
+        num_experts=4,
+        shared_expert_intermediate_size=16,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        **_MOE,
+    ),
+    # state-space (Mamba) and attention layers
+    "jamba": lambda: _more(
+        "jamba", num_experts=4, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1
+    ),
+    # attention and Mamba side by side in every layer: three writers
+    "falcon_h1": lambda: _more(
+        "falcon_h1", head_dim=8, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1
+    ),
+    # post-norms only (no pre-norms)
+    "olmo2": lambda: _more("olmo2"),
+    # a pre-MLP norm named post_attention_layernorm beside the real post-attention norm
+    "glm4": lambda: _more("glm4", head_dim=8),
+    # multi-head latent attention, shared and routed experts, a dense first layer
+    "deepseek_v3": lambda: _more(
+        "deepseek_v3",
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        **_MOE,
+    ),
+    # Conv1D projections [in, d] and learned position embeddings
+    "gpt2": lambda: _more("gpt2"),
+    # a LayerNorm between the embedding and the first layer: the weight edit is approximate
+    "bloom": lambda: _more("bloom"),
+    # the residual stream is the norms' output: no set of hooks ablates it (refused)
+    "minimax": lambda: _more("minimax", head_dim=8, num_local_experts=4, num_experts_per_tok=2),
+}
+"""Families beyond the paper's, each built for a layout feature of its own."""
+
 
 def tiny_model(arch: str = "llama", seed: int = 0, tied: bool | None = None) -> PreTrainedModel:
     torch.manual_seed(seed)
-    config = ARCHS[arch]()
+    config = {**ARCHS, **MORE_ARCHS}[arch]()
     if tied is not None:
         config.tie_word_embeddings = tied
     model = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -360,8 +360,9 @@ class _RoomyLayer(cache_utils.DynamicLayer):
     def reserve(self, extra: int) -> None:
         keys, values = self.room
         n = self.length
-        shape = (*keys.shape[:-2], n + extra, keys.shape[-1])
-        more_keys, more_values = keys.new_empty(shape), values.new_empty(shape)
+        more_keys = keys.new_empty((*keys.shape[:-2], n + extra, keys.shape[-1]))
+        # values may have a head size of their own (multi-head latent attention)
+        more_values = values.new_empty((*values.shape[:-2], n + extra, values.shape[-1]))
         more_keys[..., :n, :] = keys[..., :n, :]
         more_values[..., :n, :] = values[..., :n, :]
         self._view(more_keys, more_values, n)

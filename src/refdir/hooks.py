@@ -11,7 +11,16 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["Hook", "TensorMap", "hooked", "map_input", "map_output", "residual_stream"]
+__all__ = [
+    "Hook",
+    "TensorMap",
+    "hooked",
+    "map_input",
+    "map_output",
+    "map_sites",
+    "residual_stream",
+    "rows_view",
+]
 
 TensorMap = Callable[[torch.Tensor], torch.Tensor]
 Hook = tuple[nn.Module, Literal["input", "output"], Callable[..., Any]]
@@ -43,6 +52,24 @@ def map_input(fn: TensorMap) -> Callable[..., Any]:
         raise TypeError(f"cannot find the hidden states passed to {type(module).__name__}")
 
     return hook
+
+
+def rows_view(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` as [rows, tokens, d], for hooks that treat each row of a batch differently: a block
+    that returns its output with the batch flattened ([rows * tokens, d], as Llama 4's MoE
+    does) is viewed per row."""
+    if x.dim() == 3 and x.shape[0] == rows:
+        return x
+    if x.dim() == 2 and rows > 0 and x.shape[0] % rows == 0:
+        return x.view(rows, -1, x.shape[-1])
+    raise ValueError(f"cannot split a block output of shape {tuple(x.shape)} into {rows} rows")
+
+
+def map_sites(
+    sites: Sequence[tuple[nn.Module, Literal["input", "output"]]], fn: TensorMap
+) -> list[Hook]:
+    """Hooks that apply ``fn`` at each (module, "input" or "output") site."""
+    return [(m, kind, map_input(fn) if kind == "input" else map_output(fn)) for m, kind in sites]
 
 
 def residual_stream(

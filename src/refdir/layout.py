@@ -1,9 +1,11 @@
 """Find where a decoder writes into its residual stream, by name patterns, with one override.
 
 No class per model family: the decoder layers are the ``ModuleList`` with one entry per hidden
-layer; inside each layer the attention and MLP blocks, their output projections and any
-post-norms (the "sandwich" of Gemma 2 and 3) are found by regular expressions. Anything else
-can be described with a :class:`LayoutSpec` override.
+layer; inside each layer the token mixers (attention, linear attention, state-space blocks),
+the MLP block, their output projections and any post-norms (the "sandwich" of Gemma 2 and 3,
+OLMo 2, GLM-4) are found by regular expressions. Anything else can be described with a
+:class:`LayoutSpec` override; :func:`refdir.intervene.verify_ablation` checks on the model
+itself that what was found is everything that writes into the residual stream.
 """
 
 from __future__ import annotations
@@ -11,40 +13,57 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
 from refdir.errors import RefdirError
 
-__all__ = ["LayerLayout", "LayoutSpec", "ModelLayout", "effective_norm_scale", "find_layout"]
+__all__ = [
+    "LayerLayout",
+    "LayoutSpec",
+    "ModelLayout",
+    "OutputWeight",
+    "Write",
+    "effective_norm_scale",
+    "find_layout",
+]
 
 
 @dataclass(frozen=True)
 class LayoutSpec:
-    """Regular expressions (matched against a child's full name) that locate each part.
+    """Regular expressions (matched against a child's name) that locate each part.
 
-    Override any field to support a model the defaults miss, for example
-    ``LayoutSpec(mlp=r"feed_forward", mlp_out=r"w2")``.
+    Where a pattern has alternatives, the first alternative that names a child wins (so
+    ``post_self_attn_layernorm`` is preferred to ``post_attention_layernorm``, which is the
+    pre-MLP norm in GLM-4). Override any field to support a model the defaults miss, for
+    example ``LayoutSpec(mlp=r"feed_forward", mlp_out=r"w2")``.
     """
 
     layers: str | None = field(
         default=None,
         metadata={"help": "dotted path of the decoder-layer ModuleList; None finds it by size"},
     )
-    attn: str = field(default=r"self_attn|attention|attn", metadata={"help": "attention block"})
+    attn: str = field(
+        default=r"self_attn|self_attention|attention|attn|linear_attn|mamba|mixer",
+        metadata={
+            "help": "token mixers: every child that matches writes into the residual stream "
+            "(several in parallel-mixer families such as Falcon-H1)"
+        },
+    )
     mlp: str = field(
         default=r"mlp|block_sparse_moe|feed_forward|ffn", metadata={"help": "MLP or MoE block"}
     )
     attn_out: str = field(
-        default=r"o_proj|out_proj|dense|c_proj|wo", metadata={"help": "attention output projection"}
+        default=r"o_proj|out_proj|dense|c_proj|wo", metadata={"help": "a mixer's output projection"}
     )
     mlp_out: str = field(
-        default=r"down_proj|w2|fc2|c_proj|dense_4h_to_h|wo",
+        default=r"down_proj|w2|fc2|fc_out|c_proj|dense_4h_to_h|wo",
         metadata={"help": "MLP output projection(s); every match in the MLP subtree is edited"},
     )
     post_attn_norm: str = field(
-        default=r"post_attention_layernorm|post_attn_norm",
+        default=r"post_self_attn_layernorm|post_attention_layernorm|post_attn_norm",
         metadata={"help": "norm applied to the attention output (sandwich families only)"},
     )
     post_mlp_norm: str = field(
@@ -57,20 +76,53 @@ class LayoutSpec:
 
 
 @dataclass(frozen=True)
+class OutputWeight:
+    """A parameter whose output is added to the residual stream.
+
+    ``axis`` is its residual (d_model) axis: -2 for a ``Linear`` weight [d, in] and fused
+    experts [E, d, in]; -1 for a GPT-2 ``Conv1D`` weight [in, d] and transposed fused experts
+    [E, in, d]. ``bias``: the name of a bias on the same module whose last axis is d_model
+    (``bias``, or ``down_proj_bias`` of fused experts), if there is one."""
+
+    module: nn.Module
+    name: str
+    axis: int
+    bias: str | None = None
+
+    @property
+    def param(self) -> torch.Tensor:
+        return getattr(self.module, self.name)
+
+
+@dataclass(frozen=True)
+class Write:
+    """What one block adds to the residual stream: ``module``'s output (the block itself, or
+    the norm after it in sandwich families), produced by ``weights``."""
+
+    module: nn.Module
+    weights: tuple[OutputWeight, ...]
+    norm: nn.Module | None = None
+
+
+@dataclass(frozen=True)
 class LayerLayout:
-    """One decoder layer: the modules whose outputs are added to the residual stream, and the
-    weights that produce them."""
+    """One decoder layer: the blocks whose outputs are added to the residual stream."""
 
     layer: nn.Module
     attn: nn.Module
-    mlp: nn.Module
-    writers: tuple[nn.Module, nn.Module]
-    """Modules whose output is what enters the residual: (attn, mlp), or the two post-norms."""
+    """The layer's (first) token mixer, which the suffix analysis reads attention heads from."""
     attn_out: nn.Module
-    mlp_out: tuple[tuple[nn.Module, str], ...]
-    """(module, parameter name) of every MLP output weight: a Linear's ``weight`` or a fused
-    expert tensor such as ``down_proj`` with shape [experts, d_model, d_ff]."""
-    post_norms: tuple[nn.Module, nn.Module] | None
+    mlp: nn.Module
+    writes: tuple[Write, ...]
+    """Every mixer's write, then the MLP's."""
+
+    @property
+    def post_norms(self) -> bool:
+        return any(w.norm is not None for w in self.writes)
+
+    @property
+    def mlp_out(self) -> tuple[OutputWeight, ...]:
+        return self.writes[-1].weights
 
 
 @dataclass(frozen=True)
@@ -81,6 +133,8 @@ class ModelLayout:
     unembed: nn.Module | None
     final_norm: nn.Module | None
     d_model: int
+    layers_owner: nn.Module
+    """The model the layout was found in."""
 
     @property
     def n_layers(self) -> int:
@@ -88,14 +142,35 @@ class ModelLayout:
 
     @property
     def sandwich(self) -> bool:
-        """True for families with norms after attention and MLP (Gemma 2 and 3)."""
-        return self.per_layer[0].post_norms is not None
+        """True for families with norms after attention and MLP (Gemma 2 and 3, OLMo 2)."""
+        return any(layer.post_norms for layer in self.per_layer)
 
     @property
-    def residual_writers(self) -> list[nn.Module]:
-        """Every module whose output is added to the residual stream: the embedding, then
-        each layer's attention and MLP writers (post-norms in sandwich families)."""
-        return [self.embed, *(w for layer in self.per_layer for w in layer.writers)]
+    def residual_writes(self) -> list[tuple[nn.Module, Literal["input", "output"]]]:
+        """Where everything written into the residual stream passes, as (module, "input" or
+        "output") hook sites: the input of the first layer (the token embedding and whatever
+        the model adds to it: position embeddings, an embedding norm, a scale), then the output
+        of each layer's mixers and MLP (their post-norms in sandwich families)."""
+        first: tuple[nn.Module, Literal["input", "output"]] = (self.layers[0], "input")
+        return [first, *((w.module, "output") for layer in self.per_layer for w in layer.writes)]
+
+    @property
+    def embeddings(self) -> list[nn.Embedding]:
+        """The token embedding, then any other embedding added to it before the first layer
+        (GPT-2's learned positions): every ``nn.Embedding`` of d_model features outside the
+        layers and the unembedding."""
+        inside = {id(m) for m in self.layers.modules()}
+        if self.unembed is not None:
+            inside.add(id(self.unembed))
+        others = [
+            m
+            for m in self.layers_owner.modules()
+            if isinstance(m, nn.Embedding)
+            and m is not self.embed
+            and id(m) not in inside
+            and m.embedding_dim == self.d_model
+        ]
+        return [self.embed, *others]
 
     @property
     def tied(self) -> bool:
@@ -104,11 +179,24 @@ class ModelLayout:
         )
 
 
+def _alternatives(pattern: str) -> list[re.Pattern[str]]:
+    return [re.compile(rf"(?:{alt})") for alt in pattern.split("|")]
+
+
+def _children(parent: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
+    """Children whose names match ``pattern``, in the order of its alternatives."""
+    found: list[tuple[str, nn.Module]] = []
+    for regex in _alternatives(pattern):
+        for name, module in parent.named_children():
+            if regex.fullmatch(name) and all(m is not module for _, m in found):
+                found.append((name, module))
+    return found
+
+
 def _child(parent: nn.Module, pattern: str, what: str, where: str) -> nn.Module:
-    regex = re.compile(rf"(?:{pattern})")
-    for name, module in parent.named_children():
-        if regex.fullmatch(name):
-            return module
+    found = _children(parent, pattern)
+    if found:
+        return found[0][1]
     names = ", ".join(n for n, _ in parent.named_children())
     raise RefdirError(
         f"could not find the {what} in {where} (children: {names}); "
@@ -117,8 +205,8 @@ def _child(parent: nn.Module, pattern: str, what: str, where: str) -> nn.Module:
 
 
 def _optional_child(parent: nn.Module, pattern: str) -> nn.Module | None:
-    regex = re.compile(rf"(?:{pattern})")
-    return next((m for n, m in parent.named_children() if regex.fullmatch(n)), None)
+    found = _children(parent, pattern)
+    return found[0][1] if found else None
 
 
 def _find_layers(model: nn.Module, spec: LayoutSpec, n_layers: int | None) -> nn.ModuleList:
@@ -138,38 +226,97 @@ def _find_layers(model: nn.Module, spec: LayoutSpec, n_layers: int | None) -> nn
     return max(lists, key=len)
 
 
-def _mlp_outputs(
-    mlp: nn.Module, spec: LayoutSpec, d_model: int
-) -> tuple[tuple[nn.Module, str], ...]:
+def _bias(module: nn.Module, name: str, d_model: int) -> str | None:
+    for candidate in ("bias", f"{name}_bias") if name == "weight" else (f"{name}_bias",):
+        value = getattr(module, candidate, None)
+        if isinstance(value, torch.Tensor) and value.shape[-1] == d_model:
+            return candidate
+    return None
+
+
+def _linear_weight(module: nn.Module, d_model: int) -> OutputWeight | None:
+    """The output weight of a ``Linear`` [d, in] or GPT-2 ``Conv1D`` [in, d] writing d_model."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    if isinstance(module, nn.Linear) and weight.shape[0] == d_model:
+        return OutputWeight(module, "weight", -2, _bias(module, "weight", d_model))
+    if type(module).__name__ == "Conv1D" and weight.shape[1] == d_model:
+        return OutputWeight(module, "weight", -1, _bias(module, "weight", d_model))
+    return None
+
+
+def _expert_axis(module: nn.Module, name: str, shape: torch.Size, d_model: int) -> int | None:
+    """The d_model axis of a fused expert tensor [E, a, b], or None if it has none."""
+    transposed = getattr(module, "is_transposed", None)
+    if isinstance(transposed, bool):  # transformers' experts interface says which
+        axis = -1 if transposed else -2
+        return axis if shape[axis] == d_model else None
+    fits = [axis for axis in (-2, -1) if shape[axis] == d_model]
+    if len(fits) == 2:
+        raise RefdirError(
+            f"cannot tell which axis of {type(module).__name__}.{name} {list(shape)} is the "
+            "residual stream (both have its size); pass LayoutSpec(mlp_out=...) naming a "
+            "Linear projection instead"
+        )
+    return fits[0] if fits else None
+
+
+def _mlp_outputs(mlp: nn.Module, spec: LayoutSpec, d_model: int) -> tuple[OutputWeight, ...]:
     regex = re.compile(rf"(?:{spec.mlp_out})")
-    found: list[tuple[nn.Module, str]] = []
+    found: list[OutputWeight] = []
     for name, module in mlp.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if name and regex.fullmatch(leaf) and isinstance(module, nn.Linear):
-            found.append((module, "weight"))
+        if name and regex.fullmatch(leaf):
+            weight = _linear_weight(module, d_model)
+            if weight is not None:
+                found.append(weight)
         for pname, param in module.named_parameters(recurse=False):
-            if regex.fullmatch(pname) and param.dim() == 3 and param.shape[1] == d_model:
-                found.append((module, pname))  # fused experts [E, d_model, d_ff]
+            if regex.fullmatch(pname) and param.dim() == 3:  # fused experts
+                axis = _expert_axis(module, pname, param.shape, d_model)
+                if axis is not None:
+                    found.append(OutputWeight(module, pname, axis, _bias(module, pname, d_model)))
     return tuple(found)
+
+
+def _mixer_write(name: str, mixer: nn.Module, spec: LayoutSpec, d_model: int, where: str) -> Write:
+    out = _child(mixer, spec.attn_out, f"output projection of {name}", where)
+    weight = _linear_weight(out, d_model)
+    if weight is None:
+        raise RefdirError(
+            f"the output projection of {name} in {where} ({type(out).__name__}) does not write "
+            f"the residual stream's {d_model} features; pass LayoutSpec(attn_out=...)"
+        )
+    return Write(mixer, (weight,))
 
 
 def _layer_layout(i: int, layer: nn.Module, spec: LayoutSpec, d_model: int) -> LayerLayout:
     where = f"layer {i} ({type(layer).__name__})"
-    attn = _child(layer, spec.attn, "attention block", where)
+    mixers = _children(layer, spec.attn)
+    if not mixers:
+        _child(layer, spec.attn, "attention block", where)  # raises, naming the children
     mlp = _child(layer, spec.mlp, "MLP block", where)
-    attn_out = _child(attn, spec.attn_out, "attention output projection", where)
+    writes = [_mixer_write(name, m, spec, d_model, where) for name, m in mixers]
     mlp_out = _mlp_outputs(mlp, spec, d_model)
     if not mlp_out:
         raise RefdirError(
             f"could not find the MLP output projection in {where}; pass LayoutSpec(mlp_out=...)"
         )
+    writes.append(Write(mlp, mlp_out))
     post_mlp = _optional_child(layer, spec.post_mlp_norm)
-    post_norms: tuple[nn.Module, nn.Module] | None = None
     if post_mlp is not None:
+        if len(mixers) > 1:
+            raise RefdirError(
+                f"{where} has several token mixers and a post-norm, a layout refdir does not "
+                "know; pass a LayoutSpec override"
+            )
         post_attn = _child(layer, spec.post_attn_norm, "post-attention norm", where)
-        post_norms = (post_attn, post_mlp)
-    writers = post_norms if post_norms is not None else (attn, mlp)
-    return LayerLayout(layer, attn, mlp, writers, attn_out, mlp_out, post_norms)
+        writes = [
+            Write(post_attn, writes[0].weights, post_attn),
+            Write(post_mlp, writes[1].weights, post_mlp),
+        ]
+    first = writes[0]
+    return LayerLayout(layer, mixers[0][1], first.weights[0].module, mlp, tuple(writes))
 
 
 def find_layout(model: nn.Module, spec: LayoutSpec | None = None) -> ModelLayout:
@@ -191,7 +338,7 @@ def find_layout(model: nn.Module, spec: LayoutSpec | None = None) -> ModelLayout
     base = getattr(model, "base_model", model)
     if isinstance(base, nn.Module):
         final_norm = _optional_child(base, spec.final_norm)
-    return ModelLayout(layers, per_layer, embed, unembed, final_norm, d_model)
+    return ModelLayout(layers, per_layer, embed, unembed, final_norm, d_model, model)
 
 
 def effective_norm_scale(norm: nn.Module, d_model: int) -> torch.Tensor:

@@ -188,13 +188,15 @@ def load_model(
         model, tokenizer = load_organism(
             dtype=torch_dtype, device="cpu" if device == "auto" else device
         )
-        return ChatModel(
-            model,
-            tokenizer,
-            name=ORGANISM,
-            system=system,
-            chat_template=chat_template,
-            layout_spec=layout_spec,
+        return _verified(
+            ChatModel(
+                model,
+                tokenizer,
+                name=ORGANISM,
+                system=system,
+                chat_template=chat_template,
+                layout_spec=layout_spec,
+            )
         )
     source, gguf = _source(spec, gguf_file)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -218,12 +220,24 @@ def load_model(
     if device not in ("auto", "cpu"):
         model.to(torch.device(device))  # type: ignore[arg-type]  # transformers stubs wrap .to
     log.info("loaded %s (%s, %s)", spec, torch_dtype, device)
-    return ChatModel(
-        model,
-        tokenizer,
-        name=spec,
-        revision=revision,
-        system=system,
-        chat_template=chat_template,
-        layout_spec=layout_spec,
+    return _verified(
+        ChatModel(
+            model,
+            tokenizer,
+            name=spec,
+            revision=revision,
+            system=system,
+            chat_template=chat_template,
+            layout_spec=layout_spec,
+        )
     )
+
+
+def _verified(cm: ChatModel) -> ChatModel:
+    """``cm``, once :func:`refdir.intervene.verify_ablation` has found that the layout it read
+    covers everything that writes into the residual stream (three passes over two short
+    prompts)."""
+    from refdir.intervene import verify_ablation  # intervene imports this module
+
+    verify_ablation(cm)
+    return cm

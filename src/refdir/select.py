@@ -28,7 +28,7 @@ from refdir.chat import by_length
 from refdir.direction import Candidates
 from refdir.errors import RefdirError, filtered_out
 from refdir.generation import SharedPrefix, generate, last_position_logits, unsort
-from refdir.hooks import Hook, hooked, map_input, map_output
+from refdir.hooks import Hook, hooked, map_input, map_sites, rows_view
 from refdir.layer_inputs import LayerInputs
 from refdir.metrics import check_baseline, kl_divergence
 from refdir.model import ChatModel
@@ -195,14 +195,15 @@ def candidate_logits(
 
     def project(x: torch.Tensor) -> torch.Tensor:
         u = live["rows"].to(x.device)
-        xf = x.float()
-        return (xf - torch.einsum("btd,bd->bt", xf, u).unsqueeze(-1) * u[:, None, :]).to(x.dtype)
+        xf = rows_view(x, u.shape[0]).float()
+        kept = xf - torch.einsum("btd,bd->bt", xf, u).unsqueeze(-1) * u[:, None, :]
+        return kept.to(x.dtype).view(x.shape)
 
     def shift(x: torch.Tensor) -> torch.Tensor:
         return (x.float() + live["rows"].to(x.device)[:, None, :]).to(x.dtype)
 
     if kind == "ablate":
-        hooks: list[Hook] = [(m, "output", map_output(project)) for m in cm.layout.residual_writers]
+        hooks: list[Hook] = map_sites(cm.layout.residual_writes, project)
     else:
         hooks = [(cm.layout.layers[layer], "input", map_input(shift))]
     rows = [cm.chat.token_ids(p) for p in prompts]

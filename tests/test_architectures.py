@@ -1,0 +1,117 @@
+"""Families beyond the paper's: each tiny model carries a layout feature of its own (fused experts
+stored transposed, hybrid attention/state-space layers, parallel mixers, post-norms only, GPT-2's
+Conv1D and learned positions, an embedding norm). On every one, ablation must remove the
+direction from the residual stream everywhere, and the weight edit must equal it where it is
+said to be exact."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from refdir.activations import extract_candidates
+from refdir.errors import RefdirError
+from refdir.generation import generate
+from refdir.hooks import hooked
+from refdir.intervene import RowConditions, ablate, verify_ablation
+from refdir.model import ChatModel, load_model
+from refdir.orthogonalize import parity
+from refdir.select import score_candidates
+from tiny import MORE_ARCHS, tiny_model, tiny_tokenizer
+
+SUPPORTED = [a for a in MORE_ARCHS if a != "minimax"]
+APPROXIMATE = {"olmo2", "glm4", "bloom"}
+PROMPTS = ["hi", "write a much longer poem about the sea please", "how are you today?"]
+
+
+def chat_model(arch: str) -> ChatModel:
+    return ChatModel(tiny_model(arch), tiny_tokenizer(), name=f"tiny-{arch}")
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_ablation_empties_the_residual_stream_and_the_edit_matches(arch: str) -> None:
+    cm = chat_model(arch)
+    assert verify_ablation(cm) < 1e-5
+    report, delta = parity(cm, torch.randn(cm.d_model, generator=torch.Generator().manual_seed(1)))
+    assert report.exact == (arch not in APPROXIMATE)
+    if report.exact:
+        assert delta < 1e-4
+    else:
+        assert delta > 1e-3  # the difference is real, and measured
+
+
+def test_the_layout_features_each_family_is_here_for() -> None:
+    oss = chat_model("gpt_oss").layout.per_layer[0]
+    (experts,) = oss.mlp_out
+    assert (experts.name, experts.axis, experts.bias) == ("down_proj", -1, "down_proj_bias")
+    (routed, shared) = sorted(chat_model("llama4_text").layout.per_layer[0].mlp_out, key=str)[:2]
+    assert {routed.axis, shared.axis} == {-1, -2}  # [E, in, d] experts beside a Linear
+    falcon = chat_model("falcon_h1").layout.per_layer[0]
+    assert [type(w.module).__name__ for w in falcon.writes] == [
+        "FalconH1Attention",
+        "FalconH1Mixer",
+        "FalconH1MLP",
+    ]
+    glm = chat_model("glm4").layout.per_layer[0]
+    assert glm.writes[0].module is glm.layer.post_self_attn_layernorm  # not the pre-MLP norm
+    gpt2 = chat_model("gpt2")
+    assert gpt2.layout.embeddings[1] is gpt2.model.transformer.wpe
+    assert gpt2.layout.per_layer[0].mlp_out[0].axis == -1  # Conv1D [in, d]
+    kinds = [type(p.attn).__name__ for p in chat_model("qwen3_next").layout.per_layer]
+    assert kinds == ["Qwen3NextGatedDeltaNet", "Qwen3NextAttention", "Qwen3NextGatedDeltaNet"]
+
+
+def test_bloom_edit_is_reported_approximate_by_measurement() -> None:
+    report, _ = parity(chat_model("bloom"), torch.randn(32))
+    assert not report.exact and "measured" in report.note
+
+
+@pytest.mark.parametrize("arch", ["gpt_oss", "llama4_text", "qwen3_next", "jamba", "deepseek_v3"])
+def test_generation_candidates_and_row_conditions(arch: str) -> None:
+    cm = chat_model(arch)
+    d = torch.randn(cm.d_model, generator=torch.Generator().manual_seed(2))
+    with ablate(cm, d):  # batched, padded and prefix-cached = one prompt at a time
+        batched = generate(cm, PROMPTS, max_new_tokens=6, batch_size=8, progress=False)
+        single = [generate(cm, [p], max_new_tokens=6, progress=False)[0] for p in PROMPTS]
+    assert batched == single
+    harmless = ["tell me a joke", "what is two plus two", "ok"]
+    cands = extract_candidates(cm, PROMPTS, harmless, progress=False)
+    scores = score_candidates(cm, cands, PROMPTS, harmless, [5, 6], layers=[1], prune=False)
+    live = cands.diffs[:, 1].norm(dim=-1) > 0  # zero differences are skipped by design
+    assert live.sum() >= 5
+    assert torch.isfinite(scores.induce[live, 1]).all() and torch.isfinite(scores.kl[live, 1]).all()
+    # per-row conditions (flattened MoE outputs included) equal the whole-batch ablation
+    rows = [cm.chat.token_ids(p) for p in PROMPTS]
+    batch = cm.chat.encode(PROMPTS)
+    direction = cands.direction(position=cands.positions[int(live.nonzero()[-1])], layer=1)
+    conditions = RowConditions(cm, direction, [("ablate", 0.0)])
+    conditions.select(torch.zeros(len(rows), dtype=torch.long))
+    with torch.inference_mode(), hooked(conditions.hooks()):
+        per_row = cm.model(**batch.inputs()).logits[:, -1]
+    with torch.inference_mode(), ablate(cm, direction):
+        whole = cm.model(**batch.inputs()).logits[:, -1]
+    torch.testing.assert_close(per_row, whole)
+
+
+def test_a_missed_writer_is_caught() -> None:
+    cm = chat_model("gpt_oss")
+    layer = cm.layout.per_layer[1]
+    blind = dataclasses.replace(layer, writes=layer.writes[:1])  # forget the MLP of layer 1
+    per_layer = (*cm.layout.per_layer[:1], blind, *cm.layout.per_layer[2:])
+    cm.layout = dataclasses.replace(cm.layout, per_layer=per_layer)
+    with pytest.raises(RefdirError, match="at the input of layer 2"):
+        verify_ablation(cm)
+
+
+def test_a_post_norm_residual_stream_is_refused_at_load(tmp_path: object) -> None:
+    folder = f"{tmp_path}/minimax"
+    tiny_model("minimax").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    with pytest.raises(RefdirError, match=r"ablation leaves .* MiniMaxForCausalLM"):
+        load_model(folder)
+    llama = f"{tmp_path}/llama"
+    tiny_model("llama").save_pretrained(llama)
+    tiny_tokenizer().save_pretrained(llama)
+    assert load_model(llama).n_layers == 3  # verified and loaded
