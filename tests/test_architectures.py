@@ -115,3 +115,10 @@ def test_a_post_norm_residual_stream_is_refused_at_load(tmp_path: object) -> Non
     tiny_model("llama").save_pretrained(llama)
     tiny_tokenizer().save_pretrained(llama)
     assert load_model(llama).n_layers == 3  # verified and loaded
+
+
+def test_a_model_folder_without_its_tokenizer_is_named(tmp_path: object) -> None:
+    folder = f"{tmp_path}/weights-only"
+    tiny_model("llama").save_pretrained(folder)
+    with pytest.raises(RefdirError, match=r"has no tokenizer files .* tokenizer.save_pretrained"):
+        load_model(folder)

@@ -413,3 +413,32 @@ def test_the_package_and_the_command_line_import_torch_only_when_needed() -> Non
         assert getattr(refdir, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         refdir.nothing  # noqa: B018
+
+
+def test_run_refuses_bad_steps_and_hand_picks_before_any_work(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    args = ["run", "--model", str(model_dir), "--refusal-tokens", "5,6", "--no-filter"]
+    for option in ("--until", "--force"):
+        out = tmp_path / option.strip("-")
+        bad = runner.invoke(app, [*args, "--out", str(out), option, "nope"])
+        assert bad.exit_code == 2
+        assert bad.stderr.strip().startswith(f"error: unknown step 'nope' for {option}; use one of")
+        assert not out.exists()
+    out = tmp_path / "pick"  # a new run: the model has layers 0..2 and positions -13..-1
+    for layer, position in (("99", "-1"), ("1", "-14")):
+        bad = runner.invoke(
+            app, [*args, "--out", str(out), "--layer", layer, "--position", position]
+        )
+        assert bad.exit_code == 2, bad.output
+        assert "--layer must be in 0..2 and --position in -13..-1" in bad.stderr
+        assert not (out / "candidates.safetensors").exists()  # refused before extract
+
+
+def test_suffix_refuses_a_negative_time_limit() -> None:
+    args = ["suffix", "--direction", "nowhere", "--out", "x", "--max-minutes", "-1"]
+    bad = runner.invoke(app, args)
+    assert bad.exit_code == 2
+    assert bad.stderr.strip() == "error: --max-minutes must be 0 (no limit) or more, got -1.0"
+    bad = runner.invoke(app, ["run", "--out", "x", "--suffix-max-minutes", "-1"])
+    assert bad.exit_code == 2 and "--suffix-max-minutes" in bad.stderr

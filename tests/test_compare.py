@@ -181,3 +181,15 @@ def test_a_hand_picked_direction_is_named_so(runs: list[Path], tmp_path: Path) -
     assert next(csv.DictReader(csv_path.open()))["picked_by"] == "manual"
     md = md_path.read_text()
     assert "| m | " in md and "| manual | — / " in md and md.count(" / —") >= 1
+
+
+def test_a_local_model_is_labelled_by_its_name_from_any_folder(tmp_path: Path) -> None:
+    from refdir.compare import RunSummary
+
+    def label(model: str) -> str:
+        return RunSummary("", tmp_path, {"model": model}, {}, {}, {}).short_name
+
+    assert label("/gone/models/tiny-chat") == "tiny-chat"  # no longer there, or elsewhere
+    assert label("./models/tiny-chat") == "tiny-chat"
+    assert label("Qwen/Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert label("organism") == "organism"

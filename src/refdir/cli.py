@@ -610,7 +610,7 @@ def run_cmd(
     trust_remote_code: RemoteOpt = False,
 ) -> None:
     """The paper's study end to end: select a direction, evaluate it, write report.html."""
-    from refdir.config import RunConfig
+    from refdir.config import RunConfig, check_step
 
     tokens = None
     if refusal_tokens is not None:
@@ -672,6 +672,8 @@ def run_cmd(
         )
     except ValidationError as exc:
         raise _option_error(exc) from None
+    check_step(force, "--force")  # before torch is imported
+    check_step(until, "--until")
     from refdir.pipeline import run_pipeline
 
     done = run_pipeline(config, out, force=force, until=until)
@@ -794,6 +796,8 @@ def suffix(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Search a universal adversarial suffix (GCG) and show how it moves the refusal direction."""
+    if not math.isfinite(max_minutes) or max_minutes < 0:
+        raise RefdirError(f"--max-minutes must be 0 (no limit) or more, got {max_minutes}")
     from refdir.data import sample_prompts
     from refdir.direction import Direction
     from refdir.suffix import SuffixConfig

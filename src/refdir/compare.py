@@ -23,6 +23,7 @@ from refdir import figures
 from refdir.config import recorded_options
 from refdir.direction import atomic_path, make_folder
 from refdir.errors import RefdirError
+from refdir.model import names_local_path
 from refdir.pipeline import BENCHMARK_CONDITIONS
 from refdir.render import (
     Block,
@@ -70,7 +71,7 @@ class RunSummary:
         if isinstance(gguf, str) and gguf:
             return Path(gguf).name.removesuffix(".gguf")
         path = Path(self.model)
-        if path.exists():
+        if path.exists() or names_local_path(self.model):  # wherever the comparison runs
             return path.name.removesuffix(".gguf")
         return self.model
 

@@ -7,10 +7,22 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from refdir.errors import RefdirError
+
 if TYPE_CHECKING:
     from refdir.select import SelectionConfig
 
-__all__ = ["RunConfig", "recorded_options"]
+__all__ = ["STEPS", "RunConfig", "check_step", "recorded_options"]
+
+
+STEPS = ("prompts", "extract", "select", "evaluate", "benchmarks", "suffix", "report")
+"""The steps of ``refdir run``, in order."""
+
+
+def check_step(step: str | None, option: str) -> None:
+    """A one-line error unless ``step`` (the value of ``option``) is None or a step's name."""
+    if step is not None and step not in STEPS:
+        raise RefdirError(f"unknown step {step!r} for {option}; use one of {', '.join(STEPS)}")
 
 
 class RunConfig(BaseModel):
@@ -135,6 +147,7 @@ class RunConfig(BaseModel):
     suffix_steps: int = Field(20, description="GCG steps of the suffix search")
     suffix_max_minutes: float = Field(
         10.0,
+        ge=0,
         allow_inf_nan=False,
         description="stop the suffix search after this many minutes (0: no limit)",
     )

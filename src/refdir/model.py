@@ -167,6 +167,23 @@ def detach_gguf_quantizer(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _check_tokenizer_files(source: str, gguf: str | None) -> None:
+    """A local model folder needs its tokenizer beside the weights (a GGUF file carries its own)."""
+    folder = Path(source)
+    if (
+        gguf is None
+        and folder.is_dir()
+        and not any((folder / f).exists() for f in _TOKENIZER_FILES)
+    ):
+        raise RefdirError(
+            f"{source} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the "
+            "tokenizer into the folder with tokenizer.save_pretrained"
+        )
+
+
 def load_model(
     spec: str = ORGANISM,
     *,
@@ -199,6 +216,7 @@ def load_model(
             )
         )
     source, gguf = _source(spec, gguf_file)
+    _check_tokenizer_files(source, gguf)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf is not None:
         kwargs["gguf_file"] = gguf

@@ -21,7 +21,7 @@ import torch
 
 from refdir.activations import extract_candidates
 from refdir.benchmarks import ResolvedTasks
-from refdir.config import RunConfig, recorded_options
+from refdir.config import STEPS, RunConfig, check_step, recorded_options
 from refdir.data import load_prompts, sample_prompts
 from refdir.direction import Candidates, Direction, atomic_path, make_folder
 from refdir.errors import RefdirError
@@ -41,8 +41,6 @@ from refdir.select import (
 __all__ = ["STEPS", "RunConfig", "run_pipeline"]  # RunConfig: from refdir.config
 
 log = logging.getLogger(__name__)
-
-STEPS = ("prompts", "extract", "select", "evaluate", "benchmarks", "suffix", "report")
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -108,6 +106,7 @@ class Run:
                 system=c.system,
                 chat_template=c.chat_template,
             )
+            _check_hand_pick(c, self._cm)
         return self._cm
 
     def step_timings(self) -> dict[str, float]:
@@ -726,6 +725,20 @@ def _benchmarks_due(config: RunConfig, out: Path, force_from: int) -> bool:
     return forced or missing or bool(_changed(config, _recorded(out)) & BENCHMARK_KEYS)
 
 
+def _check_hand_pick(config: RunConfig, cm: ChatModel) -> None:
+    """A hand-picked candidate must exist in this model: checked when it is loaded, before any
+    step's work."""
+    if config.layer is None or config.position is None:
+        return
+    n_post = cm.chat.n_post
+    if not (0 <= config.layer < cm.n_layers and -n_post <= config.position <= -1):
+        raise RefdirError(
+            f"--layer {config.layer} --position {config.position} is not a candidate of "
+            f"{cm.name}: --layer must be in 0..{cm.n_layers - 1} and --position in "
+            f"-{n_post}..-1"
+        )
+
+
 def _check_pick(config: RunConfig, old: dict[str, Any], out: Path, force_from: int) -> None:
     """Before a changed hand pick removes anything: a folder whose direction was chosen by hand
     (``old``: its recorded options) keeps it unless the pick is repeated, changed, or selection
@@ -810,10 +823,8 @@ def run_pipeline(
     """Run (or resume) every step into ``out``; ``force`` redoes that step and the later ones.
     Returns the wall time of each step run now."""
     out = Path(out)
-    if force is not None and force not in STEPS:
-        raise RefdirError(f"unknown step {force!r} for --force; use one of {', '.join(STEPS)}")
-    if until is not None and until not in STEPS:
-        raise RefdirError(f"unknown step {until!r}; use one of {', '.join(STEPS)}")
+    check_step(force, "--force")
+    check_step(until, "--until")
     force_from = STEPS.index(force) if force is not None else len(STEPS)
     tasks = _check_inputs(config, _benchmarks_due(config, out, force_from))
     make_folder(out)
