@@ -133,7 +133,7 @@ def _residuals(cm: ChatModel, batch: PromptBatch) -> list[torch.Tensor]:
         sites[index] = hidden.detach().float().cpu()[mask]
 
     with torch.inference_mode(), hooked(residual_stream(cm.layout.layers, keep)):
-        cm.model(**batch.to(cm.device).inputs(), use_cache=False)
+        cm.model(**batch.to(cm.device).inputs(), use_cache=False, logits_to_keep=1)
     return [sites[i] for i in sorted(sites)]
 
 
