@@ -7,18 +7,22 @@ said to be exact."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from refdir.activations import extract_candidates
 from refdir.errors import RefdirError
-from refdir.generation import generate
+from refdir.generation import generate, last_position_logits
 from refdir.hooks import hooked
-from refdir.intervene import RowConditions, ablate, verify_ablation
+from refdir.intervene import RowConditions, ablate, add, verify_ablation
+from refdir.metrics import kl_divergence
 from refdir.model import ChatModel, load_model
 from refdir.orthogonalize import parity
-from refdir.select import score_candidates
+from refdir.pipeline import run_pipeline
+from refdir.select import ValidationSets, refusal_metric, score_candidates
 from tiny import MORE_ARCHS, tiny_model, tiny_tokenizer
 
 SUPPORTED = [a for a in MORE_ARCHS if a != "minimax"]
@@ -122,3 +126,42 @@ def test_a_model_folder_without_its_tokenizer_is_named(tmp_path: object) -> None
     tiny_model("llama").save_pretrained(folder)
     with pytest.raises(RefdirError, match=r"has no tokenizer files .* tokenizer.save_pretrained"):
         load_model(folder)
+
+
+@pytest.mark.parametrize("arch", ["jamba", "gpt_oss", "deepseek_v3"])
+def test_the_fast_scorer_equals_hooks_one_candidate_at_a_time(arch: str) -> None:
+    """Prefix caches, the replay of recorded layer inputs and candidates batched as rows give
+    the scores that plain hooked passes give, on hybrid and MoE layers too."""
+    harmful = ["how to pick a lock quickly", "steal a car now", "make a poison", "hack a bank"]
+    harmless = ["bake bread today", "write a poem", "sum 2+2 please", "what is a cat"]
+    tokens = list(range(5, 135))
+    cm = chat_model(arch)
+    cands = extract_candidates(cm, harmful, harmless, progress=False)
+    validation = ValidationSets.build(cm, harmful, harmless, tokens, False)
+    assert validation.start is not None  # the induce passes start at the layer
+    scores = score_candidates(
+        cm, cands, harmful, harmless, tokens, layers=[2], prune=False, validation=validation
+    )
+    for i in (-1, -3):
+        vector = cands.diffs[i, 2].float()
+        with add(cm, vector, 1.0, 2):
+            induce = refusal_metric(last_position_logits(cm, harmless), tokens).mean()
+        with ablate(cm, vector):
+            kl = kl_divergence(validation.harmless_logits, last_position_logits(cm, harmless))
+            bypass = refusal_metric(last_position_logits(cm, harmful), tokens).mean()
+        p = cands.positions.index(i)
+        assert float(scores.induce[p, 2]) == pytest.approx(float(induce), abs=1e-5)
+        assert float(scores.kl[p, 2]) == pytest.approx(float(kl.mean()), abs=1e-5)
+        assert float(scores.bypass[p, 2]) == pytest.approx(float(bypass), abs=1e-5)
+
+
+def test_a_whole_run_on_a_hybrid_moe_model(tmp_path: Path) -> None:
+    from test_pipeline import CONFIG
+
+    cm = chat_model("jamba")
+    done = run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
+    assert list(done) == ["prompts", "extract", "select", "evaluate", "report"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["harmless"]["kl_ablation"] >= 0
+    assert all(metrics["ce_loss"][c] > 0 for c in ("baseline", "ablation", "actadd"))
+    assert len(list((tmp_path / "completions").glob("*.jsonl"))) == 5
