@@ -18,15 +18,17 @@ from refdir.errors import RefdirError
 from refdir.generation import generate, last_position_logits
 from refdir.hooks import hooked
 from refdir.intervene import RowConditions, ablate, add, verify_ablation
+from refdir.layout import LayoutSpec, find_layout
 from refdir.metrics import kl_divergence
 from refdir.model import ChatModel, load_model
-from refdir.orthogonalize import parity
+from refdir.orthogonalize import export_orthogonalized, parity
 from refdir.pipeline import run_pipeline
 from refdir.select import ValidationSets, refusal_metric, score_candidates
 from tiny import MORE_ARCHS, tiny_model, tiny_tokenizer
 
 SUPPORTED = [a for a in MORE_ARCHS if a != "minimax"]
 APPROXIMATE = {"olmo2", "glm4", "bloom"}
+NOT_ORTHOGONAL = {"bloom"}  # a LayerNorm between the embedding and the first layer
 PROMPTS = ["hi", "write a much longer poem about the sea please", "how are you today?"]
 
 
@@ -40,6 +42,8 @@ def test_ablation_empties_the_residual_stream_and_the_edit_matches(arch: str) ->
     assert verify_ablation(cm) < 1e-5
     report, delta = parity(cm, torch.randn(cm.d_model, generator=torch.Generator().manual_seed(1)))
     assert report.exact == (arch not in APPROXIMATE)
+    assert report.residual_left is not None
+    assert (report.residual_left > 0.1) == (arch in NOT_ORTHOGONAL)
     if report.exact:
         assert delta < 1e-4
     else:
@@ -63,13 +67,29 @@ def test_the_layout_features_each_family_is_here_for() -> None:
     gpt2 = chat_model("gpt2")
     assert gpt2.layout.embeddings[1] is gpt2.model.transformer.wpe
     assert gpt2.layout.per_layer[0].mlp_out[0].axis == -1  # Conv1D [in, d]
+    granite = chat_model("granitemoehybrid").layout.per_layer[0]
+    assert [type(w.module).__name__ for w in granite.writes] == [
+        "GraniteMoeHybridMambaLayer",
+        "GraniteMoeHybridMoE",
+        "GraniteMoeHybridMLP",  # the shared MLP beside the experts
+    ]
     kinds = [type(p.attn).__name__ for p in chat_model("qwen3_next").layout.per_layer]
     assert kinds == ["Qwen3NextGatedDeltaNet", "Qwen3NextAttention", "Qwen3NextGatedDeltaNet"]
 
 
-def test_bloom_edit_is_reported_approximate_by_measurement() -> None:
-    report, _ = parity(chat_model("bloom"), torch.randn(32))
-    assert not report.exact and "measured" in report.note
+def test_an_edit_that_still_writes_the_direction_is_not_exported(tmp_path: Path) -> None:
+    cm = chat_model("bloom")
+    direction = extract_candidates(cm, PROMPTS, ["ok", "a cat"], progress=False).direction(-1, 1)
+    with pytest.raises(RefdirError, match=r"cannot export .* not orthogonal: .* first at the emb"):
+        export_orthogonalized(cm, direction, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_layout_patterns_keep_their_groups() -> None:
+    spec = LayoutSpec(attn=r"(self|cross)_attn", mlp=r"m(lp|oe)")
+    assert find_layout(tiny_model("llama"), spec).n_layers == 3
+    with pytest.raises(RefdirError, match="is not a regular expression"):
+        find_layout(tiny_model("llama"), LayoutSpec(attn="(self_attn"))
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "llama4_text", "qwen3_next", "jamba", "deepseek_v3"])
@@ -99,13 +119,15 @@ def test_generation_candidates_and_row_conditions(arch: str) -> None:
     torch.testing.assert_close(per_row, whole)
 
 
-def test_a_missed_writer_is_caught() -> None:
-    cm = chat_model("gpt_oss")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_missed_writer_is_caught(dtype: torch.dtype) -> None:
+    cm = ChatModel(tiny_model("gpt_oss").to(dtype), tiny_tokenizer(), name="tiny-gpt_oss")
+    assert verify_ablation(cm) < {torch.float32: 1e-5}.get(dtype, 2e-2)
     layer = cm.layout.per_layer[1]
     blind = dataclasses.replace(layer, writes=layer.writes[:1])  # forget the MLP of layer 1
     per_layer = (*cm.layout.per_layer[:1], blind, *cm.layout.per_layer[2:])
     cm.layout = dataclasses.replace(cm.layout, per_layer=per_layer)
-    with pytest.raises(RefdirError, match="at the input of layer 2"):
+    with pytest.raises(RefdirError, match="from the input of layer 2 on: a block before it"):
         verify_ablation(cm)
 
 

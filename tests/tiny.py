@@ -133,6 +133,16 @@ MORE_ARCHS: dict[str, Any] = {
     "gpt2": lambda: _more("gpt2"),
     # a LayerNorm between the embedding and the first layer: the weight edit is approximate
     "bloom": lambda: _more("bloom"),
+    # Granite 4: Mamba and attention layers, experts with a shared MLP beside them
+    "granitemoehybrid": lambda: _more(
+        "granitemoehybrid",
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        shared_intermediate_size=16,
+        mamba_n_heads=8,
+        mamba_d_head=8,
+        layer_types=["mamba", "attention", "mamba"],
+    ),
     # the residual stream is the norms' output: no set of hooks ablates it (refused)
     "minimax": lambda: _more("minimax", head_dim=8, num_local_experts=4, num_experts_per_tok=2),
 }
@@ -147,7 +157,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, tied: bool | None = None) -> 
     model = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # norms start at 1 (or 0 in the 1+w convention): make them distinctive
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or (arch in MORE_ARCHS and "bias" in name):  # biases start at 0
                 param.add_(0.3 * torch.randn_like(param))
     return model.eval()
 

@@ -53,13 +53,17 @@ class LayoutSpec:
         },
     )
     mlp: str = field(
-        default=r"mlp|block_sparse_moe|feed_forward|ffn", metadata={"help": "MLP or MoE block"}
+        default=r"mlp|block_sparse_moe|feed_forward|ffn|shared_mlp",
+        metadata={
+            "help": "MLP or MoE blocks: every child that matches writes into the residual "
+            "stream (Granite's shared MLP beside its experts)"
+        },
     )
     attn_out: str = field(
         default=r"o_proj|out_proj|dense|c_proj|wo", metadata={"help": "a mixer's output projection"}
     )
     mlp_out: str = field(
-        default=r"down_proj|w2|fc2|fc_out|c_proj|dense_4h_to_h|wo",
+        default=r"down_proj|w2|fc2|fc_out|c_proj|dense_4h_to_h|wo|output_linear",
         metadata={"help": "MLP output projection(s); every match in the MLP subtree is edited"},
     )
     post_attn_norm: str = field(
@@ -122,7 +126,11 @@ class LayerLayout:
 
     @property
     def mlp_out(self) -> tuple[OutputWeight, ...]:
-        return self.writes[-1].weights
+        """The output weights of the (first) MLP block."""
+        for write in self.writes:
+            if write.module is self.mlp:
+                return write.weights
+        return self.writes[-1].weights  # sandwich: the post-MLP norm's write
 
 
 @dataclass(frozen=True)
@@ -180,7 +188,29 @@ class ModelLayout:
 
 
 def _alternatives(pattern: str) -> list[re.Pattern[str]]:
-    return [re.compile(rf"(?:{alt})") for alt in pattern.split("|")]
+    """The pattern's top-level alternatives (``|`` outside groups and classes), in order."""
+    parts, depth, in_class, escaped, start = [], 0, False, False, 0
+    for i, ch in enumerate(pattern):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch in "()":
+            depth += 1 if ch == "(" else -1
+        elif ch == "|" and depth == 0:
+            parts.append(pattern[start:i])
+            start = i + 1
+    parts.append(pattern[start:])
+    try:
+        return [re.compile(rf"(?:{alt})") for alt in parts]
+    except re.error as exc:
+        raise RefdirError(
+            f"layout pattern {pattern!r} is not a regular expression: {exc}"
+        ) from None
 
 
 def _children(parent: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
@@ -295,19 +325,23 @@ def _layer_layout(i: int, layer: nn.Module, spec: LayoutSpec, d_model: int) -> L
     mixers = _children(layer, spec.attn)
     if not mixers:
         _child(layer, spec.attn, "attention block", where)  # raises, naming the children
-    mlp = _child(layer, spec.mlp, "MLP block", where)
+    mlps = _children(layer, spec.mlp)
+    if not mlps:
+        _child(layer, spec.mlp, "MLP block", where)
     writes = [_mixer_write(name, m, spec, d_model, where) for name, m in mixers]
-    mlp_out = _mlp_outputs(mlp, spec, d_model)
-    if not mlp_out:
-        raise RefdirError(
-            f"could not find the MLP output projection in {where}; pass LayoutSpec(mlp_out=...)"
-        )
-    writes.append(Write(mlp, mlp_out))
+    for name, mlp in mlps:
+        mlp_out = _mlp_outputs(mlp, spec, d_model)
+        if not mlp_out:
+            raise RefdirError(
+                f"could not find the output projection of {name} in {where}; pass "
+                "LayoutSpec(mlp_out=...)"
+            )
+        writes.append(Write(mlp, mlp_out))
     post_mlp = _optional_child(layer, spec.post_mlp_norm)
     if post_mlp is not None:
-        if len(mixers) > 1:
+        if len(writes) > 2:
             raise RefdirError(
-                f"{where} has several token mixers and a post-norm, a layout refdir does not "
+                f"{where} has several mixers or MLPs and post-norms, a layout refdir does not "
                 "know; pass a LayoutSpec override"
             )
         post_attn = _child(layer, spec.post_attn_norm, "post-attention norm", where)
@@ -316,7 +350,7 @@ def _layer_layout(i: int, layer: nn.Module, spec: LayoutSpec, d_model: int) -> L
             Write(post_mlp, writes[1].weights, post_mlp),
         ]
     first = writes[0]
-    return LayerLayout(layer, mixers[0][1], first.weights[0].module, mlp, tuple(writes))
+    return LayerLayout(layer, mixers[0][1], first.weights[0].module, mlps[0][1], tuple(writes))
 
 
 def find_layout(model: nn.Module, spec: LayoutSpec | None = None) -> ModelLayout:

@@ -25,7 +25,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from torch import nn
 
 from refdir.direction import Direction, make_folder
 from refdir.errors import RefdirError
-from refdir.intervene import ablate
+from refdir.intervene import ablate, leftover, residuals, rounding_limit
 from refdir.layout import effective_norm_scale
 from refdir.model import ChatModel
 
@@ -51,6 +51,10 @@ class OrthogonalizeReport:
     untied_embeddings: bool
     edited_tensors: int
     note: str
+    residual_left: float | None = None
+    """Measured by :func:`parity`: the most that any layer of the edited model still writes along
+    the direction (:func:`refdir.intervene.leftover`, on the probe prompts); rounding in a
+    correct edit."""
 
 
 def _edit_rows(weight: torch.Tensor, r: torch.Tensor) -> None:
@@ -139,29 +143,44 @@ def _last_logits(cm: ChatModel, prompts: Sequence[str]) -> torch.Tensor:
 def parity(
     cm: ChatModel, direction: Direction | torch.Tensor, prompts: Sequence[str] = _PROBES
 ) -> tuple[OrthogonalizeReport, float]:
-    """Orthogonalize in place and return max |logit difference| against hook ablation.
+    """Orthogonalize in place and return the report and max |logit difference| against hook
+    ablation, both measured on ``prompts``.
 
-    An edit the layout says is exact but that differs from hook ablation by more than rounding
-    (a share of the largest logit: 1e-4 in float32, 2e-2 in 16-bit types) is reported as
-    approximate, with the measurement as the reason: something between the embedding and the
-    first layer (an embedding norm) or inside a block keeps the weights from reproducing the
-    ablation."""
+    The report records what the edited model still writes along the direction
+    (``residual_left``). An edit that leaves more than rounding is not an orthogonalization:
+    :func:`export_orthogonalized` refuses it. A float32 edit the layout says is exact but that
+    differs from hook ablation by more than rounding (1e-4 of the largest logit) is reported as
+    approximate, with the measurement as the reason. In 16-bit types the difference is only
+    recorded: rounding there can flip an MoE router's choice of experts."""
+    vector = direction.vector if isinstance(direction, Direction) else direction
+    unit = (vector.detach().double() / vector.detach().double().norm()).float().cpu()
+    batch = cm.chat.encode(list(prompts))
+    base = residuals(cm, batch)
     with ablate(cm, direction):
         hooked_logits = _last_logits(cm, prompts)
     report = orthogonalize(cm, direction)
     edited_logits = _last_logits(cm, prompts)
+    left = leftover(residuals(cm, batch), unit, base)
+    report = replace(report, residual_left=max(left))
     mask = cm.chat.encode(prompts).attention_mask.bool().to(hooked_logits.device)
     delta = float((hooked_logits - edited_logits).abs()[mask].max())
     scale = float(hooked_logits[mask].abs().max())
-    wide = cm.layout.embed.weight.dtype in (torch.float32, torch.float64)
-    if report.exact and delta > (1e-4 if wide else 2e-2) * scale:
+    dtype = cm.layout.embed.weight.dtype
+    if max(left) > rounding_limit(dtype):
+        site = next(i for i, share in enumerate(left) if share > rounding_limit(dtype))
+        place = f"layer {site - 1}" if site > 0 else "the embedding"
+        note = (
+            f"not orthogonal: the edited weights still write {max(left):.2g} of the direction "
+            f"into the residual stream, first at {place}: {type(cm.model).__name__} writes "
+            "through a part refdir does not edit"
+        )
+        report = replace(report, exact=False, note=note)
+    elif report.exact and dtype in (torch.float32, torch.float64) and delta > 1e-4 * scale:
         note = (
             f"approximate (measured): the edited weights differ from hook ablation by up to "
-            f"{delta:.3g} in the logits (largest logit {scale:.3g}); {type(cm.model).__name__} "
-            "transforms what is written into the residual stream in a way a weight edit does not "
-            "reproduce"
+            f"{delta:.3g} in the logits (largest logit {scale:.3g})"
         )
-        report = OrthogonalizeReport(False, report.untied_embeddings, report.edited_tensors, note)
+        report = replace(report, exact=False, note=note)
     return report, delta
 
 
@@ -175,6 +194,8 @@ def export_orthogonalized(
         raise RefdirError(f"{out} exists and is not an empty folder; choose a new --out folder")
     make_folder(out.parent)  # fail now, not after the edit
     report, delta = parity(cm, direction)
+    if report.note.startswith("not orthogonal"):
+        raise RefdirError(f"cannot export an orthogonalized {cm.name}: {report.note}")
     manifest: dict[str, object] = {
         "refdir_manifest": 1,
         "source_model": cm.name,
