@@ -142,7 +142,8 @@ class ModelLayout:
     final_norm: nn.Module | None
     d_model: int
     layers_owner: nn.Module
-    """The model the layout was found in."""
+    """The module that holds the decoder layers (the text decoder of a multimodal model), where
+    position embeddings are looked for."""
 
     @property
     def n_layers(self) -> int:
@@ -165,8 +166,8 @@ class ModelLayout:
     @property
     def embeddings(self) -> list[nn.Embedding]:
         """The token embedding, then any other embedding added to it before the first layer
-        (GPT-2's learned positions): every ``nn.Embedding`` of d_model features outside the
-        layers and the unembedding."""
+        (GPT-2's learned positions): every ``nn.Embedding`` of d_model features in the module
+        that holds the layers, outside the layers and the unembedding."""
         inside = {id(m) for m in self.layers.modules()}
         if self.unembed is not None:
             inside.add(id(self.unembed))
@@ -269,7 +270,7 @@ def _linear_weight(module: nn.Module, d_model: int) -> OutputWeight | None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return None
-    if isinstance(module, nn.Linear) and weight.shape[0] == d_model:
+    if isinstance(module, nn.Linear) and module.out_features == d_model:  # quantized: packed
         return OutputWeight(module, "weight", -2, _bias(module, "weight", d_model))
     if type(module).__name__ == "Conv1D" and weight.shape[1] == d_model:
         return OutputWeight(module, "weight", -1, _bias(module, "weight", d_model))
@@ -286,8 +287,8 @@ def _expert_axis(module: nn.Module, name: str, shape: torch.Size, d_model: int) 
     if len(fits) == 2:
         raise RefdirError(
             f"cannot tell which axis of {type(module).__name__}.{name} {list(shape)} is the "
-            "residual stream (both have its size); pass LayoutSpec(mlp_out=...) naming a "
-            "Linear projection instead"
+            f"residual stream (both have its size) and {type(module).__name__} does not say "
+            "(transformers' is_transposed); refdir cannot use these experts"
         )
     return fits[0] if fits else None
 
@@ -372,7 +373,8 @@ def find_layout(model: nn.Module, spec: LayoutSpec | None = None) -> ModelLayout
     base = getattr(model, "base_model", model)
     if isinstance(base, nn.Module):
         final_norm = _optional_child(base, spec.final_norm)
-    return ModelLayout(layers, per_layer, embed, unembed, final_norm, d_model, model)
+    owner = next((m for m in model.modules() if any(c is layers for c in m.children())), model)
+    return ModelLayout(layers, per_layer, embed, unembed, final_norm, d_model, owner)
 
 
 def effective_norm_scale(norm: nn.Module, d_model: int) -> torch.Tensor:
