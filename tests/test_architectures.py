@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -30,6 +31,17 @@ SUPPORTED = [a for a in MORE_ARCHS if a != "minimax"]
 APPROXIMATE = {"olmo2", "glm4", "bloom"}
 NOT_ORTHOGONAL = {"bloom"}  # a LayerNorm between the embedding and the first layer
 PROMPTS = ["hi", "write a much longer poem about the sea please", "how are you today?"]
+
+
+def tiny_model_of(arch: str, **changes: Any) -> Any:
+    import transformers
+
+    from tiny import MORE_ARCHS
+
+    config = MORE_ARCHS[arch]()
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def chat_model(arch: str) -> ChatModel:
@@ -187,3 +199,69 @@ def test_a_whole_run_on_a_hybrid_moe_model(tmp_path: Path) -> None:
     assert metrics["harmless"]["kl_ablation"] >= 0
     assert all(metrics["ce_loss"][c] > 0 for c in ("baseline", "ablation", "actadd"))
     assert len(list((tmp_path / "completions").glob("*.jsonl"))) == 5
+
+
+def test_in_bfloat16_a_miss_is_caught_beside_a_large_first_token() -> None:
+    """Attention sinks: the first token's residual stream 30 times the others' hides nothing, and
+    a bfloat16 MoE edit stays exact and orthogonal (rounding is not a miss)."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[3] *= 30  # <|im_start|>, every prompt's first token
+    cm = ChatModel(model.to(torch.bfloat16), tiny_tokenizer(), name="sink")
+    assert verify_ablation(cm) < 3e-2
+    layer = cm.layout.per_layer[1]
+    blind = dataclasses.replace(layer, writes=layer.writes[:1])
+    cm.layout = dataclasses.replace(
+        cm.layout, per_layer=(cm.layout.per_layer[0], blind, cm.layout.per_layer[2])
+    )
+    with pytest.raises(RefdirError, match="from the input of layer 2 on"):
+        verify_ablation(cm)
+    moe = ChatModel(tiny_model("gpt_oss").to(torch.bfloat16), tiny_tokenizer(), name="moe")
+    report, _ = parity(moe, torch.randn(32, generator=torch.Generator().manual_seed(3)))
+    assert report.exact and report.residual_left is not None and report.residual_left < 3e-2
+
+
+def test_a_residual_stream_of_another_shape_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Gemma 3n passes its layers several streams per token ([4, batch, tokens, d])."""
+    import refdir.intervene
+
+    def streams(layers: object, keep: Any) -> list[Any]:
+        def hook(module: object, args: Any, kwargs: Any) -> None:
+            keep(0, torch.zeros(4, *args[0].shape))
+
+        return [(cm.layout.layers[0], "input", hook)]
+
+    cm = chat_model("llama")
+    monkeypatch.setattr(refdir.intervene, "residual_stream", streams)
+    with pytest.raises(RefdirError, match=r"shape \(4, 2, \d+, 32\), not \[batch, tokens, 32\]"):
+        verify_ablation(cm)
+
+
+def test_what_the_layout_cannot_know_or_edit_is_refused() -> None:
+    with pytest.raises(
+        RefdirError, match=r"cannot tell which axis of Llama4TextExperts\.down_proj"
+    ):
+        ChatModel(tiny_model_of("llama4_text", intermediate_size=32), tiny_tokenizer())
+    cm = chat_model("llama")
+    down = cm.layout.per_layer[0].mlp_out[0].module
+    down.weight = torch.nn.Parameter(down.weight.data.to(torch.int8), requires_grad=False)
+    with pytest.raises(RefdirError, match=r"quantized weights .* load the model in 16- or 32-bit"):
+        parity(cm, torch.randn(32))
+
+
+def test_only_embeddings_of_the_text_decoder_are_edited() -> None:
+    model = tiny_model("gpt2")
+    model.vision_tower = torch.nn.Embedding(7, 32)  # beside the decoder, as in a multimodal model
+    cm = ChatModel(model, tiny_tokenizer())
+    assert cm.layout.embeddings == [model.transformer.wte, model.transformer.wpe]
+
+
+def test_layout_pattern_classes_and_escapes() -> None:
+    from refdir.layout import _alternatives
+
+    split = [p.pattern for p in _alternatives(r"[]|]z|q|a\|b|(x|y)_attn")]
+    assert split == ["(?:[]|]z)", "(?:q)", r"(?:a\|b)", "(?:(x|y)_attn)"]
+    with pytest.raises(RefdirError, match=r"'a\)\|b' is not a regular expression"):
+        _alternatives("a)|b")

@@ -152,7 +152,8 @@ def leftover(
 ) -> list[float]:
     """What each layer adds along ``unit`` to ``residuals`` (the first site: what it holds),
     per token as a share of what a random direction sees of that token's residual stream
-    without the intervention (its norm over sqrt(d)), the largest over tokens: about the size
+    without the intervention (its norm over sqrt(d), the larger of the layer's input and
+    output), the largest over tokens: about the size
     of a layer's writes for a direction nothing removes, the level of one layer's rounding for
     one that ablation removes. Measured per layer, so rounding does not pile up with depth, and
     per token, so a token with a very large residual stream (an attention sink) does not hide a
@@ -161,9 +162,12 @@ def leftover(
     scale = unit.shape[0] ** 0.5
     along = [h @ unit for h in residuals]
     steps = [along[0], *(b - a for a, b in itertools.pairwise(along))]
+    norms = [b.norm(dim=-1) for b in base]
+    # a layer that cancels a large feature rounds on the scale of its input, not its output
+    widest = [norms[0], *(torch.maximum(a, b) for a, b in itertools.pairwise(norms))]
     return [
-        float((step.abs() * scale / b.norm(dim=-1).clamp(min=1e-30)).max())
-        for step, b in zip(steps, base, strict=True)
+        float((step.abs() * scale / n.clamp(min=1e-30)).max())
+        for step, n in zip(steps, widest, strict=True)
     ]
 
 

@@ -188,30 +188,36 @@ class ModelLayout:
         )
 
 
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise RefdirError(
+            f"layout pattern {pattern!r} is not a regular expression: {exc}"
+        ) from None
+
+
 def _alternatives(pattern: str) -> list[re.Pattern[str]]:
     """The pattern's top-level alternatives (``|`` outside groups and classes), in order."""
-    parts, depth, in_class, escaped, start = [], 0, False, False, 0
-    for i, ch in enumerate(pattern):
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif in_class:
-            in_class = ch != "]"
-        elif ch == "[":
-            in_class = True
+    _compile(pattern)
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            i += 1
+        elif ch == "[":  # a class: skip to its end ("]" right after "[" or "[^" is literal)
+            i += 2 if pattern[i + 1 : i + 2] == "^" else 1
+            i += 1 if pattern[i : i + 1] == "]" else 0
+            while i < len(pattern) and pattern[i] != "]":
+                i += 2 if pattern[i] == "\\" else 1
         elif ch in "()":
             depth += 1 if ch == "(" else -1
         elif ch == "|" and depth == 0:
             parts.append(pattern[start:i])
             start = i + 1
+        i += 1
     parts.append(pattern[start:])
-    try:
-        return [re.compile(rf"(?:{alt})") for alt in parts]
-    except re.error as exc:
-        raise RefdirError(
-            f"layout pattern {pattern!r} is not a regular expression: {exc}"
-        ) from None
+    return [_compile(rf"(?:{alt})") for alt in parts]
 
 
 def _children(parent: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
@@ -294,7 +300,7 @@ def _expert_axis(module: nn.Module, name: str, shape: torch.Size, d_model: int) 
 
 
 def _mlp_outputs(mlp: nn.Module, spec: LayoutSpec, d_model: int) -> tuple[OutputWeight, ...]:
-    regex = re.compile(rf"(?:{spec.mlp_out})")
+    regex = _compile(rf"(?:{spec.mlp_out})")
     found: list[OutputWeight] = []
     for name, module in mlp.named_modules():
         leaf = name.rsplit(".", 1)[-1]

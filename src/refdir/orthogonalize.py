@@ -88,6 +88,19 @@ def _untie(cm: ChatModel) -> bool:
     return True
 
 
+def _check_editable(cm: ChatModel) -> None:
+    """Every weight to edit must be a plain floating-point tensor with a d_model axis: quantized
+    weights (packed integers) can be hooked but not orthogonalized."""
+    weights = [e.weight for e in cm.layout.embeddings]
+    weights += [w.param for layer in cm.layout.per_layer for x in layer.writes for w in x.weights]
+    for weight in weights:
+        if not weight.is_floating_point() or cm.d_model not in weight.shape:
+            raise RefdirError(
+                f"{cm.name} has quantized weights ({weight.dtype}, shape {list(weight.shape)}), "
+                "which cannot be orthogonalized; load the model in 16- or 32-bit"
+            )
+
+
 def orthogonalize(cm: ChatModel, direction: Direction | torch.Tensor) -> OrthogonalizeReport:
     """Edit ``cm.model`` in place so that no weight writes along ``direction``."""
     vector = direction.vector if isinstance(direction, Direction) else direction
@@ -97,6 +110,7 @@ def orthogonalize(cm: ChatModel, direction: Direction | torch.Tensor) -> Orthogo
         raise RefdirError(f"direction has shape {tuple(vector.shape)}, expected ({cm.d_model},)")
     r = vector.detach().double()
     r = (r / r.norm()).float()
+    _check_editable(cm)
     untied = _untie(cm)
     device_r = r.to(cm.layout.embed.weight.device)
     with torch.no_grad():
@@ -152,6 +166,7 @@ def parity(
     differs from hook ablation by more than rounding (1e-4 of the largest logit) is reported as
     approximate, with the measurement as the reason. In 16-bit types the difference is only
     recorded: rounding there can flip an MoE router's choice of experts."""
+    _check_editable(cm)  # before the passes
     vector = direction.vector if isinstance(direction, Direction) else direction
     unit = (vector.detach().double() / vector.detach().double().norm()).float().cpu()
     batch = cm.chat.encode(list(prompts))
@@ -194,8 +209,12 @@ def export_orthogonalized(
         raise RefdirError(f"{out} exists and is not an empty folder; choose a new --out folder")
     make_folder(out.parent)  # fail now, not after the edit
     report, delta = parity(cm, direction)
-    if report.note.startswith("not orthogonal"):
-        raise RefdirError(f"cannot export an orthogonalized {cm.name}: {report.note}")
+    left = report.residual_left
+    if left is None or left > rounding_limit(cm.layout.embed.weight.dtype):
+        raise RefdirError(
+            f"cannot export an orthogonalized {cm.name} (its weights in memory are edited; "
+            f"load it again to use it): {report.note}"
+        )
     manifest: dict[str, object] = {
         "refdir_manifest": 1,
         "source_model": cm.name,
