@@ -265,3 +265,15 @@ def test_layout_pattern_classes_and_escapes() -> None:
     assert split == ["(?:[]|]z)", "(?:q)", r"(?:a\|b)", "(?:(x|y)_attn)"]
     with pytest.raises(RefdirError, match=r"'a\)\|b' is not a regular expression"):
         _alternatives("a)|b")
+
+
+def test_the_check_at_load_can_be_skipped_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "minimax"
+    tiny_model("minimax").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    with pytest.raises(RefdirError, match=r"REFDIR_SKIP_LAYOUT_CHECK=1 skips the check$"):
+        load_model(str(folder))
+    monkeypatch.setenv("REFDIR_SKIP_LAYOUT_CHECK", "1")
+    assert load_model(str(folder)).n_layers == 3  # loaded, unchecked, with a warning
