@@ -131,7 +131,7 @@ MORE_ARCHS: dict[str, Any] = {
     ),
     # Conv1D projections [in, d] and learned position embeddings
     "gpt2": lambda: _more("gpt2"),
-    # a LayerNorm between the embedding and the first layer: the weight edit is approximate
+    # a LayerNorm between the embedding and the first layer: hooks work, export is refused
     "bloom": lambda: _more("bloom"),
     # Granite 4: Mamba and attention layers, experts with a shared MLP beside them
     "granitemoehybrid": lambda: _more(

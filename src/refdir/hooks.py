@@ -11,6 +11,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from refdir.errors import RefdirError
+
 __all__ = [
     "Hook",
     "TensorMap",
@@ -62,7 +64,7 @@ def rows_view(x: torch.Tensor, rows: int) -> torch.Tensor:
         return x
     if x.dim() == 2 and rows > 0 and x.shape[0] % rows == 0:
         return x.view(rows, -1, x.shape[-1])
-    raise ValueError(f"cannot split a block output of shape {tuple(x.shape)} into {rows} rows")
+    raise RefdirError(f"cannot split a block output of shape {tuple(x.shape)} into {rows} rows")
 
 
 def map_sites(

@@ -256,9 +256,7 @@ class RowConditions:
 
     def _rows_where(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``values`` of each row in flight, shaped to broadcast over ``x`` [batch, tokens, d]."""
-        if self.rows.shape[0] != x.shape[0] and not (
-            x.dim() == 2 and x.shape[0] % max(self.rows.shape[0], 1) == 0
-        ):
+        if self.rows.shape[0] != x.shape[0]:
             raise RefdirError("the rows' variants do not match the batch in flight")
         return values[self.rows].to(x.device)[:, None, None]
 
@@ -273,9 +271,9 @@ class RowConditions:
             ablation = project_out(vector / vector.norm())
 
             def project(x: torch.Tensor) -> torch.Tensor:
-                rows = self._rows_where(self.ablated, x)
-                xr = rows_view(x, rows.shape[0])
-                return torch.where(rows > 0, ablation(xr), xr).view(x.shape)
+                xr = rows_view(x, self.rows.shape[0])  # MoE outputs may come flattened
+                ablated = self._rows_where(self.ablated, xr) > 0
+                return torch.where(ablated, ablation(xr), xr).view(x.shape)
 
             hooks += map_sites(self.cm.layout.residual_writes, project)
         if bool(self.coeffs.ne(0).any()):

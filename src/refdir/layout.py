@@ -11,6 +11,7 @@ itself that what was found is everything that writes into the residual stream.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -197,7 +198,8 @@ def _compile(pattern: str) -> re.Pattern[str]:
         ) from None
 
 
-def _alternatives(pattern: str) -> list[re.Pattern[str]]:
+@functools.cache
+def _alternatives(pattern: str) -> tuple[re.Pattern[str], ...]:
     """The pattern's top-level alternatives (``|`` outside groups and classes), in order."""
     _compile(pattern)
     parts, depth, start, i = [], 0, 0, 0
@@ -217,7 +219,7 @@ def _alternatives(pattern: str) -> list[re.Pattern[str]]:
             start = i + 1
         i += 1
     parts.append(pattern[start:])
-    return [_compile(rf"(?:{alt})") for alt in parts]
+    return tuple(_compile(rf"(?:{alt})") for alt in parts)
 
 
 def _children(parent: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
@@ -230,15 +232,19 @@ def _children(parent: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _not_found(parent: nn.Module, what: str, where: str) -> RefdirError:
+    names = ", ".join(n for n, _ in parent.named_children())
+    return RefdirError(
+        f"could not find the {what} in {where} (children: {names}); "
+        f"pass a LayoutSpec override for {what}"
+    )
+
+
 def _child(parent: nn.Module, pattern: str, what: str, where: str) -> nn.Module:
     found = _children(parent, pattern)
     if found:
         return found[0][1]
-    names = ", ".join(n for n, _ in parent.named_children())
-    raise RefdirError(
-        f"could not find the {what} in {where} (children: {names}); "
-        f"pass a LayoutSpec override for {what}"
-    )
+    raise _not_found(parent, what, where)
 
 
 def _optional_child(parent: nn.Module, pattern: str) -> nn.Module | None:
@@ -331,10 +337,10 @@ def _layer_layout(i: int, layer: nn.Module, spec: LayoutSpec, d_model: int) -> L
     where = f"layer {i} ({type(layer).__name__})"
     mixers = _children(layer, spec.attn)
     if not mixers:
-        _child(layer, spec.attn, "attention block", where)  # raises, naming the children
+        raise _not_found(layer, "attention block", where)
     mlps = _children(layer, spec.mlp)
     if not mlps:
-        _child(layer, spec.mlp, "MLP block", where)
+        raise _not_found(layer, "MLP block", where)
     writes = [_mixer_write(name, m, spec, d_model, where) for name, m in mixers]
     for name, mlp in mlps:
         mlp_out = _mlp_outputs(mlp, spec, d_model)

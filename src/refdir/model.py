@@ -206,16 +206,32 @@ def load_model(
         model, tokenizer = load_organism(
             dtype=torch_dtype, device="cpu" if device == "auto" else device
         )
-        return _verified(
-            ChatModel(
-                model,
-                tokenizer,
-                name=ORGANISM,
-                system=system,
-                chat_template=chat_template,
-                layout_spec=layout_spec,
-            )
+        revision = None
+    else:
+        model, tokenizer = _load_pretrained(
+            spec, torch_dtype, device, gguf_file, revision, trust_remote_code
         )
+    cm = ChatModel(
+        model,
+        tokenizer,
+        name=spec,
+        revision=revision,
+        system=system,
+        chat_template=chat_template,
+        layout_spec=layout_spec,
+    )
+    return _verified(cm)
+
+
+def _load_pretrained(
+    spec: str,
+    torch_dtype: torch.dtype,
+    device: str,
+    gguf_file: str | None,
+    revision: str | None,
+    trust_remote_code: bool,
+) -> tuple[PreTrainedModel, Any]:
+    """A local folder, a ``.gguf`` file or a hub id: the model on ``device`` and its tokenizer."""
     source, gguf = _source(spec, gguf_file)
     _check_tokenizer_files(source, gguf)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -239,17 +255,7 @@ def load_model(
     if device not in ("auto", "cpu"):
         model.to(torch.device(device))  # type: ignore[arg-type]  # transformers stubs wrap .to
     log.info("loaded %s (%s, %s)", spec, torch_dtype, device)
-    return _verified(
-        ChatModel(
-            model,
-            tokenizer,
-            name=spec,
-            revision=revision,
-            system=system,
-            chat_template=chat_template,
-            layout_spec=layout_spec,
-        )
-    )
+    return model, tokenizer
 
 
 def _verified(cm: ChatModel) -> ChatModel:

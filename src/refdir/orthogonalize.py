@@ -177,7 +177,7 @@ def parity(
     edited_logits = _last_logits(cm, prompts)
     left = leftover(residuals(cm, batch), unit, base)
     report = replace(report, residual_left=max(left))
-    mask = cm.chat.encode(prompts).attention_mask.bool().to(hooked_logits.device)
+    mask = batch.attention_mask.bool().to(hooked_logits.device)
     delta = float((hooked_logits - edited_logits).abs()[mask].max())
     scale = float(hooked_logits[mask].abs().max())
     dtype = cm.layout.embed.weight.dtype
