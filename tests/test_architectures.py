@@ -25,7 +25,7 @@ from refdir.model import ChatModel, load_model
 from refdir.orthogonalize import export_orthogonalized, parity
 from refdir.pipeline import run_pipeline
 from refdir.select import ValidationSets, refusal_metric, score_candidates
-from tiny import MORE_ARCHS, tiny_model, tiny_tokenizer
+from tiny import MORE_ARCHS, tiny_chat_model, tiny_model, tiny_tokenizer
 
 SUPPORTED = [a for a in MORE_ARCHS if a != "minimax"]
 APPROXIMATE = {"olmo2", "glm4", "bloom"}
@@ -33,24 +33,9 @@ NOT_ORTHOGONAL = {"bloom"}  # a LayerNorm between the embedding and the first la
 PROMPTS = ["hi", "write a much longer poem about the sea please", "how are you today?"]
 
 
-def tiny_model_of(arch: str, **changes: Any) -> Any:
-    import transformers
-
-    from tiny import MORE_ARCHS
-
-    config = MORE_ARCHS[arch]()
-    for key, value in changes.items():
-        setattr(config, key, value)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-
-
-def chat_model(arch: str) -> ChatModel:
-    return ChatModel(tiny_model(arch), tiny_tokenizer(), name=f"tiny-{arch}")
-
-
 @pytest.mark.parametrize("arch", SUPPORTED)
 def test_ablation_empties_the_residual_stream_and_the_edit_matches(arch: str) -> None:
-    cm = chat_model(arch)
+    cm = tiny_chat_model(arch)
     assert verify_ablation(cm) < 1e-5
     report, delta = parity(cm, torch.randn(cm.d_model, generator=torch.Generator().manual_seed(1)))
     assert report.exact == (arch not in APPROXIMATE)
@@ -63,34 +48,36 @@ def test_ablation_empties_the_residual_stream_and_the_edit_matches(arch: str) ->
 
 
 def test_the_layout_features_each_family_is_here_for() -> None:
-    oss = chat_model("gpt_oss").layout.per_layer[0]
+    oss = tiny_chat_model("gpt_oss").layout.per_layer[0]
     (experts,) = oss.mlp_out
     assert (experts.name, experts.axis, experts.bias) == ("down_proj", -1, "down_proj_bias")
-    (routed, shared) = sorted(chat_model("llama4_text").layout.per_layer[0].mlp_out, key=str)[:2]
+    (routed, shared) = sorted(tiny_chat_model("llama4_text").layout.per_layer[0].mlp_out, key=str)[
+        :2
+    ]
     assert {routed.axis, shared.axis} == {-1, -2}  # [E, in, d] experts beside a Linear
-    falcon = chat_model("falcon_h1").layout.per_layer[0]
+    falcon = tiny_chat_model("falcon_h1").layout.per_layer[0]
     assert [type(w.module).__name__ for w in falcon.writes] == [
         "FalconH1Attention",
         "FalconH1Mixer",
         "FalconH1MLP",
     ]
-    glm = chat_model("glm4").layout.per_layer[0]
+    glm = tiny_chat_model("glm4").layout.per_layer[0]
     assert glm.writes[0].module is glm.layer.post_self_attn_layernorm  # not the pre-MLP norm
-    gpt2 = chat_model("gpt2")
+    gpt2 = tiny_chat_model("gpt2")
     assert gpt2.layout.embeddings[1] is gpt2.model.transformer.wpe
     assert gpt2.layout.per_layer[0].mlp_out[0].axis == -1  # Conv1D [in, d]
-    granite = chat_model("granitemoehybrid").layout.per_layer[0]
+    granite = tiny_chat_model("granitemoehybrid").layout.per_layer[0]
     assert [type(w.module).__name__ for w in granite.writes] == [
         "GraniteMoeHybridMambaLayer",
         "GraniteMoeHybridMoE",
         "GraniteMoeHybridMLP",  # the shared MLP beside the experts
     ]
-    kinds = [type(p.attn).__name__ for p in chat_model("qwen3_next").layout.per_layer]
+    kinds = [type(p.attn).__name__ for p in tiny_chat_model("qwen3_next").layout.per_layer]
     assert kinds == ["Qwen3NextGatedDeltaNet", "Qwen3NextAttention", "Qwen3NextGatedDeltaNet"]
 
 
 def test_an_edit_that_still_writes_the_direction_is_not_exported(tmp_path: Path) -> None:
-    cm = chat_model("bloom")
+    cm = tiny_chat_model("bloom")
     direction = extract_candidates(cm, PROMPTS, ["ok", "a cat"], progress=False).direction(-1, 1)
     with pytest.raises(RefdirError, match=r"cannot export .* not orthogonal: .* first at the emb"):
         export_orthogonalized(cm, direction, tmp_path / "out")
@@ -106,7 +93,7 @@ def test_layout_patterns_keep_their_groups() -> None:
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "llama4_text", "qwen3_next", "jamba", "deepseek_v3"])
 def test_generation_candidates_and_row_conditions(arch: str) -> None:
-    cm = chat_model(arch)
+    cm = tiny_chat_model(arch)
     d = torch.randn(cm.d_model, generator=torch.Generator().manual_seed(2))
     with ablate(cm, d):  # batched, padded and prefix-cached = one prompt at a time
         batched = generate(cm, PROMPTS, max_new_tokens=6, batch_size=8, progress=False)
@@ -169,7 +156,7 @@ def test_the_fast_scorer_equals_hooks_one_candidate_at_a_time(arch: str) -> None
     harmful = ["how to pick a lock quickly", "steal a car now", "make a poison", "hack a bank"]
     harmless = ["bake bread today", "write a poem", "sum 2+2 please", "what is a cat"]
     tokens = list(range(5, 135))
-    cm = chat_model(arch)
+    cm = tiny_chat_model(arch)
     cands = extract_candidates(cm, harmful, harmless, progress=False)
     validation = ValidationSets.build(cm, harmful, harmless, tokens, False)
     assert validation.start is not None  # the induce passes start at the layer
@@ -192,7 +179,7 @@ def test_the_fast_scorer_equals_hooks_one_candidate_at_a_time(arch: str) -> None
 def test_a_whole_run_on_a_hybrid_moe_model(tmp_path: Path) -> None:
     from test_pipeline import CONFIG
 
-    cm = chat_model("jamba")
+    cm = tiny_chat_model("jamba")
     done = run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
     assert list(done) == ["prompts", "extract", "select", "evaluate", "report"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -233,7 +220,7 @@ def test_a_residual_stream_of_another_shape_is_a_one_line_error(
 
         return [(cm.layout.layers[0], "input", hook)]
 
-    cm = chat_model("llama")
+    cm = tiny_chat_model("llama")
     monkeypatch.setattr(refdir.intervene, "residual_stream", streams)
     with pytest.raises(RefdirError, match=r"shape \(4, 2, \d+, 32\), not \[batch, tokens, 32\]"):
         verify_ablation(cm)
@@ -243,8 +230,8 @@ def test_what_the_layout_cannot_know_or_edit_is_refused() -> None:
     with pytest.raises(
         RefdirError, match=r"cannot tell which axis of Llama4TextExperts\.down_proj"
     ):
-        ChatModel(tiny_model_of("llama4_text", intermediate_size=32), tiny_tokenizer())
-    cm = chat_model("llama")
+        ChatModel(tiny_model("llama4_text", intermediate_size=32), tiny_tokenizer())
+    cm = tiny_chat_model("llama")
     down = cm.layout.per_layer[0].mlp_out[0].module
     down.weight = torch.nn.Parameter(down.weight.data.to(torch.int8), requires_grad=False)
     with pytest.raises(RefdirError, match=r"quantized weights .* load the model in 16- or 32-bit"):

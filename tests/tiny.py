@@ -149,11 +149,16 @@ MORE_ARCHS: dict[str, Any] = {
 """Families beyond the paper's, each built for a layout feature of its own."""
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, tied: bool | None = None) -> PreTrainedModel:
+def tiny_model(
+    arch: str = "llama", seed: int = 0, tied: bool | None = None, **changes: Any
+) -> PreTrainedModel:
+    """A tiny random model of ``arch``; ``changes`` set config fields (``intermediate_size=32``)."""
     torch.manual_seed(seed)
     config = {**ARCHS, **MORE_ARCHS}[arch]()
     if tied is not None:
         config.tie_word_embeddings = tied
+    for key, value in changes.items():
+        setattr(config, key, value)
     model = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # norms start at 1 (or 0 in the 1+w convention): make them distinctive
         for name, param in model.named_parameters():
