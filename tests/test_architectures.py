@@ -1,6 +1,6 @@
 """Families beyond the paper's: each tiny model carries a layout feature of its own (fused experts
 stored transposed, hybrid attention/state-space layers, parallel mixers, post-norms only, GPT-2's
-Conv1D and learned positions, an embedding norm). On every one, ablation must remove the
+Conv1D and learned positions, an embedding norm, short convolutions, one mixer per layer). On every one, ablation must remove the
 direction from the residual stream everywhere, and the weight edit must equal it where it is
 said to be exact."""
 
@@ -25,6 +25,7 @@ from refdir.model import ChatModel, load_model
 from refdir.orthogonalize import export_orthogonalized, parity
 from refdir.pipeline import run_pipeline
 from refdir.select import ValidationSets, refusal_metric, score_candidates
+from refdir.suffix_analysis import attention_parts
 from tiny import MORE_ARCHS, tiny_chat_model, tiny_model, tiny_tokenizer
 
 SUPPORTED = [a for a in MORE_ARCHS if a != "minimax"]
@@ -74,6 +75,19 @@ def test_the_layout_features_each_family_is_here_for() -> None:
     ]
     kinds = [type(p.attn).__name__ for p in tiny_chat_model("qwen3_next").layout.per_layer]
     assert kinds == ["Qwen3NextGatedDeltaNet", "Qwen3NextAttention", "Qwen3NextGatedDeltaNet"]
+    kinds = [type(p.attn).__name__ for p in tiny_chat_model("lfm2").layout.per_layer]
+    assert kinds == ["Lfm2ShortConv", "Lfm2Attention", "Lfm2ShortConv"]
+    nemotron = tiny_chat_model("nemotron_h")  # LAYOUTS: one mixer per layer, no MLP block
+    writes = [[type(w.module).__name__ for w in p.writes] for p in nemotron.layout.per_layer]
+    assert writes == [["NemotronHMamba2Mixer"], ["NemotronHAttention"], ["NemotronHMLP"]]
+    assert all(p.mlp is None for p in nemotron.layout.per_layer)
+    with pytest.raises(RefdirError, match="could not find the MLP block in layer 0"):
+        ChatModel(nemotron.model, nemotron.tokenizer)  # the defaults miss it
+    as_mlps = LayoutSpec(attn=None, mlp="mixer", mlp_out="out_proj|o_proj|down_proj")
+    mlps_only = ChatModel(nemotron.model, nemotron.tokenizer, name="n", layout_spec=as_mlps)
+    assert verify_ablation(mlps_only) < 1e-5  # the same writers, found as MLPs
+    with pytest.raises(RefdirError, match="layer 0 of n has no attention block"):
+        attention_parts(mlps_only)  # the suffix analysis reads attention heads
 
 
 def test_an_edit_that_still_writes_the_direction_is_not_exported(tmp_path: Path) -> None:
@@ -91,7 +105,9 @@ def test_layout_patterns_keep_their_groups() -> None:
         find_layout(tiny_model("llama"), LayoutSpec(attn="(self_attn"))
 
 
-@pytest.mark.parametrize("arch", ["gpt_oss", "llama4_text", "qwen3_next", "jamba", "deepseek_v3"])
+@pytest.mark.parametrize(
+    "arch", ["gpt_oss", "llama4_text", "qwen3_next", "jamba", "deepseek_v3", "lfm2", "nemotron_h"]
+)
 def test_generation_candidates_and_row_conditions(arch: str) -> None:
     cm = tiny_chat_model(arch)
     d = torch.randn(cm.d_model, generator=torch.Generator().manual_seed(2))
@@ -101,14 +117,16 @@ def test_generation_candidates_and_row_conditions(arch: str) -> None:
     assert batched == single
     harmless = ["tell me a joke", "what is two plus two", "ok"]
     cands = extract_candidates(cm, PROMPTS, harmless, progress=False)
-    scores = score_candidates(cm, cands, PROMPTS, harmless, [5, 6], layers=[1], prune=False)
-    live = cands.diffs[:, 1].norm(dim=-1) > 0  # zero differences are skipped by design
+    layer = 2 if arch == "lfm2" else 1  # LFM2's layer 0 convolves 3 tokens: the template's alike
+    scores = score_candidates(cm, cands, PROMPTS, harmless, [5, 6], layers=[layer], prune=False)
+    live = cands.diffs[:, layer].norm(dim=-1) > 0  # zero differences are skipped by design
     assert live.sum() >= 5
-    assert torch.isfinite(scores.induce[live, 1]).all() and torch.isfinite(scores.kl[live, 1]).all()
+    assert torch.isfinite(scores.induce[live, layer]).all()
+    assert torch.isfinite(scores.kl[live, layer]).all()
     # per-row conditions (flattened MoE outputs included) equal the whole-batch ablation
     rows = [cm.chat.token_ids(p) for p in PROMPTS]
     batch = cm.chat.encode(PROMPTS)
-    direction = cands.direction(position=cands.positions[int(live.nonzero()[-1])], layer=1)
+    direction = cands.direction(position=cands.positions[int(live.nonzero()[-1])], layer=layer)
     conditions = RowConditions(cm, direction, [("ablate", 0.0)])
     conditions.select(torch.zeros(len(rows), dtype=torch.long))
     with torch.inference_mode(), hooked(conditions.hooks()):

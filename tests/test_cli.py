@@ -13,7 +13,7 @@ from refdir.cli import app
 from refdir.config import RunConfig
 from refdir.direction import Candidates, Direction
 from refdir.pipeline import Run
-from tiny import tiny_model, tiny_tokenizer
+from tiny import LAYOUTS, tiny_model, tiny_tokenizer
 
 runner = CliRunner()
 
@@ -442,3 +442,47 @@ def test_suffix_refuses_a_negative_time_limit() -> None:
     assert bad.stderr.strip() == "error: --max-minutes must be 0 (no limit) or more, got -1.0"
     bad = runner.invoke(app, ["run", "--out", "x", "--suffix-max-minutes", "-1"])
     assert bad.exit_code == 2 and "--suffix-max-minutes" in bad.stderr
+
+
+def test_a_layout_file_names_the_parts_the_defaults_miss(tmp_path: Path) -> None:
+    folder = tmp_path / "nemotron"  # one "mixer" per layer (Mamba, attention or MLP), no "mlp"
+    tiny_model("nemotron_h").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps(LAYOUTS["nemotron_h"]))
+    evaluate = ["evaluate", "--model", str(folder), "--n", "2", "--max-new-tokens", "2"]
+    missed = runner.invoke(app, evaluate)
+    assert missed.exit_code == 2 and "could not find the MLP block" in missed.stderr
+    assert "--layout" in missed.stderr
+    result = runner.invoke(app, [*evaluate, "--layout", str(layout), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["n"] == 2
+    out = tmp_path / "run"
+    run = ["run", "--model", str(folder), "--layout", str(layout), "--out", str(out)]
+    run += ["--until", "extract", "--refusal-tokens", "5,6", "--no-filter", "--n-train", "2"]
+    result = runner.invoke(app, run)
+    assert result.exit_code == 0, result.output
+    assert (
+        json.loads((out / "config.json").read_text())["options"]["layout"] == LAYOUTS["nemotron_h"]
+    )
+    assert Candidates.load(out).n_layers == 3
+
+    def bad(text: str) -> str:
+        layout.write_text(text)
+        result = runner.invoke(app, [*evaluate, "--layout", str(layout)])
+        assert result.exit_code == 2 and "Traceback" not in result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        return line
+
+    assert "did you mean 'mlp'?" in bad('{"mpl": "mixer"}')
+    assert "must be a string (a regular expression) or null" in bad('{"mlp": 3}')
+    assert "is not a regular expression" in bad('{"attn": "(mixer"}')
+    assert "cannot both be null" in bad('{"attn": null, "mlp": null}')
+    assert "non-empty JSON object" in bad("[]")
+    assert "is not readable JSON" in bad("{mlp")
+    missing = runner.invoke(app, [*evaluate, "--layout", str(tmp_path / "none.json")])
+    assert missing.exit_code == 2 and "none.json does not exist" in missing.stderr
+    fresh = tmp_path / "fresh"
+    bad_run = runner.invoke(app, [*run[:5], "--out", str(fresh)])  # the unreadable file
+    assert bad_run.exit_code == 2 and "is not readable JSON" in bad_run.stderr
+    assert not fresh.exists()

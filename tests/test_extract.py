@@ -58,6 +58,13 @@ def test_direction_round_trip_and_size_check(cm: ChatModel, tmp_path: Path) -> N
     again = Candidates.load(tmp_path / "candidates.safetensors")
     torch.testing.assert_close(again.diffs, cands.diffs)
     assert again.n_harmless == 3 and again.model == "tiny-llama"
+    torch.testing.assert_close(Candidates.load(tmp_path).diffs, cands.diffs)  # the folder
+    Direction(torch.ones(4), 1, -1, "m").save(tmp_path / "other" / "candidates.safetensors")
+    with pytest.raises(RefdirError, match="not a candidates file written by refdir"):
+        Candidates.load(tmp_path / "other")
+    (tmp_path / "other" / "candidates.safetensors").write_text("garbage")
+    with pytest.raises(RefdirError, match="not a candidates file written by refdir"):
+        Candidates.load(tmp_path / "other")
 
 
 def test_bad_direction_files_are_clear_errors(tmp_path: Path) -> None:

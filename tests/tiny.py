@@ -9,6 +9,7 @@ import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from refdir.layout_spec import LayoutSpec
 from refdir.model import ChatModel
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
@@ -143,10 +144,27 @@ MORE_ARCHS: dict[str, Any] = {
         mamba_d_head=8,
         layer_types=["mamba", "attention", "mamba"],
     ),
+    # LFM2: gated short-convolution layers (child "conv") beside attention layers
+    "lfm2": lambda: _more("lfm2", layer_types=["conv", "full_attention", "conv"]),
+    # Nemotron-H: one "mixer" per layer (Mamba, attention or MLP); needs LAYOUTS' override
+    "nemotron_h": lambda: _more(
+        "nemotron_h",
+        hybrid_override_pattern="M*-",
+        mamba_num_heads=8,
+        mamba_head_dim=8,
+        n_groups=1,
+        ssm_state_size=16,
+    ),
     # the residual stream is the norms' output: no set of hooks ablates it (refused)
     "minimax": lambda: _more("minimax", head_dim=8, num_local_experts=4, num_experts_per_tok=2),
 }
 """Families beyond the paper's, each built for a layout feature of its own."""
+
+LAYOUTS: dict[str, dict[str, str | None]] = {
+    # no separate MLP block; the MLP "mixer" writes through down_proj
+    "nemotron_h": {"mlp": None, "attn_out": "o_proj|out_proj|down_proj"},
+}
+"""The ``--layout`` overrides (LayoutSpec fields) of the families the defaults do not cover."""
 
 
 def tiny_model(
@@ -168,4 +186,7 @@ def tiny_model(
 
 
 def tiny_chat_model(arch: str = "llama", seed: int = 0, tied: bool | None = None) -> ChatModel:
-    return ChatModel(tiny_model(arch, seed, tied), tiny_tokenizer(), name=f"tiny-{arch}")
+    spec = LayoutSpec.from_fields(LAYOUTS[arch]) if arch in LAYOUTS else None
+    return ChatModel(
+        tiny_model(arch, seed, tied), tiny_tokenizer(), name=f"tiny-{arch}", layout_spec=spec
+    )

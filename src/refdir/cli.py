@@ -71,6 +71,14 @@ RemoteOpt = Annotated[
         help="Allow code from the model repository (off unless asked).", rich_help_panel="Model"
     ),
 ]
+LayoutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="A JSON file of layout patterns (LayoutSpec fields, e.g. "
+        '{"mlp": "feed_forward", "mlp_out": "w2"}) for a model whose parts refdir does not find.',
+        rich_help_panel="Model",
+    ),
+]
 DirectionOpt = Annotated[
     Path, typer.Option(help="direction.safetensors / direction.json / its folder.")
 ]
@@ -134,12 +142,17 @@ def _load(
     model: str,
     device: str,
     dtype: str,
-    gguf_file: str | None,
-    system: str | None,
-    chat_template: Path | None,
-    trust_remote_code: bool,
+    gguf_file: str | None = None,
+    system: str | None = None,
+    chat_template: Path | None = None,
+    trust_remote_code: bool = False,
+    layout: Path | None = None,
 ) -> Any:
-    from refdir.model import load_model
+    from refdir.layout_spec import LayoutSpec, read_layout
+
+    spec = LayoutSpec.from_fields(read_layout(layout)) if layout is not None else None
+    template = _template_text(chat_template)
+    from refdir.model import load_model  # after the option files are checked: imports torch
 
     return load_model(
         model,
@@ -147,8 +160,9 @@ def _load(
         device=device,
         gguf_file=gguf_file,
         system=system,
-        chat_template=_template_text(chat_template),
+        chat_template=template,
         trust_remote_code=trust_remote_code,
+        layout_spec=spec,
     )
 
 
@@ -202,6 +216,7 @@ def extract(
     system: SystemOpt = None,
     chat_template: TemplateOpt = None,
     trust_remote_code: RemoteOpt = False,
+    layout: LayoutOpt = None,
 ) -> None:
     """Difference-of-means candidates at every layer x post-instruction position, and a default direction."""
     from refdir.activations import extract_candidates
@@ -209,7 +224,7 @@ def extract(
 
     harmful_prompts = sample_prompts(harmful, n_train, seed)
     harmless_prompts = sample_prompts(harmless, n_train, seed)
-    cm = _load(model, device, dtype, gguf_file, system, chat_template, trust_remote_code)
+    cm = _load(model, device, dtype, gguf_file, system, chat_template, trust_remote_code, layout)
     if layer is not None and not 0 <= layer <= cm.n_layers:  # check before the passes
         raise RefdirError(f"--layer must be in 0..{cm.n_layers} for this model, got {layer}")
     if position >= 0 or -position > len(cm.chat.suffix_ids):
@@ -251,7 +266,7 @@ def _generate_under(
     device: str,
     dtype: str,
     seed: int,
-    loading: tuple[str | None, str | None, Path | None, bool],
+    loading: tuple[str | None, str | None, Path | None, bool, Path | None],
 ) -> None:
     from refdir.data import sample_prompts
     from refdir.direction import Direction
@@ -290,6 +305,7 @@ def ablate_cmd(
     system: SystemOpt = None,
     chat_template: TemplateOpt = None,
     trust_remote_code: RemoteOpt = False,
+    layout: LayoutOpt = None,
 ) -> None:
     """Generate greedily with the direction ablated at every layer and position."""
     _generate_under(
@@ -305,7 +321,7 @@ def ablate_cmd(
         device,
         dtype,
         seed,
-        (gguf_file, system, chat_template, trust_remote_code),
+        (gguf_file, system, chat_template, trust_remote_code, layout),
     )
 
 
@@ -329,6 +345,7 @@ def add_cmd(
     system: SystemOpt = None,
     chat_template: TemplateOpt = None,
     trust_remote_code: RemoteOpt = False,
+    layout: LayoutOpt = None,
 ) -> None:
     """Generate greedily with coeff x direction added to its layer's input at every position."""
     _generate_under(
@@ -344,7 +361,7 @@ def add_cmd(
         device,
         dtype,
         seed,
-        (gguf_file, system, chat_template, trust_remote_code),
+        (gguf_file, system, chat_template, trust_remote_code, layout),
     )
 
 
@@ -358,13 +375,14 @@ def orthogonalize(
     dtype: DtypeOpt = "auto",
     gguf_file: GgufOpt = None,
     trust_remote_code: RemoteOpt = False,
+    layout: LayoutOpt = None,
 ) -> None:
     """Edit the weights so nothing writes along the direction; export a safetensors checkpoint."""
     from refdir.direction import Direction
     from refdir.orthogonalize import export_orthogonalized
 
     chosen = Direction.load(direction)
-    cm = _load(model, device, dtype, gguf_file, None, None, trust_remote_code)
+    cm = _load(model, device, dtype, gguf_file, trust_remote_code=trust_remote_code, layout=layout)
     manifest = export_orthogonalized(cm, chosen, out)
     kind = "exact" if manifest["exact"] else "approximate"
     typer.echo(
@@ -608,9 +626,11 @@ def run_cmd(
     system: SystemOpt = None,
     chat_template: TemplateOpt = None,
     trust_remote_code: RemoteOpt = False,
+    layout: LayoutOpt = None,
 ) -> None:
     """The paper's study end to end: select a direction, evaluate it, write report.html."""
     from refdir.config import RunConfig, check_step
+    from refdir.layout_spec import read_layout
 
     tokens = None
     if refusal_tokens is not None:
@@ -639,6 +659,7 @@ def run_cmd(
             trust_remote_code=trust_remote_code,
             system=system,
             chat_template=_template_text(chat_template),
+            layout=read_layout(layout) if layout is not None else None,
             seed=seed,
             n_train=n_train,
             n_val=n_val,
@@ -727,6 +748,7 @@ def evaluate(
     system: SystemOpt = None,
     chat_template: TemplateOpt = None,
     trust_remote_code: RemoteOpt = False,
+    layout: LayoutOpt = None,
 ) -> None:
     """Greedy completions on a prompt set, scored for refusal by markers."""
     from refdir.data import sample_prompts
@@ -737,7 +759,7 @@ def evaluate(
         raise RefdirError(f"--completions {completions} is a folder; give a .jsonl file path")
     chosen = Direction.load(direction) if direction is not None else None
     instructions = sample_prompts(prompts, n, seed)
-    cm = _load(model, device, dtype, gguf_file, system, chat_template, trust_remote_code)
+    cm = _load(model, device, dtype, gguf_file, system, chat_template, trust_remote_code, layout)
     result = evaluate_refusal(
         cm, instructions, prompts, intervention, chosen, coeff, max_new_tokens, batch_size
     )
@@ -760,6 +782,7 @@ def suffix(
     direction: DirectionOpt,
     out: Annotated[Path, typer.Option(help="Output folder.")],
     model: ModelOpt = "organism",
+    layout: LayoutOpt = None,
     prompts: Annotated[
         str, typer.Option(help="Harmful set the universal suffix is searched on.")
     ] = "harmful_train",
@@ -818,7 +841,7 @@ def suffix(
     chosen = Direction.load(direction)
     train = sample_prompts(prompts, n_prompts, seed)
     held_out = held_out_prompts(eval_prompts, n_eval, seed, exclude=train)
-    cm = _load(model, device, dtype, None, None, None, False)
+    cm = _load(model, device, dtype, layout=layout)
     summary = run_suffix_experiment(
         cm,
         chosen,

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from refdir.errors import RefdirError
+from refdir.layout_spec import LayoutSpec
 
 if TYPE_CHECKING:
     from refdir.select import SelectionConfig
@@ -42,6 +43,11 @@ class RunConfig(BaseModel):
     )
     chat_template: str | None = Field(
         None, description="a Jinja chat template (its text), for models without one"
+    )
+    layout: dict[str, str | None] | None = Field(
+        None,
+        description="layout pattern overrides (LayoutSpec fields) for a model whose parts the "
+        "defaults miss",
     )
     seed: int = Field(42, description="seed for every sample of prompts")
     n_train: int = Field(
@@ -151,6 +157,16 @@ class RunConfig(BaseModel):
         allow_inf_nan=False,
         description="stop the suffix search after this many minutes (0: no limit)",
     )
+
+    @field_validator("layout")
+    @classmethod
+    def _layout(cls, value: dict[str, str | None] | None) -> dict[str, str | None] | None:
+        if value is not None:
+            try:
+                LayoutSpec.from_fields(value)
+            except RefdirError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @model_validator(mode="after")
     def _pick_by_hand(self) -> RunConfig:

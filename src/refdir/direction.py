@@ -256,12 +256,20 @@ class Candidates:
 
     @classmethod
     def load(cls, path: str | Path) -> Candidates:
+        """Load from a folder or its ``candidates.safetensors``."""
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():
+            path = path / "candidates.safetensors"
         if not path.exists():
             raise RefdirError(f"no candidates at {path}; run `refdir extract`")
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("refdir", "{}"))
-            harmful, harmless = f.get_tensor("harmful_mean"), f.get_tensor("harmless_mean")
-        return cls(harmful, harmless, **meta)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("refdir", "{}"))
+                harmful, harmless = f.get_tensor("harmful_mean"), f.get_tensor("harmless_mean")
+            return cls(harmful, harmless, **meta)
+        except Exception as exc:  # safetensors and json raise errors of their own
+            raise RefdirError(
+                f"{path} is not a candidates file written by refdir ({exc}); run `refdir extract`"
+            ) from None

@@ -210,8 +210,8 @@ def verify_ablation(cm: ChatModel, prompts: Sequence[str] = _VERIFY_PROMPTS) -> 
         raise RefdirError(
             f"ablation leaves {shares[site]:.2g} of the direction in the residual stream of "
             f"{type(cm.model).__name__} from {place} on: a block before it writes into the "
-            "residual stream without being found; in Python, name every such block with "
-            "load_model(..., layout_spec=LayoutSpec(...)) (docs/orthogonalization.md)"
+            "residual stream without being found; name every such block with --layout FILE.json "
+            "(in Python, load_model(..., layout_spec=LayoutSpec(...))), see docs/orthogonalization.md"
         )
     return max(shares)
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import copy
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
 from refdir.errors import RefdirError
+from refdir.layout_spec import LayoutSpec
 
 __all__ = [
     "LayerLayout",
@@ -30,54 +31,6 @@ __all__ = [
     "effective_norm_scale",
     "find_layout",
 ]
-
-
-@dataclass(frozen=True)
-class LayoutSpec:
-    """Regular expressions (matched against a child's name) that locate each part.
-
-    Where a pattern has alternatives, the first alternative that names a child wins (so
-    ``post_self_attn_layernorm`` is preferred to ``post_attention_layernorm``, which is the
-    pre-MLP norm in GLM-4). Override any field to support a model the defaults miss, for
-    example ``LayoutSpec(mlp=r"feed_forward", mlp_out=r"w2")``.
-    """
-
-    layers: str | None = field(
-        default=None,
-        metadata={"help": "dotted path of the decoder-layer ModuleList; None finds it by size"},
-    )
-    attn: str = field(
-        default=r"self_attn|self_attention|attention|attn|linear_attn|mamba|mixer",
-        metadata={
-            "help": "token mixers: every child that matches writes into the residual stream "
-            "(several in parallel-mixer families such as Falcon-H1)"
-        },
-    )
-    mlp: str = field(
-        default=r"mlp|block_sparse_moe|feed_forward|ffn|shared_mlp",
-        metadata={
-            "help": "MLP or MoE blocks: every child that matches writes into the residual "
-            "stream (Granite's shared MLP beside its experts)"
-        },
-    )
-    attn_out: str = field(
-        default=r"o_proj|out_proj|dense|c_proj|wo", metadata={"help": "a mixer's output projection"}
-    )
-    mlp_out: str = field(
-        default=r"down_proj|w2|fc2|fc_out|c_proj|dense_4h_to_h|wo|output_linear",
-        metadata={"help": "MLP output projection(s); every match in the MLP subtree is edited"},
-    )
-    post_attn_norm: str = field(
-        default=r"post_self_attn_layernorm|post_attention_layernorm|post_attn_norm",
-        metadata={"help": "norm applied to the attention output (sandwich families only)"},
-    )
-    post_mlp_norm: str = field(
-        default=r"post_feedforward_layernorm|post_mlp_layernorm|post_ffw_norm",
-        metadata={"help": "norm applied to the MLP output; its presence marks a sandwich family"},
-    )
-    final_norm: str = field(
-        default=r"norm|final_layernorm|ln_f|final_norm", metadata={"help": "final norm"}
-    )
 
 
 @dataclass(frozen=True)
@@ -114,10 +67,11 @@ class LayerLayout:
     """One decoder layer: the blocks whose outputs are added to the residual stream."""
 
     layer: nn.Module
-    attn: nn.Module
-    """The layer's (first) token mixer, which the suffix analysis reads attention heads from."""
-    attn_out: nn.Module
-    mlp: nn.Module
+    attn: nn.Module | None
+    """The layer's (first) token mixer, which the suffix analysis reads attention heads from
+    (None where the layout has no mixers: ``LayoutSpec(attn=None)``)."""
+    attn_out: nn.Module | None
+    mlp: nn.Module | None
     writes: tuple[Write, ...]
     """Every mixer's write, then the MLP's."""
 
@@ -236,7 +190,7 @@ def _not_found(parent: nn.Module, what: str, where: str) -> RefdirError:
     names = ", ".join(n for n, _ in parent.named_children())
     return RefdirError(
         f"could not find the {what} in {where} (children: {names}); "
-        f"pass a LayoutSpec override for {what}"
+        f"name it with a --layout JSON file of LayoutSpec fields (in Python, layout_spec=LayoutSpec(...))"
     )
 
 
@@ -264,7 +218,8 @@ def _find_layers(model: nn.Module, spec: LayoutSpec, n_layers: int | None) -> nn
     if not lists:
         raise RefdirError(
             "could not find the decoder layers (a ModuleList with one entry per hidden layer); "
-            "pass LayoutSpec(layers='model.layers')"
+            'set layers in a --layout JSON file, e.g. {"layers": "model.layers"} (in Python, '
+            "LayoutSpec(layers='model.layers'))"
         )
     return max(lists, key=len)
 
@@ -328,26 +283,32 @@ def _mixer_write(name: str, mixer: nn.Module, spec: LayoutSpec, d_model: int, wh
     if weight is None:
         raise RefdirError(
             f"the output projection of {name} in {where} ({type(out).__name__}) does not write "
-            f"the residual stream's {d_model} features; pass LayoutSpec(attn_out=...)"
+            f"the residual stream's {d_model} features; set attn_out in a --layout JSON file "
+            "(in Python, LayoutSpec(attn_out=...))"
         )
     return Write(mixer, (weight,))
 
 
 def _layer_layout(i: int, layer: nn.Module, spec: LayoutSpec, d_model: int) -> LayerLayout:
     where = f"layer {i} ({type(layer).__name__})"
-    mixers = _children(layer, spec.attn)
-    if not mixers:
+    mixers = _children(layer, spec.attn) if spec.attn is not None else []
+    if spec.attn is not None and not mixers:
         raise _not_found(layer, "attention block", where)
-    mlps = _children(layer, spec.mlp)
-    if not mlps:
+    mlps = _children(layer, spec.mlp) if spec.mlp is not None else []
+    if spec.mlp is not None and not mlps:
         raise _not_found(layer, "MLP block", where)
+    if not mixers and not mlps:
+        raise RefdirError(
+            "layout fields 'attn' and 'mlp' cannot both be null: set the pattern of the blocks "
+            "that write into the residual stream"
+        )
     writes = [_mixer_write(name, m, spec, d_model, where) for name, m in mixers]
     for name, mlp in mlps:
         mlp_out = _mlp_outputs(mlp, spec, d_model)
         if not mlp_out:
             raise RefdirError(
-                f"could not find the output projection of {name} in {where}; pass "
-                "LayoutSpec(mlp_out=...)"
+                f"could not find the output projection of {name} in {where}; set "
+                "mlp_out in a --layout JSON file (in Python, LayoutSpec(mlp_out=...))"
             )
         writes.append(Write(mlp, mlp_out))
     post_mlp = _optional_child(layer, spec.post_mlp_norm)
@@ -355,15 +316,16 @@ def _layer_layout(i: int, layer: nn.Module, spec: LayoutSpec, d_model: int) -> L
         if len(writes) > 2:
             raise RefdirError(
                 f"{where} has several mixers or MLPs and post-norms, a layout refdir does not "
-                "know; pass a LayoutSpec override"
+                "know; name its parts in a --layout JSON file (in Python, layout_spec=LayoutSpec(...))"
             )
         post_attn = _child(layer, spec.post_attn_norm, "post-attention norm", where)
         writes = [
             Write(post_attn, writes[0].weights, post_attn),
             Write(post_mlp, writes[1].weights, post_mlp),
         ]
-    first = writes[0]
-    return LayerLayout(layer, mixers[0][1], first.weights[0].module, mlps[0][1], tuple(writes))
+    mixer = mixers[0][1] if mixers else None
+    mixer_out = writes[0].weights[0].module if mixers else None
+    return LayerLayout(layer, mixer, mixer_out, mlps[0][1] if mlps else None, tuple(writes))
 
 
 def find_layout(model: nn.Module, spec: LayoutSpec | None = None) -> ModelLayout:

@@ -25,6 +25,7 @@ from refdir.config import STEPS, RunConfig, check_step, recorded_options
 from refdir.data import load_prompts, sample_prompts
 from refdir.direction import Candidates, Direction, atomic_path, make_folder
 from refdir.errors import RefdirError
+from refdir.layout_spec import LayoutSpec
 from refdir.model import ChatModel, load_model, names_local_path
 from refdir.select import (
     CandidateScores,
@@ -105,6 +106,7 @@ class Run:
                 trust_remote_code=c.trust_remote_code,
                 system=c.system,
                 chat_template=c.chat_template,
+                layout_spec=LayoutSpec.from_fields(c.layout) if c.layout else None,
             )
             _check_hand_pick(c, self._cm)
         return self._cm

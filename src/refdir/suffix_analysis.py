@@ -127,11 +127,25 @@ class SuffixAnalysis:
 # --------------------------------------------------------------------------- capture
 
 
+def attention_parts(cm: ChatModel) -> list[tuple[nn.Module, nn.Module]]:
+    """Each layer's (attention block, its output projection), whose heads the analysis reads;
+    a one-line error for a layout with layers that have no token mixer."""
+    parts = []
+    for i, part in enumerate(cm.layout.per_layer):
+        if part.attn is None or part.attn_out is None:
+            raise RefdirError(
+                f"layer {i} of {cm.name} has no attention block; the suffix analysis reads the "
+                "attention heads of every layer"
+            )
+        parts.append((part.attn, part.attn_out))
+    return parts
+
+
 def head_geometry(cm: ChatModel) -> tuple[int, int]:
     """(number of query heads, head dimension) from the config and the output projection."""
     config = cm.model.config.get_text_config()
     n_heads = getattr(config, "num_attention_heads", None)
-    weight = getattr(cm.layout.per_layer[0].attn_out, "weight", None)
+    weight = getattr(attention_parts(cm)[0][1], "weight", None)
     if not isinstance(n_heads, int) or not isinstance(weight, torch.Tensor):
         raise RefdirError("cannot find the number of attention heads in the model config")
     width = int(weight.shape[1])
@@ -227,9 +241,9 @@ def _capture_hooks(
         return hook
 
     hooks = residual_stream(cm.layout.layers, keep_resid)
-    for i, part in enumerate(cm.layout.per_layer):
-        hooks.append((part.attn, "output", attn_out(i)))
-        hooks.append((part.attn_out, "input", o_proj_in(i)))
+    for i, (attn, out_proj) in enumerate(attention_parts(cm)):
+        hooks.append((attn, "output", attn_out(i)))
+        hooks.append((out_proj, "input", o_proj_in(i)))
     return hooks
 
 
@@ -237,8 +251,8 @@ def _head_write_directions(cm: ChatModel, unit: torch.Tensor) -> torch.Tensor:
     """[L, H, hd]: W_O[:, h]^T r, so a head's attribution is z_h . (W_O[:, h]^T r)."""
     n_heads, head_dim = head_geometry(cm)
     rows = []
-    for part in cm.layout.per_layer:
-        weight = part.attn_out.weight
+    for _, out_proj in attention_parts(cm):
+        weight = out_proj.weight
         if not isinstance(weight, torch.Tensor):
             raise RefdirError("the attention output projection has no weight matrix")
         weight = weight.detach().float().cpu()
