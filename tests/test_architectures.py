@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from refdir.activations import extract_candidates
+from refdir.direction import Direction
 from refdir.errors import RefdirError
 from refdir.generation import generate, last_position_logits
 from refdir.hooks import hooked
@@ -25,7 +27,7 @@ from refdir.model import ChatModel, load_model
 from refdir.orthogonalize import export_orthogonalized, parity
 from refdir.pipeline import run_pipeline
 from refdir.select import ValidationSets, refusal_metric, score_candidates
-from refdir.suffix_analysis import attention_parts
+from refdir.suffix_analysis import analyze_suffix, attention_parts
 from tiny import MORE_ARCHS, tiny_chat_model, tiny_model, tiny_tokenizer
 
 SUPPORTED = [a for a in MORE_ARCHS if a != "minimax"]
@@ -86,7 +88,7 @@ def test_the_layout_features_each_family_is_here_for() -> None:
     as_mlps = LayoutSpec(attn=None, mlp="mixer", mlp_out="out_proj|o_proj|down_proj")
     mlps_only = ChatModel(nemotron.model, nemotron.tokenizer, name="n", layout_spec=as_mlps)
     assert verify_ablation(mlps_only) < 1e-5  # the same writers, found as MLPs
-    with pytest.raises(RefdirError, match="layer 0 of n has no attention block"):
+    with pytest.raises(RefdirError, match="n has no attention layer found by its layout"):
         attention_parts(mlps_only)  # the suffix analysis reads attention heads
 
 
@@ -282,3 +284,17 @@ def test_the_check_at_load_can_be_skipped_by_name(
         load_model(str(folder))
     monkeypatch.setenv("REFDIR_SKIP_LAYOUT_CHECK", "1")
     assert load_model(str(folder)).n_layers == 3  # loaded, unchecked, with a warning
+
+
+@pytest.mark.parametrize("arch", ["jamba", "qwen3_next"])
+def test_the_suffix_analysis_reads_the_attention_layers_of_a_hybrid_model(arch: str) -> None:
+    cm = tiny_chat_model(arch)  # layer 1 is attention; layers 0 and 2 are Mamba / delta-net
+    unit = torch.randn(cm.d_model, generator=torch.Generator().manual_seed(0))
+    direction = Direction(unit, 2, -1, cm.name)
+    result = analyze_suffix(cm, direction, PROMPTS, " !a!b", "qz%1", n_top=3, max_new_tokens=2)
+    for heads_by_layer in result.head_attribution:
+        assert all(v is None for v in heads_by_layer[0] + heads_by_layer[2])
+        assert all(isinstance(v, float) and math.isfinite(v) for v in heads_by_layer[1])
+    assert [layer for layer, _ in result.top_heads] == [1, 1, 1]
+    split = torch.tensor(result.attention_split)  # [C, top, region]: the last token's attention
+    torch.testing.assert_close(split.sum(-1), torch.ones(split.shape[:2]))

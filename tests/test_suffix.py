@@ -46,10 +46,12 @@ def _full_loss(cm: ChatModel, search: SuffixSearch, ids: torch.Tensor) -> float:
     return float(odds.mean())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3_moe", "jamba", "lfm2"])
 def test_cached_objective_matches_a_plain_forward(arch: str) -> None:
+    """Hybrid models (Mamba, convolution state) cannot repeat their cache: whole-prompt passes."""
     cm = tiny_chat_model(arch)
     search = SuffixSearch(cm, PROMPTS, SMALL)
+    assert (search.cache is None) == (arch in ("jamba", "lfm2"))
     ids = search.initial_ids()
     cands = torch.stack([ids, search.sample(ids, torch.randn(len(ids), search.vocab))[0]])
     losses = search.loss(cands)
@@ -59,6 +61,18 @@ def test_cached_objective_matches_a_plain_forward(arch: str) -> None:
     search.config = SuffixConfig(**{**SMALL.__dict__, "eval_batch": 3})  # 6 buckets
     shared = search.loss(swaps, base=ids)  # from caches of the tokens shared with ``ids``
     torch.testing.assert_close(shared, search.loss(swaps), atol=1e-4, rtol=1e-4)
+
+
+def test_whole_prompt_passes_equal_the_cached_ones(cm: ChatModel) -> None:
+    search = SuffixSearch(cm, PROMPTS, SMALL)
+    ids = search.initial_ids()
+    swaps = search.sample(ids, torch.randn(len(ids), search.vocab))
+    cached, (grad, loss) = search.loss(swaps, base=ids), search.gradient(ids)
+    search.cache = None  # as for a hybrid model
+    torch.testing.assert_close(search.loss(swaps, base=ids), cached, atol=1e-4, rtol=1e-4)
+    whole_grad, whole_loss = search.gradient(ids)
+    torch.testing.assert_close(whole_grad, grad, atol=1e-4, rtol=1e-4)
+    assert whole_loss == pytest.approx(loss, abs=1e-4)
 
 
 def test_target_objective_is_the_cross_entropy_of_the_target(cm: ChatModel) -> None:

@@ -17,7 +17,8 @@ post-instruction template tokens. Each step:
 
 The prompt before the suffix (template prefix + instruction) is the same for every candidate,
 so its key/value cache is computed once and reused: each forward pass only runs the suffix and
-the post-instruction tokens. Two objectives, both minimised and averaged over the instructions:
+the post-instruction tokens (hybrid models, whose recurrent or convolution state cannot be
+repeated per candidate, run the whole prompt in every pass instead). Two objectives, both minimised and averaged over the instructions:
 
 * ``refusal``: the refusal log-odds at the first response token,
   ``logsumexp(logits[R]) - logsumexp(logits[not R])`` for the refusal-start tokens ``R``;
@@ -277,9 +278,16 @@ class SuffixSearch:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        self.cache = returned_cache(out)
-        if self.cache is None:
-            raise RefdirError(f"{self.cm.name} returns no key/value cache; suffix search needs one")
+        cache = returned_cache(out)
+        layers = getattr(cache, "layers", None)
+        # recurrent or convolution state (hybrid models) cannot be repeated per candidate: such
+        # models run the whole prompt in every pass (None), from the prefix's embeddings
+        repeatable = isinstance(layers, list) and all(
+            hasattr(layer, "batch_repeat_interleave") for layer in layers
+        )
+        self.cache = cache if repeatable else None
+        with torch.no_grad():
+            self.head_embeds = self.cm.layout.embed(ids.to(self.cm.device))
 
     def _forward(
         self,
@@ -292,10 +300,22 @@ class SuffixSearch:
         """Run new-token embeddings laid out instruction-major (row ``i * repeats + c``) after a
         cache of prefix + ``offset`` suffix tokens (default: the prefix cache). Returns the model
         output (logits for the last ``keep`` positions, the extended cache)."""
+        head_mask = self.head_mask.repeat_interleave(repeats, 0)
+        if self.cache is None:  # the whole prompt, prefix first
+            heads = self.head_embeds.repeat_interleave(repeats, 0).to(embeds.dtype)
+            mask = torch.cat(
+                [head_mask, head_mask.new_ones(head_mask.shape[0], embeds.shape[1])], 1
+            )
+            return self.cm.model(
+                inputs_embeds=torch.cat([heads, embeds], 1),
+                attention_mask=mask,
+                position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                use_cache=False,
+                logits_to_keep=self.keep if keep is None else keep,
+            )
         cache = copy.deepcopy(self.cache if cache is None else cache)
         if repeats > 1:
             cache.batch_repeat_interleave(repeats)
-        head_mask = self.head_mask.repeat_interleave(repeats, 0)
         new = embeds.shape[1]
         mask = torch.cat([head_mask, head_mask.new_ones(head_mask.shape[0], offset + new)], 1)
         start = self.head_len.repeat_interleave(repeats, 0)[:, None] + offset
@@ -371,7 +391,7 @@ class SuffixSearch:
         """
         n_tokens = self.config.n_tokens
         n_buckets = min(n_tokens, len(candidates) * len(self.heads) // self.config.eval_batch)
-        if base is None or candidates.shape[1] != n_tokens or n_buckets < 2:
+        if self.cache is None or base is None or candidates.shape[1] != n_tokens or n_buckets < 2:
             return self._loss_from(candidates, None, 0)
         differs = candidates != base[None]
         first = torch.where(differs.any(1), differs.float().argmax(1), n_tokens - 1)

@@ -20,6 +20,7 @@ and restored after); per-head outputs from a pre-hook on the output projection. 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -83,8 +84,9 @@ class SuffixAnalysis:
     """[C][L+1] mean cosine similarity with the direction."""
     projection_by_position: list[list[list[float]]]
     """[C][L+1][n_post] mean projection at each post-instruction position."""
-    head_attribution: list[list[list[float]]]
-    """[C][L][H] mean direct attribution of each head's output to the direction (last position)."""
+    head_attribution: list[list[list[float | None]]]
+    """[C][L][H] mean direct attribution of each head's output to the direction (last position;
+    null in layers without attention)."""
     top_heads: list[list[int]]
     """[[layer, head], ...] by attribution in the ``alone`` condition."""
     attention_split: list[list[list[float]]]
@@ -127,25 +129,34 @@ class SuffixAnalysis:
 # --------------------------------------------------------------------------- capture
 
 
-def attention_parts(cm: ChatModel) -> list[tuple[nn.Module, nn.Module]]:
+def attention_parts(cm: ChatModel) -> list[tuple[nn.Module, nn.Module] | None]:
     """Each layer's (attention block, its output projection), whose heads the analysis reads;
-    a one-line error for a layout with layers that have no token mixer."""
-    parts = []
-    for i, part in enumerate(cm.layout.per_layer):
-        if part.attn is None or part.attn_out is None:
-            raise RefdirError(
-                f"layer {i} of {cm.name} has no attention block; the suffix analysis reads the "
-                "attention heads of every layer"
-            )
-        parts.append((part.attn, part.attn_out))
+    None for a layer whose token mixer is not attention (by its class name: the state-space,
+    convolution and linear-attention layers of hybrid models). A one-line error for a model
+    with no attention layer."""
+    parts: list[tuple[nn.Module, nn.Module] | None] = []
+    for part in cm.layout.per_layer:
+        attn, out = part.attn, part.attn_out
+        name = type(attn).__name__
+        if attn is not None and out is not None and "Attention" in name and "Linear" not in name:
+            parts.append((attn, out))
+        else:
+            parts.append(None)
+    if not any(parts):
+        raise RefdirError(
+            f"{cm.name} has no attention layer found by its layout; the suffix analysis reads "
+            "attention heads"
+        )
     return parts
 
 
 def head_geometry(cm: ChatModel) -> tuple[int, int]:
-    """(number of query heads, head dimension) from the config and the output projection."""
+    """(number of query heads, head dimension) from the config and the output projection of
+    the first attention layer."""
     config = cm.model.config.get_text_config()
     n_heads = getattr(config, "num_attention_heads", None)
-    weight = getattr(attention_parts(cm)[0][1], "weight", None)
+    first = next(part for part in attention_parts(cm) if part is not None)
+    weight = getattr(first[1], "weight", None)
     if not isinstance(n_heads, int) or not isinstance(weight, torch.Tensor):
         raise RefdirError("cannot find the number of attention heads in the model config")
     width = int(weight.shape[1])
@@ -215,10 +226,10 @@ def _capture_hooks(
 ) -> list[Hook]:
     n_post, n_layers = cm.chat.n_post, cm.n_layers
     n_heads, head_dim = head_geometry(cm)
-    store.update(
+    store.update(  # layers without attention keep NaN
         resid=[torch.empty(0)] * (n_layers + 1),
-        heads=[torch.empty(0)] * n_layers,
-        attn=[torch.empty(0)] * n_layers,
+        heads=[torch.full((1, n_heads, head_dim), math.nan)] * n_layers,
+        attn=[torch.full((1, n_heads, 1), math.nan)] * n_layers,
     )
 
     def keep_resid(index: int, hidden: torch.Tensor) -> None:
@@ -241,18 +252,23 @@ def _capture_hooks(
         return hook
 
     hooks = residual_stream(cm.layout.layers, keep_resid)
-    for i, (attn, out_proj) in enumerate(attention_parts(cm)):
-        hooks.append((attn, "output", attn_out(i)))
-        hooks.append((out_proj, "input", o_proj_in(i)))
+    for i, part in enumerate(attention_parts(cm)):
+        if part is not None:
+            hooks.append((part[0], "output", attn_out(i)))
+            hooks.append((part[1], "input", o_proj_in(i)))
     return hooks
 
 
 def _head_write_directions(cm: ChatModel, unit: torch.Tensor) -> torch.Tensor:
-    """[L, H, hd]: W_O[:, h]^T r, so a head's attribution is z_h . (W_O[:, h]^T r)."""
+    """[L, H, hd]: W_O[:, h]^T r, so a head's attribution is z_h . (W_O[:, h]^T r) (NaN in
+    layers without attention)."""
     n_heads, head_dim = head_geometry(cm)
     rows = []
-    for _, out_proj in attention_parts(cm):
-        weight = out_proj.weight
+    for part in attention_parts(cm):
+        if part is None:
+            rows.append(torch.full((n_heads, head_dim), math.nan))
+            continue
+        weight = part[1].weight
         if not isinstance(weight, torch.Tensor):
             raise RefdirError("the attention output projection has no weight matrix")
         weight = weight.detach().float().cpu()
@@ -274,9 +290,10 @@ def _capture(cm: ChatModel, instructions: Sequence[str], extra: str, unit: torch
     resid = torch.stack(store["resid"], 1)  # [B, L+1, P, d]
     projection = resid @ unit
     cosine = projection / resid.norm(dim=-1).clamp_min(1e-12)
-    z = torch.stack(store["heads"], 1)  # [B, L, H, hd]
+    rows, width = len(instructions), max(a.shape[-1] for a in store["attn"])
+    z = torch.stack([h.expand(rows, -1, -1) for h in store["heads"]], 1)  # [B, L, H, hd]
     attribution = (z * _head_write_directions(cm, unit)[None]).sum(-1)
-    attn = torch.stack(store["attn"], 1)  # [B, L, H, K]
+    attn = torch.stack([a.expand(rows, -1, width) for a in store["attn"]], 1)  # [B, L, H, K]
     regions = _region_masks(cm, instructions, extra, attn.shape[-1])
     split = torch.einsum("blhk,bkr->blhr", attn, regions)
     return _Batch(projection, cosine, attribution, split)
@@ -305,7 +322,7 @@ def _measure(
 
 def _top_heads(attribution: torch.Tensor, max_layer: int, n_top: int) -> list[list[int]]:
     """[[layer, head]] of the largest mean attributions [L, H] in layers below ``max_layer``."""
-    scores = attribution.clone()
+    scores = attribution.nan_to_num(nan=-math.inf)  # layers without attention
     if 0 < max_layer < scores.shape[0]:
         scores[max_layer:] = float("-inf")
     flat = scores.flatten().topk(min(n_top, int(torch.isfinite(scores).sum()))).indices
@@ -370,7 +387,10 @@ def analyze_suffix(
         projection_by_position=torch.stack(
             [measured[c].projection.mean(0) for c in CONDITIONS]
         ).tolist(),
-        head_attribution=attribution.tolist(),
+        head_attribution=[
+            [[None if math.isnan(v) else v for v in heads] for heads in layers]
+            for layers in attribution.tolist()
+        ],
         top_heads=top,
         attention_split=[
             [split[ci, layer, head].tolist() for layer, head in top]
