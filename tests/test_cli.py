@@ -486,3 +486,46 @@ def test_a_layout_file_names_the_parts_the_defaults_miss(tmp_path: Path) -> None
     bad_run = runner.invoke(app, [*run[:5], "--out", str(fresh)])  # the unreadable file
     assert bad_run.exit_code == 2 and "is not readable JSON" in bad_run.stderr
     assert not fresh.exists()
+
+
+def test_a_hub_id_loads_from_the_cache_when_the_hub_cannot_be_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    import refdir.model
+
+    repo = tmp_path / "models--me--tiny"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    tiny_model("llama").save_pretrained(snapshot)
+    tiny_tokenizer().save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    probe = refdir.model._hub_reachable.__wrapped__  # the probe itself, uncached
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(refdir.model, "_hub_reachable", lambda: False)
+    evaluate = ["evaluate", "--n", "1", "--max-new-tokens", "2", "--json", "--model"]
+    start = time.perf_counter()
+    assert runner.invoke(app, [*evaluate, "me/tiny"]).exit_code == 0  # no retries: offline
+    missing = runner.invoke(app, [*evaluate, "me/other"])
+    assert time.perf_counter() - start < 30
+    assert missing.exit_code == 2 and "cannot be reached from here" in missing.stderr
+    assert "hf download me/other" in missing.stderr
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is offline  # restored after the load
+    # the probe: a closed port, an open one, and a proxy it cannot see through
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        assert probe(timeout=2.0) is True
+    assert probe(timeout=2.0) is False  # closed now
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert probe(timeout=2.0) is True

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from transformers import (
@@ -237,15 +241,24 @@ def _load_pretrained(
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf is not None:
         kwargs["gguf_file"] = gguf
+    unreachable = not Path(source).exists() and not _hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            dtype=torch_dtype,
-            device_map="auto" if device == "auto" else None,
-            **kwargs,
-        )
+        # an unreachable hub: the local cache only, not a minute of retries per file
+        with _offline() if unreachable else contextlib.nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=torch_dtype,
+                device_map="auto" if device == "auto" else None,
+                **kwargs,
+            )
     except Exception as exc:  # damaged weights raise library-specific errors of their own
+        if unreachable and isinstance(exc, OSError):
+            raise RefdirError(
+                f"{spec!r} is not a local model folder, the Hugging Face hub cannot be reached "
+                "from here, and it is not in the local cache; download it where there is a "
+                f"network (hf download {spec}) or give a local folder"
+            ) from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RefdirError(
             f"could not load model {spec!r}: {reason}; check the folder's files"
@@ -256,6 +269,40 @@ def _load_pretrained(
         model.to(torch.device(device))  # type: ignore[arg-type]  # transformers stubs wrap .to
     log.info("loaded %s (%s, %s)", spec, torch_dtype, device)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """huggingface_hub's offline mode (``HF_HUB_OFFLINE=1``) for the duration."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+@functools.cache
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connection; assumed so behind
+    a proxy, which this probe cannot see through, and never so in offline mode."""
+    from huggingface_hub import is_offline_mode
+
+    if is_offline_mode():
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    if url.hostname is None:
+        return True
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _verified(cm: ChatModel) -> ChatModel:
