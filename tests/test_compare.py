@@ -9,11 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from refdir.cli import app
-from refdir.compare import write_comparison
+from refdir.compare import load_summary, write_comparison
 from refdir.errors import RefdirError
 from refdir.pipeline import run_pipeline
 from test_pipeline import CONFIG
-from tiny import tiny_chat_model
+from tiny import tiny_chat_model, tiny_model, tiny_tokenizer
 
 runner = CliRunner()
 
@@ -193,3 +193,19 @@ def test_a_local_model_is_labelled_by_its_name_from_any_folder(tmp_path: Path) -
     assert label("./models/tiny-chat") == "tiny-chat"
     assert label("Qwen/Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"
     assert label("organism") == "organism"
+
+
+def test_a_relative_local_model_with_one_slash_is_not_taken_for_a_hub_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    tiny_model("llama").save_pretrained("models/tiny-chat")  # reads like "org/name"
+    tiny_tokenizer().save_pretrained("models/tiny-chat")
+    args = ["run", "--model", "models/tiny-chat", "--out", "run", "--until", "prompts"]
+    result = CliRunner().invoke(app, [*args, "--refusal-tokens", "5,6", "--no-filter"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(Path("run/config.json").read_text())["local_model"] is True
+    Path("run/metrics.json").write_text(json.dumps({"model": "models/tiny-chat"}))
+    Path("run/selection.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "models")  # compared from elsewhere: the path is gone
+    assert load_summary(tmp_path / "run").label == "tiny-chat"

@@ -58,6 +58,8 @@ class RunSummary:
     selection: dict[str, Any]
     options: dict[str, Any]
     benchmarks: dict[str, Any]
+    local: bool = False
+    """Whether the model was a local path where the run ran (``config.json``'s ``local_model``)."""
 
     @property
     def model(self) -> str:
@@ -71,7 +73,7 @@ class RunSummary:
         if isinstance(gguf, str) and gguf:
             return Path(gguf).name.removesuffix(".gguf")
         path = Path(self.model)
-        if path.exists() or names_local_path(self.model):  # wherever the comparison runs
+        if self.local or path.exists() or names_local_path(self.model):  # wherever compared
             return path.name.removesuffix(".gguf")
         return self.model
 
@@ -101,7 +103,8 @@ def load_summary(run_dir: str | Path, label: str | None = None) -> RunSummary:
     recorded = config.get("options") or {}
     options = recorded_options(recorded) if recorded else {}  # no config.json: unknown
     benchmarks = read_artifact(path, "benchmarks.json", required=False)
-    summary = RunSummary(label or "", path, metrics, selection, options, benchmarks)
+    local = config.get("local_model") is True
+    summary = RunSummary(label or "", path, metrics, selection, options, benchmarks, local)
     return summary if label else replace(summary, label=summary.short_name)
 
 

@@ -808,6 +808,8 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> bool:
         {
             "options": config.result_keys(),
             "run": config.model_dump(mode="json"),
+            # a relative "runs/merged" reads like a hub id elsewhere: say what it was here
+            "local_model": config.model != "organism" and Path(config.model).expanduser().exists(),
             "versions": versions(),
         },
     )
