@@ -114,6 +114,11 @@ def test_generation_under_intervention_prints_jsonl(
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert len(records) == 2 and set(records[0]) == {"prompt", "completion"}
+    args = [command, "--model", str(model_dir), "--direction", str(extracted), "--json"]
+    args += ["--prompts", str(prompt_files[0]), "--max-new-tokens", "1", "--n", "0"]
+    every = runner.invoke(app, args)  # --n 0: all three prompts of the file
+    assert every.exit_code == 0, every.output
+    assert len(every.stdout.strip().splitlines()) == 3
 
 
 def test_evaluate_json_summary(
@@ -277,6 +282,15 @@ def test_run_command_end_to_end(model_dir: Path, tmp_path: Path) -> None:
     assert Direction.load(out).layer == 1
     bad = runner.invoke(app, [*args[:-2], "--refusal-tokens", "I,As"])
     assert bad.exit_code == 2 and "integer token ids" in bad.stderr
+    # extract and run keep to folders of their own: neither overwrites the other's direction
+    extract = ["extract", "--model", str(model_dir), "--out", str(out), "--n-train", "2"]
+    into_run = runner.invoke(app, extract)
+    assert into_run.exit_code == 2 and "is a `refdir run` folder" in into_run.stderr
+    assert Direction.load(out).layer == 1
+    extracted = tmp_path / "extracted"
+    assert runner.invoke(app, [*extract[:-3], str(extracted), "--n-train", "2"]).exit_code == 0
+    into_extract = runner.invoke(app, [*args[:4], str(extracted), *args[5:]])
+    assert into_extract.exit_code == 2 and "holds results but no config.json" in into_extract.stderr
 
 
 def test_run_command_sets_every_selection_number(model_dir: Path, tmp_path: Path) -> None:

@@ -89,7 +89,7 @@ PromptsOpt = Annotated[
     ),
 ]
 NOpt = Annotated[
-    int | None, typer.Option("--n", help="Number of prompts (seeded sample); all if omitted.")
+    int | None, typer.Option("--n", help="Number of prompts (seeded sample); 0: all of them.")
 ]
 TokensOpt = Annotated[int, typer.Option(help="New tokens per completion (greedy).")]
 BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass (and per generated batch).")]
@@ -222,6 +222,11 @@ def extract(
     from refdir.activations import extract_candidates
     from refdir.data import sample_prompts
 
+    if (out / "config.json").exists():
+        raise RefdirError(
+            f"{out} is a `refdir run` folder, whose direction extract would overwrite; give "
+            "extract a folder of its own (a run redoes its extraction with --force extract)"
+        )
     harmful_prompts = sample_prompts(harmful, n_train, seed)
     harmless_prompts = sample_prompts(harmless, n_train, seed)
     cm = _load(model, device, dtype, gguf_file, system, chat_template, trust_remote_code, layout)
@@ -273,7 +278,7 @@ def _generate_under(
     from refdir.evaluate import evaluate_refusal
 
     chosen = Direction.load(direction)
-    instructions = sample_prompts(prompts, n, seed)
+    instructions = sample_prompts(prompts, n or None, seed)  # 0: all
     cm = _load(model, device, dtype, *loading)
     chosen.check(cm.d_model, cm.n_layers)
     result = evaluate_refusal(
@@ -758,7 +763,7 @@ def evaluate(
     if completions is not None and completions.is_dir():
         raise RefdirError(f"--completions {completions} is a folder; give a .jsonl file path")
     chosen = Direction.load(direction) if direction is not None else None
-    instructions = sample_prompts(prompts, n, seed)
+    instructions = sample_prompts(prompts, n or None, seed)  # 0: all
     cm = _load(model, device, dtype, gguf_file, system, chat_template, trust_remote_code, layout)
     result = evaluate_refusal(
         cm, instructions, prompts, intervention, chosen, coeff, max_new_tokens, batch_size
@@ -782,7 +787,6 @@ def suffix(
     direction: DirectionOpt,
     out: Annotated[Path, typer.Option(help="Output folder.")],
     model: ModelOpt = "organism",
-    layout: LayoutOpt = None,
     prompts: Annotated[
         str, typer.Option(help="Harmful set the universal suffix is searched on.")
     ] = "harmful_train",
@@ -817,6 +821,11 @@ def suffix(
     ] = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    gguf_file: GgufOpt = None,
+    system: SystemOpt = None,
+    chat_template: TemplateOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    layout: LayoutOpt = None,
 ) -> None:
     """Search a universal adversarial suffix (GCG) and show how it moves the refusal direction."""
     if not math.isfinite(max_minutes) or max_minutes < 0:
@@ -841,7 +850,7 @@ def suffix(
     chosen = Direction.load(direction)
     train = sample_prompts(prompts, n_prompts, seed)
     held_out = held_out_prompts(eval_prompts, n_eval, seed, exclude=train)
-    cm = _load(model, device, dtype, layout=layout)
+    cm = _load(model, device, dtype, gguf_file, system, chat_template, trust_remote_code, layout)
     summary = run_suffix_experiment(
         cm,
         chosen,

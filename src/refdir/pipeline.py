@@ -771,6 +771,11 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> bool:
     keep_completions = force_from > STEPS.index("evaluate")
     # a folder with no results yet (a run that failed in its first step) takes new options
     results = any((out / name).exists() for names in ARTIFACTS.values() for name in names)
+    if results and not path.exists() and force_from > 0:
+        raise RefdirError(
+            f"{out} holds results but no config.json (a `refdir extract` folder?); give "
+            "`refdir run` a folder of its own"
+        )
     if path.exists() and force_from > 0 and results:
         recorded = _recorded(out)
         changed = _changed(config, recorded)
