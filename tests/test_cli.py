@@ -239,6 +239,29 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
             "is a folder; give a Jinja file",
         ),
     ]
+    direction = ["--direction", str(extracted)]
+    cases += [  # checked before the model loads (or, for files, before any work)
+        (["evaluate", *model, "--intervention", "bogus"], "unknown --intervention 'bogus'"),
+        (["evaluate", *model, *direction], "--intervention is none; add --intervention"),
+        (["evaluate", *model, "--completions", "/proc/o.jsonl"], "cannot write in /proc"),
+        (["ablate", *model, *direction, "--batch-size", "0"], "--batch-size must be 1 or more"),
+        (["extract", *model, "--out", "/proc/x"], "cannot create the folder /proc/x"),
+        (
+            ["extract", *model, "--out", str(tmp_path / "s"), "--harmful", "harmless_train"],
+            "name the same set",
+        ),
+        (["orthogonalize", *model, *direction, "--out", "/proc/x"], "cannot write in /proc"),
+        (
+            ["suffix", *model, *direction, "--out", str(tmp_path / "x"), "--top-heads", "0"],
+            "--top-heads must be 1 or more",
+        ),
+        (
+            ["suffix", *direction, "--out", str(tmp_path / "x"), "--steps", "-1"],
+            "--steps (n_steps)",
+        ),
+        (["evaluate", "--model", str(a_file)], "is a file but not a .gguf"),
+        (["evaluate", "--gguf-file", "x.gguf"], "not the organism"),
+    ]
     for args, message in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
@@ -543,3 +566,27 @@ def test_a_hub_id_loads_from_the_cache_when_the_hub_cannot_be_reached(
     assert probe(timeout=2.0) is False  # closed now
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     assert probe(timeout=2.0) is True
+
+
+def test_usage_errors_are_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from refdir.cli import entry  # the installed `refdir` command
+
+    cases = [
+        (["extract", "--bogus"], "No such option: --bogus"),
+        (["ablate"], "Missing option '--direction'"),
+        (["evaluate", "--n", "abc"], "Invalid value for '--n'"),
+        (["bogus"], "No such command 'bogus'"),
+    ]
+    for argv, message in cases:
+        monkeypatch.setattr(sys, "argv", ["refdir", *argv])
+        with pytest.raises(SystemExit) as stop:
+            entry()
+        assert stop.value.code == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("error: ") and message in line and line.endswith("--help"), line
+    monkeypatch.setattr(sys, "argv", ["refdir"])
+    with pytest.raises(SystemExit) as stop:
+        entry()
+    assert stop.value.code == 0 and capsys.readouterr().out.count("Usage:") == 1

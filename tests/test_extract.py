@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from refdir.activations import extract_candidates, filtered_means, residual_means
-from refdir.direction import Candidates, Direction
+from refdir.direction import Candidates, Direction, atomic_path
 from refdir.errors import RefdirError
 from refdir.generation import last_position_logits
 from refdir.model import ChatModel
@@ -70,6 +71,13 @@ def test_direction_round_trip_and_size_check(cm: ChatModel, tmp_path: Path) -> N
 def test_bad_direction_files_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(RefdirError, match="missing"):
         Direction.load(tmp_path)
+    Direction(torch.ones(4), 1, -1, "m").save(tmp_path / "ahead")
+    info = json.loads((tmp_path / "ahead" / "direction.json").read_text())
+    (tmp_path / "ahead" / "direction.json").write_text(json.dumps({**info, "position": 5}))
+    with pytest.raises(RefdirError, match="'position' counts back from the last token"):
+        Direction.load(tmp_path / "ahead")
+    with pytest.raises(RefdirError, match="cannot write in /proc"), atomic_path(Path("/proc/x")):
+        pass
     (tmp_path / "direction.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(RefdirError, match="not a safetensors file"):
         Direction.load(tmp_path)

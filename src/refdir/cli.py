@@ -166,6 +166,28 @@ def _load(
     )
 
 
+def _check_generation(
+    kind: str, has_direction: bool, coeff: float, max_new_tokens: int, batch_size: int
+) -> None:
+    """The generation options' one-line errors, before any model is loaded."""
+    if kind not in ("none", "ablate", "actadd"):
+        raise RefdirError(f"unknown --intervention {kind!r}; use none, ablate or actadd")
+    if kind != "none" and not has_direction:
+        raise RefdirError(
+            f"--intervention {kind} needs --direction (a refdir run or extract folder)"
+        )
+    if kind == "none" and has_direction:
+        raise RefdirError(
+            "--direction is given but --intervention is none; add --intervention ablate or actadd"
+        )
+    if not math.isfinite(coeff):
+        raise RefdirError(f"--coeff must be a finite number, got {coeff}")
+    if max_new_tokens < 1:
+        raise RefdirError(f"--max-new-tokens must be 1 or more, got {max_new_tokens}")
+    if batch_size < 1:
+        raise RefdirError(f"--batch-size must be 1 or more, got {batch_size}")
+
+
 def _template_text(chat_template: Path | None) -> str | None:
     """The text of a --chat-template file."""
     if chat_template is None:
@@ -188,7 +210,7 @@ def main(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     keep_freed_memory()  # before the first large tensor (refdir.allocator)
 
@@ -221,12 +243,16 @@ def extract(
     """Difference-of-means candidates at every layer x post-instruction position, and a default direction."""
     from refdir.activations import extract_candidates
     from refdir.data import sample_prompts
+    from refdir.direction import writable_folder
 
     if (out / "config.json").exists():
         raise RefdirError(
             f"{out} is a `refdir run` folder, whose direction extract would overwrite; give "
             "extract a folder of its own (a run redoes its extraction with --force extract)"
         )
+    if harmful == harmless:
+        raise RefdirError("--harmful and --harmless name the same set; their difference is zero")
+    writable_folder(out)  # now, not after the passes
     harmful_prompts = sample_prompts(harmful, n_train, seed)
     harmless_prompts = sample_prompts(harmless, n_train, seed)
     cm = _load(model, device, dtype, gguf_file, system, chat_template, trust_remote_code, layout)
@@ -245,12 +271,12 @@ def extract(
         harmful_name=harmful,
         harmless_name=harmless,
     )
-    cands.save(out / "candidates.safetensors")
-    chosen = cands.direction(
+    chosen = cands.direction(  # before anything is saved: both files, or neither
         position,
         cm.n_layers // 2 if layer is None else layer,
         rule="default: --layer/--position" if layer is not None else "default: middle layer",
     )
+    cands.save(out / "candidates.safetensors")
     chosen.save(out)
     typer.echo(f"candidates {tuple(cands.diffs.shape)} -> {out / 'candidates.safetensors'}")
     typer.echo(
@@ -277,6 +303,7 @@ def _generate_under(
     from refdir.direction import Direction
     from refdir.evaluate import evaluate_refusal
 
+    _check_generation(kind, True, coeff, max_new_tokens, batch_size)
     chosen = Direction.load(direction)
     instructions = sample_prompts(prompts, n or None, seed)  # 0: all
     cm = _load(model, device, dtype, *loading)
@@ -384,8 +411,9 @@ def orthogonalize(
 ) -> None:
     """Edit the weights so nothing writes along the direction; export a safetensors checkpoint."""
     from refdir.direction import Direction
-    from refdir.orthogonalize import export_orthogonalized
+    from refdir.orthogonalize import check_export_folder, export_orthogonalized
 
+    check_export_folder(out)  # now, not after loading and checking the model
     chosen = Direction.load(direction)
     cm = _load(model, device, dtype, gguf_file, trust_remote_code=trust_remote_code, layout=layout)
     manifest = export_orthogonalized(cm, chosen, out)
@@ -757,11 +785,14 @@ def evaluate(
 ) -> None:
     """Greedy completions on a prompt set, scored for refusal by markers."""
     from refdir.data import sample_prompts
-    from refdir.direction import Direction, atomic_path
+    from refdir.direction import Direction, atomic_path, writable_folder
     from refdir.evaluate import evaluate_refusal
 
     if completions is not None and completions.is_dir():
         raise RefdirError(f"--completions {completions} is a folder; give a .jsonl file path")
+    _check_generation(intervention, direction is not None, coeff, max_new_tokens, batch_size)
+    if completions is not None:
+        writable_folder(completions.parent)  # now, not after the generation
     chosen = Direction.load(direction) if direction is not None else None
     instructions = sample_prompts(prompts, n or None, seed)  # 0: all
     cm = _load(model, device, dtype, gguf_file, system, chat_template, trust_remote_code, layout)
@@ -830,6 +861,10 @@ def suffix(
     """Search a universal adversarial suffix (GCG) and show how it moves the refusal direction."""
     if not math.isfinite(max_minutes) or max_minutes < 0:
         raise RefdirError(f"--max-minutes must be 0 (no limit) or more, got {max_minutes}")
+    if top_heads < 1:
+        raise RefdirError(f"--top-heads must be 1 or more, got {top_heads}")
+    if max_new_tokens < 1:
+        raise RefdirError(f"--max-new-tokens must be 1 or more, got {max_new_tokens}")
     from refdir.data import sample_prompts
     from refdir.direction import Direction
     from refdir.suffix import SuffixConfig
@@ -870,3 +905,25 @@ def suffix(
         f"with {rates['with']:.3f}, random {rates['random']:.3f}"
     )
     typer.echo(f"wrote {out / 'suffix.json'}, analysis.json, history.json, figures")
+
+
+def entry() -> None:
+    """The ``refdir`` command: the app, with a usage error (unknown option, missing or bad
+    value) printed as one line instead of typer's box."""
+    import sys
+
+    from typer.exceptions import TyperException  # typer's own click: its usage errors
+
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C
+        sys.exit(130)
+    except TyperException as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `refdir` alone: typer printed the help
+            sys.exit(0)
+        where = ctx.command_path if ctx is not None else "refdir"
+        message = exc.format_message().rstrip(".")
+        typer.echo(f"error: {message}; see {where} --help", err=True)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)

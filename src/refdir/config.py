@@ -150,7 +150,7 @@ class RunConfig(BaseModel):
         8, description="refused harmful_train prompts the suffix is optimised on"
     )
     n_suffix_eval: int = Field(32, description="held-out harmful prompts for the suffix analysis")
-    suffix_steps: int = Field(20, description="GCG steps of the suffix search")
+    suffix_steps: int = Field(20, ge=0, description="GCG steps of the suffix search")
     suffix_max_minutes: float = Field(
         10.0,
         ge=0,

@@ -116,5 +116,5 @@ def sample_prompts(name_or_path: str | Path, n: int | None, seed: int = 0) -> li
     if n is None or n >= len(prompts):
         return prompts
     if n <= 0:
-        raise RefdirError(f"--n must be positive, got {n}")
+        raise RefdirError(f"the number of prompts to sample must be positive, got {n}")
     return random.Random(seed).sample(prompts, n)

@@ -43,11 +43,31 @@ def make_folder(path: Path) -> Path:
     return path
 
 
+def _cannot_write(path: Path, exc: OSError) -> RefdirError:
+    return RefdirError(f"cannot write in {path} ({exc.strerror or exc}); give another path")
+
+
+def writable_folder(path: Path) -> Path:
+    """:func:`make_folder`, then a one-line error unless a file can be created in it (checked
+    before long work whose results go there)."""
+    make_folder(path)
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".refdir-probe.")
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it over ``target`` only on success."""
     make_folder(target.parent)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _cannot_write(target.parent, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -163,6 +183,11 @@ class Direction:
         for key in ("layer", "position"):
             if not isinstance(info[key], int) or isinstance(info[key], bool):
                 raise RefdirError(f"{json_path}: '{key}' must be an integer, not {info[key]!r}")
+        if info["position"] >= 0:
+            raise RefdirError(
+                f"{json_path}: 'position' counts back from the last token (-1, -2, ...), "
+                f"not {info['position']}"
+            )
         fields = {k: info[k] for k in cls.__dataclass_fields__ if k in info and k != "vector"}
         fields.setdefault("model", "unknown")
         return cls(vector=vector, **fields)

@@ -147,7 +147,14 @@ def _source(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise RefdirError(f"GGUF file {spec} does not exist")
+        if gguf_file is not None:
+            raise RefdirError(
+                "give a GGUF file either as --model FILE.gguf or as --model FOLDER "
+                "--gguf-file NAME, not both"
+            )
         return str(path.parent), path.name
+    if path.is_file():
+        raise RefdirError(f"{spec} is a file but not a .gguf; give a model folder or a .gguf file")
     if names_local_path(spec) and not path.exists():
         raise RefdirError(f"no such model folder or file: {spec}; check the path")
     if gguf_file is not None:
@@ -205,6 +212,8 @@ def load_model(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if spec == ORGANISM:
+        if gguf_file is not None:
+            raise RefdirError("--gguf-file names a file inside a --model folder, not the organism")
         from refdir.organism import load_organism
 
         model, tokenizer = load_organism(

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from refdir.direction import Direction, make_folder
+from refdir.direction import Direction, writable_folder
 from refdir.errors import RefdirError
 from refdir.intervene import ablate, leftover, residuals, rounding_limit
 from refdir.layout import effective_norm_scale
@@ -199,15 +199,20 @@ def parity(
     return report, delta
 
 
+def check_export_folder(out: Path) -> Path:
+    """``out``, once it is known to be a new or empty folder in a writable place."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RefdirError(f"{out} exists and is not an empty folder; choose a new --out folder")
+    writable_folder(out.parent)
+    return out
+
+
 def export_orthogonalized(
     cm: ChatModel, direction: Direction, out: str | Path
 ) -> dict[str, object]:
     """Orthogonalize ``cm`` in place, then write it with its tokenizer, the direction and a
     manifest to ``out`` atomically (a temporary folder renamed at the end)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RefdirError(f"{out} exists and is not an empty folder; choose a new --out folder")
-    make_folder(out.parent)  # fail now, not after the edit
+    out = check_export_folder(Path(out))  # fail now, not after the edit
     report, delta = parity(cm, direction)
     left = report.residual_left
     if left is None or left > rounding_limit(cm.layout.embed.weight.dtype):
@@ -228,7 +233,12 @@ def export_orthogonalized(
         "parity_max_abs_logit_delta": delta,
         "parity_dtype": str(cm.layout.embed.weight.dtype).removeprefix("torch."),
     }
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    except OSError as exc:
+        raise RefdirError(
+            f"cannot write in {out.parent} ({exc.strerror}); give another --out"
+        ) from None
     try:
         cm.model.save_pretrained(tmp, safe_serialization=True)
         cm.tokenizer.save_pretrained(tmp)

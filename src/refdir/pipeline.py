@@ -509,8 +509,16 @@ def _judge(c: RunConfig) -> tuple[str, str]:
     JUDGES.get(c.judge)
     if c.judge_model is None:
         raise RefdirError("--judge needs --judge-model PATH (a local judge model folder)")
-    if names_local_path(c.judge_model) and not Path(c.judge_model).expanduser().is_dir():
-        raise RefdirError(f"--judge-model {c.judge_model}: no such folder; give the judge's folder")
+    path = Path(c.judge_model).expanduser()
+    if names_local_path(c.judge_model) or path.exists():
+        if not path.is_dir():
+            raise RefdirError(
+                f"--judge-model {c.judge_model}: no such folder; give the judge's folder"
+            )
+        if not (path / "config.json").is_file():
+            raise RefdirError(
+                f"--judge-model {c.judge_model} has no config.json; give the judge model's folder"
+            )
     return c.judge, c.judge_model
 
 

@@ -121,9 +121,11 @@ class SuffixConfig:
     """Stop after the step that crosses this wall-clock budget (None: run every step)."""
 
     def __post_init__(self) -> None:
+        flags = {"n_steps": "steps"}  # the command line's name where it is not the field's
         for name in ("n_tokens", "n_steps", "topk", "batch_size", "eval_batch"):
             if getattr(self, name) <= 0 and not (name == "n_steps" and self.n_steps == 0):
-                raise RefdirError(f"--{name.replace('_', '-')} must be positive")
+                flag = flags.get(name, name).replace("_", "-")
+                raise RefdirError(f"--{flag} ({name}) must be positive, got {getattr(self, name)}")
         if self.objective not in ("refusal", "target"):
             raise RefdirError(f"unknown objective {self.objective!r}; use refusal or target")
         if self.max_seconds is not None and self.max_seconds <= 0:
