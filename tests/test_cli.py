@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -168,6 +169,10 @@ def test_orthogonalize_exports(model_dir: Path, extracted: Path, tmp_path: Path)
     )
     assert result.exit_code == 0, result.output
     assert "exact" in result.output and (out / "model.safetensors").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -> None:

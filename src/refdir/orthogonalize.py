@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from refdir.direction import Direction, writable_folder
+from refdir.direction import Direction, file_mode, writable_folder
 from refdir.errors import RefdirError
 from refdir.intervene import ablate, leftover, residuals, rounding_limit
 from refdir.layout import effective_norm_scale
@@ -244,6 +244,10 @@ def export_orthogonalized(
         cm.tokenizer.save_pretrained(tmp)
         direction.save(tmp)
         (tmp / "refdir_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        mode = file_mode()  # mkdtemp and some writers make 0700 / 0600: the umask's modes
+        folder_mode = mode | (mode & 0o444) >> 2  # searchable wherever readable
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod(folder_mode if path.is_dir() else mode)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
