@@ -246,7 +246,7 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
     ]
     direction = ["--direction", str(extracted)]
     cases += [  # checked before the model loads (or, for files, before any work)
-        (["evaluate", *model, "--intervention", "bogus"], "unknown --intervention 'bogus'"),
+        (["evaluate", *model, "--intervention", "bogus"], "unknown intervention 'bogus'"),
         (["evaluate", *model, *direction], "--intervention is none; add --intervention"),
         (["evaluate", *model, "--completions", "/proc/o.jsonl"], "cannot write in /proc"),
         (["ablate", *model, *direction, "--batch-size", "0"], "--batch-size must be 1 or more"),

@@ -166,28 +166,6 @@ def _load(
     )
 
 
-def _check_generation(
-    kind: str, has_direction: bool, coeff: float, max_new_tokens: int, batch_size: int
-) -> None:
-    """The generation options' one-line errors, before any model is loaded."""
-    if kind not in ("none", "ablate", "actadd"):
-        raise RefdirError(f"unknown --intervention {kind!r}; use none, ablate or actadd")
-    if kind != "none" and not has_direction:
-        raise RefdirError(
-            f"--intervention {kind} needs --direction (a refdir run or extract folder)"
-        )
-    if kind == "none" and has_direction:
-        raise RefdirError(
-            "--direction is given but --intervention is none; add --intervention ablate or actadd"
-        )
-    if not math.isfinite(coeff):
-        raise RefdirError(f"--coeff must be a finite number, got {coeff}")
-    if max_new_tokens < 1:
-        raise RefdirError(f"--max-new-tokens must be 1 or more, got {max_new_tokens}")
-    if batch_size < 1:
-        raise RefdirError(f"--batch-size must be 1 or more, got {batch_size}")
-
-
 def _template_text(chat_template: Path | None) -> str | None:
     """The text of a --chat-template file."""
     if chat_template is None:
@@ -301,9 +279,9 @@ def _generate_under(
 ) -> None:
     from refdir.data import sample_prompts
     from refdir.direction import Direction
-    from refdir.evaluate import evaluate_refusal
+    from refdir.evaluate import check_jobs, evaluate_refusal
 
-    _check_generation(kind, True, coeff, max_new_tokens, batch_size)
+    check_jobs([(kind, coeff)], True, max_new_tokens, batch_size)  # before the model loads
     chosen = Direction.load(direction)
     instructions = sample_prompts(prompts, n or None, seed)  # 0: all
     cm = _load(model, device, dtype, *loading)
@@ -786,11 +764,15 @@ def evaluate(
     """Greedy completions on a prompt set, scored for refusal by markers."""
     from refdir.data import sample_prompts
     from refdir.direction import Direction, atomic_path, writable_folder
-    from refdir.evaluate import evaluate_refusal
+    from refdir.evaluate import check_jobs, evaluate_refusal
 
     if completions is not None and completions.is_dir():
         raise RefdirError(f"--completions {completions} is a folder; give a .jsonl file path")
-    _check_generation(intervention, direction is not None, coeff, max_new_tokens, batch_size)
+    check_jobs([(intervention, coeff)], direction is not None, max_new_tokens, batch_size)
+    if intervention == "none" and direction is not None:
+        raise RefdirError(
+            "--direction is given but --intervention is none; add --intervention ablate or actadd"
+        )
     if completions is not None:
         writable_folder(completions.parent)  # now, not after the generation
     chosen = Direction.load(direction) if direction is not None else None

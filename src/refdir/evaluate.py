@@ -21,6 +21,7 @@ __all__ = [
     "Intervention",
     "Job",
     "RefusalEval",
+    "check_jobs",
     "evaluate_jobs",
     "evaluate_refusal",
     "intervention",
@@ -29,12 +30,27 @@ __all__ = [
 Intervention = Literal["none", "ablate", "actadd"]
 
 
-def _check(kind: str, direction: Direction | None) -> None:
+def _check(kind: str, has_direction: bool) -> None:
     """Raise unless ``kind`` is an intervention and has the direction it needs."""
     if kind not in INTERVENTIONS:
         raise RefdirError(f"unknown intervention {kind!r}; use one of {', '.join(INTERVENTIONS)}")
-    if kind != "none" and direction is None:
+    if kind != "none" and not has_direction:
         raise RefdirError(f"--intervention {kind} needs --direction FILE")
+
+
+def check_jobs(
+    jobs: Sequence[tuple[str, float]], has_direction: bool, max_new_tokens: int, batch_size: int
+) -> None:
+    """One-line errors for generation options, which need no model: (kind, coeff) per job.
+    :func:`evaluate_jobs` runs this, and the command line before it loads a model."""
+    if max_new_tokens < 1:
+        raise RefdirError(f"--max-new-tokens must be 1 or more, got {max_new_tokens}")
+    if batch_size < 1:
+        raise RefdirError(f"--batch-size must be 1 or more, got {batch_size}")
+    for kind, coeff in jobs:
+        _check(kind, has_direction)
+        if not math.isfinite(coeff):
+            raise RefdirError(f"--coeff must be a finite number, got {coeff}")
 
 
 @contextmanager
@@ -42,7 +58,7 @@ def intervention(
     cm: ChatModel, kind: str, direction: Direction | None, coeff: float = 1.0
 ) -> Iterator[None]:
     """Enter ``none``, ``ablate`` or ``actadd`` (``coeff`` x direction at its layer)."""
-    _check(kind, direction)
+    _check(kind, direction is not None)
     if kind == "none" or direction is None:
         scope: Any = nullcontext()
     elif kind == "ablate":
@@ -108,12 +124,7 @@ def evaluate_jobs(
     batches, each row under its own job's intervention
     (:class:`~refdir.intervene.RowConditions`), so the batches stay full until the longest
     answers end. A job's completions are those it gets alone."""
-    if max_new_tokens < 1:
-        raise RefdirError(f"--max-new-tokens must be 1 or more, got {max_new_tokens}")
-    for job in jobs:
-        _check(job.kind, direction)
-        if not math.isfinite(job.coeff):
-            raise RefdirError(f"--coeff must be a finite number, got {job.coeff}")
+    check_jobs([(j.kind, j.coeff) for j in jobs], direction is not None, max_new_tokens, batch_size)
     conditions = RowConditions(cm, direction, [(job.kind, job.coeff) for job in jobs])
     rows = [cm.chat.token_ids(text) for job in jobs for text in job.instructions]
     variants = [v for v, job in enumerate(jobs) for _ in job.instructions]
