@@ -101,7 +101,8 @@ class LayoutSpec:
 
 def read_layout(path: Path) -> dict[str, str | None]:
     """The field overrides in a ``--layout`` JSON file (an object of :class:`LayoutSpec` field
-    names to patterns), checked; a one-line error for a missing or malformed file."""
+    names to patterns); a one-line error for a missing or malformed file. Its fields are
+    checked where it is used (:meth:`LayoutSpec.from_fields`)."""
     if not path.is_file():
         raise RefdirError(
             f"layout file {path} does not exist; give a JSON object of LayoutSpec fields"
@@ -115,5 +116,4 @@ def read_layout(path: Path) -> dict[str, str | None]:
             f"layout file {path} must hold a non-empty JSON object of LayoutSpec fields, "
             'e.g. {"mlp": "feed_forward", "mlp_out": "w2"}'
         )
-    LayoutSpec.from_fields(values)
     return values

@@ -26,7 +26,7 @@ from refdir.data import load_prompts, sample_prompts
 from refdir.direction import Candidates, Direction, atomic_path, make_folder
 from refdir.errors import RefdirError
 from refdir.layout_spec import LayoutSpec
-from refdir.model import ChatModel, load_model, names_local_path
+from refdir.model import ORGANISM, ChatModel, load_model, names_local_path
 from refdir.select import (
     CandidateScores,
     Selection,
@@ -822,7 +822,7 @@ def _check_config(config: RunConfig, out: Path, force_from: int) -> bool:
             "options": config.result_keys(),
             "run": config.model_dump(mode="json"),
             # a relative "runs/merged" reads like a hub id elsewhere: say what it was here
-            "local_model": config.model != "organism" and Path(config.model).expanduser().exists(),
+            "local_model": config.model != ORGANISM and Path(config.model).expanduser().exists(),
             "versions": versions(),
         },
     )
