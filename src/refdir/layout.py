@@ -297,11 +297,6 @@ def _layer_layout(i: int, layer: nn.Module, spec: LayoutSpec, d_model: int) -> L
     mlps = _children(layer, spec.mlp) if spec.mlp is not None else []
     if spec.mlp is not None and not mlps:
         raise _not_found(layer, "MLP block", where)
-    if not mixers and not mlps:
-        raise RefdirError(
-            "layout fields 'attn' and 'mlp' cannot both be null: set the pattern of the blocks "
-            "that write into the residual stream"
-        )
     writes = [_mixer_write(name, m, spec, d_model, where) for name, m in mixers]
     for name, mlp in mlps:
         mlp_out = _mlp_outputs(mlp, spec, d_model)

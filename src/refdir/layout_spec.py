@@ -67,6 +67,13 @@ class LayoutSpec:
         default=r"norm|final_layernorm|ln_f|final_norm", metadata={"help": "final norm"}
     )
 
+    def __post_init__(self) -> None:
+        if self.attn is None and self.mlp is None:
+            raise RefdirError(
+                "layout fields 'attn' and 'mlp' cannot both be null: set the pattern of the "
+                "blocks that write into the residual stream"
+            )
+
     @classmethod
     def from_fields(cls, values: Mapping[str, Any]) -> LayoutSpec:
         """A spec with ``values`` (field name -> pattern) over the defaults; a one-line error
@@ -93,10 +100,7 @@ class LayoutSpec:
                     raise RefdirError(
                         f"layout field {key!r}: {value!r} is not a regular expression ({exc})"
                     ) from None
-        spec = cls(**dict(values))
-        if spec.attn is None and spec.mlp is None:
-            raise RefdirError("layout fields 'attn' and 'mlp' cannot both be null: set one")
-        return spec
+        return cls(**dict(values))
 
 
 def read_layout(path: Path) -> dict[str, str | None]:
