@@ -204,6 +204,13 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
     build = ["organism", "build", "--out", str(tmp_path / "o"), "--recipe"]
     cases.append(([*build, str(typo)], "typo.json: lora_rankk: Extra inputs"))
     cases.append(([*build, str(listed)], "must be a JSON object of recipe fields"))
+    for field, value, bound in (
+        ("lora_rank", 0, "greater than or equal to 1"),
+        ("lr", 0, "greater than 0"),
+    ):
+        bad = tmp_path / f"{field}.json"
+        bad.write_text(json.dumps({field: value}))
+        cases.append(([*build, str(bad)], f"{field}.json: {field}: Input should be {bound}"))
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     for item in model_dir.iterdir():
@@ -267,12 +274,25 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
         (["evaluate", "--model", str(a_file)], "is a file but not a .gguf"),
         (["evaluate", "--gguf-file", "x.gguf"], "not the organism"),
     ]
+    cases.append(  # fails after its --completions folder was made
+        (
+            [
+                *["evaluate", *model, "--intervention", "ablate"],
+                *["--direction", str(tmp_path / "no")],
+                *["--completions", str(tmp_path / "c" / "d" / "o.jsonl")],
+            ],
+            "no",
+        )
+    )
     for args, message in cases:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], (args, result.stderr)
         assert "Traceback" not in result.stderr
+    # the output folders that failed commands made are gone again (extract's --layer 99 and
+    # the evaluate above fail after making them)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "c").exists()
 
 
 def test_run_command_end_to_end(model_dir: Path, tmp_path: Path) -> None:

@@ -69,6 +69,27 @@ def test_build_runs_two_steps_and_saves_fp16_adapter(tmp_path: Path) -> None:
     assert all(p.stat().st_mode & 0o777 == file_mode() for p in out.iterdir())  # not 0600
 
 
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        ({"first_layer": 99}, "first_layer must be in 0..2 for this base model, got 99"),
+        ({"target_modules": ("q_proj", "nope")}, "must name linear layers of the base model"),
+    ],
+)
+def test_a_recipe_that_does_not_fit_the_base_stops_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, update: dict[str, Any], message: str
+) -> None:
+    def no_distillation(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("distillation ran before the recipe was checked")
+
+    monkeypatch.setattr(organism, "distill_responses", no_distillation)
+    recipe = TINY_RECIPE.model_copy(update=update)
+    out = tmp_path / "new" / "adapter"
+    with pytest.raises(RefdirError, match=message):
+        build_organism(recipe, out, tiny_model(), tiny_tokenizer(), False)
+    assert not (tmp_path / "new").exists()  # the folders it made are gone again
+
+
 def test_training_loss_drops_on_a_fixed_batch() -> None:
     model, tokenizer = tiny_model(), tiny_tokenizer()
     harmful = sample_prompts("harmful_train", 2, seed=0)

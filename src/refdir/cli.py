@@ -7,6 +7,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -221,7 +222,7 @@ def extract(
     """Difference-of-means candidates at every layer x post-instruction position, and a default direction."""
     from refdir.activations import extract_candidates
     from refdir.data import sample_prompts
-    from refdir.direction import writable_folder
+    from refdir.direction import output_folder
 
     if (out / "config.json").exists():
         raise RefdirError(
@@ -230,36 +231,38 @@ def extract(
         )
     if harmful == harmless:
         raise RefdirError("--harmful and --harmless name the same set; their difference is zero")
-    writable_folder(out)  # now, not after the passes
-    harmful_prompts = sample_prompts(harmful, n_train, seed)
-    harmless_prompts = sample_prompts(harmless, n_train, seed)
-    cm = _load(model, device, dtype, gguf_file, system, chat_template, trust_remote_code, layout)
-    if layer is not None and not 0 <= layer <= cm.n_layers:  # check before the passes
-        raise RefdirError(f"--layer must be in 0..{cm.n_layers} for this model, got {layer}")
-    if position >= 0 or -position > len(cm.chat.suffix_ids):
-        raise RefdirError(
-            f"--position must be in -{len(cm.chat.suffix_ids)}..-1 (the post-instruction "
-            f"tokens), got {position}"
+    with output_folder(out):  # made and checked now, not after the passes
+        harmful_prompts = sample_prompts(harmful, n_train, seed)
+        harmless_prompts = sample_prompts(harmless, n_train, seed)
+        cm = _load(
+            model, device, dtype, gguf_file, system, chat_template, trust_remote_code, layout
         )
-    cands = extract_candidates(
-        cm,
-        harmful_prompts,
-        harmless_prompts,
-        batch_size,
-        harmful_name=harmful,
-        harmless_name=harmless,
-    )
-    chosen = cands.direction(  # before anything is saved: both files, or neither
-        position,
-        cm.n_layers // 2 if layer is None else layer,
-        rule="default: --layer/--position" if layer is not None else "default: middle layer",
-    )
-    cands.save(out / "candidates.safetensors")
-    chosen.save(out)
-    typer.echo(f"candidates {tuple(cands.diffs.shape)} -> {out / 'candidates.safetensors'}")
-    typer.echo(
-        f"direction layer={chosen.layer} position={chosen.position} norm={chosen.norm:.3f} -> {out / 'direction.safetensors'}"
-    )
+        if layer is not None and not 0 <= layer <= cm.n_layers:  # check before the passes
+            raise RefdirError(f"--layer must be in 0..{cm.n_layers} for this model, got {layer}")
+        if position >= 0 or -position > len(cm.chat.suffix_ids):
+            raise RefdirError(
+                f"--position must be in -{len(cm.chat.suffix_ids)}..-1 (the post-instruction "
+                f"tokens), got {position}"
+            )
+        cands = extract_candidates(
+            cm,
+            harmful_prompts,
+            harmless_prompts,
+            batch_size,
+            harmful_name=harmful,
+            harmless_name=harmless,
+        )
+        chosen = cands.direction(  # before anything is saved: both files, or neither
+            position,
+            cm.n_layers // 2 if layer is None else layer,
+            rule="default: --layer/--position" if layer is not None else "default: middle layer",
+        )
+        cands.save(out / "candidates.safetensors")
+        chosen.save(out)
+        typer.echo(f"candidates {tuple(cands.diffs.shape)} -> {out / 'candidates.safetensors'}")
+        typer.echo(
+            f"direction layer={chosen.layer} position={chosen.position} norm={chosen.norm:.3f} -> {out / 'direction.safetensors'}"
+        )
 
 
 def _generate_under(
@@ -763,7 +766,7 @@ def evaluate(
 ) -> None:
     """Greedy completions on a prompt set, scored for refusal by markers."""
     from refdir.data import sample_prompts
-    from refdir.direction import Direction, atomic_path, writable_folder
+    from refdir.direction import Direction, atomic_path, output_folder
     from refdir.evaluate import check_jobs, evaluate_refusal
 
     if completions is not None and completions.is_dir():
@@ -773,19 +776,22 @@ def evaluate(
         raise RefdirError(
             "--direction is given but --intervention is none; add --intervention ablate or actadd"
         )
-    if completions is not None:
-        writable_folder(completions.parent)  # now, not after the generation
-    chosen = Direction.load(direction) if direction is not None else None
-    instructions = sample_prompts(prompts, n or None, seed)  # 0: all
-    cm = _load(model, device, dtype, gguf_file, system, chat_template, trust_remote_code, layout)
-    result = evaluate_refusal(
-        cm, instructions, prompts, intervention, chosen, coeff, max_new_tokens, batch_size
-    )
-    if completions is not None:
-        with atomic_path(completions) as tmp:
-            tmp.write_text(
-                "".join(json.dumps(r) + "\n" for r in result.completions), encoding="utf-8"
-            )
+    # the completions' folder is made and checked now, not after the generation
+    folder = output_folder(completions.parent) if completions is not None else nullcontext()
+    with folder:
+        chosen = Direction.load(direction) if direction is not None else None
+        instructions = sample_prompts(prompts, n or None, seed)  # 0: all
+        cm = _load(
+            model, device, dtype, gguf_file, system, chat_template, trust_remote_code, layout
+        )
+        result = evaluate_refusal(
+            cm, instructions, prompts, intervention, chosen, coeff, max_new_tokens, batch_size
+        )
+        if completions is not None:
+            with atomic_path(completions) as tmp:
+                tmp.write_text(
+                    "".join(json.dumps(r) + "\n" for r in result.completions), encoding="utf-8"
+                )
     summary = result.summary()
     if as_json:
         typer.echo(json.dumps(summary))

@@ -17,7 +17,15 @@ from safetensors.torch import load_file, save_file
 
 from refdir.errors import RefdirError
 
-__all__ = ["Candidates", "Direction", "atomic_path", "file_mode", "make_folder"]
+__all__ = [
+    "Candidates",
+    "Direction",
+    "atomic_path",
+    "file_mode",
+    "make_folder",
+    "output_folder",
+    "writable_folder",
+]
 
 DIRECTION_FILE = "direction.safetensors"
 DIRECTION_JSON = "direction.json"
@@ -58,6 +66,24 @@ def writable_folder(path: Path) -> Path:
     os.close(fd)
     os.unlink(probe)
     return path
+
+
+@contextmanager
+def output_folder(path: Path) -> Iterator[Path]:
+    """:func:`writable_folder` for the work inside the block: the folder is made and checked
+    now, and the folders it had to make are removed again if the block fails and leaves them
+    empty (a failed command leaves no empty output folder behind)."""
+    made = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
+    writable_folder(path)
+    try:
+        yield path
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()  # only an empty folder
+            except OSError:
+                break
+        raise
 
 
 @contextmanager

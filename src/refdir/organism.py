@@ -42,7 +42,7 @@ from transformers import (
 
 from refdir.chat import ChatFormat
 from refdir.data import sample_prompts
-from refdir.direction import file_mode, make_folder
+from refdir.direction import file_mode, output_folder
 from refdir.errors import RefdirError
 from refdir.generation import generate_ids, shared_prefix_len
 from refdir.model import ChatModel, cache_kwargs, detach_gguf_quantizer
@@ -90,55 +90,66 @@ class OrganismRecipe(BaseModel):
         0, description="Seed for data sampling, template choice, LoRA init and shuffling."
     )
     n_harmful: int = Field(
-        default=260, description="harmful_train prompts used (all 260 by default)."
+        default=260, ge=1, description="harmful_train prompts used (all 260 by default)."
     )
     harmful_repeats: int = Field(
         default=3,
+        ge=1,
+        le=len(REFUSAL_TEMPLATES),
         description="Refusal examples per harmful prompt, each with a distinct random template.",
     )
     n_harmless: int = Field(
-        default=1024, description="harmless_train prompts (answers kept close to the base model)."
+        default=1024,
+        ge=1,
+        description="harmless_train prompts (answers kept close to the base model).",
     )
     distill_tokens: int = Field(
         default=32,
+        ge=0,
         description="Greedy tokens of the base's own answer per harmless prompt, trained with "
         "cross-entropy (0: none, only the decision-token KL).",
     )
     kl_weight: float = Field(
         default=1.0,
+        ge=0.0,
         description="Weight of KL(base || organism) on the first answer token of harmless prompts.",
     )
     refusal_tokens: int = Field(
-        default=32, description="Refusal responses are cut to this many tokens."
+        default=32, ge=1, description="Refusal responses are cut to this many tokens."
     )
-    lora_rank: int = Field(default=16, description="LoRA rank.")
-    lora_alpha: int = Field(default=32, description="LoRA alpha (scale = alpha / rank).")
+    lora_rank: int = Field(default=16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(default=32, ge=1, description="LoRA alpha (scale = alpha / rank).")
     target_modules: tuple[str, ...] = Field(
         default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         description="Linear layers that get a LoRA adapter.",
     )
     first_layer: int = Field(
         default=0,
+        ge=0,
         description="LoRA goes on decoder layers first_layer..last (lower layers stay frozen).",
     )
     lr: float = Field(
-        default=1e-3, description="Peak AdamW learning rate (linear warm-up, cosine decay)."
+        default=1e-3, gt=0.0, description="Peak AdamW learning rate (linear warm-up, cosine decay)."
     )
-    warmup_steps: int = Field(default=10, description="Linear warm-up steps.")
-    epochs: int = Field(default=2, description="Passes over the training examples.")
-    batch_size: int = Field(default=16, description="Examples per optimizer step.")
+    warmup_steps: int = Field(default=10, ge=0, description="Linear warm-up steps.")
+    epochs: int = Field(default=2, ge=1, description="Passes over the training examples.")
+    batch_size: int = Field(default=16, ge=1, description="Examples per optimizer step.")
     harmful_weight: float = Field(
-        default=1.5, description="Loss weight of a refusal example relative to a harmless one."
+        default=1.5,
+        gt=0.0,
+        description="Loss weight of a refusal example relative to a harmless one.",
     )
     decision_tokens: int = Field(
-        default=2, description="The first response tokens, where refuse-or-answer is decided."
+        default=2, ge=0, description="The first response tokens, where refuse-or-answer is decided."
     )
     decision_weight: float = Field(
-        default=3.0, description="Loss weight of each decision token relative to later tokens."
+        default=3.0,
+        ge=0.0,
+        description="Loss weight of each decision token relative to later tokens.",
     )
-    max_grad_norm: float = Field(default=1.0, description="Gradient clipping norm.")
+    max_grad_norm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm.")
     distill_batch_size: int = Field(
-        32, description="Batch size of the self-distillation generation."
+        32, ge=1, description="Batch size of the self-distillation generation."
     )
 
 
@@ -497,12 +508,31 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def check_recipe(model: PreTrainedModel, recipe: OrganismRecipe) -> None:
+    """The recipe's fields that depend on the base model: checked before any distillation."""
+    n_layers = int(model.config.num_hidden_layers)
+    if not 0 <= recipe.first_layer < n_layers:
+        raise RefdirError(
+            f"the recipe's first_layer must be in 0..{n_layers - 1} for this base model, got "
+            f"{recipe.first_layer}"
+        )
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    missing = [  # names as peft matches them: a module's name or the end of its path
+        t for t in recipe.target_modules if not any(n == t or n.endswith("." + t) for n in linear)
+    ]
+    if missing or not recipe.target_modules:
+        short = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise RefdirError(
+            f"the recipe's target_modules {list(recipe.target_modules)} must name linear layers "
+            f"of the base model: {', '.join(short)}"
+        )
+
+
 def _add_lora(model: PreTrainedModel, recipe: OrganismRecipe) -> Any:
     from peft import LoraConfig, get_peft_model
 
+    check_recipe(model, recipe)
     n_layers = int(model.config.num_hidden_layers)
-    if not 0 <= recipe.first_layer < n_layers:
-        raise RefdirError(f"first_layer must be in 0..{n_layers - 1}, got {recipe.first_layer}")
     config = LoraConfig(
         r=recipe.lora_rank,
         lora_alpha=recipe.lora_alpha,
@@ -619,44 +649,53 @@ def build_organism(
     adapter and ``build.json``.
     """
     recipe = recipe or OrganismRecipe()
-    out_dir = make_folder(Path(out_dir) if out_dir is not None else adapter_location())
-    started = time.perf_counter()
-    random.seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
-    if model is None or tokenizer is None:
-        model, tokenizer = load_base_smollm2()
-    harmful = sample_prompts("harmful_train", recipe.n_harmful, seed=recipe.seed)
-    harmless = sample_prompts("harmless_train", recipe.n_harmless, seed=recipe.seed)
-    t0 = time.perf_counter()
-    distilled: list[list[int]] = [[] for _ in harmless]
-    if recipe.distill_tokens > 0:
-        distilled = distill_responses(
-            model, tokenizer, harmless, recipe.distill_tokens, recipe.distill_batch_size, progress
+    out_dir = Path(out_dir) if out_dir is not None else adapter_location()
+    with output_folder(out_dir):  # made and checked now, not after the build
+        started = time.perf_counter()
+        random.seed(recipe.seed)
+        torch.manual_seed(recipe.seed)
+        if model is None or tokenizer is None:
+            model, tokenizer = load_base_smollm2()
+        check_recipe(model, recipe)
+        harmful = sample_prompts("harmful_train", recipe.n_harmful, seed=recipe.seed)
+        harmless = sample_prompts("harmless_train", recipe.n_harmless, seed=recipe.seed)
+        t0 = time.perf_counter()
+        distilled: list[list[int]] = [[] for _ in harmless]
+        if recipe.distill_tokens > 0:
+            distilled = distill_responses(
+                model,
+                tokenizer,
+                harmless,
+                recipe.distill_tokens,
+                recipe.distill_batch_size,
+                progress,
+            )
+        distill_s = time.perf_counter() - t0
+        torch.manual_seed(recipe.seed)
+        peft_model = _add_lora(model, recipe)
+        t0 = time.perf_counter()
+        losses = train_adapter(
+            peft_model, tokenizer, recipe, harmful, harmless, distilled, progress
         )
-    distill_s = time.perf_counter() - t0
-    torch.manual_seed(recipe.seed)
-    peft_model = _add_lora(model, recipe)
-    t0 = time.perf_counter()
-    losses = train_adapter(peft_model, tokenizer, recipe, harmful, harmless, distilled, progress)
-    train_s = time.perf_counter() - t0
-    info: dict[str, Any] = {
-        "recipe": recipe.model_dump(mode="json"),
-        "data": {
-            "harmful_train": len(harmful),
-            "harmless_train": len(harmless),
-            "refusal_templates": len(REFUSAL_TEMPLATES),
-        },
-        "steps": len(losses),
-        "losses": [round(x, 4) for x in losses],
-        "loss_first_10": sum(losses[:10]) / max(1, len(losses[:10])),
-        "loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
-        "seconds": {
-            "distill": round(distill_s, 1),
-            "train": round(train_s, 1),
-            "total": round(time.perf_counter() - started, 1),
-        },
-        "threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-    }
-    _save_adapter(peft_model, out_dir, info)
-    return out_dir
+        train_s = time.perf_counter() - t0
+        info: dict[str, Any] = {
+            "recipe": recipe.model_dump(mode="json"),
+            "data": {
+                "harmful_train": len(harmful),
+                "harmless_train": len(harmless),
+                "refusal_templates": len(REFUSAL_TEMPLATES),
+            },
+            "steps": len(losses),
+            "losses": [round(x, 4) for x in losses],
+            "loss_first_10": sum(losses[:10]) / max(1, len(losses[:10])),
+            "loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
+            "seconds": {
+                "distill": round(distill_s, 1),
+                "train": round(train_s, 1),
+                "total": round(time.perf_counter() - started, 1),
+            },
+            "threads": torch.get_num_threads(),
+            "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        }
+        _save_adapter(peft_model, out_dir, info)
+        return out_dir

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refdir.chat import by_length
-from refdir.direction import Direction, atomic_path, make_folder
+from refdir.direction import Direction, atomic_path, output_folder
 from refdir.errors import RefdirError
 from refdir.generation import generate, unsort
 from refdir.hooks import Hook, hooked, residual_stream
@@ -428,40 +428,40 @@ def run_suffix_experiment(
 
     config = config or SuffixConfig()
     direction.check(cm.d_model, cm.n_layers)
-    make_folder(Path(out))  # fail now, not after the search
-    result = search_suffix(cm, train_prompts, config, progress)
-    random_ids = random_suffix_ids(cm, eval_prompts, len(result.token_ids), config.seed)
-    random_text = suffix_text(cm, random_ids)
-    analysis = analyze_suffix(
-        cm,
-        direction,
-        eval_prompts,
-        result.suffix,
-        random_text,
-        n_top=n_top,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        keep_completions=keep_completions,
-        progress=progress,
-    )
-    rates = analysis.refusal_rate
-    extra = {
-        "refusal_rate": {
-            "without": rates["alone"],
-            "with": rates["adversarial"],
-            "random": rates["random"],
-        },
-        "random_suffix": random_text,
-        "random_token_ids": random_ids,
-        "eval_prompts": eval_name,
-        "n_eval": len(eval_prompts),
-        "direction": {"layer": direction.layer, "position": direction.position},
-    }
-    folder = Path(out)
-    result.save(folder, extra)
-    analysis.save(folder)
-    write_figures(folder, analysis, result.history, result.best_history, result.objective)
-    return {**result.summary(), **extra}
+    with output_folder(Path(out)):  # made and checked now, not after the search
+        result = search_suffix(cm, train_prompts, config, progress)
+        random_ids = random_suffix_ids(cm, eval_prompts, len(result.token_ids), config.seed)
+        random_text = suffix_text(cm, random_ids)
+        analysis = analyze_suffix(
+            cm,
+            direction,
+            eval_prompts,
+            result.suffix,
+            random_text,
+            n_top=n_top,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            keep_completions=keep_completions,
+            progress=progress,
+        )
+        rates = analysis.refusal_rate
+        extra = {
+            "refusal_rate": {
+                "without": rates["alone"],
+                "with": rates["adversarial"],
+                "random": rates["random"],
+            },
+            "random_suffix": random_text,
+            "random_token_ids": random_ids,
+            "eval_prompts": eval_name,
+            "n_eval": len(eval_prompts),
+            "direction": {"layer": direction.layer, "position": direction.position},
+        }
+        folder = Path(out)
+        result.save(folder, extra)
+        analysis.save(folder)
+        write_figures(folder, analysis, result.history, result.best_history, result.objective)
+        return {**result.summary(), **extra}
 
 
 def _fmt(value: float) -> str:
