@@ -1,0 +1,309 @@
+"""refdir against the paper's own code, same model, same prompts, same process.
+
+The peer is the reference implementation of Arditi et al. (2024),
+https://github.com/andyrdt/refusal_direction. refdir does not ship it: give a checkout of it as
+``--peer PATH``; its functions are imported from there and called unchanged. It needs two
+packages refdir does not (``pip install jaxtyping einops``).
+
+Model: the bundled organism (SmolLM2-135M-Instruct + refusal LoRA), chat-formatted by refdir's
+template code for both tools (the peer has no SmolLM2 class of its own; its per-family classes
+only format prompts and name modules). Prompts: the samples ``refdir run`` takes by default
+(seed 42; 128 + 128 training, 32 + 32 validation), kept by the paper's refusal-metric filter
+(refdir's), so that both tools get the same lists. Refusal tokens: derived by refdir from the
+model's own refusals, given to both.
+
+Three measurements:
+
+1. Extraction: the peer's ``get_mean_diff`` (what its ``generate_directions`` calls) against
+   refdir's ``extract_candidates``, both over the same training prompts; the difference of
+   their candidate directions.
+2. Scoring like for like: bypass, induce and KL for every candidate of ``--layers`` (every
+   post-instruction position), the peer's way (its ``select_direction`` loops, with its
+   functions and hooks, restricted to these layers) against refdir's ``score_candidates``
+   without pruning; the largest difference of the three scores.
+3. The whole selection: refdir's as ``refdir run`` does it (pruned, every layer below 0.8 L)
+   against the peer's projected from (2) to every candidate it scores (every layer and
+   position: the peer scores all three scores for all of them). ``--full`` runs the peer's over
+   every layer instead of projecting (about 40 minutes on 2 CPU cores).
+
+    python bench/peer.py --peer PATH [--layers 4 12 22] [--threads 2] [--full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from refdir.activations import extract_candidates
+from refdir.data import sample_prompts
+from refdir.direction import Candidates
+from refdir.errors import RefdirError
+from refdir.model import ChatModel, load_model
+from refdir.select import (
+    CandidateScores,
+    SelectionConfig,
+    ValidationSets,
+    derive_refusal_tokens,
+    filter_prompts,
+    pick,
+    score_candidates,
+)
+
+SEED, N_TRAIN, N_VAL, BATCH = 42, 128, 32, 32
+
+
+def import_peer(path: Path) -> tuple[ModuleType, ModuleType, ModuleType]:
+    """The peer's direction generation, selection and hook modules, imported from ``path``."""
+    if not (path / "pipeline" / "submodules" / "select_direction.py").is_file():
+        sys.exit(f"{path} is not a checkout of andyrdt/refusal_direction; clone it and pass --peer")
+    sys.path.insert(0, str(path))
+    try:
+        return (
+            importlib.import_module("pipeline.submodules.generate_directions"),
+            importlib.import_module("pipeline.submodules.select_direction"),
+            importlib.import_module("pipeline.utils.hook_utils"),
+        )
+    except ModuleNotFoundError as e:
+        sys.exit(f"the peer needs {e.name!r}: pip install jaxtyping einops")
+
+
+class Peer:
+    """The peer's functions over one model, as its ``ModelBase`` would hand them over."""
+
+    def __init__(self, cm: ChatModel, refusal_toks: Sequence[int], path: Path) -> None:
+        self.gen, self.sel, self.hooks = import_peer(path)
+        self.cm = cm
+        self.refusal_toks = list(refusal_toks)
+        self.blocks = list(cm.layout.layers)
+        self.attn = [layer.attn for layer in cm.layout.per_layer]
+        self.mlp = [layer.mlp for layer in cm.layout.per_layer]
+
+    def tokenize(self, instructions: Sequence[str]) -> Any:
+        return self.cm.chat.encode(list(instructions))  # left-padded, like the peer's
+
+    def mean_diff(self, harmful: list[str], harmless: list[str]) -> torch.Tensor:
+        """[P, L, d] float64: what the peer's ``generate_directions`` computes."""
+        positions = list(range(-self.cm.chat.n_post, 0))
+        diff: torch.Tensor = self.gen.get_mean_diff(
+            self.cm.model,
+            self.cm.tokenizer,
+            harmful,
+            harmless,
+            self.tokenize,
+            self.blocks,
+            batch_size=BATCH,
+            positions=positions,
+        )
+        return diff
+
+    def ablation_hooks(self, direction: torch.Tensor) -> tuple[list[Any], list[Any]]:
+        h = self.hooks
+        pre = [
+            (b, h.get_direction_ablation_input_pre_hook(direction=direction)) for b in self.blocks
+        ]
+        post = [(m, h.get_direction_ablation_output_hook(direction=direction)) for m in self.attn]
+        post += [(m, h.get_direction_ablation_output_hook(direction=direction)) for m in self.mlp]
+        return pre, post
+
+    def refusal_scores(self, prompts: list[str], pre: list[Any], post: list[Any]) -> float:
+        scores = self.sel.get_refusal_scores(
+            self.cm.model,
+            prompts,
+            self.tokenize,
+            self.refusal_toks,
+            fwd_pre_hooks=pre,
+            fwd_hooks=post,
+            batch_size=BATCH,
+        )
+        return float(scores.mean())
+
+    def last_logits(self, prompts: list[str], pre: list[Any], post: list[Any]) -> torch.Tensor:
+        logits: torch.Tensor = self.sel.get_last_position_logits(
+            self.cm.model,
+            self.cm.tokenizer,
+            prompts,
+            self.tokenize,
+            fwd_pre_hooks=pre,
+            fwd_hooks=post,
+            batch_size=BATCH,
+        )
+        return logits
+
+    def scores(
+        self, harmful: list[str], harmless: list[str], diffs: torch.Tensor, layers: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        """The peer's ``select_direction`` loops over ``layers``: KL, bypass, induce, [P, L]."""
+        n_pos, n_layers = int(diffs.shape[0]), int(diffs.shape[1])
+        out = {
+            k: torch.full((n_pos, n_layers), torch.nan, dtype=torch.float64)
+            for k in (*_SCORES, "kl_exact")
+        }
+        # its baselines: harmful and harmless refusal scores, harmless last-position logits
+        self.refusal_scores(harmful, [], [])
+        self.refusal_scores(harmless, [], [])
+        base = self.last_logits(harmless, [], [])
+        for p in range(n_pos):
+            for layer in layers:
+                pre, post = self.ablation_hooks(diffs[p, layer])
+                ablated = self.last_logits(harmless, pre, post)
+                out["kl"][p, layer] = self.sel.kl_div_fn(base, ablated, mask=None).mean()
+                out["kl_exact"][p, layer] = exact_kl(base, ablated)
+        for p in range(n_pos):
+            for layer in layers:
+                pre, post = self.ablation_hooks(diffs[p, layer])
+                out["bypass"][p, layer] = self.refusal_scores(harmful, pre, post)
+        for p in range(n_pos):
+            for layer in layers:
+                add = self.hooks.get_activation_addition_input_pre_hook(
+                    vector=diffs[p, layer], coeff=torch.tensor(1.0)
+                )
+                out["induce"][p, layer] = self.refusal_scores(
+                    harmless, [(self.blocks[layer], add)], []
+                )
+        return out
+
+
+_SCORES = ("bypass", "induce", "kl")
+
+
+def exact_kl(base: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean KL(base || other) of last-position logits [N, vocab], in float64 without the
+    peer's epsilon inside the logarithms (its ``kl_div_fn`` adds 1e-6 to every probability)."""
+    a, b = base.double().log_softmax(-1), other.double().log_softmax(-1)
+    return float((a.exp() * (a - b)).sum(-1).mean())
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    began = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - began
+
+
+def largest_gap(peer: dict[str, torch.Tensor], ours: CandidateScores, layers: Sequence[int]) -> str:
+    """The largest |peer - refdir| of each score over the candidates both scored; ``kl_exact``
+    is the peer's logits' KL without its epsilon, against refdir's KL."""
+    gaps = []
+    for name in (*_SCORES, "kl_exact"):
+        a = peer[name][:, layers]
+        b = getattr(ours, name.removesuffix("_exact"))[:, layers]
+        both = torch.isfinite(a) & torch.isfinite(b)
+        gap = float((a[both] - b[both]).abs().max()) if both.any() else float("nan")
+        gaps.append(f"{name} {gap:.2e} ({int(both.sum())} candidates)")
+    return ", ".join(gaps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peer", type=Path, required=True, help="checkout of refusal_direction")
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 12, 22])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--full", action="store_true", help="run the peer over every layer")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cm = load_model()
+    cm.model.requires_grad_(False)  # as the peer's loaders do
+    sets = {
+        name: sample_prompts(name, N_TRAIN if name.endswith("train") else N_VAL, SEED)
+        for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
+    }
+    tokens = derive_refusal_tokens(cm, sets["harmful_val"], progress=False)
+    kept = {
+        name: filter_prompts(cm, prompts, tokens.ids, name.startswith("harmful"), BATCH)
+        for name, prompts in sets.items()
+    }
+    print(
+        f"organism: {cm.n_layers} layers, {cm.chat.n_post} post-instruction positions; refusal "
+        f"tokens {list(tokens.texts)}; prompts kept "
+        + ", ".join(f"{k} {len(v)}/{len(sets[k])}" for k, v in kept.items())
+    )
+    peer = Peer(cm, tokens.ids, args.peer)
+    train = (kept["harmful_train"], kept["harmless_train"])
+    val = (kept["harmful_val"], kept["harmless_val"])
+
+    peer_diff, t_peer = timed(lambda: peer.mean_diff(*train))
+    cands: Candidates
+    cands, t_ours = timed(lambda: extract_candidates(cm, *train, BATCH, progress=False))
+    ours_diff = cands.diffs[:, : cm.n_layers]
+    rel = float((peer_diff - ours_diff).norm(dim=-1).max() / ours_diff.norm(dim=-1).max())
+    print(
+        f"extraction: peer {t_peer:.1f} s   refdir {t_ours:.1f} s   speed-up x{t_peer / t_ours:.2f}"
+        f"   largest difference of a candidate / largest candidate norm {rel:.1e}"
+    )
+
+    layers = sorted(set(args.layers))
+    peer_scores, t_peer = timed(lambda: peer.scores(*val, peer_diff, layers))
+    validation, t_val = timed(lambda: ValidationSets.build(cm, *val, tokens.ids, False, BATCH))
+    ours, t_ours = timed(
+        lambda: score_candidates(
+            cm,
+            cands,
+            *val,
+            tokens.ids,
+            layers=layers,
+            batch_size=BATCH,
+            progress=False,
+            prune=False,
+            validation=validation,
+        )
+    )
+    t_ours += t_val
+    n_scored = cm.chat.n_post * len(layers)
+    print(
+        f"scoring layers {layers} ({n_scored} candidates, all three scores): peer {t_peer:.1f} s"
+        f"   refdir {t_ours:.1f} s   speed-up x{t_peer / t_ours:.2f}"
+    )
+    print(f"largest score difference: {largest_gap(peer_scores, ours, layers)}")
+
+    run_scores, t_run = timed(
+        lambda: score_candidates(
+            cm, cands, *val, tokens.ids, batch_size=BATCH, progress=False, validation=validation
+        )
+    )
+    t_run += t_val
+    chosen = pick(run_scores, SelectionConfig())
+    n_all = cm.chat.n_post * cm.n_layers
+    if args.full:
+        every = list(range(cm.n_layers))
+        full, t_full = timed(lambda: peer.scores(*val, peer_diff, every))
+        label = "measured"
+        print(f"score differences, candidates both scored: {largest_gap(full, run_scores, every)}")
+        peer_view = CandidateScores(
+            cands.positions,
+            every,
+            full["bypass"],
+            full["induce"],
+            full["kl"],
+            run_scores.baseline_harmful,
+            run_scores.baseline_harmless,
+        )
+        try:  # the peer's rule: the paper's filter, no fallback (it stops at an assertion)
+            peer_pick = pick(peer_view, SelectionConfig(fallback_kl_bounds=()))
+            print(f"the peer's pick: layer {peer_pick.layer}, position {peer_pick.position}")
+        except RefdirError:
+            usable = torch.isfinite(full["kl"]) & (full["induce"] >= 0)
+            usable[:, int(0.8 * cm.n_layers) :] = False
+            lowest = float(full["kl"][usable].min())
+            print(
+                "the peer's pick: none; no candidate passes the paper's filter with its scores "
+                f"(lowest KL with induce >= 0 below 0.8 L: {lowest:.4f}), so its "
+                "select_direction stops at 'All scores have been filtered out!'"
+            )
+    else:
+        t_full, label = t_peer * n_all / n_scored, "projected from the layers above"
+    print(
+        f"whole selection: peer {t_full:.0f} s ({n_all} candidates, {label})   refdir "
+        f"{t_run:.1f} s (pruned, as refdir run does)   speed-up x{t_full / t_run:.1f}"
+    )
+    print(f"refdir's pick: layer {chosen.layer}, position {chosen.position} ({chosen.rule})")
+
+
+if __name__ == "__main__":
+    main()
