@@ -25,8 +25,13 @@ Three measurements:
    against the peer's projected from (2) to every candidate it scores (every layer and
    position: the peer scores all three scores for all of them). ``--full`` runs the peer's over
    every layer instead of projecting (about 40 minutes on 2 CPU cores).
+4. Completions under ablation of the layer-22, last-position candidate: ``--gen N`` harmful_test
+   prompts, 64 greedy tokens, the peer's ``generate_completions`` (transformers' ``generate``
+   on left-padded batches, its default batch of 8, and refdir's batch) against refdir's decoder
+   (batch ``--gen-batch``); how many completions are identical.
 
     python bench/peer.py --peer PATH [--layers 4 12 22] [--threads 2] [--full]
+                         [--parts selection generation] [--gen 64] [--gen-batch 64]
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import torch
@@ -46,6 +51,8 @@ from refdir.activations import extract_candidates
 from refdir.data import sample_prompts
 from refdir.direction import Candidates
 from refdir.errors import RefdirError
+from refdir.generation import generate
+from refdir.intervene import ablate
 from refdir.model import ChatModel, load_model
 from refdir.select import (
     CandidateScores,
@@ -60,8 +67,8 @@ from refdir.select import (
 SEED, N_TRAIN, N_VAL, BATCH = 42, 128, 32, 32
 
 
-def import_peer(path: Path) -> tuple[ModuleType, ModuleType, ModuleType]:
-    """The peer's direction generation, selection and hook modules, imported from ``path``."""
+def import_peer(path: Path) -> tuple[ModuleType, ModuleType, ModuleType, ModuleType]:
+    """The peer's direction generation, selection, hook and model modules, from ``path``."""
     if not (path / "pipeline" / "submodules" / "select_direction.py").is_file():
         sys.exit(f"{path} is not a checkout of andyrdt/refusal_direction; clone it and pass --peer")
     sys.path.insert(0, str(path))
@@ -70,6 +77,7 @@ def import_peer(path: Path) -> tuple[ModuleType, ModuleType, ModuleType]:
             importlib.import_module("pipeline.submodules.generate_directions"),
             importlib.import_module("pipeline.submodules.select_direction"),
             importlib.import_module("pipeline.utils.hook_utils"),
+            importlib.import_module("pipeline.model_utils.model_base"),
         )
     except ModuleNotFoundError as e:
         sys.exit(f"the peer needs {e.name!r}: pip install jaxtyping einops")
@@ -79,7 +87,7 @@ class Peer:
     """The peer's functions over one model, as its ``ModelBase`` would hand them over."""
 
     def __init__(self, cm: ChatModel, refusal_toks: Sequence[int], path: Path) -> None:
-        self.gen, self.sel, self.hooks = import_peer(path)
+        self.gen, self.sel, self.hooks, self.base = import_peer(path)
         self.cm = cm
         self.refusal_toks = list(refusal_toks)
         self.blocks = list(cm.layout.layers)
@@ -136,6 +144,20 @@ class Peer:
             batch_size=BATCH,
         )
         return logits
+
+    def completions(
+        self, prompts: list[str], direction: torch.Tensor, batch_size: int, max_new_tokens: int
+    ) -> list[str]:
+        """Its ``ModelBase.generate_completions`` under the ablation of ``direction``."""
+        pre, post = self.ablation_hooks(direction)
+        handle = SimpleNamespace(  # what the method reads from its ModelBase
+            model=self.cm.model, tokenizer=self.cm.tokenizer, tokenize_instructions_fn=self.tokenize
+        )
+        dataset = [{"instruction": p, "category": ""} for p in prompts]
+        done = self.base.ModelBase.generate_completions(
+            handle, dataset, pre, post, batch_size=batch_size, max_new_tokens=max_new_tokens
+        )
+        return [str(c["response"]) for c in done]
 
     def scores(
         self, harmful: list[str], harmless: list[str], diffs: torch.Tensor, layers: Sequence[int]
@@ -206,6 +228,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 12, 22])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--full", action="store_true", help="run the peer over every layer")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=("selection", "generation"),
+        default=["selection", "generation"],
+    )
+    parser.add_argument("--gen", type=int, default=64, help="prompts for the completions")
+    parser.add_argument("--gen-batch", type=int, default=64, help="refdir's decoding batch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cm = load_model()
@@ -238,15 +268,63 @@ def main() -> None:
         f"   largest difference of a candidate / largest candidate norm {rel:.1e}"
     )
 
-    layers = sorted(set(args.layers))
+    if "generation" in args.parts:
+        compare_generation(cm, peer, cands, args.gen, args.gen_batch)
+    if "selection" in args.parts:
+        compare_selection(cm, peer, cands, peer_diff, tokens.ids, val, args.layers, args.full)
+
+
+def compare_generation(
+    cm: ChatModel, peer: Peer, cands: Candidates, n: int, batch: int, max_new_tokens: int = 64
+) -> None:
+    prompts = sample_prompts("harmful_test", n, SEED)
+    direction = cands.direction(-1, 22)
+    texts: dict[str, list[str]] = {}
+    seconds: dict[str, float] = {}
+    for size in sorted({8, batch}):
+        name = f"peer, batch {size}"
+        began = time.perf_counter()
+        texts[name] = peer.completions(prompts, direction.vector, size, max_new_tokens)
+        seconds[name] = time.perf_counter() - began
+
+    def ours() -> list[str]:
+        with ablate(cm, direction):
+            return generate(cm, prompts, max_new_tokens, batch, progress=False)
+
+    texts["refdir"], seconds["refdir"] = timed(ours)
+    for name, t in seconds.items():
+        if name == "refdir":
+            continue
+        same = sum(
+            a.strip() == b.strip() for a, b in zip(texts[name], texts["refdir"], strict=True)
+        )
+        ratio = t / seconds["refdir"]
+        print(
+            f"completions under ablation ({n} harmful_test prompts, {max_new_tokens} tokens): "
+            f"{name} {t:.1f} s   refdir {seconds['refdir']:.1f} s (batch {batch})   speed-up "
+            f"x{ratio:.2f}   {same}/{n} completions identical"
+        )
+
+
+def compare_selection(
+    cm: ChatModel,
+    peer: Peer,
+    cands: Candidates,
+    peer_diff: torch.Tensor,
+    token_ids: Sequence[int],
+    val: tuple[list[str], list[str]],
+    chosen_layers: Sequence[int],
+    run_full: bool,
+) -> None:
+    layers = sorted(set(chosen_layers))
     peer_scores, t_peer = timed(lambda: peer.scores(*val, peer_diff, layers))
-    validation, t_val = timed(lambda: ValidationSets.build(cm, *val, tokens.ids, False, BATCH))
+    validation, t_val = timed(lambda: ValidationSets.build(cm, *val, token_ids, False, BATCH))
     ours, t_ours = timed(
         lambda: score_candidates(
             cm,
             cands,
             *val,
-            tokens.ids,
+            token_ids,
             layers=layers,
             batch_size=BATCH,
             progress=False,
@@ -264,13 +342,13 @@ def main() -> None:
 
     run_scores, t_run = timed(
         lambda: score_candidates(
-            cm, cands, *val, tokens.ids, batch_size=BATCH, progress=False, validation=validation
+            cm, cands, *val, token_ids, batch_size=BATCH, progress=False, validation=validation
         )
     )
     t_run += t_val
     chosen = pick(run_scores, SelectionConfig())
     n_all = cm.chat.n_post * cm.n_layers
-    if args.full:
+    if run_full:
         every = list(range(cm.n_layers))
         full, t_full = timed(lambda: peer.scores(*val, peer_diff, every))
         label = "measured"
