@@ -25,13 +25,17 @@ Three measurements:
    against the peer's projected from (2) to every candidate it scores (every layer and
    position: the peer scores all three scores for all of them). ``--full`` runs the peer's over
    every layer instead of projecting (about 40 minutes on 2 CPU cores).
-4. Completions under ablation of the layer-22, last-position candidate: ``--gen N`` harmful_test
+4. CE loss on the packaged text corpus (``refdir run``'s 64 texts, cut to 256 tokens) under
+   baseline, ablation and activation addition (coefficient -1 at the direction's layer, as
+   both tools do for the loss): the peer's ``compute_loss_over_dataset`` (at its batch of 2, fed
+   the same token rows in its batch format) against refdir's ``ce_losses`` (its batch of 8).
+5. Completions under ablation of the layer-22, last-position candidate: ``--gen N`` harmful_test
    prompts, 64 greedy tokens, the peer's ``generate_completions`` (transformers' ``generate``
    on left-padded batches, its default batch of 8, and refdir's batch) against refdir's decoder
    (batch ``--gen-batch``); how many completions are identical.
 
     python bench/peer.py --peer PATH [--layers 4 12 22] [--threads 2] [--full]
-                         [--parts selection generation] [--gen 64] [--gen-batch 64]
+                         [--parts selection ce generation] [--gen 64] [--gen-batch 64]
 """
 
 from __future__ import annotations
@@ -40,19 +44,22 @@ import argparse
 import importlib
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import torch
+from transformers import BatchEncoding
 
 from refdir.activations import extract_candidates
+from refdir.chat import pad_left
 from refdir.data import sample_prompts
 from refdir.direction import Candidates
 from refdir.errors import RefdirError
 from refdir.generation import generate
 from refdir.intervene import ablate
+from refdir.metrics import ScoredRows, ce_losses, load_corpus, text_rows
 from refdir.model import ChatModel, load_model
 from refdir.select import (
     CandidateScores,
@@ -65,6 +72,7 @@ from refdir.select import (
 )
 
 SEED, N_TRAIN, N_VAL, BATCH = 42, 128, 32, 32
+PARTS = ("selection", "ce", "generation")
 
 
 def import_peer(path: Path) -> tuple[ModuleType, ModuleType, ModuleType, ModuleType]:
@@ -231,8 +239,8 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         nargs="+",
-        choices=("selection", "generation"),
-        default=["selection", "generation"],
+        choices=PARTS,
+        default=list(PARTS),
     )
     parser.add_argument("--gen", type=int, default=64, help="prompts for the completions")
     parser.add_argument("--gen-batch", type=int, default=64, help="refdir's decoding batch")
@@ -268,10 +276,65 @@ def main() -> None:
         f"   largest difference of a candidate / largest candidate norm {rel:.1e}"
     )
 
+    if "ce" in args.parts:
+        compare_ce(cm, peer, cands)
     if "generation" in args.parts:
         compare_generation(cm, peer, cands, args.gen, args.gen_batch)
     if "selection" in args.parts:
         compare_selection(cm, peer, cands, peer_diff, tokens.ids, val, args.layers, args.full)
+
+
+def peer_batches(cm: ChatModel, rows: ScoredRows, batch: int) -> Iterator[tuple[Any, Any]]:
+    """The rows in the peer's loss batch format: left-padded inputs and a mask [B, T] that is 1
+    at each position whose next token is scored."""
+    for i in range(0, len(rows.ids), batch):
+        ids, starts = rows.ids[i : i + batch], rows.starts[i : i + batch]
+        padded = pad_left(ids, cm.chat.pad_id)
+        mask = torch.zeros_like(padded.input_ids)
+        width = padded.input_ids.shape[1]
+        for b, (row, start) in enumerate(zip(ids, starts, strict=True)):
+            pad = width - len(row)
+            mask[b, pad + start - 1 : width - 1] = 1
+        inputs = BatchEncoding(
+            {"input_ids": padded.input_ids, "attention_mask": padded.attention_mask}
+        )
+        yield inputs, mask
+
+
+def compare_ce(cm: ChatModel, peer: Peer, cands: Candidates, coeff: float = -1.0) -> None:
+    loss = importlib.import_module("pipeline.submodules.evaluate_loss")
+    rows = text_rows(cm, load_corpus("prose", 64))
+    direction = cands.direction(-1, 22)
+    pre, post = peer.ablation_hooks(direction.vector)
+    add = peer.hooks.get_activation_addition_input_pre_hook(
+        vector=direction.vector, coeff=torch.tensor(coeff)
+    )
+    hooks = {
+        "baseline": ([], []),
+        "ablation": (pre, post),
+        "actadd": ([(peer.blocks[22], add)], []),
+    }
+    theirs: dict[str, float] = {}
+    began = time.perf_counter()
+    for name, (fwd_pre, fwd) in hooks.items():
+        ce, _, _ = loss.compute_loss_over_dataset(
+            cm.model, cm.tokenizer, peer_batches(cm, rows, 2), -1, fwd_pre, fwd
+        )
+        theirs[name] = float(ce)
+    t_peer = time.perf_counter() - began
+    conditions = {
+        "baseline": ("none", 1.0),
+        "ablation": ("ablate", 1.0),
+        "actadd": ("actadd", coeff),
+    }
+    ours, t_ours = timed(lambda: ce_losses(cm, rows, direction, conditions, progress=False))
+    n = sum(len(r) - s for r, s in zip(rows.ids, rows.starts, strict=True))
+    print(
+        f"CE on 64 texts ({n} tokens) under baseline, ablation, actadd: peer {t_peer:.1f} s   "
+        f"refdir {t_ours:.1f} s   speed-up x{t_peer / t_ours:.2f}   "
+        + "   ".join(f"{k} {theirs[k]:.5f} / {ours[k].ce:.5f}" for k in conditions)
+        + " (peer / refdir)"
+    )
 
 
 def compare_generation(
