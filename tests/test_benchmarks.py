@@ -189,6 +189,7 @@ def test_run_pipeline_checks_the_tasks_before_any_step(task: Path, tmp_path: Pat
     for tasks, path, message in (
         ((str(task.parent / "missing.yaml"),), (), "task file .*missing.yaml does not exist"),
         (("tiny_m",), (str(task.parent),), "did you mean 'tiny_mc'"),
+        (("zzzz",), (str(task.parent),), "'zzzz'; give a task YAML file, or the folder"),
         (("tiny_mc",), (str(tmp_path / "nowhere"),), "task folder .*nowhere does not exist"),
     ):
         config = CONFIG.model_copy(update={"benchmarks": tasks, "benchmark_path": path})

@@ -10,6 +10,7 @@ from refdir.activations import extract_candidates, filtered_means, residual_mean
 from refdir.direction import Candidates, Direction, atomic_path
 from refdir.errors import RefdirError
 from refdir.generation import last_position_logits
+from refdir.intervene import ablate
 from refdir.model import ChatModel
 from refdir.select import filter_prompts
 from tiny import tiny_chat_model
@@ -55,6 +56,13 @@ def test_direction_round_trip_and_size_check(cm: ChatModel, tmp_path: Path) -> N
     assert loaded.metadata == {"note": "test"}
     with pytest.raises(RefdirError, match="size 32 but the model's residual stream has 48"):
         loaded.check(48)
+    with pytest.raises(RefdirError, match=r"outside 0\.\.1 for this model; extract a direction"):
+        loaded.check(32, 1)
+    with pytest.raises(RefdirError, match=r"got shape \(2, 32\): give a 1-D tensor"):
+        Direction(torch.ones(2, 32), 2, -1, "m")
+    message = r"1-D tensor; pass cands.direction\(position, layer\)"
+    with pytest.raises(RefdirError, match=message), ablate(cm, torch.ones(2, cm.d_model)):
+        pass
     cands.save(tmp_path / "candidates.safetensors")
     again = Candidates.load(tmp_path / "candidates.safetensors")
     torch.testing.assert_close(again.diffs, cands.diffs)

@@ -159,7 +159,12 @@ def _unknown_task(name: str, known: Sequence[str], include_defaults: bool | None
     close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     where = " (built-in tasks need include_defaults=True)" if include_defaults is False else ""
-    return f"unknown benchmark task {name!r}{hint}{where}"
+    fix = (
+        ""
+        if close
+        else "; give a task YAML file, or the folder that defines it with --benchmark-path"
+    )
+    return f"unknown benchmark task {name!r}{hint}{where}{fix}"
 
 
 def _scores(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:

@@ -132,7 +132,10 @@ class Direction:
 
     def __post_init__(self) -> None:
         if self.vector.dim() != 1:
-            raise RefdirError(f"a direction is one vector; got shape {tuple(self.vector.shape)}")
+            raise RefdirError(
+                f"a direction is one vector; got shape {tuple(self.vector.shape)}: give a 1-D "
+                "tensor of the model's d_model values (one candidate, not the candidates)"
+            )
         if not torch.isfinite(self.vector).all() or float(self.vector.norm()) == 0.0:
             raise RefdirError(
                 "the direction vector is zero or not finite; pick another layer or position"
@@ -160,7 +163,8 @@ class Direction:
             )
         if n_layers is not None and not 0 <= self.layer <= n_layers:
             raise RefdirError(
-                f"direction layer {self.layer} is outside 0..{n_layers} for this model"
+                f"direction layer {self.layer} is outside 0..{n_layers} for this model; "
+                "extract a direction from this model"
             )
 
     def info(self) -> dict[str, Any]:

@@ -53,10 +53,14 @@ def _vector(direction: Direction | torch.Tensor, cm: ChatModel) -> torch.Tensor:
         direction.check(cm.d_model, cm.n_layers)
         return direction.vector.detach().float()
     if not isinstance(direction, torch.Tensor) or direction.dim() != 1:
-        raise RefdirError("a direction must be a Direction or a 1-D tensor")
+        raise RefdirError(
+            "a direction must be a Direction or a 1-D tensor; pass cands.direction(position, "
+            "layer) or one vector of the model's d_model values"
+        )
     if direction.shape[0] != cm.d_model:
         raise RefdirError(
-            f"direction has size {direction.shape[0]} but the model's residual stream has {cm.d_model}"
+            f"direction has size {direction.shape[0]} but the model's residual stream has "
+            f"{cm.d_model}; extract a direction from this model"
         )
     return direction.detach().float()
 
