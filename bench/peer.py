@@ -29,13 +29,18 @@ Three measurements:
    baseline, ablation and activation addition (coefficient -1 at the direction's layer, as
    both tools do for the loss): the peer's ``compute_loss_over_dataset`` (at its batch of 2, fed
    the same token rows in its batch format) against refdir's ``ce_losses`` (its batch of 8).
-5. Completions under ablation of the layer-22, last-position candidate: ``--gen N`` harmful_test
+5. Weight orthogonalization against hook ablation: the peer's ``orthogonalize_llama3_weights``
+   (the organism is a Llama) and refdir's ``orthogonalize``, each on a copy of the model, with
+   the layer-22, last-position direction; the largest |logit difference| from hook ablation at
+   the last position of 64 validation prompts, how often the top token differs, and how many of
+   32 harmful_test completions (32 tokens) equal hook ablation's.
+6. Completions under ablation of the layer-22, last-position candidate: ``--gen N`` harmful_test
    prompts, 64 greedy tokens, the peer's ``generate_completions`` (transformers' ``generate``
    on left-padded batches, its default batch of 8, and refdir's batch) against refdir's decoder
    (batch ``--gen-batch``); how many completions are identical.
 
     python bench/peer.py --peer PATH [--layers 4 12 22] [--threads 2] [--full]
-                         [--parts selection ce generation] [--gen 64] [--gen-batch 64]
+                         [--parts selection ce generation orthogonalize] [--gen 64] [--gen-batch 64]
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import importlib
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from copy import deepcopy
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -57,10 +63,11 @@ from refdir.chat import pad_left
 from refdir.data import sample_prompts
 from refdir.direction import Candidates
 from refdir.errors import RefdirError
-from refdir.generation import generate
+from refdir.generation import generate, last_position_logits
 from refdir.intervene import ablate
 from refdir.metrics import ScoredRows, ce_losses, load_corpus, text_rows
 from refdir.model import ChatModel, load_model
+from refdir.orthogonalize import orthogonalize
 from refdir.select import (
     CandidateScores,
     SelectionConfig,
@@ -72,7 +79,7 @@ from refdir.select import (
 )
 
 SEED, N_TRAIN, N_VAL, BATCH = 42, 128, 32, 32
-PARTS = ("selection", "ce", "generation")
+PARTS = ("selection", "ce", "generation", "orthogonalize")
 
 
 def import_peer(path: Path) -> tuple[ModuleType, ModuleType, ModuleType, ModuleType]:
@@ -278,6 +285,8 @@ def main() -> None:
 
     if "ce" in args.parts:
         compare_ce(cm, peer, cands)
+    if "orthogonalize" in args.parts:
+        compare_orthogonalization(cm, peer, cands, [*val[0], *val[1]])
     if "generation" in args.parts:
         compare_generation(cm, peer, cands, args.gen, args.gen_batch)
     if "selection" in args.parts:
@@ -335,6 +344,56 @@ def compare_ce(cm: ChatModel, peer: Peer, cands: Candidates, coeff: float = -1.0
         + "   ".join(f"{k} {theirs[k]:.5f} / {ours[k].ce:.5f}" for k in conditions)
         + " (peer / refdir)"
     )
+
+
+def compare_orthogonalization(
+    cm: ChatModel, peer: Peer, cands: Candidates, prompts: list[str], n_gen: int = 32
+) -> None:
+    llama3 = importlib.import_module("pipeline.model_utils.llama3_model")
+    direction = cands.direction(-1, 22)
+    harmful = sample_prompts("harmful_test", n_gen, SEED)
+    with ablate(cm, direction):
+        reference = last_position_logits(cm, prompts)
+        ref_text = generate(cm, harmful, 32, 64, progress=False)
+
+    def edited(edit: Callable[[ChatModel], None]) -> tuple[torch.Tensor, list[str], float]:
+        copy = ChatModel(
+            deepcopy(cm.model),  # keeps the tied embedding tied, as a loaded model has it
+            cm.tokenizer,
+            name=cm.name,
+            system=cm.system,
+            chat_template=cm.chat_template,
+            template_kwargs=cm.template_kwargs,
+        )
+        began = time.perf_counter()
+        edit(copy)
+        seconds = time.perf_counter() - began
+        return last_position_logits(copy, prompts), generate(copy, harmful, 32, 64, False), seconds
+
+    tied = cm.model.get_output_embeddings().weight is cm.layout.embed.weight
+
+    def peer_edit(c: ChatModel) -> None:
+        llama3.orthogonalize_llama3_weights(c.model, direction.vector)
+
+    def untie_then_peer_edit(c: ChatModel) -> None:  # the read-out keeps its own copy
+        head = c.model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        peer_edit(c)
+
+    for name, edit in (
+        ("peer", peer_edit),
+        ("peer after untying the read-out", untie_then_peer_edit),
+        ("refdir", lambda c: orthogonalize(c, direction)),
+    ):
+        logits, texts, seconds = edited(edit)
+        gap = float((logits - reference).abs().max())
+        top = int((logits.argmax(-1) != reference.argmax(-1)).sum())
+        same = sum(a == b for a, b in zip(texts, ref_text, strict=True))
+        print(
+            f"orthogonalized weights ({name}, tied embedding: {tied}), {seconds:.1f} s: max |logit "
+            f"- hook ablation's| {gap:.2e} over {len(prompts)} prompts, top token differs on "
+            f"{top}; {same}/{n_gen} completions equal to hook ablation's"
+        )
 
 
 def compare_generation(
