@@ -12,7 +12,7 @@ only format prompts and name modules). Prompts: the samples ``refdir run`` takes
 (refdir's), so that both tools get the same lists. Refusal tokens: derived by refdir from the
 model's own refusals, given to both.
 
-Three measurements:
+What it measures (``--parts`` picks 3–6; 1 always runs):
 
 1. Extraction: the peer's ``get_mean_diff`` (what its ``generate_directions`` calls) against
    refdir's ``extract_candidates``, both over the same training prompts; the difference of
@@ -32,7 +32,7 @@ Three measurements:
 5. Weight orthogonalization against hook ablation: the peer's ``orthogonalize_llama3_weights``
    (the organism is a Llama) and refdir's ``orthogonalize``, each on a copy of the model, with
    the layer-22, last-position direction; the largest |logit difference| from hook ablation at
-   the last position of 64 validation prompts, how often the top token differs, and how many of
+   the last position of the validation prompts kept, how often the top token differs, and how many of
    32 harmful_test completions (32 tokens) equal hook ablation's.
 6. Completions under ablation of the layer-22, last-position candidate: ``--gen N`` harmful_test
    prompts, 64 greedy tokens, the peer's ``generate_completions`` (transformers' ``generate``
