@@ -12,7 +12,8 @@ only format prompts and name modules). Prompts: the samples ``refdir run`` takes
 (refdir's), so that both tools get the same lists. Refusal tokens: derived by refdir from the
 model's own refusals, given to both.
 
-What it measures (``--parts`` picks 3–6; 1 always runs):
+What it measures (1 always; ``--parts`` picks among selection: 2 and 3, ce: 4, orthogonalize:
+5, generation: 6):
 
 1. Extraction: the peer's ``get_mean_diff`` (what its ``generate_directions`` calls) against
    refdir's ``extract_candidates``, both over the same training prompts; the difference of
