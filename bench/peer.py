@@ -3,7 +3,8 @@
 The peer is the reference implementation of Arditi et al. (2024),
 https://github.com/andyrdt/refusal_direction. refdir does not ship it: give a checkout of it as
 ``--peer PATH``; its functions are imported from there and called unchanged. It needs two
-packages refdir does not (``pip install jaxtyping einops``).
+packages refdir does not (``pip install jaxtyping einops``), and its loss code the ``datasets``
+package (``pip install -e '.[bench]'`` brings it, with lm-eval).
 
 Model: the bundled organism (SmolLM2-135M-Instruct + refusal LoRA), chat-formatted by refdir's
 template code for both tools (the peer has no SmolLM2 class of its own; its per-family classes
@@ -312,7 +313,10 @@ def peer_batches(cm: ChatModel, rows: ScoredRows, batch: int) -> Iterator[tuple[
 
 
 def compare_ce(cm: ChatModel, peer: Peer, cands: Candidates, coeff: float = -1.0) -> None:
-    loss = importlib.import_module("pipeline.submodules.evaluate_loss")
+    try:
+        loss = importlib.import_module("pipeline.submodules.evaluate_loss")
+    except ModuleNotFoundError as e:
+        sys.exit(f"the peer's loss code needs {e.name!r}: pip install -e '.[bench]'")
     rows = text_rows(cm, load_corpus("prose", 64))
     direction = cands.direction(-1, 22)
     pre, post = peer.ablation_hooks(direction.vector)
@@ -357,7 +361,7 @@ def compare_orthogonalization(
         reference = last_position_logits(cm, prompts)
         ref_text = generate(cm, harmful, 32, 64, progress=False)
 
-    def edited(edit: Callable[[ChatModel], None]) -> tuple[torch.Tensor, list[str], float]:
+    def edited(edit: Callable[[ChatModel], object]) -> tuple[torch.Tensor, list[str], float]:
         copy = ChatModel(
             deepcopy(cm.model),  # keeps the tied embedding tied, as a loaded model has it
             cm.tokenizer,
@@ -462,6 +466,13 @@ def compare_selection(
         f"   refdir {t_ours:.1f} s   speed-up x{t_peer / t_ours:.2f}"
     )
     print(f"largest score difference: {largest_gap(peer_scores, ours, layers)}")
+    for p, position in enumerate(cands.positions):
+        for layer in layers:
+            print(
+                f"  layer {layer:2d} position {position:2d}: KL peer {peer_scores['kl'][p, layer]:.4f}"
+                f" refdir {ours.kl[p, layer]:.4f}   induce peer {peer_scores['induce'][p, layer]:.3f}"
+                f" refdir {ours.induce[p, layer]:.3f}"
+            )
 
     run_scores, t_run = timed(
         lambda: score_candidates(
@@ -491,10 +502,12 @@ def compare_selection(
         except RefdirError:
             usable = torch.isfinite(full["kl"]) & (full["induce"] >= 0)
             usable[:, int(0.8 * cm.n_layers) :] = False
-            lowest = float(full["kl"][usable].min())
+            kl = torch.where(usable, full["kl"], torch.full_like(full["kl"], torch.inf))
+            p, layer = divmod(int(kl.argmin()), kl.shape[1])
             print(
                 "the peer's pick: none; no candidate passes the paper's filter with its scores "
-                f"(lowest KL with induce >= 0 below 0.8 L: {lowest:.4f}), so its "
+                f"(lowest KL with induce >= 0 below 0.8 L: {float(kl[p, layer]):.4f}, at layer "
+                f"{layer}, position {cands.positions[p]}), so its "
                 "select_direction stops at 'All scores have been filtered out!'"
             )
     else:

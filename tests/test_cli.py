@@ -207,6 +207,7 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
     for field, value, bound in (
         ("lora_rank", 0, "greater than or equal to 1"),
         ("lr", 0, "greater than 0"),
+        ("harmful_repeats", 13, "less than or equal to 12"),
     ):
         bad = tmp_path / f"{field}.json"
         bad.write_text(json.dumps({field: value}))
@@ -281,7 +282,7 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
                 *["--direction", str(tmp_path / "no")],
                 *["--completions", str(tmp_path / "c" / "d" / "o.jsonl")],
             ],
-            "no",
+            "direction.safetensors is missing",
         )
     )
     for args, message in cases:

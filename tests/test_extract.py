@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from refdir.activations import extract_candidates, filtered_means, residual_means
-from refdir.direction import Candidates, Direction, atomic_path
+from refdir.direction import Candidates, Direction, atomic_path, output_folder
 from refdir.errors import RefdirError
 from refdir.generation import last_position_logits
 from refdir.intervene import ablate
@@ -45,6 +45,26 @@ def test_candidates_shape_and_zero_at_template_embeddings(cm: ChatModel) -> None
         cands.direction(-1, 0)
 
 
+def test_output_folder_removes_only_the_empty_folders_it_made(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), output_folder(tmp_path / "a" / "b"):
+        raise RuntimeError  # made "a" and "a/b", then failed: both go
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(RuntimeError), output_folder(tmp_path / "new" / ".." / "x"):
+        raise RuntimeError  # "new/.." is never made on the way
+    assert not (tmp_path / "new").exists() and not (tmp_path / "x").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError), output_folder(tmp_path / "kept"):
+        raise RuntimeError  # there before: stays, even empty
+    assert (tmp_path / "kept").is_dir()
+    with pytest.raises(RuntimeError), output_folder(tmp_path / "p" / "q") as out:
+        (out / "f").write_text("x")
+        raise RuntimeError  # made, but holds a file: stays, and so do its parents
+    assert (tmp_path / "p" / "q" / "f").exists()
+    with output_folder(tmp_path / "ok"):
+        pass  # success keeps the folder, empty or not
+    assert (tmp_path / "ok").is_dir()
+
+
 def test_direction_round_trip_and_size_check(cm: ChatModel, tmp_path: Path) -> None:
     cands = extract_candidates(cm, HARMFUL, HARMLESS, progress=False, harmful_name="h")
     direction = cands.direction(-1, 2, note="test")
@@ -60,6 +80,9 @@ def test_direction_round_trip_and_size_check(cm: ChatModel, tmp_path: Path) -> N
         loaded.check(32, 1)
     with pytest.raises(RefdirError, match=r"got shape \(2, 32\): give a 1-D tensor"):
         Direction(torch.ones(2, 32), 2, -1, "m")
+    wrong = "size 40 but the model's residual stream has 32; extract a direction from this model"
+    with pytest.raises(RefdirError, match=wrong), ablate(cm, torch.ones(cm.d_model + 8)):
+        pass
     message = r"1-D tensor; pass cands.direction\(position, layer\)"
     with pytest.raises(RefdirError, match=message), ablate(cm, torch.ones(2, cm.d_model)):
         pass

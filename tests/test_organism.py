@@ -74,6 +74,8 @@ def test_build_runs_two_steps_and_saves_fp16_adapter(tmp_path: Path) -> None:
     [
         ({"first_layer": 99}, "first_layer must be in 0..2 for this base model, got 99"),
         ({"target_modules": ("q_proj", "nope")}, "must name linear layers of the base model"),
+        ({"target_modules": ("lm_head",)}, "must name linear layers of the base model"),
+        ({"target_modules": ()}, "must name linear layers of the base model"),
     ],
 )
 def test_a_recipe_that_does_not_fit_the_base_stops_before_any_work(

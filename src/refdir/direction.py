@@ -73,6 +73,7 @@ def output_folder(path: Path) -> Iterator[Path]:
     """:func:`writable_folder` for the work inside the block: the folder is made and checked
     now, and the folders it had to make are removed again if the block fails and leaves them
     empty (a failed command leaves no empty output folder behind)."""
+    path = Path(os.path.abspath(path))  # "new/../x" must not make "new" on the way
     made = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
     writable_folder(path)
     try:

@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -516,7 +517,11 @@ def check_recipe(model: PreTrainedModel, recipe: OrganismRecipe) -> None:
             f"the recipe's first_layer must be in 0..{n_layers - 1} for this base model, got "
             f"{recipe.first_layer}"
         )
-    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    linear = [  # inside the decoder layers, which peft's layers_to_transform selects from
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and re.search(r"\.layers\.\d+\.", n)
+    ]
     missing = [  # names as peft matches them: a module's name or the end of its path
         t for t in recipe.target_modules if not any(n == t or n.endswith("." + t) for n in linear)
     ]
