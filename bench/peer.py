@@ -81,6 +81,7 @@ from refdir.select import (
 )
 
 SEED, N_TRAIN, N_VAL, BATCH = 42, 128, 32, 32
+CHOSEN = (-1, 22)  # (position, layer): the organism's direction, as `refdir run` picks it
 PARTS = ("selection", "ce", "generation", "orthogonalize")
 
 
@@ -318,7 +319,7 @@ def compare_ce(cm: ChatModel, peer: Peer, cands: Candidates, coeff: float = -1.0
     except ModuleNotFoundError as e:
         sys.exit(f"the peer's loss code needs {e.name!r}: pip install -e '.[bench]'")
     rows = text_rows(cm, load_corpus("prose", 64))
-    direction = cands.direction(-1, 22)
+    direction = cands.direction(*CHOSEN)
     pre, post = peer.ablation_hooks(direction.vector)
     add = peer.hooks.get_activation_addition_input_pre_hook(
         vector=direction.vector, coeff=torch.tensor(coeff)
@@ -326,7 +327,7 @@ def compare_ce(cm: ChatModel, peer: Peer, cands: Candidates, coeff: float = -1.0
     hooks = {
         "baseline": ([], []),
         "ablation": (pre, post),
-        "actadd": ([(peer.blocks[22], add)], []),
+        "actadd": ([(peer.blocks[direction.layer], add)], []),
     }
     theirs: dict[str, float] = {}
     began = time.perf_counter()
@@ -355,7 +356,7 @@ def compare_orthogonalization(
     cm: ChatModel, peer: Peer, cands: Candidates, prompts: list[str], n_gen: int = 32
 ) -> None:
     llama3 = importlib.import_module("pipeline.model_utils.llama3_model")
-    direction = cands.direction(-1, 22)
+    direction = cands.direction(*CHOSEN)
     harmful = sample_prompts("harmful_test", n_gen, SEED)
     with ablate(cm, direction):
         reference = last_position_logits(cm, prompts)
@@ -405,7 +406,7 @@ def compare_generation(
     cm: ChatModel, peer: Peer, cands: Candidates, n: int, batch: int, max_new_tokens: int = 64
 ) -> None:
     prompts = sample_prompts("harmful_test", n, SEED)
-    direction = cands.direction(-1, 22)
+    direction = cands.direction(*CHOSEN)
     texts: dict[str, list[str]] = {}
     seconds: dict[str, float] = {}
     for size in sorted({8, batch}):

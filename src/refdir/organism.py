@@ -534,9 +534,10 @@ def check_recipe(model: PreTrainedModel, recipe: OrganismRecipe) -> None:
 
 
 def _add_lora(model: PreTrainedModel, recipe: OrganismRecipe) -> Any:
+    """The recipe's LoRA on ``model``; the recipe has passed :func:`check_recipe` (which
+    :func:`build_organism` runs before any distillation)."""
     from peft import LoraConfig, get_peft_model
 
-    check_recipe(model, recipe)
     n_layers = int(model.config.num_hidden_layers)
     config = LoraConfig(
         r=recipe.lora_rank,

@@ -428,7 +428,7 @@ def run_suffix_experiment(
 
     config = config or SuffixConfig()
     direction.check(cm.d_model, cm.n_layers)
-    with output_folder(Path(out)):  # made and checked now, not after the search
+    with output_folder(Path(out)) as folder:  # made and checked now, not after the search
         result = search_suffix(cm, train_prompts, config, progress)
         random_ids = random_suffix_ids(cm, eval_prompts, len(result.token_ids), config.seed)
         random_text = suffix_text(cm, random_ids)
@@ -457,7 +457,6 @@ def run_suffix_experiment(
             "n_eval": len(eval_prompts),
             "direction": {"layer": direction.layer, "position": direction.position},
         }
-        folder = Path(out)
         result.save(folder, extra)
         analysis.save(folder)
         write_figures(folder, analysis, result.history, result.best_history, result.objective)
