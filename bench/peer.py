@@ -13,6 +13,12 @@ only format prompts and name modules). Prompts: the samples ``refdir run`` takes
 (refdir's), so that both tools get the same lists. Refusal tokens: derived by refdir from the
 model's own refusals, given to both.
 
+Or ``--model SHAPE``: random weights in a real model's shape (``bench/shapes.py``: llama-3-8b,
+qwen2.5-7b, smollm2-135m) with ``--tokenizer``'s tokenizer, made on ``--device`` in
+``--dtype``, for speed at scale (on a GPU, say). Its refusals are noise, so the filter is
+skipped (both tools get the sampled lists) and the score comparisons mean agreement of two
+implementations, not a direction; the chosen candidate is the last position at 0.6 L.
+
 What it measures (1 always; ``--parts`` picks among selection: 2 and 3, ce: 4, orthogonalize:
 5, generation: 6):
 
@@ -33,16 +39,17 @@ What it measures (1 always; ``--parts`` picks among selection: 2 and 3, ce: 4, o
    the same token rows in its batch format) against refdir's ``ce_losses`` (its batch of 8).
 5. Weight orthogonalization against hook ablation: the peer's ``orthogonalize_llama3_weights``
    (the organism is a Llama) and refdir's ``orthogonalize``, each on a copy of the model, with
-   the layer-22, last-position direction; the largest |logit difference| from hook ablation at
+   the chosen direction (the organism's: layer 22, last position); the largest |logit difference| from hook ablation at
    the last position of the validation prompts kept, how often the top token differs, and how many of
    32 harmful_test completions (32 tokens) equal hook ablation's.
-6. Completions under ablation of the layer-22, last-position candidate: ``--gen N`` harmful_test
+6. Completions under ablation of the chosen candidate: ``--gen N`` harmful_test
    prompts, 64 greedy tokens, the peer's ``generate_completions`` (transformers' ``generate``
    on left-padded batches, its default batch of 8, and refdir's batch) against refdir's decoder
    (batch ``--gen-batch``); how many completions are identical.
 
     python bench/peer.py --peer PATH [--layers 4 12 22] [--threads 2] [--full]
                          [--parts selection ce generation orthogonalize] [--gen 64] [--gen-batch 64]
+                         [--model SHAPE --tokenizer DIR --device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ from refdir.errors import RefdirError
 from refdir.generation import generate, last_position_logits
 from refdir.intervene import ablate
 from refdir.metrics import ScoredRows, ce_losses, load_corpus, text_rows
-from refdir.model import ChatModel, load_model
+from refdir.model import ChatModel, load_model, resolve_dtype
 from refdir.orthogonalize import orthogonalize
 from refdir.select import (
     CandidateScores,
@@ -79,10 +86,16 @@ from refdir.select import (
     pick,
     score_candidates,
 )
+from shapes import SHAPES, random_chat_model
 
 SEED, N_TRAIN, N_VAL, BATCH = 42, 128, 32, 32
 CHOSEN = (-1, 22)  # (position, layer): the organism's direction, as `refdir run` picks it
 PARTS = ("selection", "ce", "generation", "orthogonalize")
+
+
+def chosen(cm: ChatModel) -> tuple[int, int]:
+    """(position, layer) of the direction the parts after selection use."""
+    return CHOSEN if cm.name == "organism" else (-1, int(0.6 * cm.n_layers))
 
 
 def import_peer(path: Path) -> tuple[ModuleType, ModuleType, ModuleType, ModuleType]:
@@ -194,7 +207,7 @@ class Peer:
             for layer in layers:
                 pre, post = self.ablation_hooks(diffs[p, layer])
                 ablated = self.last_logits(harmless, pre, post)
-                out["kl"][p, layer] = self.sel.kl_div_fn(base, ablated, mask=None).mean()
+                out["kl"][p, layer] = float(self.sel.kl_div_fn(base, ablated, mask=None).mean())
                 out["kl_exact"][p, layer] = exact_kl(base, ablated)
         for p in range(n_pos):
             for layer in layers:
@@ -221,9 +234,16 @@ def exact_kl(base: torch.Tensor, other: torch.Tensor) -> float:
     return float((a.exp() * (a - b)).sum(-1).mean())
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    sync()
     began = time.perf_counter()
     result = fn()
+    sync()
     return result, time.perf_counter() - began
 
 
@@ -254,25 +274,41 @@ def main() -> None:
     )
     parser.add_argument("--gen", type=int, default=64, help="prompts for the completions")
     parser.add_argument("--gen-batch", type=int, default=64, help="refdir's decoding batch")
+    parser.add_argument(
+        "--model", default="organism", choices=("organism", *SHAPES), help="or a random shape"
+    )
+    parser.add_argument("--tokenizer", type=Path, default=None, help="a shape's tokenizer folder")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cm = load_model()
+    dtype = resolve_dtype(args.dtype, args.device)
+    if args.model == "organism":
+        cm = load_model(device=args.device, dtype=dtype)
+    else:
+        cm = random_chat_model(args.model, args.tokenizer, args.device, dtype)
     cm.model.requires_grad_(False)  # as the peer's loaders do
     sets = {
         name: sample_prompts(name, N_TRAIN if name.endswith("train") else N_VAL, SEED)
         for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
     }
-    tokens = derive_refusal_tokens(cm, sets["harmful_val"], progress=False)
-    kept = {
-        name: filter_prompts(cm, prompts, tokens.ids, name.startswith("harmful"), BATCH)
-        for name, prompts in sets.items()
-    }
+    if args.model == "organism":
+        tokens = derive_refusal_tokens(cm, sets["harmful_val"], progress=False)
+        ids, texts = list(tokens.ids), list(tokens.texts)
+        kept = {
+            name: filter_prompts(cm, prompts, ids, name.startswith("harmful"), BATCH)
+            for name, prompts in sets.items()
+        }
+    else:  # a random model refuses nothing: the paper's Llama-3 tokens ("I", "As"), no filter
+        texts = ["I", "As"]
+        ids = [cm.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in texts]
+        kept = sets
     print(
-        f"organism: {cm.n_layers} layers, {cm.chat.n_post} post-instruction positions; refusal "
-        f"tokens {list(tokens.texts)}; prompts kept "
+        f"{cm.name} on {args.device} ({dtype}): {cm.n_layers} layers, {cm.chat.n_post} "
+        f"post-instruction positions; refusal tokens {texts}; prompts kept "
         + ", ".join(f"{k} {len(v)}/{len(sets[k])}" for k, v in kept.items())
     )
-    peer = Peer(cm, tokens.ids, args.peer)
+    peer = Peer(cm, ids, args.peer)
     train = (kept["harmful_train"], kept["harmless_train"])
     val = (kept["harmful_val"], kept["harmless_val"])
 
@@ -280,7 +316,7 @@ def main() -> None:
     cands: Candidates
     cands, t_ours = timed(lambda: extract_candidates(cm, *train, BATCH, progress=False))
     ours_diff = cands.diffs[:, : cm.n_layers]
-    rel = float((peer_diff - ours_diff).norm(dim=-1).max() / ours_diff.norm(dim=-1).max())
+    rel = float((peer_diff.cpu() - ours_diff).norm(dim=-1).max() / ours_diff.norm(dim=-1).max())
     print(
         f"extraction: peer {t_peer:.1f} s   refdir {t_ours:.1f} s   speed-up x{t_peer / t_ours:.2f}"
         f"   largest difference of a candidate / largest candidate norm {rel:.1e}"
@@ -293,7 +329,7 @@ def main() -> None:
     if "generation" in args.parts:
         compare_generation(cm, peer, cands, args.gen, args.gen_batch)
     if "selection" in args.parts:
-        compare_selection(cm, peer, cands, peer_diff, tokens.ids, val, args.layers, args.full)
+        compare_selection(cm, peer, cands, peer_diff, ids, val, args.layers, args.full)
 
 
 def peer_batches(cm: ChatModel, rows: ScoredRows, batch: int) -> Iterator[tuple[Any, Any]]:
@@ -316,10 +352,11 @@ def peer_batches(cm: ChatModel, rows: ScoredRows, batch: int) -> Iterator[tuple[
 def compare_ce(cm: ChatModel, peer: Peer, cands: Candidates, coeff: float = -1.0) -> None:
     try:
         loss = importlib.import_module("pipeline.submodules.evaluate_loss")
-    except ModuleNotFoundError as e:
-        sys.exit(f"the peer's loss code needs {e.name!r}: pip install -e '.[bench]'")
+    except ImportError as e:  # the other parts still run
+        print(f"CE: skipped, the peer's loss code needs the datasets package ({e})")
+        return
     rows = text_rows(cm, load_corpus("prose", 64))
-    direction = cands.direction(*CHOSEN)
+    direction = cands.direction(*chosen(cm))
     pre, post = peer.ablation_hooks(direction.vector)
     add = peer.hooks.get_activation_addition_input_pre_hook(
         vector=direction.vector, coeff=torch.tensor(coeff)
@@ -356,7 +393,7 @@ def compare_orthogonalization(
     cm: ChatModel, peer: Peer, cands: Candidates, prompts: list[str], n_gen: int = 32
 ) -> None:
     llama3 = importlib.import_module("pipeline.model_utils.llama3_model")
-    direction = cands.direction(*CHOSEN)
+    direction = cands.direction(*chosen(cm))
     harmful = sample_prompts("harmful_test", n_gen, SEED)
     with ablate(cm, direction):
         reference = last_position_logits(cm, prompts)
@@ -406,7 +443,7 @@ def compare_generation(
     cm: ChatModel, peer: Peer, cands: Candidates, n: int, batch: int, max_new_tokens: int = 64
 ) -> None:
     prompts = sample_prompts("harmful_test", n, SEED)
-    direction = cands.direction(*CHOSEN)
+    direction = cands.direction(*chosen(cm))
     texts: dict[str, list[str]] = {}
     seconds: dict[str, float] = {}
     for size in sorted({8, batch}):
@@ -475,13 +512,22 @@ def compare_selection(
                 f" refdir {ours.induce[p, layer]:.3f}"
             )
 
+    # a random model's induce scores are all negative, so pruning would skip nearly every KL
+    # and bypass pass: time it unpruned (every score of every candidate below 0.8 L)
+    prune = cm.name == "organism"
     run_scores, t_run = timed(
         lambda: score_candidates(
-            cm, cands, *val, token_ids, batch_size=BATCH, progress=False, validation=validation
+            cm,
+            cands,
+            *val,
+            token_ids,
+            batch_size=BATCH,
+            progress=False,
+            prune=prune,
+            validation=validation,
         )
     )
     t_run += t_val
-    chosen = pick(run_scores, SelectionConfig())
     n_all = cm.chat.n_post * cm.n_layers
     if run_full:
         every = list(range(cm.n_layers))
@@ -515,9 +561,14 @@ def compare_selection(
         t_full, label = t_peer * n_all / n_scored, "projected from the layers above"
     print(
         f"whole selection: peer {t_full:.0f} s ({n_all} candidates, {label})   refdir "
-        f"{t_run:.1f} s (pruned, as refdir run does)   speed-up x{t_full / t_run:.1f}"
+        f"{t_run:.1f} s ({'pruned, as refdir run does' if prune else 'not pruned'})   "
+        f"speed-up x{t_full / t_run:.1f}"
     )
-    print(f"refdir's pick: layer {chosen.layer}, position {chosen.position} ({chosen.rule})")
+    try:
+        chosen = pick(run_scores, SelectionConfig())
+        print(f"refdir's pick: layer {chosen.layer}, position {chosen.position} ({chosen.rule})")
+    except RefdirError as e:
+        print(f"refdir's pick: none ({e})")
 
 
 if __name__ == "__main__":

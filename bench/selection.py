@@ -25,7 +25,6 @@ import time
 from collections.abc import Sequence, Sized
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import refdir.select
 from refdir.data import sample_prompts
@@ -34,45 +33,7 @@ from refdir.intervene import ablate, add
 from refdir.layer_inputs import LayerInputs
 from refdir.model import ChatModel
 from refdir.select import candidate_logits
-
-SMOLLM2_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-def smollm2_shaped() -> ChatModel:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<|im_start|>": 0, "<|im_end|>": 1}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    while len(vocab) < 49152:  # the real vocabulary's size, for the unembedding's cost
-        vocab[f"<filler{len(vocab)}>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    fast.chat_template = SMOLLM2_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-    )
-    torch.manual_seed(0)
-    return ChatModel(LlamaForCausalLM(config).eval(), fast, name="random-smollm2-shape")
+from shapes import random_chat_model
 
 
 def baseline(
@@ -154,7 +115,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("scorer", "induce", "batching"), default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cm = smollm2_shaped()
+    cm = random_chat_model("smollm2-135m")
     harmful = sample_prompts("harmful_val", args.n, 0)
     harmless = sample_prompts("harmless_val", args.n, 0)
     n_post = cm.chat.n_post

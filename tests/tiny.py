@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -74,6 +75,9 @@ ARCHS: dict[str, Any] = {
     "mixtral": lambda: T.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2),
 }
 SANDWICH = {"gemma2", "gemma3"}
+
+DEVICE = os.environ.get("REFDIR_TEST_DEVICE", "cpu")
+"""Where tiny models are made: ``REFDIR_TEST_DEVICE=cuda pytest`` runs the suite's models on a GPU."""
 
 _MOE: dict[str, Any] = dict(num_experts_per_tok=2, moe_intermediate_size=16)
 
@@ -182,7 +186,7 @@ def tiny_model(
         for name, param in model.named_parameters():
             if "norm" in name or (arch in MORE_ARCHS and "bias" in name):  # biases start at 0
                 param.add_(0.3 * torch.randn_like(param))
-    return model.eval()
+    return model.eval().to(DEVICE)
 
 
 def tiny_chat_model(arch: str = "llama", seed: int = 0, tied: bool | None = None) -> ChatModel:

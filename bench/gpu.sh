@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU checks, in one go on a machine with a CUDA GPU, torch and transformers (the rest of
+# refdir's dependencies on PYTHONPATH): refdir's CUDA tests; the whole suite with its tiny
+# models on the GPU; refdir against the paper's code (bench/peer.py) on a random-weight model
+# of Llama-3-8B's shape in bfloat16; `refdir run`'s steps on that shape (bench/run_shape.py).
+# Each part has its own time limit and log under OUT.
+#
+#     bench/gpu.sh PEER_CHECKOUT TOKENIZER_DIR OUT [SHAPE]
+set -u
+peer=$1 tok=$2 out=$3 shape=${4:-llama-3-8b}
+export PYTHONPATH=$PWD/src:$PWD/bench:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+quiet() { grep -v -e '%|' -e 'Warning' -e 'warn(' ; }
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$out/env.txt"
+echo "== tests/test_cuda.py"
+timeout 180 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs 2>&1 | tail -40 | tee "$out/test_cuda.txt"
+echo "== bench/peer.py --model $shape"
+timeout 300 python3 bench/peer.py --peer "$peer" --model "$shape" --tokenizer "$tok" --device cuda \
+    --dtype bfloat16 --layers 4 12 19 25 --parts ce orthogonalize generation selection 2>&1 \
+    | quiet | tee "$out/peer.txt"
+echo "== bench/run_shape.py --shape $shape"
+timeout 240 python3 bench/run_shape.py --shape "$shape" --tokenizer "$tok" --device cuda \
+    --out /tmp/run-shape 2>&1 | quiet | tee "$out/run_shape.txt"
+echo "== the suite with REFDIR_TEST_DEVICE=cuda"
+REFDIR_TEST_DEVICE=cuda timeout 240 python3 -m pytest tests -q -m "not slow" -n 8 \
+    --ignore tests/test_benchmarks.py -p no:cacheprovider 2>&1 | tail -80 | tee "$out/suite_cuda.txt"

@@ -1,0 +1,154 @@
+"""`refdir run` on a random-weight model of a real shape: each step's wall time, and how much of
+the machine's matrix-product rate each step's forward passes reach.
+
+The model is ``--shape`` from ``bench/shapes.py`` (llama-3-8b by default) with random weights,
+made on ``--device`` in ``--dtype`` (bfloat16 on a GPU), with ``--tokenizer``'s tokenizer. Its
+refusals are noise, so the run takes the paper's Llama-3 refusal tokens ("I", "As"), skips the
+prompt filter, and uses a hand-picked direction (last position, layer 0.6 L); it scores every
+candidate of every layer (``score_all``: the paper's full sweep, since a random model's
+negative induce scores would prune nearly all of the KL and bypass passes). Every other option
+is ``refdir run``'s default: 128 + 128 training and 32 + 32 validation prompts, 152 + 100
+held-out prompts, 64 greedy tokens, CE on 64 texts.
+
+The baseline, measured in the same run: the rate of one large matrix product
+(8192 x 8192 x 8192 on a GPU, 2048 on a CPU) in the model's dtype. For each step the script
+counts the matrix-product FLOPs of the forward passes (2 x parameters of each decoder layer
+per token through it, padding included, and 2 x the unembedding per logit row) and prints
+the rate reached as a fraction of that baseline.
+
+    python bench/run_shape.py --tokenizer DIR [--shape llama-3-8b] [--device cuda]
+                              [--dtype bfloat16] [--out DIR] [--threads 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import refdir.pipeline
+from refdir.config import RunConfig
+from refdir.model import ChatModel, resolve_dtype
+from refdir.pipeline import Run, run_pipeline
+from shapes import SHAPES, random_chat_model
+
+QUICK: dict[str, Any] = dict(
+    n_train=16, n_val=8, n_eval_harmful=8, n_eval_harmless=8, n_ce=8, max_new_tokens=8
+)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device: str, dtype: torch.dtype) -> float:
+    """FLOP/s of one square matrix product, the mean of a few after warm-ups."""
+    n = 8192 if device.startswith("cuda") else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 20 if device.startswith("cuda") else 3
+    began = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - began)
+
+
+class FlopCounter:
+    """Matrix-product FLOPs of the decoder layers and the unembedding, from their inputs' shapes."""
+
+    def __init__(self, cm: ChatModel) -> None:
+        self.flops = 0.0
+        self.handles = []
+        for layer in cm.layout.layers:
+            weights = sum(p.numel() for n, p in layer.named_parameters() if "norm" not in n)
+            self.handles.append(
+                layer.register_forward_pre_hook(self._count(weights), with_kwargs=True)
+            )
+        head = cm.model.get_output_embeddings()
+        self.handles.append(
+            head.register_forward_pre_hook(self._count(head.weight.numel()), with_kwargs=True)
+        )
+
+    def _count(self, weights: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            self.flops += 2.0 * weights * x.shape[:-1].numel()
+
+        return hook
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="llama-3-8b", choices=tuple(SHAPES))
+    parser.add_argument("--tokenizer", type=Path, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: temporary)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = resolve_dtype(args.dtype, args.device)
+    rate = matmul_rate(args.device, dtype)
+    print(
+        f"baseline: one large matrix product in {dtype} on {args.device}: {rate / 1e12:.1f} TFLOP/s"
+    )
+    cm = random_chat_model(args.shape, args.tokenizer, args.device, dtype)
+    texts = ("I", "As")
+    ids = tuple(cm.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in texts)
+    config = RunConfig(
+        model=cm.name,
+        device=args.device,
+        dtype=str(dtype).removeprefix("torch."),
+        refusal_tokens=ids,
+        filter_prompts=False,
+        score_all=True,
+        layer=int(0.6 * cm.n_layers),
+        position=-1,
+        **(QUICK if args.quick else {}),
+    )
+    counter = FlopCounter(cm)
+    flops: dict[str, float] = {}
+    for step, fn in list(refdir.pipeline.STEP_FUNCTIONS.items()):
+
+        def counted(run: Run, step: str = step, fn: Callable[[Run], None] = fn) -> None:
+            before = counter.flops
+            fn(run)
+            sync(args.device)
+            flops[step] = counter.flops - before
+
+        refdir.pipeline.STEP_FUNCTIONS[step] = counted
+    out = args.out or Path(tempfile.mkdtemp(prefix="refdir-run-shape-"))
+    began = time.perf_counter()
+    timings = run_pipeline(config, out, progress=False, model=cm)
+    total = time.perf_counter() - began
+    print(f"refdir run on random {args.shape} ({cm.n_layers} layers), {args.device}, {dtype}:")
+    for step, seconds in timings.items():
+        tflop = flops.get(step, 0.0) / 1e12
+        reached = tflop * 1e12 / seconds / rate if seconds else 0.0
+        print(
+            f"  {step:9s} {seconds:7.1f} s   {tflop:8.1f} TFLOP in forward passes   "
+            f"{tflop / seconds if seconds else 0:7.1f} TFLOP/s = {reached:.2f} of the baseline"
+        )
+    print(f"  total     {total:7.1f} s (the steps; model made before)")
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"sizes: {json.dumps(metrics.get('sizes'))}")
+    if args.device.startswith("cuda"):
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""refdir on a CUDA GPU gives what it gives on the CPU. Skipped where no GPU is visible (CI has
+none); run on a GPU machine with ``pytest tests/test_cuda.py``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from refdir.activations import extract_candidates
+from refdir.config import RunConfig
+from refdir.data import sample_prompts
+from refdir.direction import Direction
+from refdir.generation import generate, last_position_logits
+from refdir.intervene import ablate, add
+from refdir.model import ChatModel
+from refdir.orthogonalize import parity
+from refdir.pipeline import run_pipeline
+from refdir.select import score_candidates
+from tiny import tiny_chat_model, tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TOKENS = list(range(5, 135))
+PROMPTS = ["Name a colour.", "How do I bake bread?", "Write a haiku about rain.", "Hi"]
+
+
+def _pair(arch: str = "llama") -> tuple[ChatModel, ChatModel]:
+    """The same tiny model twice, on the CPU and on the GPU (float32 both)."""
+    cpu, gpu = tiny_chat_model(arch), tiny_chat_model(arch)
+    cpu.model.to("cpu")  # also under REFDIR_TEST_DEVICE=cuda
+    gpu.model.to("cuda")
+    assert gpu.device.type == "cuda"
+    return cpu, gpu
+
+
+def _direction(cm: ChatModel) -> Direction:
+    torch.manual_seed(3)
+    return Direction(torch.randn(cm.d_model), 1, -1, cm.name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_extraction_and_scores_on_cuda_equal_the_cpu(arch: str) -> None:
+    cpu, gpu = _pair(arch)
+    harmful, harmless = sample_prompts("harmful_val", 6, 0), sample_prompts("harmless_val", 6, 0)
+    on_cpu = extract_candidates(cpu, harmful, harmless, 4, progress=False)
+    on_gpu = extract_candidates(gpu, harmful, harmless, 4, progress=False)
+    assert on_gpu.diffs.dtype == torch.float64 and on_gpu.diffs.device.type == "cpu"
+    torch.testing.assert_close(on_gpu.diffs, on_cpu.diffs, atol=1e-5, rtol=1e-4)
+    scores = [
+        score_candidates(
+            cm, c, harmful, harmless, TOKENS, batch_size=4, progress=False, prune=False
+        )
+        for cm, c in ((cpu, on_cpu), (gpu, on_gpu))
+    ]
+    for name in ("bypass", "induce", "kl"):
+        a, b = getattr(scores[0], name), getattr(scores[1], name)
+        assert torch.equal(a.isnan(), b.isnan()) and a.isfinite().any()
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+def test_interventions_and_greedy_generation_on_cuda_equal_the_cpu() -> None:
+    cpu, gpu = _pair()
+    direction = _direction(cpu)
+    base = last_position_logits(gpu, PROMPTS)
+    results = {}
+    for name, cm in (("cpu", cpu), ("gpu", gpu)):
+        with ablate(cm, direction):
+            ablated = last_position_logits(cm, PROMPTS)
+            ablated_text = generate(cm, PROMPTS, 12, 4, progress=False)
+        with add(cm, direction, 4.0):
+            added = last_position_logits(cm, PROMPTS)
+        results[name] = (ablated.cpu(), added.cpu(), ablated_text)
+    for got, want in zip(results["gpu"][:2], results["cpu"][:2], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert results["gpu"][2] == results["cpu"][2]
+    assert float((results["gpu"][1] - base.cpu()).abs().max()) > 1e-2  # the hook acted on the GPU
+
+
+def test_weight_edit_on_cuda_equals_hook_ablation() -> None:
+    _, gpu = _pair()
+    report, delta = parity(gpu, _direction(gpu))
+    assert gpu.layout.embed.weight.device.type == "cuda"
+    assert report.exact and delta < 1e-4
+
+
+def test_weight_edit_in_bfloat16_on_cuda_writes_nothing_along_the_direction() -> None:
+    _, gpu = _pair()
+    gpu.model.to(torch.bfloat16)
+    report, delta = parity(gpu, _direction(gpu))
+    assert report.exact, report.note  # nothing left along the direction beyond rounding
+    assert delta < 0.1  # bfloat16 rounding of the edited weights, recorded
+
+
+def test_refdir_run_on_cuda_in_bfloat16(tmp_path: Path) -> None:
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    config = RunConfig(
+        model=str(folder),
+        device="cuda",  # dtype auto: bfloat16 on a GPU
+        n_train=6,
+        n_val=4,
+        harmful_eval=("jailbreakbench", "harmful_test"),
+        n_eval_harmful=2,
+        n_eval_harmless=2,
+        max_new_tokens=4,
+        refusal_tokens=tuple(TOKENS),
+        n_ce=2,
+        fallback_kl_bounds=(1.0, 1e9),
+        induce_min=-1e9,
+        filter_prompts=False,
+    )
+    done = run_pipeline(config, tmp_path / "run", progress=False)
+    assert list(done) == ["prompts", "extract", "select", "evaluate", "report"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("baseline", "ablation", "actadd"):
+        assert 0.0 <= metrics["harmful"]["refusal_score"][key] <= 1.0
+        assert metrics["ce_loss"][key] > 0
+    assert metrics["harmless"]["kl_ablation"] >= 0
+    assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
+    assert len(list((tmp_path / "run" / "completions").glob("*.jsonl"))) == 5
