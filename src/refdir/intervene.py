@@ -253,16 +253,24 @@ class RowConditions:
         self.ablated = torch.tensor([float(k == "ablate") for k in kinds])
         self.coeffs = torch.tensor([float(c) if k == "actadd" else 0.0 for k, c in conditions])
         self.rows = torch.zeros(0, dtype=torch.long)
+        # per batch, each hook's per-row values on its device: copied once, not at every hook
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def select(self, variants: torch.Tensor) -> None:
         """The variant of each row of the next forward pass, in batch order."""
         self.rows = variants.detach().long().cpu()
+        self._on_device.clear()
 
-    def _rows_where(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``values`` of each row in flight, shaped to broadcast over ``x`` [batch, tokens, d]."""
+    def _rows_where(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The ``name`` values (``ablated`` or ``coeffs``) of each row in flight, shaped to
+        broadcast over ``x`` [batch, tokens, d]."""
         if self.rows.shape[0] != x.shape[0]:
             raise RefdirError("the rows' variants do not match the batch in flight")
-        return values[self.rows].to(x.device)[:, None, None]
+        key = (name, x.device)
+        if key not in self._on_device:
+            values: torch.Tensor = getattr(self, name)
+            self._on_device[key] = values[self.rows].to(x.device)[:, None, None]
+        return self._on_device[key]
 
     def hooks(self) -> list[Hook]:
         """The hooks to register (none when no condition changes anything). Rows whose
@@ -276,15 +284,18 @@ class RowConditions:
 
             def project(x: torch.Tensor) -> torch.Tensor:
                 xr = rows_view(x, self.rows.shape[0])  # MoE outputs may come flattened
-                ablated = self._rows_where(self.ablated, xr) > 0
+                ablated = self._rows_where("ablated", xr) > 0
                 return torch.where(ablated, ablation(xr), xr).view(x.shape)
 
             hooks += map_sites(self.cm.layout.residual_writes, project)
         if bool(self.coeffs.ne(0).any()):
+            on_device: dict[torch.device, torch.Tensor] = {}
 
             def shift(x: torch.Tensor) -> torch.Tensor:
-                v = vector.to(x.device)
-                coeff = self._rows_where(self.coeffs, x)
+                v = on_device.get(x.device)
+                if v is None:
+                    v = on_device[x.device] = vector.to(x.device)
+                coeff = self._rows_where("coeffs", x)
                 xf = x.float()
                 return torch.where(coeff != 0, xf + coeff * v, xf).to(x.dtype)
 

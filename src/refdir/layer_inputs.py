@@ -184,11 +184,10 @@ class Recorder:
         def keep(index: int, hidden: torch.Tensor) -> None:
             if index not in self.layers:
                 return
+            on_host = hidden.detach().to("cpu")  # one copy per layer and batch, not per row
             for j, row in enumerate(self.rows_in_flight):
                 n = len(self.rows[row]) - self.prefix_len
-                self.inputs[index][row] = (
-                    hidden[j, hidden.shape[1] - n :].detach().to("cpu", copy=True)
-                )
+                self.inputs[index][row] = on_host[j, on_host.shape[1] - n :].clone()
 
         def output_type(module: torch.nn.Module, args: Any, output: Any) -> None:
             self.plain.append(isinstance(output, torch.Tensor))

@@ -191,16 +191,24 @@ def candidate_logits(
     per_row = (
         vectors / vectors.norm(dim=-1, keepdim=True) if kind == "ablate" else coeff * vectors
     ).float()
-    live: dict[str, torch.Tensor] = {}
+    # the vectors of the rows in flight, on each device that asked for them: one copy per
+    # batch, not one per hook (a copy from the host waits for the GPU's queue to drain)
+    live: dict[torch.device, torch.Tensor] = {}
+
+    def rows_on(device: torch.device) -> torch.Tensor:
+        on = live.get(device)
+        if on is None:
+            on = live[device] = next(iter(live.values())).to(device)
+        return on
 
     def project(x: torch.Tensor) -> torch.Tensor:
-        u = live["rows"].to(x.device)
+        u = rows_on(x.device)
         xf = rows_view(x, u.shape[0]).float()
         kept = xf - torch.einsum("btd,bd->bt", xf, u).unsqueeze(-1) * u[:, None, :]
         return kept.to(x.dtype).view(x.shape)
 
     def shift(x: torch.Tensor) -> torch.Tensor:
-        return (x.float() + live["rows"].to(x.device)[:, None, :]).to(x.dtype)
+        return (x.float() + rows_on(x.device)[:, None, :]).to(x.dtype)
 
     if kind == "ablate":
         hooks: list[Hook] = map_sites(cm.layout.residual_writes, project)
@@ -212,8 +220,10 @@ def candidate_logits(
     parts: list[torch.Tensor] = []
     in_flight: dict[str, list[int]] = {"rows": []}
     replay = start if kind == "actadd" and layer > 0 else None
+    per_row = per_row.to(cm.device)
     with torch.inference_mode(), hooked(hooks):
-        live["rows"] = per_row
+        live.clear()
+        live[per_row.device] = per_row
         # rows kept from a recording may share a longer prefix: stop where the recording did
         at_most = replay.prefix_len if replay is not None else None
         prefix = SharedPrefix.build(cm, rows, copies=k, at_most=at_most)
@@ -223,7 +233,8 @@ def candidate_logits(
             for chunk in chunks:
                 index = torch.tensor(chunk, dtype=torch.long)
                 owner = index // n
-                live["rows"] = per_row[owner]
+                live.clear()
+                live[per_row.device] = per_row[owner.to(per_row.device)]
                 in_flight["rows"] = (index % n).tolist()
                 parts.append(prefix.logits(cm, [rows[i] for i in in_flight["rows"]], owner))
     return unsort(parts, chunks).view(k, n, -1)
