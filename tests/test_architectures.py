@@ -127,7 +127,7 @@ def test_generation_candidates_and_row_conditions(arch: str) -> None:
     assert torch.isfinite(scores.kl[live, layer]).all()
     # per-row conditions (flattened MoE outputs included) equal the whole-batch ablation
     rows = [cm.chat.token_ids(p) for p in PROMPTS]
-    batch = cm.chat.encode(PROMPTS)
+    batch = cm.chat.encode(PROMPTS).to(cm.device)
     direction = cands.direction(position=cands.positions[int(live.nonzero()[-1])], layer=layer)
     conditions = RowConditions(cm, direction, [("ablate", 0.0)])
     conditions.select(torch.zeros(len(rows), dtype=torch.long))

@@ -187,11 +187,14 @@ def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -
             ["ablate", "--model", str(model_dir), "--direction", str(tmp_path)],
             "direction.safetensors is missing",
         ),
-        (
-            ["extract", "--model", str(model_dir), "--out", str(tmp_path), "--device", "cuda"],
-            "no CUDA GPU",
-        ),
     ]
+    if not torch.cuda.is_available():
+        cases.append(
+            (
+                ["extract", "--model", str(model_dir), "--out", str(tmp_path), "--device", "cuda"],
+                "no CUDA GPU",
+            )
+        )
     Direction(torch.ones(8), 1, -1, "other").save(tmp_path / "small")
     cases.append(
         (["ablate", "--model", str(model_dir), "--direction", str(tmp_path / "small")], "size 8")

@@ -28,11 +28,11 @@ def test_streaming_means_match_a_direct_computation(cm: ChatModel, prompts: list
     assert means.shape == (cm.chat.n_post, cm.n_layers + 1, cm.d_model)
     rows = []
     for text in prompts:  # one prompt at a time: no padding at all
-        batch = cm.chat.encode([text])
+        batch = cm.chat.encode([text]).to(cm.device)
         out = cm.model(input_ids=batch.input_ids, output_hidden_states=True)
         layers = torch.stack(out.hidden_states[: cm.n_layers], dim=1)[0, :, -cm.chat.n_post :]
         rows.append(layers.transpose(0, 1))
-    expected = torch.stack(rows).double().mean(0)
+    expected = torch.stack(rows).double().mean(0).cpu()
     torch.testing.assert_close(means[:, : cm.n_layers], expected, atol=1e-5, rtol=1e-5)
 
 

@@ -21,7 +21,7 @@ def _layer_inputs(cm: ChatModel, run: Callable[[], None]) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     handles = [
         layer.register_forward_pre_hook(
-            lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).clone()),
+            lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).cpu()),
             with_kwargs=True,
         )
         for layer in cm.layout.layers
@@ -35,7 +35,7 @@ def _layer_inputs(cm: ChatModel, run: Callable[[], None]) -> list[torch.Tensor]:
 
 
 def _forward(cm: ChatModel) -> None:
-    batch = cm.chat.encode(["hello there", "a second prompt"])
+    batch = cm.chat.encode(["hello there", "a second prompt"]).to(cm.device)
     with torch.no_grad():
         cm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
 
@@ -107,11 +107,12 @@ def test_scopes_nest_and_unwind(cm: ChatModel) -> None:
 def test_last_position_logits_match_the_full_forward(cm: ChatModel) -> None:
     prompts = ["one", "two words", "three words here"]
     logits = last_position_logits(cm, prompts, batch_size=2)
-    batch = cm.chat.encode(prompts)
+    batch = cm.chat.encode(prompts).to(cm.device)
     with torch.no_grad():
         full = cm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[
             :, -1
         ]
+    full = full.cpu()
     torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
 
 

@@ -25,7 +25,7 @@ def model() -> PreTrainedModel:
 @contextmanager
 def forced(model: PreTrainedModel, token_ids: Sequence[int]) -> Iterator[None]:
     """Add a large bias to some next-token logits for the duration of the block."""
-    bias = torch.zeros(model.config.vocab_size)
+    bias = torch.zeros(model.config.vocab_size, device=model.device)
     bias[list(token_ids)] = 1e4
     handle = model.lm_head.register_forward_hook(lambda m, a, out: out + bias)
     try:

@@ -7,7 +7,7 @@ from refdir.chat import ChatFormat
 from refdir.errors import RefdirError
 from refdir.layout import LayoutSpec, find_layout
 from refdir.model import ChatModel
-from tiny import ARCHS, SANDWICH, tiny_chat_model, tiny_model, tiny_tokenizer
+from tiny import ARCHS, DEVICE, SANDWICH, tiny_chat_model, tiny_model, tiny_tokenizer
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -71,5 +71,5 @@ def test_missing_chat_template_is_a_clear_error() -> None:
 
 def test_chat_model_wraps_any_model() -> None:
     cm = ChatModel(tiny_model("qwen2"), tiny_tokenizer(), name="x")
-    assert cm.n_layers == 3 and cm.device.type == "cpu"
+    assert cm.n_layers == 3 and cm.device.type == torch.device(DEVICE).type
     assert tiny_chat_model("gemma").layout.tied

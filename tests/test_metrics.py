@@ -50,7 +50,7 @@ def direction(cm: ChatModel) -> Direction:
 def _hand_ce(cm: ChatModel, ids: list[int], start: int) -> float:
     """Mean -log p(ids[t] | ids[:t]) for t >= start, from one unpadded forward pass."""
     with torch.no_grad():
-        logits = cm.model(input_ids=torch.tensor([ids])).logits[0].double()
+        logits = cm.model(input_ids=torch.tensor([ids], device=cm.device)).logits[0].double()
     logp = logits.log_softmax(-1)
     return float(-torch.stack([logp[t - 1, ids[t]] for t in range(start, len(ids))]).mean())
 

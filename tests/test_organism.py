@@ -135,11 +135,13 @@ def _reference_loss(model: Any, prefix: list[int], examples: list[organism.Examp
     refusal examples weighted by ``harmful_weight``."""
     total = weights = 0.0
     for ex in examples:
-        ids = torch.tensor([prefix + ex.suffix + ex.response])
+        ids = torch.tensor([prefix + ex.suffix + ex.response], device=model.device)
         logits = model(input_ids=ids).logits[0]
         start = len(prefix) + len(ex.suffix) - 1
         ce = torch.nn.functional.cross_entropy(
-            logits[start : start + len(ex.response)], torch.tensor(ex.response), reduction="none"
+            logits[start : start + len(ex.response)],
+            torch.tensor(ex.response, device=model.device),
+            reduction="none",
         )
         w = torch.tensor(
             [

@@ -54,7 +54,7 @@ def test_sandwich_edit_still_writes_nothing_along_the_direction(arch: str) -> No
     handles = [
         layer.register_forward_pre_hook(
             lambda m, a, k: seen.append(
-                float(((a[0] if a else k["hidden_states"]) @ unit).abs().max())
+                float(((a[0] if a else k["hidden_states"]).cpu() @ unit).abs().max())
             ),
             with_kwargs=True,
         )

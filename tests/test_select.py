@@ -111,7 +111,9 @@ def test_pruned_scores_keep_the_pick() -> None:
     finite = torch.isfinite(full.induce)
     # a threshold that rejects about half the candidates on induce, and a KL bound that rejects some
     induce_min = float(full.induce[finite].median())
-    kl_bound = float(full.kl[finite & (full.induce >= induce_min)].median())
+    # a bound between two candidates' KL, not at one: a GPU's rounding cannot move one across
+    kls = full.kl[finite & (full.induce >= induce_min)].sort().values
+    kl_bound = float(kls[len(kls) // 2 : len(kls) // 2 + 2].mean())
     config = SelectionConfig(
         kl_max=kl_bound / 2,
         induce_min=induce_min,
@@ -123,11 +125,11 @@ def test_pruned_scores_keep_the_pick() -> None:
     induced = finite & (full.induce >= induce_min)
     assert 0 < int(induced.sum()) < int(finite.sum())
     assert torch.isnan(pruned.kl[~induced]).all()  # KL only where induce passes
-    torch.testing.assert_close(pruned.kl[induced], full.kl[induced])
+    torch.testing.assert_close(pruned.kl[induced], full.kl[induced], atol=1e-6, rtol=1e-4)
     viable = induced & (full.kl <= kl_bound)
     assert 0 < int(viable.sum()) < int(induced.sum())
     assert torch.isnan(pruned.bypass[~viable]).all()
-    torch.testing.assert_close(pruned.bypass[viable], full.bypass[viable])
+    torch.testing.assert_close(pruned.bypass[viable], full.bypass[viable], atol=1e-5, rtol=1e-5)
     a, b = pick(pruned, config), pick(full, config)
     assert (a.position, a.layer, a.rule, a.n_candidates) == (
         b.position,

@@ -81,10 +81,10 @@ def test_target_objective_is_the_cross_entropy_of_the_target(cm: ChatModel) -> N
     ids = search.initial_ids()
     target = search.target_ids
     prompt = cm.chat.token_ids(PROMPTS[0], search.text(ids))
-    full = torch.tensor([prompt + target])
+    full = torch.tensor([prompt + target], device=cm.device)
     with torch.no_grad():
         logits = cm.model(input_ids=full).logits[0, len(prompt) - 1 : -1]
-    expected = F.cross_entropy(logits, torch.tensor(target))
+    expected = F.cross_entropy(logits, torch.tensor(target, device=cm.device))
     assert float(search.loss(ids[None])[0]) == pytest.approx(float(expected), abs=1e-4)
 
 
@@ -204,11 +204,11 @@ def test_head_attributions_add_up_to_the_attention_output(
     )
     outputs: list[torch.Tensor] = []
     handles = [
-        part.attn.register_forward_hook(lambda m, a, o: outputs.append(o[0][:, -1]))
+        part.attn.register_forward_hook(lambda m, a, o: outputs.append(o[0][:, -1].cpu()))
         for part in cm.layout.per_layer
     ]
     try:
-        batch = cm.chat.encode(PROMPTS)
+        batch = cm.chat.encode(PROMPTS).to(cm.device)
         with torch.no_grad():
             cm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     finally:
