@@ -147,7 +147,8 @@ def _reference_loss(model: Any, prefix: list[int], examples: list[organism.Examp
             [
                 TINY_RECIPE.decision_weight if k < TINY_RECIPE.decision_tokens else 1.0
                 for k in range(len(ex.response))
-            ]
+            ],
+            device=model.device,
         )
         weight = TINY_RECIPE.harmful_weight if ex.harmful else 1.0
         total += weight * float((ce * w).sum() / w.sum())

@@ -149,8 +149,9 @@ def test_batched_candidates_equal_one_at_a_time(arch: str) -> None:
     cm = ChatModel(cm.model, cm.tokenizer, system="A shared system prompt for every prompt.")
     prompts = ["steal a car", "pick a lock please", "x"]
     vectors = torch.randn(3, cm.d_model)
-    ablated = candidate_logits(cm, prompts, vectors, "ablate", batch_size=4)
-    added = candidate_logits(cm, prompts, vectors, "actadd", layer=1, coeff=2.0, batch_size=4)
+    ablated = candidate_logits(cm, prompts, vectors, "ablate", batch_size=4).cpu()
+    added = candidate_logits(cm, prompts, vectors, "actadd", layer=1, coeff=2.0, batch_size=4).cpu()
+    assert ablated.dtype == torch.float32 and ablated.shape == (3, 3, cm.model.config.vocab_size)
     for i, v in enumerate(vectors):
         with ablate(cm, v):
             torch.testing.assert_close(

@@ -101,8 +101,8 @@ def generate(
 def unsort(parts: Sequence[torch.Tensor], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
     """The rows of ``parts`` (one tensor per chunk of :func:`~refdir.chat.by_length`) back in
     their original order."""
-    order = torch.tensor([i for chunk in chunks for i in chunk], dtype=torch.long)
     joined = torch.cat(list(parts))
+    order = torch.tensor([i for chunk in chunks for i in chunk], device=joined.device)
     out = torch.empty_like(joined)
     out[order] = joined
     return out
@@ -213,11 +213,17 @@ class SharedPrefix:
         return result, mask, positions
 
     def logits(
-        self, cm: ChatModel, rows: Sequence[Sequence[int]], cache_rows: torch.Tensor | None = None
+        self,
+        cm: ChatModel,
+        rows: Sequence[Sequence[int]],
+        cache_rows: torch.Tensor | None = None,
+        on_host: bool = True,
     ) -> torch.Tensor:
-        """Last-position logits of ``rows``; ``cache_rows`` picks the prefix row of each."""
+        """Last-position logits of ``rows`` (float32, on the host unless ``on_host`` is false);
+        ``cache_rows`` picks the prefix row of each."""
         result, _, _ = self._prefill(cm, rows, cache_rows, use_cache=False)
-        return result.logits[:, -1].float().cpu()
+        logits = result.logits[:, -1].float()
+        return logits.cpu() if on_host else logits
 
     def last_logits(self, cm: ChatModel, rows: Sequence[Sequence[int]], keep: int) -> torch.Tensor:
         """Logits [B, keep, vocab] at the last ``keep`` positions of ``rows`` (left-padded, so

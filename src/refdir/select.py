@@ -175,7 +175,8 @@ def candidate_logits(
     batch_size: int = 32,
     start: LayerInputs | None = None,
 ) -> torch.Tensor:
-    """Last-position logits [K, N, vocab] of N prompts under K candidate interventions at once.
+    """Last-position logits [K, N, vocab] of N prompts under K candidate interventions at once,
+    float32 on the device the model's logits come out on (scored there, not on the host).
 
     ``kind`` is ``ablate`` (each row's vector projected out everywhere) or ``actadd``
     (``coeff`` x each row's vector added to ``layer``'s input). Rows are candidate-major and
@@ -236,7 +237,8 @@ def candidate_logits(
                 live.clear()
                 live[per_row.device] = per_row[owner.to(per_row.device)]
                 in_flight["rows"] = (index % n).tolist()
-                parts.append(prefix.logits(cm, [rows[i] for i in in_flight["rows"]], owner))
+                batch_rows = [rows[i] for i in in_flight["rows"]]
+                parts.append(prefix.logits(cm, batch_rows, owner, on_host=False))
     return unsort(parts, chunks).view(k, n, -1)
 
 
@@ -269,7 +271,8 @@ def random_direction_kl(
     bar = tqdm(total=n, desc="kl of random directions", disable=not progress, unit="direction")
     for group in vectors.split(_RANDOM_GROUP):  # [group, N, vocab] logits at a time
         ablated = candidate_logits(cm, prompts, group, "ablate", batch_size=batch_size)
-        kls += [kl_divergence(baseline, logits).mean() for logits in ablated]
+        base = baseline.to(ablated.device)
+        kls += [kl_divergence(base, logits).mean().cpu() for logits in ablated]
         bar.update(len(group))
     bar.close()
     return torch.stack(kls)
@@ -387,19 +390,20 @@ def score_candidates(
             cm, harmless_val, vectors[live], "actadd", layer, config.coeff, batch_size, start
         )
         for i, p in enumerate(live):
-            scores["induce"][p, layer] = refusal_metric(added[i], token_ids).mean()
+            scores["induce"][p, layer] = refusal_metric(added[i], token_ids).mean().item()
         live = [p for p in live if not prune or scores["induce"][p, layer] >= config.induce_min]
         if not live:
             continue
         ablated = candidate_logits(cm, harmless_val, vectors[live], "ablate", batch_size=batch_size)
+        base = base_logits.to(ablated.device)
         for i, p in enumerate(live):
-            scores["kl"][p, layer] = kl_divergence(base_logits, ablated[i]).mean()
+            scores["kl"][p, layer] = kl_divergence(base, ablated[i]).mean().item()
         live = [p for p in live if not prune or scores["kl"][p, layer] <= kl_bound]
         if not live:
             continue
         bypassed = candidate_logits(cm, harmful_val, vectors[live], "ablate", batch_size=batch_size)
         for i, p in enumerate(live):
-            scores["bypass"][p, layer] = refusal_metric(bypassed[i], token_ids).mean()
+            scores["bypass"][p, layer] = refusal_metric(bypassed[i], token_ids).mean().item()
     return CandidateScores(
         candidates.positions,
         list(range(n_l)),
