@@ -19,11 +19,12 @@ echo "== tests/test_cuda.py"
 timeout 180 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs 2>&1 | tail -40 | tee "$out/test_cuda.txt"
 echo "== bench/peer.py --model $shape"
 timeout 300 python3 bench/peer.py --peer "$peer" --model "$shape" --tokenizer "$tok" --device cuda \
-    --dtype bfloat16 --layers 4 12 19 25 --parts ce orthogonalize generation selection 2>&1 \
+    --dtype bfloat16 --layers 4 12 19 25 --parts ce orthogonalize generation selection \
+    --threads "$(nproc)" 2>&1 \
     | quiet | tee "$out/peer.txt"
 echo "== bench/run_shape.py --shape $shape"
 timeout 240 python3 bench/run_shape.py --shape "$shape" --tokenizer "$tok" --device cuda \
-    --out /tmp/run-shape 2>&1 | quiet | tee "$out/run_shape.txt"
+    --out /tmp/run-shape --threads "$(nproc)" 2>&1 | quiet | tee "$out/run_shape.txt"
 echo "== the suite with REFDIR_TEST_DEVICE=cuda"
 REFDIR_TEST_DEVICE=cuda timeout 240 python3 -m pytest tests -q -m "not slow" -n 8 \
     --ignore tests/test_benchmarks.py -p no:cacheprovider 2>&1 | tail -80 | tee "$out/suite_cuda.txt"

@@ -120,29 +120,27 @@ def main() -> None:
         **(QUICK if args.quick else {}),
     )
     counter = FlopCounter(cm)
-    flops: dict[str, float] = {}
+    print(f"refdir run on random {args.shape} ({cm.n_layers} layers), {args.device}, {dtype}:")
     for step, fn in list(refdir.pipeline.STEP_FUNCTIONS.items()):
 
         def counted(run: Run, step: str = step, fn: Callable[[Run], None] = fn) -> None:
-            before = counter.flops
+            before, began = counter.flops, time.perf_counter()
             fn(run)
             sync(args.device)
-            flops[step] = counter.flops - before
+            seconds = time.perf_counter() - began
+            tflop = (counter.flops - before) / 1e12
+            print(  # as each step ends: a run cut short still says where its time went
+                f"  {step:9s} {seconds:7.1f} s   {tflop:8.1f} TFLOP in forward passes   "
+                f"{tflop / seconds:7.1f} TFLOP/s = {tflop * 1e12 / seconds / rate:.2f} of the "
+                "baseline",
+                flush=True,
+            )
 
         refdir.pipeline.STEP_FUNCTIONS[step] = counted
     out = args.out or Path(tempfile.mkdtemp(prefix="refdir-run-shape-"))
     began = time.perf_counter()
-    timings = run_pipeline(config, out, progress=False, model=cm)
-    total = time.perf_counter() - began
-    print(f"refdir run on random {args.shape} ({cm.n_layers} layers), {args.device}, {dtype}:")
-    for step, seconds in timings.items():
-        tflop = flops.get(step, 0.0) / 1e12
-        reached = tflop * 1e12 / seconds / rate if seconds else 0.0
-        print(
-            f"  {step:9s} {seconds:7.1f} s   {tflop:8.1f} TFLOP in forward passes   "
-            f"{tflop / seconds if seconds else 0:7.1f} TFLOP/s = {reached:.2f} of the baseline"
-        )
-    print(f"  total     {total:7.1f} s (the steps; model made before)")
+    run_pipeline(config, out, progress=False, model=cm)
+    print(f"  total     {time.perf_counter() - began:7.1f} s (the steps; model made before)")
     metrics = json.loads((out / "metrics.json").read_text())
     print(f"sizes: {json.dumps(metrics.get('sizes'))}")
     if args.device.startswith("cuda"):
