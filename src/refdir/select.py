@@ -193,7 +193,7 @@ def candidate_logits(
         vectors / vectors.norm(dim=-1, keepdim=True) if kind == "ablate" else coeff * vectors
     ).float()
     # the vectors of the rows in flight, on each device that asked for them: one copy per
-    # batch, not one per hook (a copy from the host waits for the GPU's queue to drain)
+    # batch, not one per hook
     live: dict[torch.device, torch.Tensor] = {}
 
     def rows_on(device: torch.device) -> torch.Tensor:
