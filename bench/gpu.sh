@@ -8,6 +8,7 @@
 #     bench/gpu.sh PEER_CHECKOUT TOKENIZER_DIR OUT [SHAPE]
 set -u
 peer=$1 tok=$2 out=$3 shape=${4:-llama-3-8b}
+mkdir -p "$out"
 export PYTHONPATH=$PWD/src:$PWD/bench:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 quiet() { grep -v -e '%|' -e 'Warning' -e 'warn(' ; }
@@ -16,7 +17,7 @@ quiet() { grep -v -e '%|' -e 'Warning' -e 'warn(' ; }
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/env.txt"
 echo "== tests/test_cuda.py"
-timeout 180 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs 2>&1 | tail -40 | tee "$out/test_cuda.txt"
+timeout 180 python3 -m pytest tests/test_cuda.py -p no:cacheprovider -rs 2>&1 | tail -40 | tee "$out/test_cuda.txt"
 echo "== bench/peer.py --model $shape"
 timeout 300 python3 bench/peer.py --peer "$peer" --model "$shape" --tokenizer "$tok" --device cuda \
     --dtype bfloat16 --layers 4 12 19 25 --parts ce orthogonalize generation selection \
@@ -24,7 +25,7 @@ timeout 300 python3 bench/peer.py --peer "$peer" --model "$shape" --tokenizer "$
     | quiet | tee "$out/peer.txt"
 echo "== bench/run_shape.py --shape $shape"
 timeout 240 python3 bench/run_shape.py --shape "$shape" --tokenizer "$tok" --device cuda \
-    --out /tmp/run-shape --threads "$(nproc)" 2>&1 | quiet | tee "$out/run_shape.txt"
+    --out "$(mktemp -d)" --threads "$(nproc)" 2>&1 | quiet | tee "$out/run_shape.txt"
 echo "== the suite with REFDIR_TEST_DEVICE=cuda"
-REFDIR_TEST_DEVICE=cuda timeout 240 python3 -m pytest tests -q -m "not slow" -n 8 \
+REFDIR_TEST_DEVICE=cuda timeout 240 python3 -m pytest tests -m "not slow" -n 8 \
     --ignore tests/test_benchmarks.py -p no:cacheprovider 2>&1 | tail -80 | tee "$out/suite_cuda.txt"

@@ -12,9 +12,10 @@ held-out prompts, 64 greedy tokens, CE on 64 texts.
 
 The baseline, measured in the same run: the rate of one large matrix product
 (8192 x 8192 x 8192 on a GPU, 2048 on a CPU) in the model's dtype. For each step the script
-counts the matrix-product FLOPs of the forward passes (2 x parameters of each decoder layer
-per token through it, padding included, and 2 x the unembedding per logit row) and prints
-the rate reached as a fraction of that baseline.
+counts the matrix-product FLOPs of the forward passes (2 x the weights of each linear layer
+per token through it, padding included: the decoder layers' projections and the unembedding,
+not the attention's score and value products, nor the layers an induce pass starts past) and
+prints the rate reached as a fraction of that baseline.
 
     python bench/run_shape.py --tokenizer DIR [--shape llama-3-8b] [--device cuda]
                               [--dtype bfloat16] [--out DIR] [--threads 2] [--quick]
@@ -66,20 +67,23 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
 
 
 class FlopCounter:
-    """Matrix-product FLOPs of the decoder layers and the unembedding, from their inputs' shapes."""
+    """Matrix-product FLOPs of the linear layers inside the decoder layers and of the
+    unembedding, from their inputs' shapes. The linear layers, not the decoder layers: a pass
+    that starts at a layer (induce, and the CE of activation addition) replaces the forward of
+    the layers below with an identity, and their hooks would still fire."""
 
     def __init__(self, cm: ChatModel) -> None:
         self.flops = 0.0
         self.handles = []
-        for layer in cm.layout.layers:
-            weights = sum(p.numel() for n, p in layer.named_parameters() if "norm" not in n)
-            self.handles.append(
-                layer.register_forward_pre_hook(self._count(weights), with_kwargs=True)
-            )
-        head = cm.model.get_output_embeddings()
-        self.handles.append(
-            head.register_forward_pre_hook(self._count(head.weight.numel()), with_kwargs=True)
-        )
+        linears = [m for layer in cm.layout.layers for m in layer.modules()]
+        linears.append(cm.model.get_output_embeddings())
+        for module in linears:
+            if isinstance(module, torch.nn.Linear):
+                self.handles.append(
+                    module.register_forward_pre_hook(
+                        self._count(module.weight.numel()), with_kwargs=True
+                    )
+                )
 
     def _count(self, weights: int) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

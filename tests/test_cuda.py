@@ -55,10 +55,10 @@ def test_extraction_and_scores_on_cuda_equal_the_cpu(arch: str) -> None:
         )
         for cm, c in ((cpu, on_cpu), (gpu, on_gpu))
     ]
-    for name in ("bypass", "induce", "kl"):
+    for name, atol in (("bypass", 1e-4), ("induce", 1e-4), ("kl", 1e-5)):  # KL ~ 3e-4 here
         a, b = getattr(scores[0], name), getattr(scores[1], name)
         assert torch.equal(a.isnan(), b.isnan()) and a.isfinite().any()
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, equal_nan=True)
+        torch.testing.assert_close(b, a, atol=atol, rtol=1e-3, equal_nan=True)
 
 
 def test_interventions_and_greedy_generation_on_cuda_equal_the_cpu() -> None:
@@ -76,7 +76,8 @@ def test_interventions_and_greedy_generation_on_cuda_equal_the_cpu() -> None:
     for got, want in zip(results["gpu"][:2], results["cpu"][:2], strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert results["gpu"][2] == results["cpu"][2]
-    assert float((results["gpu"][1] - base.cpu()).abs().max()) > 1e-2  # the hook acted on the GPU
+    for changed in results["gpu"][:2]:  # both hooks acted on the GPU
+        assert float((changed - base.cpu()).abs().max()) > 1e-3
 
 
 def test_weight_edit_on_cuda_equals_hook_ablation() -> None:
@@ -113,7 +114,9 @@ def test_refdir_run_on_cuda_in_bfloat16(tmp_path: Path) -> None:
         induce_min=-1e9,
         filter_prompts=False,
     )
+    torch.cuda.reset_peak_memory_stats()
     done = run_pipeline(config, tmp_path / "run", progress=False)
+    assert torch.cuda.max_memory_allocated() > 0  # the model ran on the GPU
     assert list(done) == ["prompts", "extract", "select", "evaluate", "report"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for key in ("baseline", "ablation", "actadd"):

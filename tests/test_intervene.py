@@ -21,7 +21,7 @@ def _layer_inputs(cm: ChatModel, run: Callable[[], None]) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     handles = [
         layer.register_forward_pre_hook(
-            lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).cpu()),
+            lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).to("cpu", copy=True)),
             with_kwargs=True,
         )
         for layer in cm.layout.layers

@@ -101,10 +101,10 @@ def generate(
 def unsort(parts: Sequence[torch.Tensor], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
     """The rows of ``parts`` (one tensor per chunk of :func:`~refdir.chat.by_length`) back in
     their original order."""
-    joined = torch.cat(list(parts))
-    order = torch.tensor([i for chunk in chunks for i in chunk], device=joined.device)
-    out = torch.empty_like(joined)
-    out[order] = joined
+    first = parts[0]
+    out = first.new_empty((sum(len(p) for p in parts), *first.shape[1:]))
+    for part, chunk in zip(parts, chunks, strict=True):  # no joined copy: logits can be large
+        out[torch.tensor(list(chunk), dtype=torch.long, device=out.device)] = part
     return out
 
 

@@ -378,6 +378,7 @@ def score_candidates(
     base_logits, start = validation.harmless_logits, validation.start
     base_harmless = refusal_metric(base_logits, token_ids).mean().item()
     kl_bound = max((config.kl_max, *config.fallback_kl_bounds))
+    base = base_logits  # moved once to the device the candidates' logits come out on
     if prune:
         below = _below_layer_filter(n_l, config)
         layer_list = [i for i in layer_list if below[i]]
@@ -391,13 +392,15 @@ def score_candidates(
         )
         for i, p in enumerate(live):
             scores["induce"][p, layer] = refusal_metric(added[i], token_ids).mean().item()
+        del added  # [K, N, vocab]: one such tensor at a time on the device
         live = [p for p in live if not prune or scores["induce"][p, layer] >= config.induce_min]
         if not live:
             continue
         ablated = candidate_logits(cm, harmless_val, vectors[live], "ablate", batch_size=batch_size)
-        base = base_logits.to(ablated.device)
+        base = base.to(ablated.device)
         for i, p in enumerate(live):
             scores["kl"][p, layer] = kl_divergence(base, ablated[i]).mean().item()
+        del ablated
         live = [p for p in live if not prune or scores["kl"][p, layer] <= kl_bound]
         if not live:
             continue
