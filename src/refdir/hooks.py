@@ -14,6 +14,7 @@ from torch import nn
 from refdir.errors import RefdirError
 
 __all__ = [
+    "DeviceCopies",
     "Hook",
     "TensorMap",
     "hooked",
@@ -26,6 +27,24 @@ __all__ = [
 
 TensorMap = Callable[[torch.Tensor], torch.Tensor]
 Hook = tuple[nn.Module, Literal["input", "output"], Callable[..., Any]]
+
+
+class DeviceCopies:
+    """A tensor that hooks read, copied once to each device that asks for it (the layers of a
+    model spread over GPUs run on several), not at every hook call. ``set`` replaces it (and
+    drops the copies), for values that change from one batch to the next."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.set(tensor)
+
+    def set(self, tensor: torch.Tensor) -> None:
+        self._copies = {tensor.device: tensor}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        copy = self._copies.get(device)
+        if copy is None:
+            copy = self._copies[device] = next(iter(self._copies.values())).to(device)
+        return copy
 
 
 def map_output(fn: TensorMap) -> Callable[..., Any]:

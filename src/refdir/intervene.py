@@ -19,6 +19,7 @@ from refdir.chat import PromptBatch
 from refdir.direction import Direction
 from refdir.errors import RefdirError
 from refdir.hooks import (
+    DeviceCopies,
     Hook,
     TensorMap,
     hooked,
@@ -67,12 +68,10 @@ def _vector(direction: Direction | torch.Tensor, cm: ChatModel) -> torch.Tensor:
 
 def project_out(unit: torch.Tensor) -> TensorMap:
     """x -> x - (x . r) r for a unit vector r, computed in float32 and cast back."""
-    cache: dict[torch.device, torch.Tensor] = {}
+    copies = DeviceCopies(unit)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        r = cache.get(x.device)
-        if r is None:
-            r = cache[x.device] = unit.to(x.device)
+        r = copies.on(x.device)
         xf = x.float()
         return (xf - (xf @ r).unsqueeze(-1) * r).to(x.dtype)
 
@@ -101,13 +100,10 @@ def addition_hooks(
         layer = direction.layer
     if not 0 <= layer < cm.n_layers:
         raise RefdirError(f"cannot add at layer {layer}: the model has layers 0..{cm.n_layers - 1}")
-    cache: dict[torch.device, torch.Tensor] = {}
+    copies = DeviceCopies(coeff * vector)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        v = cache.get(x.device)
-        if v is None:
-            v = cache[x.device] = (coeff * vector).to(x.device)
-        return (x.float() + v).to(x.dtype)
+        return (x.float() + copies.on(x.device)).to(x.dtype)
 
     return [(cm.layout.layers[layer], "input", map_input(fn))]
 
@@ -253,24 +249,21 @@ class RowConditions:
         self.ablated = torch.tensor([float(k == "ablate") for k in kinds])
         self.coeffs = torch.tensor([float(c) if k == "actadd" else 0.0 for k, c in conditions])
         self.rows = torch.zeros(0, dtype=torch.long)
-        # per batch, each hook's per-row values on its device: copied once, not at every hook
-        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+        # each row's values in the batch in flight, shaped to broadcast over [batch, tokens, d]
+        self._ablated_rows = DeviceCopies(self.ablated[self.rows][:, None, None])
+        self._coeff_rows = DeviceCopies(self.coeffs[self.rows][:, None, None])
 
     def select(self, variants: torch.Tensor) -> None:
         """The variant of each row of the next forward pass, in batch order."""
         self.rows = variants.detach().long().cpu()
-        self._on_device.clear()
+        self._ablated_rows.set(self.ablated[self.rows][:, None, None])
+        self._coeff_rows.set(self.coeffs[self.rows][:, None, None])
 
-    def _rows_where(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """The ``name`` values (``ablated`` or ``coeffs``) of each row in flight, shaped to
-        broadcast over ``x`` [batch, tokens, d]."""
+    def _rows_where(self, values: DeviceCopies, x: torch.Tensor) -> torch.Tensor:
+        """``values`` of each row in flight, on ``x``'s device."""
         if self.rows.shape[0] != x.shape[0]:
             raise RefdirError("the rows' variants do not match the batch in flight")
-        key = (name, x.device)
-        if key not in self._on_device:
-            values: torch.Tensor = getattr(self, name)
-            self._on_device[key] = values[self.rows].to(x.device)[:, None, None]
-        return self._on_device[key]
+        return values.on(x.device)
 
     def hooks(self) -> list[Hook]:
         """The hooks to register (none when no condition changes anything). Rows whose
@@ -284,18 +277,16 @@ class RowConditions:
 
             def project(x: torch.Tensor) -> torch.Tensor:
                 xr = rows_view(x, self.rows.shape[0])  # MoE outputs may come flattened
-                ablated = self._rows_where("ablated", xr) > 0
+                ablated = self._rows_where(self._ablated_rows, xr) > 0
                 return torch.where(ablated, ablation(xr), xr).view(x.shape)
 
             hooks += map_sites(self.cm.layout.residual_writes, project)
         if bool(self.coeffs.ne(0).any()):
-            on_device: dict[torch.device, torch.Tensor] = {}
+            copies = DeviceCopies(vector)
 
             def shift(x: torch.Tensor) -> torch.Tensor:
-                v = on_device.get(x.device)
-                if v is None:
-                    v = on_device[x.device] = vector.to(x.device)
-                coeff = self._rows_where("coeffs", x)
+                v = copies.on(x.device)
+                coeff = self._rows_where(self._coeff_rows, x)
                 xf = x.float()
                 return torch.where(coeff != 0, xf + coeff * v, xf).to(x.dtype)
 

@@ -28,7 +28,7 @@ from refdir.chat import by_length
 from refdir.direction import Candidates
 from refdir.errors import RefdirError, filtered_out
 from refdir.generation import SharedPrefix, generate, last_position_logits, unsort
-from refdir.hooks import Hook, hooked, map_input, map_sites, rows_view
+from refdir.hooks import DeviceCopies, Hook, hooked, map_input, map_sites, rows_view
 from refdir.layer_inputs import LayerInputs
 from refdir.metrics import check_baseline, kl_divergence
 from refdir.model import ChatModel
@@ -192,24 +192,17 @@ def candidate_logits(
     per_row = (
         vectors / vectors.norm(dim=-1, keepdim=True) if kind == "ablate" else coeff * vectors
     ).float()
-    # the vectors of the rows in flight, on each device that asked for them: one copy per
-    # batch, not one per hook
-    live: dict[torch.device, torch.Tensor] = {}
-
-    def rows_on(device: torch.device) -> torch.Tensor:
-        on = live.get(device)
-        if on is None:
-            on = live[device] = next(iter(live.values())).to(device)
-        return on
+    per_row = per_row.to(cm.device)
+    live = DeviceCopies(per_row)  # the vectors of the rows in flight
 
     def project(x: torch.Tensor) -> torch.Tensor:
-        u = rows_on(x.device)
+        u = live.on(x.device)
         xf = rows_view(x, u.shape[0]).float()
         kept = xf - torch.einsum("btd,bd->bt", xf, u).unsqueeze(-1) * u[:, None, :]
         return kept.to(x.dtype).view(x.shape)
 
     def shift(x: torch.Tensor) -> torch.Tensor:
-        return (x.float() + rows_on(x.device)[:, None, :]).to(x.dtype)
+        return (x.float() + live.on(x.device)[:, None, :]).to(x.dtype)
 
     if kind == "ablate":
         hooks: list[Hook] = map_sites(cm.layout.residual_writes, project)
@@ -221,10 +214,7 @@ def candidate_logits(
     parts: list[torch.Tensor] = []
     in_flight: dict[str, list[int]] = {"rows": []}
     replay = start if kind == "actadd" and layer > 0 else None
-    per_row = per_row.to(cm.device)
     with torch.inference_mode(), hooked(hooks):
-        live.clear()
-        live[per_row.device] = per_row
         # rows kept from a recording may share a longer prefix: stop where the recording did
         at_most = replay.prefix_len if replay is not None else None
         prefix = SharedPrefix.build(cm, rows, copies=k, at_most=at_most)
@@ -234,8 +224,7 @@ def candidate_logits(
             for chunk in chunks:
                 index = torch.tensor(chunk, dtype=torch.long)
                 owner = index // n
-                live.clear()
-                live[per_row.device] = per_row[owner.to(per_row.device)]
+                live.set(per_row[owner.to(per_row.device)])
                 in_flight["rows"] = (index % n).tolist()
                 batch_rows = [rows[i] for i in in_flight["rows"]]
                 parts.append(prefix.logits(cm, batch_rows, owner, on_host=False))
