@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from refdir.activations import extract_candidates
-from refdir.config import RunConfig
 from refdir.data import sample_prompts
 from refdir.direction import Direction
 from refdir.generation import generate, last_position_logits
@@ -19,11 +18,11 @@ from refdir.model import ChatModel
 from refdir.orthogonalize import parity
 from refdir.pipeline import run_pipeline
 from refdir.select import score_candidates
-from tiny import tiny_chat_model, tiny_model, tiny_tokenizer
+from tiny import TINY_RUN, tiny_chat_model, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TOKENS = list(range(5, 135))
+TOKENS = list(TINY_RUN.refusal_tokens or ())
 PROMPTS = ["Name a colour.", "How do I bake bread?", "Write a haiku about rain.", "Hi"]
 
 
@@ -99,21 +98,8 @@ def test_refdir_run_on_cuda_in_bfloat16(tmp_path: Path) -> None:
     folder = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
-    config = RunConfig(
-        model=str(folder),
-        device="cuda",  # dtype auto: bfloat16 on a GPU
-        n_train=6,
-        n_val=4,
-        harmful_eval=("jailbreakbench", "harmful_test"),
-        n_eval_harmful=2,
-        n_eval_harmless=2,
-        max_new_tokens=4,
-        refusal_tokens=tuple(TOKENS),
-        n_ce=2,
-        fallback_kl_bounds=(1.0, 1e9),
-        induce_min=-1e9,
-        filter_prompts=False,
-    )
+    # dtype auto: bfloat16 on a GPU
+    config = TINY_RUN.model_copy(update={"model": str(folder), "device": "cuda"})
     torch.cuda.reset_peak_memory_stats()
     done = run_pipeline(config, tmp_path / "run", progress=False)
     assert torch.cuda.max_memory_allocated() > 0  # the model ran on the GPU

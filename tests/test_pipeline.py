@@ -13,25 +13,8 @@ from refdir.config import RunConfig
 from refdir.direction import Candidates, Direction
 from refdir.errors import RefdirError
 from refdir.pipeline import STEPS, run_pipeline
+from tiny import TINY_RUN as CONFIG
 from tiny import tiny_chat_model
-
-# A random tiny model refuses nothing: the refusal tokens are given and the prompt filter
-# (tested on its own in test_select) is off.
-CONFIG = RunConfig(
-    model="tiny",
-    n_train=6,
-    n_val=4,
-    harmful_eval=("jailbreakbench", "harmful_test"),
-    n_eval_harmful=2,
-    n_eval_harmless=2,
-    max_new_tokens=2,
-    refusal_tokens=tuple(range(5, 135)),
-    n_ce=2,
-    fallback_kl_bounds=(1.0, 1e9),
-    induce_min=-1e9,
-    seed=1,
-    filter_prompts=False,
-)
 
 
 def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from refdir.config import RunConfig
 from refdir.layout_spec import LayoutSpec
 from refdir.model import ChatModel
 
@@ -75,6 +76,24 @@ ARCHS: dict[str, Any] = {
     "mixtral": lambda: T.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2),
 }
 SANDWICH = {"gemma2", "gemma3"}
+
+TINY_RUN = RunConfig(
+    model="tiny",
+    n_train=6,
+    n_val=4,
+    harmful_eval=("jailbreakbench", "harmful_test"),
+    n_eval_harmful=2,
+    n_eval_harmless=2,
+    max_new_tokens=2,
+    refusal_tokens=tuple(range(5, 135)),
+    n_ce=2,
+    fallback_kl_bounds=(1.0, 1e9),
+    induce_min=-1e9,
+    seed=1,
+    filter_prompts=False,
+)
+"""``refdir run`` in seconds on a tiny model. A random tiny model refuses nothing: the refusal
+tokens are given and the prompt filter (tested on its own in test_select) is off."""
 
 DEVICE = os.environ.get("REFDIR_TEST_DEVICE", "cpu")
 """Where tiny models are made: ``REFDIR_TEST_DEVICE=cuda pytest`` runs the suite's models on a GPU."""
