@@ -28,7 +28,11 @@ What it measures (1 always; ``--parts`` picks among selection: 2 and 3, ce: 4, o
 2. Scoring like for like: bypass, induce and KL for every candidate of ``--layers`` (every
    post-instruction position), the peer's way (its ``select_direction`` loops, with its
    functions and hooks, restricted to these layers) against refdir's ``score_candidates``
-   without pruning; the largest difference of the three scores.
+   without pruning; the largest difference of the three scores. ``--score-batch`` sets
+   refdir's batch (rows of (candidate, prompt) pairs) for its scoring here and in (3);
+   ``--profile DIR`` then runs each tool's scoring of the last of ``--layers`` once more under
+   torch's profiler and writes their op tables there (on a GPU: kernel time against wall time,
+   and how often the host waited for the GPU).
 3. The whole selection: refdir's as ``refdir run`` does it (pruned, every layer below 0.8 L)
    against the peer's projected from (2) to every candidate it scores (every layer and
    position: the peer scores all three scores for all of them). ``--full`` runs the peer's over
@@ -50,6 +54,7 @@ What it measures (1 always; ``--parts`` picks among selection: 2 and 3, ce: 4, o
     python bench/peer.py --peer PATH [--layers 4 12 22] [--threads 2] [--full]
                          [--parts selection ce generation orthogonalize] [--gen 64] [--gen-batch 64]
                          [--model SHAPE --tokenizer DIR --device cuda --dtype bfloat16]
+                         [--score-batch 32] [--profile DIR]
 """
 
 from __future__ import annotations
@@ -247,6 +252,35 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - began
 
 
+def profiled(label: str, fn: Callable[[], Any], out: Path) -> None:
+    """Run ``fn`` under torch's profiler; write its op table to ``out/LABEL.txt`` and print one
+    line: wall time (the profiler's own overhead included), the time the GPU's kernels were
+    busy, and how often the host waited for the GPU (a synchronize, or a copy to or from it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    sync()
+    began = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    wall = time.perf_counter() - began
+    events = prof.key_averages()
+    waits = sum(e.count for e in events if e.key.endswith("Synchronize"))
+    copies = sum(e.count for e in events if e.key.startswith("cudaMemcpy"))
+    busy = sum(e.self_device_time_total for e in events) / 1e6 if cuda else 0.0
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{label}.txt"
+    path.write_text(events.table(sort_by=sort, row_limit=40))
+    device = f", GPU busy {busy:.2f} s ({busy / wall:.0%})" if cuda else ""
+    print(
+        f"profile {label}: wall {wall:.2f} s under the profiler{device}, {waits} synchronizes, "
+        f"{copies} host/device copies; ops by self time: {path}"
+    )
+
+
 def largest_gap(peer: dict[str, torch.Tensor], ours: CandidateScores, layers: Sequence[int]) -> str:
     """The largest |peer - refdir| of each score over the candidates both scored; ``kl_exact``
     is the peer's logits' KL without its epsilon, against refdir's KL."""
@@ -279,6 +313,12 @@ def main() -> None:
     )
     parser.add_argument("--tokenizer", type=Path, default=None, help="a shape's tokenizer folder")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--score-batch", type=int, default=BATCH, help="refdir's batch for candidate scoring"
+    )
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="folder for op tables of one layer's scoring"
+    )
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -329,7 +369,18 @@ def main() -> None:
     if "generation" in args.parts:
         compare_generation(cm, peer, cands, args.gen, args.gen_batch)
     if "selection" in args.parts:
-        compare_selection(cm, peer, cands, peer_diff, ids, val, args.layers, args.full)
+        compare_selection(
+            cm,
+            peer,
+            cands,
+            peer_diff,
+            ids,
+            val,
+            args.layers,
+            args.full,
+            args.score_batch,
+            args.profile,
+        )
 
 
 def peer_batches(cm: ChatModel, rows: ScoredRows, batch: int) -> Iterator[tuple[Any, Any]]:
@@ -480,6 +531,8 @@ def compare_selection(
     val: tuple[list[str], list[str]],
     chosen_layers: Sequence[int],
     run_full: bool,
+    batch: int = BATCH,
+    profile_out: Path | None = None,
 ) -> None:
     layers = sorted(set(chosen_layers))
     peer_scores, t_peer = timed(lambda: peer.scores(*val, peer_diff, layers))
@@ -491,7 +544,7 @@ def compare_selection(
             *val,
             token_ids,
             layers=layers,
-            batch_size=BATCH,
+            batch_size=batch,
             progress=False,
             prune=False,
             validation=validation,
@@ -504,6 +557,24 @@ def compare_selection(
         f"   refdir {t_ours:.1f} s   speed-up x{t_peer / t_ours:.2f}"
     )
     print(f"largest score difference: {largest_gap(peer_scores, ours, layers)}")
+    if profile_out is not None:  # one layer's candidates, each tool's way
+        one = layers[-1:]
+        profiled("peer_scoring", lambda: peer.scores(*val, peer_diff, one), profile_out)
+        profiled(
+            f"refdir_scoring_batch{batch}",
+            lambda: score_candidates(
+                cm,
+                cands,
+                *val,
+                token_ids,
+                layers=one,
+                batch_size=batch,
+                progress=False,
+                prune=False,
+                validation=validation,
+            ),
+            profile_out,
+        )
     for p, position in enumerate(cands.positions):
         for layer in layers:
             print(
@@ -521,7 +592,7 @@ def compare_selection(
             cands,
             *val,
             token_ids,
-            batch_size=BATCH,
+            batch_size=batch,
             progress=False,
             prune=prune,
             validation=validation,
