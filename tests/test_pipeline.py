@@ -49,6 +49,17 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
         assert metrics["sizes"][name] == n
         assert metrics["sizes"]["filter"][name] == {"sampled": n, "kept": n}
     assert set(metrics["timings"]) == set(done)
+    parts = metrics["timing_parts"]  # where each step's time went
+    assert set(parts) == {"select", "evaluate"}
+    assert (
+        {"baselines", "induce"} <= set(parts["select"]) <= {"baselines", "induce", "kl", "bypass"}
+    )
+    assert list(parts["evaluate"]) == ["completions", "ce text", "ce and kl on own completions"]
+    for step, by_part in parts.items():
+        assert all(t >= 0 for t in by_part.values())
+        assert sum(by_part.values()) <= metrics["timings"][step] + 0.01 * len(by_part)
+    assert json.loads((tmp_path / "timings.json").read_text())["parts"]["select"] == parts["select"]
+    assert "| · induce |" in (tmp_path / "report.md").read_text()
     selection = json.loads((tmp_path / "selection.json").read_text())
     assert metrics["direction"]["layer"] == selection["chosen"]["layer"] < 0.8 * cm.n_layers
     assert all(v is None for v in [row[0] for row in selection["bypass"]])  # layer 0 skipped
@@ -57,6 +68,9 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert len(list((tmp_path / "completions").glob("*.jsonl"))) == 5
     # a second run skips everything
     assert run_pipeline(CONFIG, tmp_path, progress=False, model=cm) == {}
+    # redoing the report keeps the parts of the steps it did not redo
+    run_pipeline(CONFIG, tmp_path, force="report", progress=False, model=cm)
+    assert json.loads((tmp_path / "metrics.json").read_text())["timing_parts"] == parts
 
 
 def test_random_directions_give_the_kl_a_reference(tmp_path: Path) -> None:

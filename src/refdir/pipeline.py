@@ -38,6 +38,7 @@ from refdir.select import (
     random_direction_kl,
     score_candidates,
 )
+from refdir.stopwatch import Stopwatch
 
 __all__ = ["STEPS", "RunConfig", "run_pipeline"]  # RunConfig: from refdir.config
 
@@ -86,10 +87,15 @@ class Run:
         self._cm = model
         self.benchmark_tasks: ResolvedTasks | None = None  # resolved when the run was checked
         self.timings: dict[str, float] = {}
+        self.parts: dict[str, dict[str, float]] = {}  # step -> part -> seconds
+        self.watch = Stopwatch()  # the parts of the step running now
         if (out / "timings.json").exists():
             try:
-                self.timings = dict(_read_json(out / "timings.json"))
-            except (RefdirError, TypeError, ValueError):
+                data = dict(_read_json(out / "timings.json"))
+                parts = data.pop("parts", {})
+                self.timings = {k: float(v) for k, v in data.items()}
+                self.parts = {k: {n: float(t) for n, t in v.items()} for k, v in parts.items()}
+            except (RefdirError, TypeError, ValueError, AttributeError):
                 log.warning(
                     "%s is damaged; the earlier steps' times are lost", out / "timings.json"
                 )
@@ -121,12 +127,22 @@ class Run:
             and (step == "report" or all((self.out / a).exists() for a in ARTIFACTS[step]))
         }
 
+    def part_timings(self) -> dict[str, dict[str, float]]:
+        """Wall time of the timed parts of the steps :meth:`step_timings` lists (select: the
+        passes of each score; evaluate: completions, losses, random directions, judge)."""
+        steps = self.step_timings()
+        return {step: self.parts[step] for step in steps if self.parts.get(step)}
+
     def timed(self, step: str, fn: Callable[[], None]) -> None:
+        self.watch = Stopwatch()
         start = time.perf_counter()
         fn()
         self.timings[step] = round(time.perf_counter() - start, 2)
-        _write_json(self.out / "timings.json", self.timings)
+        self.parts[step] = self.watch.rounded()
+        _write_json(self.out / "timings.json", {**self.timings, "parts": self.parts})
         log.info("step %s done in %.1f s", step, self.timings[step])
+        for name, seconds in self.parts[step].items():
+            log.info("  %s: %.1f s", name, seconds)
 
 
 # -- step: prompts -------------------------------------------------------------------------
@@ -265,22 +281,24 @@ def _scores(
         return _scores_from_json(data), data["validation"]
     prompts = _read_json(out / "prompts.json")
     tokens = _read_json(out / "refusal_tokens.json")["ids"]
+    cm = run.cm  # loading the model is not a part
     # the paper's filter, in the passes that also give selection its baseline
-    val = ValidationSets.build(
-        run.cm,
-        prompts["harmful_val"],
-        prompts["harmless_val"],
-        tokens,
-        c.filter_prompts,
-        c.batch_size,
-    )
+    with run.watch.part("baselines"):
+        val = ValidationSets.build(
+            cm,
+            prompts["harmful_val"],
+            prompts["harmless_val"],
+            tokens,
+            c.filter_prompts,
+            c.batch_size,
+        )
     kept = {
         "prompts": {"harmful_val": val.harmful, "harmless_val": val.harmless},
         "filter": val.counts(),
     }
     # pruning skips the layers past the layer filter; --score-all scores every layer
     scores = score_candidates(
-        run.cm,
+        cm,
         cands,
         val.harmful,
         val.harmless,
@@ -291,6 +309,7 @@ def _scores(
         run.progress,
         prune=not c.score_all,
         validation=val,
+        stopwatch=run.watch,
     )
     return scores, kept
 
@@ -377,15 +396,16 @@ def _completions(
     }
     missing = [key for key in jobs if key not in done]
     if missing:
-        c = run.config
-        results = evaluate_jobs(
-            run.cm,
-            [Job(".".join(key), *jobs[key]) for key in missing],
-            direction,
-            c.max_new_tokens,
-            c.gen_batch_size,
-            run.progress,
-        )
+        c, cm = run.config, run.cm
+        with run.watch.part("completions"):
+            results = evaluate_jobs(
+                cm,
+                [Job(".".join(key), *jobs[key]) for key in missing],
+                direction,
+                c.max_new_tokens,
+                c.gen_batch_size,
+                run.progress,
+            )
         for key, result in zip(missing, results, strict=True):
             done[key] = result.completions
             _write_jsonl(paths[key], done[key])
@@ -432,10 +452,12 @@ def step_evaluate(run: Run) -> None:
     harmless_runs = {name: runs["harmless", name] for name in ("baseline", "actadd")}
     corpus = text_rows(cm, load_corpus(c.ce_corpus, c.n_ce))
     own = completion_rows(cm, harmless, [r["completion"] for r in harmless_runs["baseline"]])
-    on_text = ce_losses(cm, corpus, direction, conditions, progress=run.progress)
-    on_own = ce_losses(
-        cm, own, direction, conditions, progress=run.progress, desc="ce loss (completions)"
-    )
+    with run.watch.part("ce text"):
+        on_text = ce_losses(cm, corpus, direction, conditions, progress=run.progress)
+    with run.watch.part("ce and kl on own completions"):
+        on_own = ce_losses(
+            cm, own, direction, conditions, progress=run.progress, desc="ce loss (completions)"
+        )
     ce = {name: round(losses.ce, 5) for name, losses in on_text.items()}
     ce_own = {name: round(losses.ce, 5) for name, losses in on_own.items()}
     # the KL score's distributions are the logits that predict each completion's first token
@@ -482,20 +504,22 @@ def step_evaluate(run: Run) -> None:
         "coefficients": {"harmful_actadd": c.harmful_coeff, "harmless_actadd": c.harmless_coeff},
     }
     if c.n_random_kl > 0:
-        reference = random_direction_kl(
-            cm,
-            harmless,
-            c.n_random_kl,
-            c.seed,
-            on_own["baseline"].first,
-            c.batch_size,
-            run.progress,
-        )
+        with run.watch.part("random directions"):
+            reference = random_direction_kl(
+                cm,
+                harmless,
+                c.n_random_kl,
+                c.seed,
+                on_own["baseline"].first,
+                c.batch_size,
+                run.progress,
+            )
         metrics["harmless"]["kl_random_directions"] = random_kl_summary(
             reference, float(kl.mean()), c.seed
         )
     if c.judge is not None:
-        metrics["harmful"]["safety_score"] = _safety(run, harmful_runs)
+        with run.watch.part("judge"):
+            metrics["harmful"]["safety_score"] = _safety(run, harmful_runs)
     _write_json(out / "metrics.json", metrics)
 
 
@@ -612,6 +636,7 @@ def step_report(run: Run) -> None:
         suffix_md = suffix_report_section(suffix_dir, relative_to=run.out)
     metrics = _read_json(run.out / "metrics.json")
     metrics["timings"] = run.step_timings()
+    metrics["timing_parts"] = run.part_timings()
     _write_json(run.out / "metrics.json", metrics)
     write_report(run.out, truncate=run.config.truncate, suffix_section=suffix_md)
 
@@ -867,5 +892,6 @@ def run_pipeline(
     if done and (out / "metrics.json").exists():
         metrics = _read_json(out / "metrics.json")
         metrics["timings"] = run.step_timings()
+        metrics["timing_parts"] = run.part_timings()
         _write_json(out / "metrics.json", metrics)
     return done

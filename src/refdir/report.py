@@ -565,10 +565,20 @@ def _run_section(run: RunData) -> list[Block]:
         blocks += [Heading("Sizes", 3), key_value_table(sizes)]
     timings = run.metrics.get("timings") or {}
     if timings:
-        rows = [[step, seconds(value)] for step, value in timings.items()]
+        parts = run.metrics.get("timing_parts") or {}
+        rows = []
+        for step, value in timings.items():
+            rows.append([step, seconds(value)])
+            rows += [[f"· {name}", seconds(t)] for name, t in (parts.get(step) or {}).items()]
         total = sum(v for v in timings.values() if isinstance(v, int | float))
         rows.append(["total", seconds(total)])
-        blocks += [Heading("Wall time per step", 3), Table(["step", "wall time"], rows)]
+        caption = (
+            "Rows marked · are timed parts of the step above them; the rest of a step's "
+            "time is loading the model, reading and writing files, and bookkeeping."
+            if parts
+            else ""
+        )
+        blocks += [Heading("Wall time per step", 3), Table(["step", "wall time"], rows, caption)]
     if len(blocks) == 1:
         blocks.append(Para("config.json and metrics.json record no configuration.", "note"))
     return blocks

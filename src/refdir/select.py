@@ -33,6 +33,7 @@ from refdir.layer_inputs import LayerInputs
 from refdir.metrics import check_baseline, kl_divergence
 from refdir.model import ChatModel
 from refdir.scoring.markers import is_refusal
+from refdir.stopwatch import Stopwatch, maybe
 
 __all__ = [
     "CandidateScores",
@@ -337,6 +338,7 @@ def score_candidates(
     progress: bool = True,
     prune: bool = True,
     validation: ValidationSets | None = None,
+    stopwatch: Stopwatch | None = None,
 ) -> CandidateScores:
     """Bypass, induce and KL for every candidate.
 
@@ -349,6 +351,7 @@ def score_candidates(
     below the layer filter; KL (harmless_val) where induce >= ``induce_min``; bypass
     (harmful_val) where KL is within the loosest KL bound too. A score left out stays NaN, so
     the pick is the same as without pruning; ``prune=False`` scores every candidate.
+    ``stopwatch`` gets the time of each score's passes (``induce``, ``kl``, ``bypass``).
     """
     config = config or SelectionConfig()
     layer_list = list(range(candidates.n_layers)) if layers is None else list(layers)
@@ -376,26 +379,33 @@ def score_candidates(
         live = [p for p in range(n_p) if float(vectors[p].norm()) > 0.0]  # zero: e.g. layer-0 input
         if not live:
             continue
-        added = candidate_logits(
-            cm, harmless_val, vectors[live], "actadd", layer, config.coeff, batch_size, start
-        )
-        for i, p in enumerate(live):
-            scores["induce"][p, layer] = refusal_metric(added[i], token_ids).mean().item()
-        del added  # [K, N, vocab]: one such tensor at a time on the device
+        with maybe(stopwatch, "induce"):
+            added = candidate_logits(
+                cm, harmless_val, vectors[live], "actadd", layer, config.coeff, batch_size, start
+            )
+            for i, p in enumerate(live):
+                scores["induce"][p, layer] = refusal_metric(added[i], token_ids).mean().item()
+            del added  # [K, N, vocab]: one such tensor at a time on the device
         live = [p for p in live if not prune or scores["induce"][p, layer] >= config.induce_min]
         if not live:
             continue
-        ablated = candidate_logits(cm, harmless_val, vectors[live], "ablate", batch_size=batch_size)
-        base = base.to(ablated.device)
-        for i, p in enumerate(live):
-            scores["kl"][p, layer] = kl_divergence(base, ablated[i]).mean().item()
-        del ablated
+        with maybe(stopwatch, "kl"):
+            ablated = candidate_logits(
+                cm, harmless_val, vectors[live], "ablate", batch_size=batch_size
+            )
+            base = base.to(ablated.device)
+            for i, p in enumerate(live):
+                scores["kl"][p, layer] = kl_divergence(base, ablated[i]).mean().item()
+            del ablated
         live = [p for p in live if not prune or scores["kl"][p, layer] <= kl_bound]
         if not live:
             continue
-        bypassed = candidate_logits(cm, harmful_val, vectors[live], "ablate", batch_size=batch_size)
-        for i, p in enumerate(live):
-            scores["bypass"][p, layer] = refusal_metric(bypassed[i], token_ids).mean().item()
+        with maybe(stopwatch, "bypass"):
+            bypassed = candidate_logits(
+                cm, harmful_val, vectors[live], "ablate", batch_size=batch_size
+            )
+            for i, p in enumerate(live):
+                scores["bypass"][p, layer] = refusal_metric(bypassed[i], token_ids).mean().item()
     return CandidateScores(
         candidates.positions,
         list(range(n_l)),
