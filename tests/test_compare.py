@@ -62,6 +62,16 @@ def test_comparison_shows_every_run(runs: list[Path], tmp_path: Path) -> None:
     page = html_path.read_text()
     assert page.count('src="data:image/png;base64,') == 1 and 'src="http' not in page
     assert "harmful safety" not in md  # no judge, no safety column
+    # the run time of each step, as each run recorded it
+    steps = ["prompts", "extract", "select", "evaluate", "report"]
+    assert f"| run | device | {' | '.join(steps)} | total |" in md
+    for run_dir, row in zip(runs, rows, strict=True):
+        timings = _metrics(run_dir)["timings"]
+        assert list(timings) == steps
+        for step in steps:
+            assert float(row[f"seconds_{step}"]) == timings[step]
+        assert float(row["seconds_total"]) == pytest.approx(sum(timings.values()), abs=0.01)
+        assert row["seconds_suffix"] == "" and row["device"] == "cpu"
 
 
 def test_a_judged_run_adds_the_safety_score(runs: list[Path], tmp_path: Path) -> None:

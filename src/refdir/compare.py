@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from refdir import figures
-from refdir.config import recorded_options
+from refdir.config import STEPS, recorded_options
 from refdir.direction import atomic_path, make_folder
 from refdir.errors import RefdirError
 from refdir.model import names_local_path
@@ -32,6 +32,7 @@ from refdir.render import (
     Para,
     Table,
     fmt,
+    seconds,
     truncate_text,
     with_change,
     write_document,
@@ -60,6 +61,8 @@ class RunSummary:
     benchmarks: dict[str, Any]
     local: bool = False
     """Whether the model was a local path where the run ran (``config.json``'s ``local_model``)."""
+    device: str | None = None
+    """The device the run's last attempt asked for (``config.json``'s ``run.device``)."""
 
     @property
     def model(self) -> str:
@@ -104,7 +107,17 @@ def load_summary(run_dir: str | Path, label: str | None = None) -> RunSummary:
     options = recorded_options(recorded) if recorded else {}  # no config.json: unknown
     benchmarks = read_artifact(path, "benchmarks.json", required=False)
     local = config.get("local_model") is True
-    summary = RunSummary(label or "", path, metrics, selection, options, benchmarks, local)
+    device = (config.get("run") or {}).get("device")
+    summary = RunSummary(
+        label or "",
+        path,
+        metrics,
+        selection,
+        options,
+        benchmarks,
+        local,
+        device if isinstance(device, str) else None,
+    )
     return summary if label else replace(summary, label=summary.short_name)
 
 
@@ -169,6 +182,15 @@ def comparison_rows(summaries: Sequence[RunSummary]) -> list[dict[str, Any]]:
         for task, metric, values in _benchmark_scores(s):
             for c, _ in BENCHMARK_CONDITIONS:
                 row[f"benchmark:{task}:{metric}:{c}"] = values.get(c)
+        timings = {
+            step: float(t)
+            for step, t in (s.metrics.get("timings") or {}).items()
+            if isinstance(t, int | float)
+        }
+        row["device"] = s.device
+        for step in STEPS:
+            row[f"seconds_{step}"] = timings.get(step)
+        row["seconds_total"] = round(sum(timings.values()), 2) if timings else None
         rows.append(row)
     return rows
 
@@ -278,6 +300,30 @@ def _benchmark_blocks(summaries: Sequence[RunSummary]) -> list[Block]:
     ]
 
 
+def _time_blocks(rows: Sequence[dict[str, Any]]) -> list[Block]:
+    steps = [step for step in STEPS if any(r[f"seconds_{step}"] is not None for r in rows)]
+    if not steps:
+        return []
+    body = [
+        [
+            r["label"],
+            fmt(r["device"]),
+            *(
+                "—" if r[f"seconds_{step}"] is None else seconds(r[f"seconds_{step}"])
+                for step in steps
+            ),
+            "—" if r["seconds_total"] is None else seconds(r["seconds_total"]),
+        ]
+        for r in rows
+    ]
+    caption = (
+        "Wall time of each step, as each run recorded it on its own machine and device (a step "
+        "that a run resumed counts the attempt that made it; — where a run did not do the "
+        "step). Each run's report says where the time of its select and evaluate steps went."
+    )
+    return [Heading("Run time"), Table(["run", "device", *steps, "total"], body, caption)]
+
+
 def _differing_options(summaries: Sequence[RunSummary]) -> list[str]:
     keys = sorted({k for s in summaries for k in s.options} - IGNORED_OPTIONS)
     return [k for k in keys if len({repr(s.options.get(k)) for s in summaries}) > 1]
@@ -355,6 +401,7 @@ def comparison_blocks(summaries: Sequence[RunSummary]) -> list[Block]:
         Heading("Loss and KL"),
         _loss_table(rows),
         *_benchmark_blocks(summaries),
+        *_time_blocks(rows),
         *_settings_blocks(summaries),
     ]
 
