@@ -123,6 +123,9 @@ def test_resume_after_an_interrupted_step(tmp_path: Path, monkeypatch: pytest.Mo
         "harmless.actadd",
     ]
     assert calls == [every]  # the earlier steps were reused; all completions decode together
+    parts = json.loads((tmp_path / "metrics.json").read_text())["timing_parts"]
+    assert "induce" in parts["select"]  # timed by the first attempt, kept across the resume
+    assert "completions" in parts["evaluate"]
     # one completion file lost: only its job is generated again, the others are read back
     harmless = (tmp_path / "completions" / "harmless.baseline.jsonl").read_text()
     (tmp_path / "completions" / "harmless.baseline.jsonl").unlink()
