@@ -239,6 +239,9 @@ def test_suffix_step_adds_a_section_to_the_report(tmp_path: Path) -> None:
     html = (tmp_path / "report.html").read_text()
     assert "Adversarial suffix" in html and 'src="suffix/' not in html
     assert "suffix/projection.png" in (tmp_path / "report.md").read_text()
+    parts = json.loads((tmp_path / "metrics.json").read_text())["timing_parts"]
+    assert list(parts["suffix"]) == ["search", "analysis"]
+    assert set(parts) == {"select", "evaluate", "suffix"}  # the earlier steps' parts are kept
 
 
 ALL_ARTIFACTS = [

@@ -129,7 +129,8 @@ class Run:
 
     def part_timings(self) -> dict[str, dict[str, float]]:
         """Wall time of the timed parts of the steps :meth:`step_timings` lists (select: the
-        passes of each score; evaluate: completions, losses, random directions, judge)."""
+        passes of each score; evaluate: completions, losses, random directions, judge; suffix:
+        search and analysis)."""
         steps = self.step_timings()
         return {step: self.parts[step] for step in steps if self.parts.get(step)}
 
@@ -619,6 +620,7 @@ def step_suffix(run: Run) -> None:
         max_new_tokens=c.max_new_tokens,
         batch_size=c.batch_size,
         progress=run.progress,
+        stopwatch=run.watch,
     )
 
 

@@ -39,6 +39,7 @@ from refdir.generation import generate, unsort
 from refdir.hooks import Hook, hooked, residual_stream
 from refdir.model import ChatModel
 from refdir.scoring.markers import is_refusal
+from refdir.stopwatch import Stopwatch, maybe
 from refdir.suffix import (
     SUFFIX_JSON,
     SuffixConfig,
@@ -421,29 +422,34 @@ def run_suffix_experiment(
     batch_size: int = 16,
     keep_completions: bool = False,
     progress: bool = True,
+    stopwatch: Stopwatch | None = None,
 ) -> dict[str, Any]:
     """Search a suffix on ``train_prompts``, analyse it on ``eval_prompts``, write everything to
-    ``out`` (``suffix.json``, ``history.json``, ``analysis.json``, figures); returns suffix.json."""
+    ``out`` (``suffix.json``, ``history.json``, ``analysis.json``, figures); returns suffix.json.
+    ``stopwatch`` gets the time of the ``search`` and of the ``analysis`` (its completions and
+    projections included)."""
     from refdir.suffix_figures import write_figures
 
     config = config or SuffixConfig()
     direction.check(cm.d_model, cm.n_layers)
     with output_folder(Path(out)) as folder:  # made and checked now, not after the search
-        result = search_suffix(cm, train_prompts, config, progress)
+        with maybe(stopwatch, "search"):
+            result = search_suffix(cm, train_prompts, config, progress)
         random_ids = random_suffix_ids(cm, eval_prompts, len(result.token_ids), config.seed)
         random_text = suffix_text(cm, random_ids)
-        analysis = analyze_suffix(
-            cm,
-            direction,
-            eval_prompts,
-            result.suffix,
-            random_text,
-            n_top=n_top,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            keep_completions=keep_completions,
-            progress=progress,
-        )
+        with maybe(stopwatch, "analysis"):
+            analysis = analyze_suffix(
+                cm,
+                direction,
+                eval_prompts,
+                result.suffix,
+                random_text,
+                n_top=n_top,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                keep_completions=keep_completions,
+                progress=progress,
+            )
         rates = analysis.refusal_rate
         extra = {
             "refusal_rate": {
