@@ -11,6 +11,9 @@
 set -u
 peer=$1 tok=$2 out=$3 shape=${4:-llama-3-8b}
 parts=" ${PARTS:-tests peer batch shape suite} "
+for part in $parts; do
+    case $part in tests|peer|batch|shape|suite) ;; *) echo "unknown part '$part' in PARTS: tests peer batch shape suite" >&2; exit 2 ;; esac
+done
 mkdir -p "$out"
 export PYTHONPATH=$PWD/src:$PWD/bench:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
@@ -34,7 +37,7 @@ if want batch; then
     echo "== bench/peer.py --model $shape --score-batch 192 (a layer's 6 x 32 rows in one pass)"
     timeout 200 python3 bench/peer.py --peer "$peer" --model "$shape" --tokenizer "$tok" --device cuda \
         --dtype bfloat16 --layers 12 19 --parts selection --score-batch 192 \
-        --profile "$out/profile" --threads "$(nproc)" 2>&1 | quiet | tee "$out/peer_batch192.txt"
+        --profile "$out/profile_batch192" --threads "$(nproc)" 2>&1 | quiet | tee "$out/peer_batch192.txt"
 fi
 if want shape; then
     echo "== bench/run_shape.py --shape $shape"

@@ -269,8 +269,11 @@ def profiled(label: str, fn: Callable[[], Any], out: Path) -> None:
     events = prof.key_averages()
     waits = sum(e.count for e in events if e.key.endswith("Synchronize"))
     copies = sum(e.count for e in events if e.key.startswith("cudaMemcpy"))
-    busy = sum(e.self_device_time_total for e in events) / 1e6 if cuda else 0.0
-    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    # torch before 2.4 names the device times "cuda"
+    name = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else None
+    name = name or "self_cuda_time_total"
+    busy = sum(getattr(e, name) for e in events) / 1e6 if cuda else 0.0
+    sort = name if cuda else "self_cpu_time_total"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{label}.txt"
     path.write_text(events.table(sort_by=sort, row_limit=40))

@@ -72,6 +72,19 @@ def test_comparison_shows_every_run(runs: list[Path], tmp_path: Path) -> None:
             assert float(row[f"seconds_{step}"]) == timings[step]
         assert float(row["seconds_total"]) == pytest.approx(sum(timings.values()), abs=0.01)
         assert row["seconds_suffix"] == "" and row["device"] == "cpu"
+    assert "| llama | cpu |" in md
+    # a run made before steps recorded their device and parts: no device, times as recorded
+    old_run = tmp_path / "old"
+    shutil.copytree(runs[0], old_run)
+    metrics = _metrics(old_run)
+    del metrics["timing_devices"], metrics["timing_parts"]
+    (old_run / "metrics.json").write_text(json.dumps(metrics))
+    _, md_path, csv_path = write_comparison([old_run, runs[1]], tmp_path / "cmp2", ["old", "new"])
+    old_row = next(csv.DictReader(csv_path.open()))
+    assert (
+        old_row["device"] == "" and float(old_row["seconds_select"]) == metrics["timings"]["select"]
+    )
+    assert "| old | — |" in md_path.read_text()
 
 
 def test_a_judged_run_adds_the_safety_score(runs: list[Path], tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from refdir.direction import Candidates, Direction
 from refdir.errors import RefdirError
 from refdir.pipeline import STEPS, run_pipeline
 from tiny import TINY_RUN as CONFIG
-from tiny import tiny_chat_model
+from tiny import tiny_chat_model, tiny_model, tiny_tokenizer
 
 
 def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
@@ -60,6 +60,10 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
         assert sum(by_part.values()) <= metrics["timings"][step] + 0.01 * len(by_part)
     assert json.loads((tmp_path / "timings.json").read_text())["parts"]["select"] == parts["select"]
     assert "| · induce |" in (tmp_path / "report.md").read_text()
+    # the device of each step that ran the model (the report runs none)
+    assert metrics["timing_devices"] == dict.fromkeys(
+        ["prompts", "extract", "select", "evaluate"], "cpu"
+    )
     selection = json.loads((tmp_path / "selection.json").read_text())
     assert metrics["direction"]["layer"] == selection["chosen"]["layer"] < 0.8 * cm.n_layers
     assert all(v is None for v in [row[0] for row in selection["bypass"]])  # layer 0 skipped
@@ -87,6 +91,32 @@ def test_random_directions_give_the_kl_a_reference(tmp_path: Path) -> None:
     assert "Ablating 3 random directions instead (seed 1)" in report
     assert "| the same, median of 3 random directions |" in report
     assert "ablated, and the row below it the same for random directions." in report
+
+
+def test_a_judge_scores_the_harmful_completions(tmp_path: Path) -> None:
+    from refdir.scoring.judges import llamaguard, safety_score
+
+    judge_dir = tmp_path / "judge"
+    tiny_model("llama", seed=3).save_pretrained(judge_dir)
+    tiny_tokenizer().save_pretrained(judge_dir)
+    config = CONFIG.model_copy(update={"judge": "llamaguard", "judge_model": str(judge_dir)})
+    out = tmp_path / "run"
+    run_pipeline(config, out, progress=False, model=tiny_chat_model("llama"), until="evaluate")
+    metrics = json.loads((out / "metrics.json").read_text())
+    judge = llamaguard(str(judge_dir), progress=False)
+    for condition in ("baseline", "ablation", "actadd"):
+        rows = [
+            json.loads(line)
+            for line in (out / "completions" / f"harmful.{condition}.jsonl")
+            .read_text()
+            .splitlines()
+        ]
+        expected = safety_score(judge, [r["prompt"] for r in rows], [r["completion"] for r in rows])
+        assert metrics["harmful"]["safety_score"][condition] == round(expected, 4)
+    assert "judge" in metrics["timing_parts"]["evaluate"]  # its model's loading is not counted
+    assert metrics["timing_devices"] == dict.fromkeys(
+        ["prompts", "extract", "select", "evaluate"], "cpu"
+    )
 
 
 class Killed(Exception):
@@ -352,6 +382,12 @@ def test_options_that_cannot_go_together_and_damaged_artifacts(tmp_path: Path) -
         run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
     (tmp_path / "timings.json").write_text("[")  # informational: a warning, not an error
     run_pipeline(CONFIG, tmp_path, force="prompts", progress=False, model=cm, until="prompts")
+    # a run made before parts were timed, or with damaged entries: those times are dropped
+    (tmp_path / "timings.json").write_text('{"prompts": 1.5, "parts": {"select": 3}, "x": "y"}')
+    run_pipeline(CONFIG, tmp_path, progress=False, model=cm, until="select")
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert "x" not in timings and timings["prompts"] == 1.5  # the good entry is kept
+    assert set(timings["parts"]) == {"select"} and "induce" in timings["parts"]["select"]
 
 
 def test_refusal_tokens_outside_the_vocabulary_are_refused(tmp_path: Path) -> None:

@@ -20,9 +20,13 @@ def test_parts_add_up_over_repeats_and_do_not_nest() -> None:
     assert 0.04 <= watch.seconds["a"] < 1.0
     assert watch.rounded()["b"] == 0.0
     inside = pytest.raises(RuntimeError, match="started inside part 'a'")
-    with watch.part("a"), inside, watch.part("b"):
+    with watch.part("a"), inside, watch.part("nested"):
         pass
-    assert watch.seconds["b"] == pytest.approx(0.0, abs=0.01)  # the refused part counted nothing
-    with watch.part("d"):  # the failed nesting left the stopwatch usable
+    assert "nested" not in watch.seconds  # the refused part counted nothing
+    with pytest.raises(ValueError), watch.part("fails"):  # a part that raises still counts
+        time.sleep(0.01)
+        raise ValueError
+    assert watch.seconds["fails"] >= 0.01
+    with watch.part("d"):  # neither left the stopwatch unusable
         pass
-    assert "d" in watch.seconds
+    assert list(watch.seconds) == ["a", "b", "fails", "d"]

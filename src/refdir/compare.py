@@ -61,8 +61,6 @@ class RunSummary:
     benchmarks: dict[str, Any]
     local: bool = False
     """Whether the model was a local path where the run ran (``config.json``'s ``local_model``)."""
-    device: str | None = None
-    """The device the run's last attempt asked for (``config.json``'s ``run.device``)."""
 
     @property
     def model(self) -> str:
@@ -107,17 +105,7 @@ def load_summary(run_dir: str | Path, label: str | None = None) -> RunSummary:
     options = recorded_options(recorded) if recorded else {}  # no config.json: unknown
     benchmarks = read_artifact(path, "benchmarks.json", required=False)
     local = config.get("local_model") is True
-    device = (config.get("run") or {}).get("device")
-    summary = RunSummary(
-        label or "",
-        path,
-        metrics,
-        selection,
-        options,
-        benchmarks,
-        local,
-        device if isinstance(device, str) else None,
-    )
+    summary = RunSummary(label or "", path, metrics, selection, options, benchmarks, local)
     return summary if label else replace(summary, label=summary.short_name)
 
 
@@ -146,6 +134,12 @@ def _layer(s: RunSummary) -> int | None:
 def _depth(s: RunSummary) -> float | None:
     layer, n = _layer(s), s.n_layers
     return layer / n if layer is not None and n else None
+
+
+def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:
+    """``data[key]`` when it is an object, else empty (a run made before the key existed)."""
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def comparison_rows(summaries: Sequence[RunSummary]) -> list[dict[str, Any]]:
@@ -184,10 +178,11 @@ def comparison_rows(summaries: Sequence[RunSummary]) -> list[dict[str, Any]]:
                 row[f"benchmark:{task}:{metric}:{c}"] = values.get(c)
         timings = {
             step: float(t)
-            for step, t in (s.metrics.get("timings") or {}).items()
+            for step, t in _mapping(s.metrics, "timings").items()
             if isinstance(t, int | float)
         }
-        row["device"] = s.device
+        devices = [d for d in _mapping(s.metrics, "timing_devices").values() if isinstance(d, str)]
+        row["device"] = ", ".join(dict.fromkeys(devices)) or None
         for step in STEPS:
             row[f"seconds_{step}"] = timings.get(step)
         row["seconds_total"] = round(sum(timings.values()), 2) if timings else None
@@ -317,9 +312,10 @@ def _time_blocks(rows: Sequence[dict[str, Any]]) -> list[Block]:
         for r in rows
     ]
     caption = (
-        "Wall time of each step, as each run recorded it on its own machine and device (a step "
-        "that a run resumed counts the attempt that made it; — where a run did not do the "
-        "step). Each run's report says where the time of its select and evaluate steps went."
+        "Wall time of each step, as each run recorded it on its own machine, and the devices "
+        "its steps ran the model on (a step that a run resumed counts the attempt that made "
+        "it; — where a run did not do the step or did not record it). Each run's report says "
+        "where the time of its select and evaluate steps went."
     )
     return [Heading("Run time"), Table(["run", "device", *steps, "total"], body, caption)]
 

@@ -77,6 +77,45 @@ def versions() -> dict[str, str]:
     return found
 
 
+def _read_timings(
+    path: Path,
+) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, str]]:
+    """timings.json: the seconds of each step, of the timed parts of some steps, and the device
+    each step ran on. A damaged file or entry is dropped with a warning: timings are
+    informational."""
+    timings: dict[str, float] = {}
+    parts: dict[str, dict[str, float]] = {}
+    devices: dict[str, str] = {}
+    if not path.exists():
+        return timings, parts, devices
+    try:
+        data = _read_json(path)
+    except RefdirError:
+        data = None
+    if not isinstance(data, dict):
+        log.warning("%s is damaged; the earlier steps' times are lost", path)
+        return timings, parts, devices
+    lost = False
+    for step, value in data.items():
+        if step == "parts" and isinstance(value, dict):
+            for name, by_part in value.items():
+                if isinstance(by_part, dict) and all(
+                    isinstance(t, int | float) for t in by_part.values()
+                ):
+                    parts[name] = {n: float(t) for n, t in by_part.items()}
+                else:
+                    lost = True
+        elif step == "devices" and isinstance(value, dict):
+            devices = {k: v for k, v in value.items() if isinstance(v, str)}
+        elif step in STEPS and isinstance(value, int | float):
+            timings[step] = float(value)
+        else:
+            lost = True
+    if lost:
+        log.warning("%s has damaged entries; their times are lost", path)
+    return timings, parts, devices
+
+
 class Run:
     """One run folder: its config, lazily loaded model and step timings."""
 
@@ -86,22 +125,13 @@ class Run:
         self.config, self.out, self.progress = config, out, progress
         self._cm = model
         self.benchmark_tasks: ResolvedTasks | None = None  # resolved when the run was checked
-        self.timings: dict[str, float] = {}
-        self.parts: dict[str, dict[str, float]] = {}  # step -> part -> seconds
         self.watch = Stopwatch()  # the parts of the step running now
-        if (out / "timings.json").exists():
-            try:
-                data = dict(_read_json(out / "timings.json"))
-                parts = data.pop("parts", {})
-                self.timings = {k: float(v) for k, v in data.items()}
-                self.parts = {k: {n: float(t) for n, t in v.items()} for k, v in parts.items()}
-            except (RefdirError, TypeError, ValueError, AttributeError):
-                log.warning(
-                    "%s is damaged; the earlier steps' times are lost", out / "timings.json"
-                )
+        self._used_model = False  # whether the step running now asked for the model
+        self.timings, self.parts, self.devices = _read_timings(out / "timings.json")
 
     @property
     def cm(self) -> ChatModel:
+        self._used_model = True
         if self._cm is None:
             c = self.config
             self._cm = load_model(
@@ -134,15 +164,31 @@ class Run:
         steps = self.step_timings()
         return {step: self.parts[step] for step in steps if self.parts.get(step)}
 
+    def step_devices(self) -> dict[str, str]:
+        """The device each step of :meth:`step_timings` ran its model on (steps that load no
+        model, such as the report, have none)."""
+        steps = self.step_timings()
+        return {step: self.devices[step] for step in steps if step in self.devices}
+
     def timed(self, step: str, fn: Callable[[], None]) -> None:
         self.watch = Stopwatch()
+        self._used_model = False
         start = time.perf_counter()
         fn()
         self.timings[step] = round(time.perf_counter() - start, 2)
-        self.parts[step] = self.watch.rounded()
-        _write_json(self.out / "timings.json", {**self.timings, "parts": self.parts})
+        parts = self.watch.rounded()
+        if parts:
+            self.parts[step] = parts
+        else:  # a step without timed parts
+            self.parts.pop(step, None)
+        if self._used_model and self._cm is not None:
+            self.devices[step] = str(self._cm.device)
+        else:
+            self.devices.pop(step, None)
+        record = {**self.timings, "parts": self.parts, "devices": self.devices}
+        _write_json(self.out / "timings.json", record)
         log.info("step %s done in %.1f s", step, self.timings[step])
-        for name, seconds in self.parts[step].items():
+        for name, seconds in parts.items():
             log.info("  %s: %.1f s", name, seconds)
 
 
@@ -519,8 +565,7 @@ def step_evaluate(run: Run) -> None:
             reference, float(kl.mean()), c.seed
         )
     if c.judge is not None:
-        with run.watch.part("judge"):
-            metrics["harmful"]["safety_score"] = _safety(run, harmful_runs)
+        metrics["harmful"]["safety_score"] = _safety(run, harmful_runs)
     _write_json(out / "metrics.json", metrics)
 
 
@@ -553,10 +598,11 @@ def _safety(run: Run, harmful_runs: dict[str, list[dict[str, Any]]]) -> dict[str
     c = run.config
     name, model = _judge(c)
     judge = load_judge(name, model, device=c.device, dtype=c.dtype, progress=run.progress)
-    return {
-        k: round(safety_score(judge, [r["prompt"] for r in v], [r["completion"] for r in v]), 4)
-        for k, v in harmful_runs.items()
-    }
+    with run.watch.part("judge"):  # loading the judge model is not a part
+        return {
+            k: round(safety_score(judge, [r["prompt"] for r in v], [r["completion"] for r in v]), 4)
+            for k, v in harmful_runs.items()
+        }
 
 
 # -- step: benchmarks (only with RunConfig.benchmarks) ---------------------------------------
@@ -639,6 +685,7 @@ def step_report(run: Run) -> None:
     metrics = _read_json(run.out / "metrics.json")
     metrics["timings"] = run.step_timings()
     metrics["timing_parts"] = run.part_timings()
+    metrics["timing_devices"] = run.step_devices()
     _write_json(run.out / "metrics.json", metrics)
     write_report(run.out, truncate=run.config.truncate, suffix_section=suffix_md)
 
@@ -895,5 +942,6 @@ def run_pipeline(
         metrics = _read_json(out / "metrics.json")
         metrics["timings"] = run.step_timings()
         metrics["timing_parts"] = run.part_timings()
+        metrics["timing_devices"] = run.step_devices()
         _write_json(out / "metrics.json", metrics)
     return done

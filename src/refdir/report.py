@@ -565,11 +565,14 @@ def _run_section(run: RunData) -> list[Block]:
         blocks += [Heading("Sizes", 3), key_value_table(sizes)]
     timings = run.metrics.get("timings") or {}
     if timings:
-        parts = run.metrics.get("timing_parts") or {}
+        parts = run.metrics.get("timing_parts")
+        parts = parts if isinstance(parts, dict) else {}  # runs before parts were timed
         rows = []
         for step, value in timings.items():
             rows.append([step, seconds(value)])
-            rows += [[f"· {name}", seconds(t)] for name, t in (parts.get(step) or {}).items()]
+            by_part = parts.get(step)
+            if isinstance(by_part, dict):
+                rows += [[f"· {name}", seconds(t)] for name, t in by_part.items()]
         total = sum(v for v in timings.values() if isinstance(v, int | float))
         rows.append(["total", seconds(total)])
         caption = (
