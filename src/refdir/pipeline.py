@@ -157,18 +157,17 @@ class Run:
             and (step == "report" or all((self.out / a).exists() for a in ARTIFACTS[step]))
         }
 
-    def part_timings(self) -> dict[str, dict[str, float]]:
-        """Wall time of the timed parts of the steps :meth:`step_timings` lists (select: the
-        passes of each score; evaluate: completions, losses, random directions, judge; suffix:
-        search and analysis)."""
+    def timing_metrics(self) -> dict[str, Any]:
+        """metrics.json's timing keys, for the steps :meth:`step_timings` lists: ``timings``,
+        ``timing_parts`` (the timed parts of the select, evaluate and suffix steps) and
+        ``timing_devices`` (the device each step ran its model on; steps that load no model,
+        such as the report, have none)."""
         steps = self.step_timings()
-        return {step: self.parts[step] for step in steps if self.parts.get(step)}
-
-    def step_devices(self) -> dict[str, str]:
-        """The device each step of :meth:`step_timings` ran its model on (steps that load no
-        model, such as the report, have none)."""
-        steps = self.step_timings()
-        return {step: self.devices[step] for step in steps if step in self.devices}
+        return {
+            "timings": steps,
+            "timing_parts": {step: self.parts[step] for step in steps if self.parts.get(step)},
+            "timing_devices": {step: self.devices[step] for step in steps if step in self.devices},
+        }
 
     def timed(self, step: str, fn: Callable[[], None]) -> None:
         self.watch = Stopwatch()
@@ -683,9 +682,7 @@ def step_report(run: Run) -> None:
 
         suffix_md = suffix_report_section(suffix_dir, relative_to=run.out)
     metrics = _read_json(run.out / "metrics.json")
-    metrics["timings"] = run.step_timings()
-    metrics["timing_parts"] = run.part_timings()
-    metrics["timing_devices"] = run.step_devices()
+    metrics.update(run.timing_metrics())
     _write_json(run.out / "metrics.json", metrics)
     write_report(run.out, truncate=run.config.truncate, suffix_section=suffix_md)
 
@@ -940,8 +937,6 @@ def run_pipeline(
         done[step] = run.timings[step]
     if done and (out / "metrics.json").exists():
         metrics = _read_json(out / "metrics.json")
-        metrics["timings"] = run.step_timings()
-        metrics["timing_parts"] = run.part_timings()
-        metrics["timing_devices"] = run.step_devices()
+        metrics.update(run.timing_metrics())
         _write_json(out / "metrics.json", metrics)
     return done
