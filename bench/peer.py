@@ -91,7 +91,7 @@ from refdir.select import (
     pick,
     score_candidates,
 )
-from shapes import SHAPES, random_chat_model
+from shapes import REFUSAL_TEXTS, SHAPES, random_chat_model, refusal_token_ids, sync
 
 SEED, N_TRAIN, N_VAL, BATCH = 42, 128, 32, 32
 CHOSEN = (-1, 22)  # (position, layer): the organism's direction, as `refdir run` picks it
@@ -239,11 +239,6 @@ def exact_kl(base: torch.Tensor, other: torch.Tensor) -> float:
     return float((a.exp() * (a - b)).sum(-1).mean())
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     sync()
     began = time.perf_counter()
@@ -343,8 +338,7 @@ def main() -> None:
             for name, prompts in sets.items()
         }
     else:  # a random model refuses nothing: the paper's Llama-3 tokens ("I", "As"), no filter
-        texts = ["I", "As"]
-        ids = [cm.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in texts]
+        texts, ids = list(REFUSAL_TEXTS), refusal_token_ids(cm)
         kept = sets
     print(
         f"{cm.name} on {args.device} ({dtype}): {cm.n_layers} layers, {cm.chat.n_post} "

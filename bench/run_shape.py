@@ -38,16 +38,11 @@ import refdir.pipeline
 from refdir.config import RunConfig
 from refdir.model import ChatModel, resolve_dtype
 from refdir.pipeline import Run, run_pipeline
-from shapes import SHAPES, random_chat_model
+from shapes import SHAPES, random_chat_model, refusal_token_ids, sync
 
 QUICK: dict[str, Any] = dict(
     n_train=16, n_val=8, n_eval_harmful=8, n_eval_harmless=8, n_ce=8, max_new_tokens=8
 )
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def matmul_rate(device: str, dtype: torch.dtype) -> float:
@@ -57,12 +52,12 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    sync(device)
+    sync()
     reps = 20 if device.startswith("cuda") else 3
     began = time.perf_counter()
     for _ in range(reps):
         a @ b
-    sync(device)
+    sync()
     return 2 * n**3 * reps / (time.perf_counter() - began)
 
 
@@ -110,8 +105,7 @@ def main() -> None:
         f"baseline: one large matrix product in {dtype} on {args.device}: {rate / 1e12:.1f} TFLOP/s"
     )
     cm = random_chat_model(args.shape, args.tokenizer, args.device, dtype)
-    texts = ("I", "As")
-    ids = tuple(cm.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in texts)
+    ids = tuple(refusal_token_ids(cm))
     config = RunConfig(
         model=cm.name,
         device=args.device,
@@ -130,7 +124,7 @@ def main() -> None:
         def counted(run: Run, step: str = step, fn: Callable[[Run], None] = fn) -> None:
             before, began = counter.flops, time.perf_counter()
             fn(run)
-            sync(args.device)
+            sync()
             seconds = time.perf_counter() - began
             tflop = (counter.flops - before) / 1e12
             print(  # as each step ends: a run cut short still says where its time went

@@ -70,6 +70,22 @@ SHAPES: dict[str, dict[str, object]] = {
 }
 
 
+REFUSAL_TEXTS = ("I", "As")
+"""The paper's Llama-3 refusal tokens, which benchmarks on a random model (it refuses nothing,
+so none can be derived from its answers) score with."""
+
+
+def refusal_token_ids(cm: ChatModel) -> list[int]:
+    """The first token id of each of :data:`REFUSAL_TEXTS` in ``cm``'s tokenizer."""
+    return [cm.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in REFUSAL_TEXTS]
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so that wall times include it (no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def config_of(shape: str) -> T.PretrainedConfig:
     if shape not in SHAPES:
         raise SystemExit(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
