@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 
 from refdir.data import sample_prompts
-from refdir.direction import Direction
-from refdir.generation import shared_prefix_len
-from refdir.hooks import Hook, hooked, map_sites
-from refdir.metrics import kl_divergence
-from refdir.model import ChatModel, load_model
-from refdir.select import random_direction_kl
+from refdir.directions.direction import Direction
+from refdir.evaluation.kl import random_direction_kl
+from refdir.measures import kl_divergence
+from refdir.model.chat_model import ChatModel
+from refdir.model.hooks import Hook, hooked, map_sites
+from refdir.model.loading import load_model
+from refdir.model.prefix import shared_prefix_len
 
 
 def project_after(unit: torch.Tensor, skip: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -108,7 +109,7 @@ def main() -> None:
         label = f"chosen, every position but {what}"
         print(f"  {label:52s} KL {value:.4f}  {100 * value / full:.0f}% of the full ablation's")
     if options["model"] == "organism":
-        from refdir.organism import load_base_smollm2
+        from refdir.organism.load import load_base_smollm2
 
         model, tokenizer = load_base_smollm2()
         untuned = ChatModel(model, tokenizer, name="un-tuned base")

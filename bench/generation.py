@@ -21,8 +21,9 @@ import torch
 from transformers import GenerationConfig
 
 from refdir.data import sample_prompts
-from refdir.generation import generate, stop_ids
-from refdir.model import ChatModel, load_model
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import generate, stop_ids
+from refdir.model.loading import load_model
 
 
 def baseline(cm: ChatModel, prompts: list[str], tokens: int, batch: int) -> list[str]:

@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from refdir.errors import RefdirError
-from refdir.intervene import verify_ablation
-from refdir.orthogonalize import parity
+from refdir.interventions.orthogonalization import parity
+from refdir.model.layout_check import verify_ablation
 from tiny import ARCHS, MORE_ARCHS, tiny_chat_model
 
 

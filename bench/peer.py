@@ -72,25 +72,21 @@ from typing import Any
 import torch
 from transformers import BatchEncoding
 
-from refdir.activations import extract_candidates
-from refdir.chat import pad_left
-from refdir.data import sample_prompts
-from refdir.direction import Candidates
+from refdir.cli.actions import orthogonalize
+from refdir.data import load_corpus, sample_prompts
+from refdir.directions.candidates import Candidates
+from refdir.directions.extraction import extract_candidates
+from refdir.directions.prompt_filter import filter_prompts
+from refdir.directions.refusal_tokens import derive_refusal_tokens
+from refdir.directions.scoring import ValidationSets, score_candidates
+from refdir.directions.selection import CandidateScores, SelectionConfig, pick
 from refdir.errors import RefdirError
-from refdir.generation import generate, last_position_logits
-from refdir.intervene import ablate
-from refdir.metrics import ScoredRows, ce_losses, load_corpus, text_rows
-from refdir.model import ChatModel, load_model, resolve_dtype
-from refdir.orthogonalize import orthogonalize
-from refdir.select import (
-    CandidateScores,
-    SelectionConfig,
-    ValidationSets,
-    derive_refusal_tokens,
-    filter_prompts,
-    pick,
-    score_candidates,
-)
+from refdir.evaluation.losses import ScoredRows, ce_losses, text_rows
+from refdir.interventions.intervention import ablate
+from refdir.model.chat import pad_left
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import generate, last_position_logits
+from refdir.model.loading import load_model, resolve_dtype
 from shapes import REFUSAL_TEXTS, SHAPES, random_chat_model, refusal_token_ids, sync
 
 SEED, N_TRAIN, N_VAL, BATCH = 42, 128, 32, 32

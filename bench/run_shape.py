@@ -32,12 +32,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import refdir.pipeline
 import torch
 
-import refdir.pipeline
-from refdir.config import RunConfig
-from refdir.model import ChatModel, resolve_dtype
-from refdir.pipeline import Run, run_pipeline
+from refdir.model.chat_model import ChatModel
+from refdir.model.loading import resolve_dtype
+from refdir.study.config import RunConfig
+from refdir.study.run import run_pipeline
+from refdir.study.state import Run
 from shapes import SHAPES, random_chat_model, refusal_token_ids, sync
 
 QUICK: dict[str, Any] = dict(

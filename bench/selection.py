@@ -24,15 +24,15 @@ import argparse
 import time
 from collections.abc import Sequence, Sized
 
+import refdir.select
 import torch
 
-import refdir.select
 from refdir.data import sample_prompts
-from refdir.direction import Direction
-from refdir.intervene import ablate, add
-from refdir.layer_inputs import LayerInputs
-from refdir.model import ChatModel
-from refdir.select import candidate_logits
+from refdir.directions.direction import Direction
+from refdir.directions.scoring import candidate_logits
+from refdir.interventions.intervention import ablate, add
+from refdir.model.chat_model import ChatModel
+from refdir.model.layer_inputs import LayerInputs
 from shapes import random_chat_model
 
 

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from refdir.model import ChatModel
+from refdir.model.chat_model import ChatModel
 from tiny import tiny_chat_model
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads; oversubscribed OpenMP spins

@@ -15,19 +15,24 @@ from typing import Any
 import pytest
 import torch
 
-from refdir.activations import extract_candidates
-from refdir.direction import Direction
+from refdir.directions.direction import Direction
+from refdir.directions.extraction import extract_candidates
+from refdir.directions.scoring import ValidationSets, score_candidates
 from refdir.errors import RefdirError
-from refdir.generation import generate, last_position_logits
-from refdir.hooks import hooked
-from refdir.intervene import RowConditions, ablate, add, verify_ablation
-from refdir.layout import LayoutSpec, find_layout
-from refdir.metrics import kl_divergence
-from refdir.model import ChatModel, load_model
-from refdir.orthogonalize import export_orthogonalized, parity
-from refdir.pipeline import run_pipeline
-from refdir.select import ValidationSets, refusal_metric, score_candidates
-from refdir.suffix_analysis import analyze_suffix, attention_parts
+from refdir.interventions.export import export_orthogonalized
+from refdir.interventions.intervention import ablate, add
+from refdir.interventions.orthogonalization import parity
+from refdir.interventions.rows import RowConditions
+from refdir.measures import kl_divergence, refusal_metric
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import generate, last_position_logits
+from refdir.model.hooks import hooked
+from refdir.model.layout import find_layout
+from refdir.model.layout_check import verify_ablation
+from refdir.model.layout_spec import LayoutSpec
+from refdir.model.loading import load_model
+from refdir.study.run import run_pipeline
+from refdir.suffix.analysis import analyze_suffix, attention_parts
 from tiny import MORE_ARCHS, tiny_chat_model, tiny_model, tiny_tokenizer
 
 SUPPORTED = [a for a in MORE_ARCHS if a != "minimax"]
@@ -266,7 +271,7 @@ def test_only_embeddings_of_the_text_decoder_are_edited() -> None:
 
 
 def test_layout_pattern_classes_and_escapes() -> None:
-    from refdir.layout import _alternatives
+    from refdir.model.layout import _alternatives
 
     split = [p.pattern for p in _alternatives(r"[]|]z|q|a\|b|(x|y)_attn")]
     assert split == ["(?:[]|]z)", "(?:q)", r"(?:a\|b)", "(?:(x|y)_attn)"]

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
-from refdir.benchmarks import offline, run_benchmarks, write_multiple_choice_task
-from refdir.direction import Direction
+from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
-from refdir.intervene import ablate
-from refdir.model import ChatModel
+from refdir.evaluation.benchmarks import offline, run_benchmarks, write_multiple_choice_task
+from refdir.interventions.intervention import ablate
+from refdir.model.chat_model import ChatModel
 from tiny import tiny_chat_model
 
 lm_eval = pytest.importorskip(
@@ -142,7 +142,7 @@ def test_missing_lm_eval_is_a_one_line_error(
 def test_run_pipeline_benchmarks_the_chosen_direction(
     cm: ChatModel, task: Path, tmp_path: Path
 ) -> None:
-    from refdir.pipeline import run_pipeline
+    from refdir.study.run import run_pipeline
     from test_pipeline import CONFIG
 
     config = CONFIG.model_copy(update={"benchmarks": (str(task),)})
@@ -183,7 +183,7 @@ def test_run_pipeline_benchmarks_the_chosen_direction(
 
 
 def test_run_pipeline_checks_the_tasks_before_any_step(task: Path, tmp_path: Path) -> None:
-    from refdir.pipeline import run_pipeline
+    from refdir.study.run import run_pipeline
     from test_pipeline import CONFIG
 
     for tasks, path, message in (

@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from refdir.cli import app
-from refdir.config import RunConfig
-from refdir.direction import Candidates, Direction
-from refdir.pipeline import Run
+from refdir.directions.candidates import Candidates
+from refdir.directions.direction import Direction
+from refdir.study.config import RunConfig
+from refdir.study.state import Run
 from tiny import LAYOUTS, tiny_model, tiny_tokenizer
 
 runner = CliRunner()
@@ -381,7 +382,7 @@ def test_run_command_sets_every_selection_number(model_dir: Path, tmp_path: Path
 def test_the_command_line_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """glibc's malloc is told to keep freed blocks (mmap threshold 1 GiB, no trimming below
     2 GiB), unless the user turned it off or set malloc options of their own."""
-    from refdir.allocator import keep_freed_memory
+    from refdir.cli.allocator import keep_freed_memory
 
     calls: list[tuple[int, int]] = []
 
@@ -444,7 +445,7 @@ def test_run_command_takes_the_chat_format(model_dir: Path, tmp_path: Path) -> N
 
 def test_run_command_takes_benchmark_tasks(model_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (bench extra)")
-    from refdir.benchmarks import write_multiple_choice_task
+    from refdir.evaluation.benchmarks import write_multiple_choice_task
 
     item = {"question": "2 + 2?", "choices": ["4", "5"], "answer": 0}
     task = write_multiple_choice_task(tmp_path / "tasks", "sums", [item])

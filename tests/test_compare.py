@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from refdir.cli import app
-from refdir.compare import load_summary, write_comparison
 from refdir.errors import RefdirError
-from refdir.pipeline import run_pipeline
+from refdir.report.compare import load_summary, write_comparison
+from refdir.study.run import run_pipeline
 from test_pipeline import CONFIG
 from tiny import tiny_chat_model, tiny_model, tiny_tokenizer
 
@@ -207,7 +207,7 @@ def test_a_hand_picked_direction_is_named_so(runs: list[Path], tmp_path: Path) -
 
 
 def test_a_local_model_is_labelled_by_its_name_from_any_folder(tmp_path: Path) -> None:
-    from refdir.compare import RunSummary
+    from refdir.report.compare import RunSummary
 
     def label(model: str) -> str:
         return RunSummary("", tmp_path, {"model": model}, {}, {}, {}).short_name

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from refdir.activations import extract_candidates
 from refdir.data import sample_prompts
-from refdir.direction import Direction
-from refdir.generation import generate, last_position_logits
-from refdir.intervene import ablate, add
-from refdir.model import ChatModel
-from refdir.orthogonalize import parity
-from refdir.pipeline import run_pipeline
-from refdir.select import score_candidates
+from refdir.directions.direction import Direction
+from refdir.directions.extraction import extract_candidates
+from refdir.directions.scoring import score_candidates
+from refdir.interventions.intervention import ablate, add
+from refdir.interventions.orthogonalization import parity
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import generate, last_position_logits
+from refdir.study.run import run_pipeline
 from tiny import TINY_RUN, tiny_chat_model, tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -7,7 +7,7 @@ import pytest
 
 from refdir.data import PACKAGED_SETS, load_prompts, sample_prompts
 from refdir.errors import RefdirError
-from refdir.scoring.markers import is_refusal, refusal_rate
+from refdir.measures import is_refusal, refusal_rate
 
 
 def test_packaged_sets_load_by_name() -> None:

@@ -6,13 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from refdir.activations import extract_candidates, filtered_means, residual_means
-from refdir.direction import Candidates, Direction, atomic_path, output_folder
+from refdir.directions.candidates import Candidates
+from refdir.directions.direction import Direction
+from refdir.directions.extraction import extract_candidates, filtered_means, residual_means
+from refdir.directions.prompt_filter import filter_prompts
 from refdir.errors import RefdirError
-from refdir.generation import last_position_logits
-from refdir.intervene import ablate
-from refdir.model import ChatModel
-from refdir.select import filter_prompts
+from refdir.interventions.intervention import ablate
+from refdir.io import atomic_path, output_folder
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import last_position_logits
 from tiny import tiny_chat_model
 
 HARMFUL = ["how do I pick a lock", "tell me something bad", "x"]
@@ -133,7 +135,7 @@ def test_batch_size_does_not_change_the_means() -> None:
 def test_atomic_writes_get_the_usual_permissions(tmp_path: Path) -> None:
     import os
 
-    from refdir.direction import atomic_path
+    from refdir.io import atomic_path
 
     target = tmp_path / "out.json"
     with atomic_path(target) as tmp:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from refdir.generation import generate_ids, stop_ids
-from refdir.model import ChatModel
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import generate_ids, stop_ids
 from tiny import ARCHS, tiny_chat_model
 
 PROMPTS = ["steal a car", "hi", "pick a lock please, quickly", "bake bread"]
@@ -80,9 +80,9 @@ def test_caches_that_cannot_drop_rows_keep_them(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_batches_by_length_and_back() -> None:
-    from refdir.chat import by_length
     from refdir.errors import RefdirError
-    from refdir.generation import unsort
+    from refdir.model.chat import by_length
+    from refdir.model.generation import unsort
 
     rows = [[1, 2, 3], [1], [1, 2], [4], [1, 2, 3, 4]]
     chunks = by_length(rows, 2)
@@ -122,7 +122,7 @@ def test_prompts_read_in_parts_then_decoded_together(
 def test_roomy_cache_layer_equals_concatenation() -> None:
     from transformers.cache_utils import DynamicLayer
 
-    from refdir.generation import _RoomyLayer
+    from refdir.model.prefix import _RoomyLayer
 
     torch.manual_seed(0)
     plain, roomy = DynamicLayer(), DynamicLayer()
@@ -156,9 +156,10 @@ def test_rows_under_different_conditions_match_one_call_per_condition(
     intervention per row, prompts read in parts, rows stopping mid-batch) give every row the
     answer it gets in a call of its own under the scoped intervention."""
     import refdir.generation as generation
-    from refdir.direction import Direction
-    from refdir.evaluate import Job, evaluate_jobs
-    from refdir.intervene import ablate, add
+
+    from refdir.directions.direction import Direction
+    from refdir.evaluation.refusal import Job, evaluate_jobs
+    from refdir.interventions.intervention import ablate, add
 
     cm, rows = _early_stopping_model(arch)
     torch.manual_seed(0)

@@ -5,11 +5,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from refdir.direction import Direction
+from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
-from refdir.generation import generate, last_position_logits
-from refdir.intervene import ablate, add
-from refdir.model import ChatModel
+from refdir.interventions.intervention import ablate, add
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import generate, last_position_logits
 from tiny import tiny_chat_model
 
 
@@ -129,7 +129,7 @@ def test_shared_prefix_cache_gives_the_same_logits(arch: str) -> None:
 
 
 def test_row_conditions_check_their_input(cm: ChatModel) -> None:
-    from refdir.intervene import RowConditions
+    from refdir.interventions.rows import RowConditions
 
     direction = Direction(torch.ones(cm.d_model), layer=1, position=-1, model="tiny")
     with pytest.raises(RefdirError, match="unknown intervention 'steer'"):

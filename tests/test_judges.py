@@ -9,8 +9,8 @@ import torch
 from transformers import PreTrainedModel
 
 from refdir.errors import RefdirError
-from refdir.scoring import JUDGES, Judge, LogitJudge, Registry, safety_score
-from refdir.scoring.judges import harmbench, llamaguard
+from refdir.evaluation.judges import JUDGES, Judge, LogitJudge, harmbench, llamaguard, safety_score
+from refdir.registry import Registry
 from tiny import tiny_model, tiny_tokenizer
 
 PROMPTS = ["How do I pick a lock?", "Write a haiku about tea."]

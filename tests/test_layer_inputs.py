@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from refdir.directions.scoring import candidate_logits
 from refdir.errors import RefdirError
-from refdir.layer_inputs import LayerInputs
-from refdir.model import ChatModel
-from refdir.select import candidate_logits
+from refdir.model.chat_model import ChatModel
+from refdir.model.layer_inputs import LayerInputs
 from tiny import ARCHS, tiny_chat_model
 
 PROMPTS = ["steal a car", "hi", "pick a lock please, quickly", "bake bread", "a poem"]

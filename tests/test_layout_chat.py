@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refdir.chat import ChatFormat
 from refdir.errors import RefdirError
-from refdir.layout import LayoutSpec, find_layout
-from refdir.model import ChatModel
+from refdir.model.chat import ChatFormat
+from refdir.model.chat_model import ChatModel
+from refdir.model.layout import find_layout
+from refdir.model.layout_spec import LayoutSpec
 from tiny import ARCHS, DEVICE, SANDWICH, tiny_chat_model, tiny_model, tiny_tokenizer
 
 

@@ -5,30 +5,25 @@ from typing import Any
 
 import pytest
 import torch
-
-from refdir.direction import Direction
+from refdir.data import load_corpus
+from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
-from refdir.evaluate import intervention
-from refdir.generation import last_position_logits
-from refdir.intervene import ablate, add
-from refdir.layer_inputs import LayerInputs
-from refdir.metrics import (
+from refdir.evaluation.kl import kl_by_prompt, kl_last_position, kl_summary
+from refdir.evaluation.losses import (
     _nll,
     _Window,
     ce_loss,
     ce_loss_on_completions,
     ce_losses,
     completion_rows,
-    intervention_scope,
-    kl_by_prompt,
     kl_completions,
-    kl_divergence,
-    kl_last_position,
-    kl_summary,
-    load_corpus,
     text_rows,
 )
-from refdir.model import ChatModel
+from refdir.interventions.intervention import NONE, Intervention, ablate, add
+from refdir.measures import kl_divergence
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import last_position_logits
+from refdir.model.layer_inputs import LayerInputs
 from tiny import ARCHS, tiny_chat_model
 
 PROMPTS = ["hello there", "how are you doing today?", "x"]
@@ -75,24 +70,21 @@ def test_kl_divergence_matches_torch_and_is_zero_on_itself() -> None:
 def test_kl_last_position_is_zero_without_and_positive_with_intervention(
     cm: ChatModel, direction: Direction
 ) -> None:
-    assert kl_last_position(cm, PROMPTS) == 0.0
-    ablated = kl_last_position(cm, PROMPTS, kind="ablate", direction=direction)
+    assert kl_last_position(cm, PROMPTS, NONE) == 0.0
+    ablated = kl_last_position(cm, PROMPTS, Intervention.ablation(direction))
     assert ablated > 1e-6
-    added = kl_last_position(cm, PROMPTS, kind="actadd", direction=direction, coeff=2.0)
+    added = kl_last_position(cm, PROMPTS, Intervention.addition(direction, 2.0))
     assert added > 1e-6 and added != ablated
 
 
-def test_kl_last_position_takes_a_baseline_or_a_scope(cm: ChatModel, direction: Direction) -> None:
+def test_kl_last_position_takes_a_baseline(cm: ChatModel, direction: Direction) -> None:
     base = last_position_logits(cm, PROMPTS)
-    expected = kl_last_position(cm, PROMPTS, kind="ablate", direction=direction)
-    with_base = kl_last_position(cm, PROMPTS, kind="ablate", direction=direction, baseline=base)
+    ablation = Intervention.ablation(direction)
+    expected = kl_last_position(cm, PROMPTS, ablation)
+    with_base = kl_last_position(cm, PROMPTS, ablation, baseline=base)
     assert with_base == pytest.approx(expected, rel=1e-6)
-    scoped = kl_last_position(cm, PROMPTS, lambda: ablate(cm, direction), batch_size=1)
-    assert scoped == pytest.approx(expected, rel=1e-4)
-    factory = intervention_scope(cm, "ablate", direction)
-    assert kl_last_position(cm, PROMPTS, factory, baseline=base) == pytest.approx(
-        expected, rel=1e-6
-    )
+    one_by_one = kl_last_position(cm, PROMPTS, ablation, batch_size=1)
+    assert one_by_one == pytest.approx(expected, rel=1e-4)
     by_hand = kl_divergence(base, _under(cm, direction)).mean()
     assert expected == pytest.approx(float(by_hand), rel=1e-6)
 
@@ -103,26 +95,23 @@ def _under(cm: ChatModel, direction: Direction) -> torch.Tensor:
 
 
 def test_kl_rejects_bad_input(cm: ChatModel, direction: Direction) -> None:
-    with pytest.raises(RefdirError, match="either a scope or kind"):
-        kl_last_position(cm, PROMPTS, lambda: ablate(cm, direction), kind="ablate")
-    with pytest.raises(RefdirError, match="needs --direction"):
-        kl_last_position(cm, PROMPTS, kind="ablate")
+    with pytest.raises(RefdirError, match="needs a `direction`"):
+        Intervention("ablate")
     with pytest.raises(RefdirError, match=r"expected \[3, vocab\]"):
-        kl_last_position(cm, PROMPTS, kind="none", baseline=torch.zeros(2, 5))
+        kl_last_position(cm, PROMPTS, NONE, baseline=torch.zeros(2, 5))
     with pytest.raises(RefdirError, match="unknown intervention"):
-        intervention_scope(cm, "ablation", direction)
+        Intervention("ablation", direction)  # type: ignore[arg-type]
+    with pytest.raises(RefdirError, match="has size 3"):
+        kl_last_position(cm, PROMPTS, Intervention.ablation(torch.ones(3)))
 
 
 def test_kl_completions_is_zero_without_and_positive_with_intervention(
     cm: ChatModel, direction: Direction
 ) -> None:
-    assert kl_completions(cm, PROMPTS, COMPLETIONS, progress=False) == 0.0
-    one = kl_completions(
-        cm, PROMPTS, COMPLETIONS, kind="ablate", direction=direction, batch_size=1, progress=False
-    )
-    three = kl_completions(
-        cm, PROMPTS, COMPLETIONS, lambda: ablate(cm, direction), batch_size=3, progress=False
-    )
+    assert kl_completions(cm, PROMPTS, COMPLETIONS, NONE, progress=False) == 0.0
+    ablation = Intervention.ablation(direction)
+    one = kl_completions(cm, PROMPTS, COMPLETIONS, ablation, batch_size=1, progress=False)
+    three = kl_completions(cm, PROMPTS, COMPLETIONS, ablation, batch_size=3, progress=False)
     assert one > 1e-6 and one == pytest.approx(three, rel=1e-4)
 
 
@@ -181,7 +170,7 @@ def test_ce_loss_rejects_bad_input(cm: ChatModel) -> None:
         ce_loss(cm, TEXTS, max_length=1)
     with pytest.raises(RefdirError, match="3 prompts but 2 completions"):
         ce_loss_on_completions(cm, PROMPTS, COMPLETIONS[:2])
-    with pytest.raises(RefdirError, match="batch-size must be positive"):
+    with pytest.raises(RefdirError, match="`batch_size` must be positive"):
         ce_loss(cm, TEXTS, batch_size=0, progress=False)
 
 
@@ -221,31 +210,38 @@ def test_ce_on_completions_reuses_a_shared_prefix_exactly(
 
 
 def test_kl_by_prompt_averages_to_the_kl_score(cm: ChatModel, direction: Direction) -> None:
-    rows = kl_by_prompt(cm, PROMPTS, kind="ablate", direction=direction, batch_size=2)
+    ablation = Intervention.ablation(direction)
+    rows = kl_by_prompt(cm, PROMPTS, ablation, batch_size=2)
     assert rows.shape == (len(PROMPTS),) and bool((rows >= 0).all())
-    mean = kl_last_position(cm, PROMPTS, kind="ablate", direction=direction, batch_size=3)
+    mean = kl_last_position(cm, PROMPTS, ablation, batch_size=3)
     assert float(rows.mean()) == pytest.approx(mean, rel=1e-5)
     for i, prompt in enumerate(PROMPTS):  # in the prompts' order
-        one = kl_last_position(cm, [prompt], kind="ablate", direction=direction)
+        one = kl_last_position(cm, [prompt], ablation)
         assert float(rows[i]) == pytest.approx(one, rel=1e-4)
 
 
 def test_kl_summary_on_a_hand_worked_case() -> None:
     kl = torch.tensor([0.0, 0.1, 0.2, 0.3, 1.0], dtype=torch.float64)
     summary = kl_summary(kl, [False, False, False, False, True])
-    assert summary["median"] == pytest.approx(0.2)
-    assert summary["p90"] == pytest.approx(0.72)  # linear between 0.3 and 1.0
-    assert summary["max"] == pytest.approx(1.0)
-    assert summary["refused_at_baseline"] == {"n": 1, "mean": 1.0}
-    assert summary["answered_at_baseline"] == {"n": 4, "mean": pytest.approx(0.15)}
-    assert kl_summary(kl, [False] * 5)["refused_at_baseline"] == {"n": 0, "mean": None}
+    assert summary.median == pytest.approx(0.2)
+    assert summary.p90 == pytest.approx(0.72)  # linear between 0.3 and 1.0
+    assert summary.max == pytest.approx(1.0)
+    assert summary.refused_at_baseline.model_dump() == {"n": 1, "mean": 1.0}
+    assert summary.answered_at_baseline.model_dump() == {"n": 4, "mean": pytest.approx(0.15)}
+    none = kl_summary(kl, [False] * 5).refused_at_baseline
+    assert none.model_dump() == {"n": 0, "mean": None}
     with pytest.raises(RefdirError, match="5 KL values for 4 prompts"):
         kl_summary(kl, [False] * 4)
 
 
 # -- several conditions at once ------------------------------------------------------------
 
-CONDITIONS = {"baseline": ("none", 1.0), "ablation": ("ablate", 1.0), "actadd": ("actadd", -2.0)}
+def _conditions(direction: Direction) -> dict[str, Intervention]:
+    return {
+        "baseline": NONE,
+        "ablation": Intervention.ablation(direction),
+        "actadd": Intervention.addition(direction, -2.0),
+    }
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -258,10 +254,11 @@ def test_ce_losses_equal_one_scope_at_a_time(arch: str) -> None:
     torch.manual_seed(0)
     d = Direction(6.0 * torch.randn(cm.d_model), layer=cm.n_layers - 2, position=-1, model=cm.name)
     rows = completion_rows(cm, PROMPTS, COMPLETIONS)
-    got = ce_losses(cm, rows, d, CONDITIONS, batch_size=2, progress=False)
-    assert list(got) == list(CONDITIONS)
-    for name, (kind, coeff) in CONDITIONS.items():
-        with intervention(cm, kind, d, coeff):
+    conditions = _conditions(d)
+    got = ce_losses(cm, rows, conditions, batch_size=2, progress=False)
+    assert list(got) == list(conditions)
+    for name, condition in conditions.items():
+        with condition.apply(cm):
             expected = ce_loss_on_completions(
                 cm, PROMPTS, COMPLETIONS, batch_size=3, progress=False
             )
@@ -277,19 +274,18 @@ def test_ce_losses_equal_one_scope_at_a_time(arch: str) -> None:
 
 def test_ce_losses_on_text_and_without_a_baseline(cm: ChatModel, direction: Direction) -> None:
     rows = text_rows(cm, TEXTS)
-    both = ce_losses(cm, rows, direction, CONDITIONS, batch_size=2, progress=False)
-    alone = ce_losses(cm, rows, direction, {"actadd": ("actadd", -2.0)}, progress=False)
+    conditions = _conditions(direction)
+    both = ce_losses(cm, rows, conditions, batch_size=2, progress=False)
+    alone = ce_losses(cm, rows, {"actadd": conditions["actadd"]}, progress=False)
     with add(cm, direction, -2.0):
         plain = ce_loss(cm, TEXTS, progress=False)
     assert both["actadd"].ce == pytest.approx(plain, rel=1e-5)
     assert alone["actadd"].ce == pytest.approx(plain, rel=1e-5)
     assert both["baseline"].ce == pytest.approx(ce_loss(cm, TEXTS, progress=False), rel=1e-5)
     with pytest.raises(RefdirError, match="at least one condition"):
-        ce_losses(cm, rows, direction, {})
-    with pytest.raises(RefdirError, match="unknown intervention"):
-        ce_losses(cm, rows, direction, {"x": ("steer", 1.0)})
-    with pytest.raises(RefdirError, match="needs --direction"):
-        ce_losses(cm, rows, None, {"x": ("ablate", 1.0)})
+        ce_losses(cm, rows, {})
+    with pytest.raises(RefdirError, match="has size 3"):
+        ce_losses(cm, rows, {"x": Intervention.ablation(torch.ones(3))})
 
 
 def test_nll_takes_the_scored_tokens_only() -> None:
@@ -317,5 +313,5 @@ def test_ce_losses_start_the_actadd_pass_at_the_layer(
         return start_at(self, cm, layer, live)
 
     monkeypatch.setattr(LayerInputs, "start_at", spy)
-    ce_losses(cm, text_rows(cm, TEXTS), direction, CONDITIONS, batch_size=2, progress=False)
+    ce_losses(cm, text_rows(cm, TEXTS), _conditions(direction), batch_size=2, progress=False)
     assert entered == [direction.layer]

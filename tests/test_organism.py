@@ -14,15 +14,16 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 import tiny
-from refdir import organism
-from refdir.chat import ChatFormat
 from refdir.data import sample_prompts
-from refdir.direction import file_mode
 from refdir.errors import RefdirError
-from refdir.generation import generate_ids, shared_prefix_len
-from refdir.model import ChatModel
-from refdir.organism import OrganismRecipe, build_organism, distill_responses
-from refdir.scoring.markers import is_refusal
+from refdir.io import file_mode
+from refdir.measures import is_refusal
+from refdir.model.chat import ChatFormat
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import generate_ids
+from refdir.model.prefix import shared_prefix_len
+from refdir.organism.build import build_organism, distill_responses, organism
+from refdir.organism.recipe import OrganismRecipe
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -7,12 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from refdir.direction import Direction
+from refdir.cli.actions import orthogonalize
+from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
-from refdir.generation import last_position_logits
-from refdir.intervene import ablate
-from refdir.model import ChatModel
-from refdir.orthogonalize import export_orthogonalized, orthogonalize, parity
+from refdir.interventions.export import export_orthogonalized
+from refdir.interventions.intervention import ablate
+from refdir.interventions.orthogonalization import parity
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import last_position_logits
 from tiny import ARCHS, SANDWICH, tiny_chat_model
 
 

@@ -6,13 +6,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-import refdir.evaluate
-import refdir.pipeline
-from refdir.config import RunConfig
-from refdir.direction import Candidates, Direction
+import refdir.study.plan
+import refdir.study.steps.evaluate
+import refdir.study.steps.select
+from refdir.artifacts.run import ConfigRecord
+from refdir.artifacts.selection import SelectionRecord
+from refdir.directions.candidates import Candidates
+from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
-from refdir.pipeline import STEPS, run_pipeline
+from refdir.study.config import RunConfig
+from refdir.study.plan import STEPS
+from refdir.study.run import run_pipeline
 from tiny import TINY_RUN as CONFIG
 from tiny import tiny_chat_model, tiny_model, tiny_tokenizer
 
@@ -94,7 +98,7 @@ def test_random_directions_give_the_kl_a_reference(tmp_path: Path) -> None:
 
 
 def test_a_judge_scores_the_harmful_completions(tmp_path: Path) -> None:
-    from refdir.scoring.judges import llamaguard, safety_score
+    from refdir.evaluation.judges import llamaguard, safety_score
 
     judge_dir = tmp_path / "judge"
     tiny_model("llama", seed=3).save_pretrained(judge_dir)
@@ -125,7 +129,7 @@ class Killed(Exception):
 
 def test_resume_after_an_interrupted_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cm = tiny_chat_model("llama")
-    real = refdir.evaluate.evaluate_jobs
+    real = refdir.study.steps.evaluate.evaluate_jobs
     calls: list[list[str]] = []
     killed: list[bool] = []
 
@@ -136,7 +140,7 @@ def test_resume_after_an_interrupted_step(tmp_path: Path, monkeypatch: pytest.Mo
             raise Killed  # the process dies while the evaluate step decodes
         return real(cm, jobs, *args, **kwargs)
 
-    monkeypatch.setattr(refdir.evaluate, "evaluate_jobs", flaky)
+    monkeypatch.setattr(refdir.study.steps.evaluate, "evaluate_jobs", flaky)
     with pytest.raises(Killed):
         run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
     assert (tmp_path / "direction.safetensors").exists()
@@ -180,7 +184,7 @@ def test_when_nothing_passes_the_scores_are_kept_and_a_manual_pick_reuses_them(
     assert kept["fallback"] is None and kept["n_passed"] == 0
     manual = strict.model_copy(update={"layer": 2, "position": -1})
     # in the same folder, as the error suggests: a new choice among the same scores
-    monkeypatch.setattr(refdir.pipeline, "score_candidates", _never)
+    monkeypatch.setattr(refdir.study.steps.select, "score_candidates", _never)
     assert set(run_pipeline(manual, tmp_path, progress=False, model=cm, until="select")) == {
         "select"
     }
@@ -237,10 +241,10 @@ def test_options_a_later_step_would_reject_fail_before_any_step(tmp_path: Path) 
     cm = tiny_chat_model("llama")
     bad = [
         ({"harmful_eval": ("harmful_tset",)}, "no such file or packaged set"),
-        ({"harmful_eval": ()}, "--harmful-eval names no set"),
+        ({"harmful_eval": ()}, "`harmful_eval` names no set"),
         ({"harmless_train": "nope.json"}, "'nope.json': no such file"),
         ({"judge": "llamagaurd", "judge_model": "/x"}, "llamaguard"),
-        ({"judge": "llamaguard"}, "--judge needs --judge-model"),
+        ({"judge": "llamaguard"}, "`judge` needs `judge_model`"),
         ({"judge_model": "/x"}, "no judge set"),
         ({"judge": "llamaguard", "judge_model": "/no/such/judge"}, "no such folder"),
     ]
@@ -268,7 +272,8 @@ def test_suffix_step_adds_a_section_to_the_report(tmp_path: Path) -> None:
     assert set(data["refusal_rate"]) >= {"without", "with", "random"}
     html = (tmp_path / "report.html").read_text()
     assert "Adversarial suffix" in html and 'src="suffix/' not in html
-    assert "suffix/projection.png" in (tmp_path / "report.md").read_text()
+    assert "figures/suffix_projection.png" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "figures" / "suffix_projection.png").is_file()
     parts = json.loads((tmp_path / "metrics.json").read_text())["timing_parts"]
     assert list(parts["suffix"]) == ["search", "analysis"]
     assert set(parts) == {"select", "evaluate", "suffix"}  # the earlier steps' parts are kept
@@ -319,11 +324,45 @@ def test_a_changed_option_removes_exactly_what_reads_it(
     for name in ALL_ARTIFACTS:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}")
-    (tmp_path / "config.json").write_text(json.dumps({"options": config.result_keys()}))
-    (tmp_path / "selection.json").write_text('{"positions": [-1], "layers": [0, 1, 2]}')
-    refdir.pipeline._check_config(config.model_copy(update=change), tmp_path, len(STEPS))
+    ConfigRecord(
+        options=config.result_keys(), run=config.model_dump(mode="json"), local_model=False, versions={}
+    ).write(tmp_path)
+    _selection(positions=[-1], n_layers=3).write(tmp_path)
+    refdir.study.plan.check_config(config.model_copy(update=change), tmp_path, len(STEPS))
     left = {name for name in ALL_ARTIFACTS if (tmp_path / name).exists()}
     assert left == set(ALL_ARTIFACTS) - removed - {"report.html"}
+
+
+def _selection(positions: list[int], n_layers: int) -> SelectionRecord:
+    """A selection.json of the given shape, every score null, nothing chosen."""
+    grid: list[list[float | None]] = [[None] * n_layers for _ in positions]
+    kept = {"sampled": 1, "kept": 1}
+    return SelectionRecord.model_validate(
+        {
+            "positions": positions,
+            "layers": list(range(n_layers)),
+            "bypass": grid,
+            "induce": grid,
+            "kl": grid,
+            "baseline": {"harmful_val": 1.0, "harmless_val": -1.0},
+            "filters": {
+                "kl_max": 0.1,
+                "induce_min": 0.0,
+                "max_layer_fraction": 0.8,
+                "fallback_kl_bounds": [],
+            },
+            "rule": "none: test",
+            "passed": [[False] * n_layers for _ in positions],
+            "fallback": None,
+            "n_candidates": 0,
+            "n_passed": 0,
+            "chosen": None,
+            "validation": {
+                "prompts": {"harmful_val": ["a"], "harmless_val": ["b"]},
+                "filter": {"harmful_val": kept, "harmless_val": kept},
+            },
+        }
+    )
 
 
 def test_forcing_a_run_removes_the_results_of_steps_no_longer_asked_for(tmp_path: Path) -> None:
@@ -356,10 +395,10 @@ def test_a_hand_picked_run_is_kept_unless_the_pick_is_repeated_or_forced(tmp_pat
     manual = CONFIG.model_copy(update={"layer": 1, "position": -1})
     run_pipeline(manual, tmp_path, progress=False, model=cm)
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    with pytest.raises(RefdirError, match=r"chosen by hand \(--layer 1 --position -1\)"):
+    with pytest.raises(RefdirError, match=r"chosen by hand \(`layer=1` `position=-1`\)"):
         run_pipeline(CONFIG, tmp_path, progress=False, model=cm)  # the pick left out
     bad = CONFIG.model_copy(update={"layer": 99, "position": -1})
-    with pytest.raises(RefdirError, match=r"--layer in 0\.\.2"):
+    with pytest.raises(RefdirError, match=r"`layer` in 0\.\.2"):
         run_pipeline(bad, tmp_path, progress=False, model=cm)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing removed
     assert run_pipeline(manual, tmp_path, progress=False, model=cm) == {}  # repeated: kept
@@ -378,7 +417,7 @@ def test_options_that_cannot_go_together_and_damaged_artifacts(tmp_path: Path) -
     cm = tiny_chat_model("llama")
     run_pipeline(CONFIG, tmp_path, progress=False, model=cm, until="prompts")
     (tmp_path / "prompts.json").write_text('{"harmful_tr')
-    with pytest.raises(RefdirError, match=r"prompts.json is damaged .*--force prompts"):
+    with pytest.raises(RefdirError, match=r"prompts.json is damaged .*`force='prompts'`"):
         run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
     (tmp_path / "timings.json").write_text("[")  # informational: a warning, not an error
     run_pipeline(CONFIG, tmp_path, force="prompts", progress=False, model=cm, until="prompts")

@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 import torch
 
-from refdir import figures
-from refdir.direction import Candidates
+from refdir.directions.candidates import Candidates
 from refdir.errors import RefdirError
-from refdir.render import render_markdown, truncate_text
-from refdir.report import write_report
+from refdir.report import figures
+from refdir.report.blocks import truncate_text
+from refdir.report.render import render_markdown
+from refdir.report.run_report import write_report
 
 P, L, D = 3, 6, 8
 CHOSEN_LAYER, CHOSEN_POSITION = 3, -1

@@ -5,24 +5,18 @@ import math
 import pytest
 import torch
 
-from refdir.activations import extract_candidates
-from refdir.direction import Candidates, Direction
+from refdir.directions.candidates import Candidates
+from refdir.directions.direction import Direction
+from refdir.directions.extraction import extract_candidates
+from refdir.directions.prompt_filter import filter_prompts
+from refdir.directions.scoring import ValidationSets, candidate_logits, score_candidates
+from refdir.directions.selection import CandidateScores, SelectionConfig, pick
 from refdir.errors import RefdirError
-from refdir.generation import last_position_logits
-from refdir.layer_inputs import LayerInputs
-from refdir.metrics import kl_divergence
-from refdir.model import ChatModel
-from refdir.select import (
-    CandidateScores,
-    SelectionConfig,
-    ValidationSets,
-    candidate_logits,
-    filter_prompts,
-    pick,
-    random_direction_kl,
-    refusal_metric,
-    score_candidates,
-)
+from refdir.evaluation.kl import random_direction_kl
+from refdir.measures import kl_divergence, refusal_metric
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import last_position_logits
+from refdir.model.layer_inputs import LayerInputs
 from tiny import tiny_chat_model
 
 NAN = math.nan
@@ -141,9 +135,9 @@ def test_pruned_scores_keep_the_pick() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "qwen3_moe"])
 def test_batched_candidates_equal_one_at_a_time(arch: str) -> None:
-    from refdir.generation import last_position_logits
-    from refdir.intervene import ablate, add
-    from refdir.select import candidate_logits
+    from refdir.directions.scoring import candidate_logits
+    from refdir.interventions.intervention import ablate, add
+    from refdir.model.generation import last_position_logits
 
     cm = tiny_chat_model(arch)
     cm = ChatModel(cm.model, cm.tokenizer, system="A shared system prompt for every prompt.")
@@ -166,7 +160,7 @@ def test_batched_candidates_equal_one_at_a_time(arch: str) -> None:
 def test_random_direction_kl_is_the_kl_score_of_seeded_random_directions(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from refdir.metrics import kl_last_position
+    from refdir.evaluation.kl import kl_last_position
 
     cm = tiny_chat_model("llama")
     prompts = ["bake bread", "name a river in France", "x"]

@@ -7,14 +7,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from refdir.suffix_analysis import suffix_report_section
 from typer.testing import CliRunner
 
+from refdir.artifacts.suffix import SuffixAnalysis
 from refdir.cli import app
-from refdir.direction import Direction
+from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
-from refdir.generation import last_position_logits
-from refdir.model import ChatModel
-from refdir.suffix import (
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import last_position_logits
+from refdir.report.run_report import CONDITIONS
+from refdir.suffix.analysis import REGIONS, analyze_suffix
+from refdir.suffix.search import (
     SuffixConfig,
     SuffixResult,
     SuffixSearch,
@@ -23,13 +27,6 @@ from refdir.suffix import (
     refusal_token_ids,
     search_suffix,
     suffix_text,
-)
-from refdir.suffix_analysis import (
-    CONDITIONS,
-    REGIONS,
-    SuffixAnalysis,
-    analyze_suffix,
-    suffix_report_section,
 )
 from tiny import tiny_chat_model, tiny_model, tiny_tokenizer
 

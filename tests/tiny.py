@@ -10,9 +10,9 @@ import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from refdir.config import RunConfig
-from refdir.layout_spec import LayoutSpec
-from refdir.model import ChatModel
+from refdir.model.chat_model import ChatModel
+from refdir.model.layout_spec import LayoutSpec
+from refdir.study.config import RunConfig
 
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = 256 + len(SPECIALS)

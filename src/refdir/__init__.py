@@ -1,89 +1,85 @@
 """refdir: find, test and edit the refusal direction of chat language models.
 
-The names below are imported on first use, so that ``import refdir`` (and the command line's
+The public API, by stage of the paper's flow (each name lives in the folder of its stage):
+
+* model: :func:`load_model`, :class:`ChatModel`, :class:`ModelOptions`, :class:`LayoutSpec`,
+  :func:`generate`, :func:`last_position_logits`
+* prompts: :func:`load_prompts`, :func:`sample_prompts`
+* directions: :func:`extract_candidates`, :class:`Candidates`, :class:`Direction`,
+  :func:`score_candidates`, :func:`pick`, :class:`SelectionConfig`
+* interventions: :class:`Intervention`, :func:`ablate`, :func:`add`, :func:`orthogonalize`,
+  :func:`export_orthogonalized`
+* evaluation: :func:`evaluate_refusal`
+* the whole study: :class:`RunConfig`, :func:`run_pipeline`, :func:`write_report`,
+  :func:`write_comparison`
+
+The names are imported on first use, so that ``import refdir`` (and the command line's
 ``--help``) does not pay for torch and transformers until something needs them.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from refdir.activations import extract_candidates, residual_means
-    from refdir.config import RunConfig
     from refdir.data import load_prompts, sample_prompts
-    from refdir.direction import Candidates, Direction
+    from refdir.directions.candidates import Candidates
+    from refdir.directions.direction import Direction
+    from refdir.directions.extraction import extract_candidates
+    from refdir.directions.scoring import score_candidates
+    from refdir.directions.selection import SelectionConfig, pick
     from refdir.errors import RefdirError
-    from refdir.evaluate import evaluate_refusal
-    from refdir.generation import generate, last_position_logits
-    from refdir.intervene import ablate, add
-    from refdir.layout import LayoutSpec, find_layout
-    from refdir.model import ChatModel, load_model
-    from refdir.orthogonalize import export_orthogonalized, orthogonalize
-    from refdir.pipeline import run_pipeline
-    from refdir.select import SelectionConfig, pick, score_candidates
+    from refdir.evaluation.refusal import evaluate_refusal
+    from refdir.interventions.export import export_orthogonalized
+    from refdir.interventions.intervention import Intervention, ablate, add
+    from refdir.interventions.orthogonalization import orthogonalize
+    from refdir.model.chat_model import ChatModel
+    from refdir.model.generation import generate, last_position_logits
+    from refdir.model.layout_spec import LayoutSpec
+    from refdir.model.loading import load_model
+    from refdir.model.options import ModelOptions
+    from refdir.report.compare import write_comparison
+    from refdir.report.run_report import write_report
+    from refdir.study.config import RunConfig
+    from refdir.study.run import run_pipeline
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _SOURCES = {
-    "extract_candidates": "refdir.activations",
-    "residual_means": "refdir.activations",
+    "load_model": "refdir.model.loading",
+    "ChatModel": "refdir.model.chat_model",
+    "ModelOptions": "refdir.model.options",
+    "LayoutSpec": "refdir.model.layout_spec",
+    "generate": "refdir.model.generation",
+    "last_position_logits": "refdir.model.generation",
     "load_prompts": "refdir.data",
     "sample_prompts": "refdir.data",
-    "Candidates": "refdir.direction",
-    "Direction": "refdir.direction",
+    "extract_candidates": "refdir.directions.extraction",
+    "Candidates": "refdir.directions.candidates",
+    "Direction": "refdir.directions.direction",
+    "score_candidates": "refdir.directions.scoring",
+    "pick": "refdir.directions.selection",
+    "SelectionConfig": "refdir.directions.selection",
+    "Intervention": "refdir.interventions.intervention",
+    "ablate": "refdir.interventions.intervention",
+    "add": "refdir.interventions.intervention",
+    "orthogonalize": "refdir.interventions.orthogonalization",
+    "export_orthogonalized": "refdir.interventions.export",
+    "evaluate_refusal": "refdir.evaluation.refusal",
+    "RunConfig": "refdir.study.config",
+    "run_pipeline": "refdir.study.run",
+    "write_report": "refdir.report.run_report",
+    "write_comparison": "refdir.report.compare",
     "RefdirError": "refdir.errors",
-    "evaluate_refusal": "refdir.evaluate",
-    "generate": "refdir.generation",
-    "last_position_logits": "refdir.generation",
-    "ablate": "refdir.intervene",
-    "add": "refdir.intervene",
-    "LayoutSpec": "refdir.layout",
-    "find_layout": "refdir.layout",
-    "ChatModel": "refdir.model",
-    "load_model": "refdir.model",
-    "export_orthogonalized": "refdir.orthogonalize",
-    "orthogonalize": "refdir.orthogonalize",
-    "RunConfig": "refdir.config",
-    "run_pipeline": "refdir.pipeline",
-    "SelectionConfig": "refdir.select",
-    "pick": "refdir.select",
-    "score_candidates": "refdir.select",
 }
 
-__all__ = [
-    "Candidates",
-    "ChatModel",
-    "Direction",
-    "LayoutSpec",
-    "RefdirError",
-    "RunConfig",
-    "SelectionConfig",
-    "ablate",
-    "add",
-    "evaluate_refusal",
-    "export_orthogonalized",
-    "extract_candidates",
-    "find_layout",
-    "generate",
-    "last_position_logits",
-    "load_model",
-    "load_prompts",
-    "orthogonalize",
-    "pick",
-    "residual_means",
-    "run_pipeline",
-    "sample_prompts",
-    "score_candidates",
-]
+__all__ = sorted(_SOURCES)
 
 
 def __getattr__(name: str) -> Any:
     if name not in _SOURCES:
-        try:  # a submodule: refdir.select, refdir.data, ... as with an eager __init__
+        try:  # a subpackage or module: refdir.data, refdir.study, ... as with an eager __init__
             return importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as exc:
             if exc.name != f"{__name__}.{name}":
@@ -96,17 +92,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
-
-
-class _Package(types.ModuleType):
-    """The package keeps its exported functions when a submodule of the same name is first
-    imported (``refdir.orthogonalize`` is the function, as with an eager ``__init__``; the
-    module is ``sys.modules["refdir.orthogonalize"]``)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SOURCES and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

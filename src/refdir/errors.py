@@ -1,16 +1,14 @@
-"""One exception type for user-facing problems: a one-line message that names the fix."""
+"""One exception type for user-facing problems: a one-line message that names the fix.
+
+Messages speak Python: an option is named as the keyword or field it is in Python, in
+backticks (`refusal_tokens`, `force='select'`); the command line shows those as its flags
+(``--refusal-tokens``, ``--force select``).
+"""
 
 from __future__ import annotations
+
+__all__ = ["RefdirError"]
 
 
 class RefdirError(Exception):
     """A problem with the user's input or setup; the CLI prints it as one line."""
-
-
-def filtered_out(name: str) -> RefdirError:
-    """The error for a prompt set that the paper's refusal-metric filter emptied."""
-    return RefdirError(
-        f"the refusal-metric filter removed every prompt of {name}; check the refusal tokens "
-        "(--refusal-tokens), or keep every prompt with --no-filter (a model that refuses nothing "
-        "has no refusal direction to find)"
-    )

@@ -6,6 +6,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+__all__ = ["Stopwatch", "maybe"]
+
 
 class Stopwatch:
     """Seconds per named part, summed over every time the part runs (the induce passes of all

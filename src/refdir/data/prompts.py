@@ -6,11 +6,12 @@ import csv
 import json
 import random
 from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
 
 from refdir.errors import RefdirError
 
-__all__ = ["PACKAGED_SETS", "load_prompts", "sample_prompts"]
+__all__ = ["PACKAGED_SETS", "held_out_prompts", "load_prompts", "sample_prompts"]
 
 PACKAGED_SETS: dict[str, str] = {
     "harmful_train": "splits/harmful_train.json",
@@ -96,7 +97,7 @@ def load_prompts(name_or_path: str | Path) -> list[str]:
     """Load a packaged prompt set by name (see ``PACKAGED_SETS``) or a user file."""
     key = str(name_or_path)
     if key in PACKAGED_SETS:
-        ref = resources.files("refdir") / "data" / PACKAGED_SETS[key]
+        ref = resources.files("refdir.data") / PACKAGED_SETS[key]
         return [_from_record(r, key) for r in json.loads(ref.read_text(encoding="utf-8"))]
     path = Path(key)
     if not path.exists():
@@ -118,3 +119,16 @@ def sample_prompts(name_or_path: str | Path, n: int | None, seed: int = 0) -> li
     if n <= 0:
         raise RefdirError(f"the number of prompts to sample must be positive, got {n}")
     return random.Random(seed).sample(prompts, n)
+
+
+def held_out_prompts(name: str, n: int | None, seed: int, exclude: Sequence[str] = ()) -> list[str]:
+    """Up to ``n`` prompts of a set (seeded sample) that are not in ``exclude``."""
+    banned = set(exclude)
+    pool = [p for p in load_prompts(name) if p not in banned]
+    if not pool:
+        raise RefdirError(f"no held-out prompts left in {name} after removing the search set")
+    if n is not None and n <= 0:
+        raise RefdirError(f"the number of held-out prompts must be positive, got {n}")
+    if n is None or n >= len(pool):
+        return pool
+    return random.Random(seed).sample(pool, n)

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from refdir.chat import by_length
-from refdir.direction import Candidates
-from refdir.errors import RefdirError, filtered_out
-from refdir.generation import SharedPrefix
-from refdir.hooks import hooked, residual_stream
-from refdir.model import ChatModel
+from refdir.directions.candidates import Candidates
+from refdir.directions.prompt_filter import filtered_out, refusal_filter
+from refdir.errors import RefdirError
+from refdir.model.chat import by_length
+from refdir.model.chat_model import ChatModel
+from refdir.model.hooks import hooked, residual_stream
+from refdir.model.prefix import SharedPrefix
 
 __all__ = ["FilteredMeans", "extract_candidates", "filtered_means", "residual_means"]
 
@@ -109,8 +110,6 @@ def extract_candidates(
     With ``refusal_tokens``, the paper's filter runs in the same pass: a harmful prompt counts
     only if its refusal metric is > 0, a harmless one only if it is < 0; the candidates record
     the prompts kept."""
-    from refdir.select import refusal_filter
-
     def keeper(positive: bool) -> Keep | None:
         if refusal_tokens is None:
             return None

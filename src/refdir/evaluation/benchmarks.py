@@ -1,8 +1,8 @@
 """Capability benchmarks through lm-evaluation-harness, on the in-memory (hooked) model.
 
-The ChatModel's own model object is wrapped as lm_eval's ``HFLM``, so an ``ablate``/``add``
-scope, entered here (``kind=...``) or around the call, is what gets benchmarked; no checkpoint
-is written. Tasks come from local files: a task YAML whose data is a local JSONL file
+The ChatModel's own model object is wrapped as lm_eval's ``HFLM``, so an intervention, applied
+here (``intervention=...``) or around the call, is what gets benchmarked; no checkpoint is
+written. Tasks come from local files: a task YAML whose data is a local JSONL file
 
     dataset_path: json
     dataset_kwargs: {data_files: {test: /abs/path/items.jsonl}}
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refdir.direction import Direction, make_folder
 from refdir.errors import RefdirError
-from refdir.metrics import Scope, intervention_scope, resolve_scope
-from refdir.model import ChatModel
+from refdir.interventions.intervention import NONE, Intervention
+from refdir.io import make_folder
+from refdir.model.chat_model import ChatModel
 
 __all__ = [
     "ResolvedTasks",
@@ -162,7 +162,7 @@ def _unknown_task(name: str, known: Sequence[str], include_defaults: bool | None
     fix = (
         ""
         if close
-        else "; give a task YAML file, or the folder that defines it with --benchmark-path"
+        else "; give a task YAML file, or the folder that defines it in `benchmark_path`"
     )
     return f"unknown benchmark task {name!r}{hint}{where}{fix}"
 
@@ -187,10 +187,7 @@ def run_benchmarks(
     tasks: Sequence[PathLike],
     limit: int | float | None = None,
     *,
-    scope: Scope | None = None,
-    kind: str = "none",
-    direction: Direction | None = None,
-    coeff: float = 1.0,
+    intervention: Intervention = NONE,
     include_path: Sequence[PathLike] = (),
     include_defaults: bool | None = False,
     num_fewshot: int | None = None,
@@ -199,39 +196,39 @@ def run_benchmarks(
     apply_chat_template: bool = False,
     bootstrap_iters: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Scores ``{task: {metric: value}}`` of the model under an intervention (``kind``, or a
-    ``scope`` factory, or whatever scope the caller is in).
+    """Scores ``{task: {metric: value}}`` of the model under an intervention (or whatever
+    intervention the caller applied around the call).
 
     ``tasks``: task YAML files, or names found in ``include_path`` folders (and, with
     ``include_defaults``, lm_eval's built-in tasks, whose datasets must already be in the local
     Hugging Face cache; ``None``: searched only for names found nowhere else). ``limit``: at
     most that many items per task (a float: a fraction).
     """
-    enter = resolve_scope(cm, scope, kind, direction, coeff)
+    intervention.hooks(cm)  # validate before lm_eval starts
     options = _Options(limit, num_fewshot, batch_size, max_length, apply_chat_template)
-    return _evaluate(cm, tasks, include_path, include_defaults, options, bootstrap_iters, [enter])[
-        0
-    ]
+    scores = _evaluate(
+        cm, tasks, include_path, include_defaults, options, bootstrap_iters, [intervention]
+    )
+    return scores[0]
 
 
 def benchmark_conditions(
     cm: ChatModel,
     tasks: Sequence[PathLike] | ResolvedTasks,
-    conditions: Mapping[str, tuple[str, float]],
-    direction: Direction | None = None,
+    conditions: Mapping[str, Intervention],
     limit: int | float | None = None,
     include_path: Sequence[PathLike] = (),
     batch_size: int = 8,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """``{condition: {task: {metric: value}}}`` for several conditions (name -> (kind, coeff):
-    ``none``, ``ablate`` or ``actadd`` with ``direction``), the tasks resolved (unless given
-    resolved by :func:`resolve_tasks`) and the model wrapped once. Built-in task names are
-    looked up only when not found in ``include_path``."""
+    """``{condition: {task: {metric: value}}}`` for several conditions (name -> intervention),
+    the tasks resolved (unless given resolved by :func:`resolve_tasks`) and the model wrapped
+    once. Built-in task names are looked up only when not found in ``include_path``."""
     if not conditions:
         raise RefdirError("give at least one condition to benchmark under")
-    scopes = [intervention_scope(cm, kind, direction, coeff) for kind, coeff in conditions.values()]
+    for condition in conditions.values():
+        condition.hooks(cm)  # validate before lm_eval starts
     options = _Options(limit, None, batch_size, None, False)
-    results = _evaluate(cm, tasks, include_path, None, options, 0, scopes)
+    results = _evaluate(cm, tasks, include_path, None, options, 0, list(conditions.values()))
     return dict(zip(conditions, results, strict=True))
 
 
@@ -251,9 +248,9 @@ def _evaluate(
     include_defaults: bool | None,
     options: _Options,
     bootstrap_iters: int,
-    scopes: Sequence[Scope],
+    conditions: Sequence[Intervention],
 ) -> list[dict[str, dict[str, float]]]:
-    """lm_eval's scores of ``tasks`` under each scope in turn."""
+    """lm_eval's scores of ``tasks`` under each intervention in turn."""
     if options.batch_size <= 0:
         raise RefdirError(f"batch size must be positive, got {options.batch_size}")
     out = []
@@ -271,9 +268,9 @@ def _evaluate(
             batch_size=options.batch_size,
             max_length=options.max_length,
         )
-        for enter in scopes:
+        for condition in conditions:
             try:
-                with enter():
+                with condition.apply(cm):
                     results = lm_eval.simple_evaluate(
                         model=lm,
                         tasks=names,

@@ -26,10 +26,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from refdir.chat import pad_left
 from refdir.errors import RefdirError
-from refdir.model import resolve_device, resolve_dtype
-from refdir.scoring.registry import Registry
+from refdir.model.chat import pad_left
+from refdir.model.loading import resolve_device, resolve_dtype
+from refdir.registry import Registry
 
 __all__ = [
     "HARMBENCH_PROMPT",

@@ -1,205 +1,42 @@
-"""How much an intervention disturbs the model away from refusal: KL divergence of its
-next-token distributions, and cross-entropy loss on plain text and on its own completions.
+"""Cross-entropy of token rows (plain text, or prompts with their completions) and the KL of
+an intervention over completion tokens, teacher-forced.
 
-    base = last_position_logits(cm, harmless)              # once
-    kl_last_position(cm, harmless, kind="ablate", direction=d, baseline=base)
-    with ablate(cm, d):
-        ce_loss(cm, load_corpus())                          # CE under the intervention
+    with refdir.ablate(cm, d):
+        ce_loss(cm, load_corpus())                  # CE under the intervention
 
-CE and KL run the model as it is, so they measure whatever ``ablate``/``add`` scope is active;
-the KL functions enter the given intervention themselves. Sums are float64.
+CE runs the model as it is, so it measures whatever intervention is applied around it;
+:func:`ce_losses` and :func:`kl_completions` apply the ones they are given. Only the positions
+that predict a scored token go through the unembedding. Sums are float64.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
-from importlib import resources
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from refdir.chat import by_length
-from refdir.direction import Direction
 from refdir.errors import RefdirError
-from refdir.evaluate import intervention
-from refdir.generation import SharedPrefix, last_position_logits, unsort
-from refdir.layer_inputs import LayerInputs
-from refdir.model import ChatModel
+from refdir.interventions.intervention import Intervention
+from refdir.measures import kl_divergence
+from refdir.model.chat import by_length
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import unsort
+from refdir.model.layer_inputs import LayerInputs
+from refdir.model.prefix import SharedPrefix
 
 __all__ = [
-    "CORPORA",
     "Losses",
-    "Scope",
     "ScoredRows",
     "ce_loss",
     "ce_loss_on_completions",
     "ce_losses",
-    "check_baseline",
     "completion_rows",
-    "intervention_scope",
-    "kl_by_prompt",
     "kl_completions",
-    "kl_divergence",
-    "kl_last_position",
-    "kl_summary",
-    "load_corpus",
-    "random_kl_summary",
-    "resolve_scope",
     "text_rows",
 ]
-
-Scope = Callable[[], AbstractContextManager[Any]]
-"""A factory of intervention scopes: each call returns a fresh context manager."""
-
-CORPORA: dict[str, str] = {"prose": "corpus/prose.json"}
-"""Packaged plain-text corpora for CE loss, by name (see docs/evaluation.md)."""
-
-
-def load_corpus(name: str = "prose", n: int | None = None) -> list[str]:
-    """The texts of a packaged corpus (the first ``n`` when given)."""
-    if name not in CORPORA:
-        raise RefdirError(f"unknown corpus {name!r}; use one of {', '.join(CORPORA)}")
-    text = (resources.files("refdir") / "data" / CORPORA[name]).read_text(encoding="utf-8")
-    texts = [str(t) for t in json.loads(text)["texts"]]
-    return texts if n is None else texts[:n]
-
-
-def kl_summary(kl: torch.Tensor, refused: Sequence[bool]) -> dict[str, Any]:
-    """How a per-prompt KL [N] is spread: median, 90th percentile and maximum, and the mean
-    over the prompts the model refused at baseline and over those it answered (turning a
-    refusal into an answer is what ablation is for; a large KL on answered prompts is damage)."""
-    if kl.dim() != 1 or kl.numel() != len(refused) or kl.numel() == 0:
-        raise RefdirError(f"got {kl.numel()} KL values for {len(refused)} prompts")
-    values = kl.double()
-    mask = torch.tensor([bool(r) for r in refused])
-
-    def group(keep: torch.Tensor) -> dict[str, Any]:
-        n = int(keep.sum())
-        return {"n": n, "mean": round(float(values[keep].mean()), 5) if n else None}
-
-    return {
-        **_quantiles(values, {"median": 0.5, "p90": 0.9, "max": 1.0}),
-        "refused_at_baseline": group(mask),
-        "answered_at_baseline": group(~mask),
-    }
-
-
-def _quantiles(values: torch.Tensor, at: dict[str, float]) -> dict[str, float]:
-    """``values`` (float64) at the named quantiles, rounded to 5 digits."""
-    return {name: round(float(values.quantile(q)), 5) for name, q in at.items()}
-
-
-def random_kl_summary(reference: torch.Tensor, chosen: float, seed: int) -> dict[str, Any]:
-    """How the KL score ``chosen`` of a direction compares with that of random directions
-    (``reference``, from :func:`refdir.select.random_direction_kl` with ``seed``): their
-    spread, and the fraction of them whose ablation costs less than the chosen direction's."""
-    if reference.dim() != 1 or reference.numel() == 0:
-        raise RefdirError(f"expected a non-empty vector of KL values, got {tuple(reference.shape)}")
-    values = reference.double()
-    return {
-        "n": int(values.numel()),
-        "seed": seed,
-        **_quantiles(values, {"median": 0.5, "p10": 0.1, "p90": 0.9, "min": 0.0, "max": 1.0}),
-        "below_chosen": round(float((values < chosen).double().mean()), 4),
-    }
-
-
-def check_baseline(baseline: torch.Tensor | None, prompts: Sequence[str]) -> None:
-    """Raise unless there are ``prompts`` and ``baseline``, when given, holds last-position
-    logits [N, vocab] for the N of them."""
-    if not prompts:
-        raise RefdirError("no prompts to compute the KL divergence on")
-    if baseline is not None and (baseline.dim() != 2 or baseline.shape[0] != len(prompts)):
-        raise RefdirError(
-            f"baseline logits have shape {tuple(baseline.shape)}; expected [{len(prompts)}, vocab]"
-        )
-
-
-def intervention_scope(
-    cm: ChatModel, kind: str = "none", direction: Direction | None = None, coeff: float = 1.0
-) -> Scope:
-    """A scope factory for ``none``, ``ablate`` or ``actadd`` (``coeff`` x direction)."""
-    with intervention(cm, kind, direction, coeff):  # validate now, not halfway through a run
-        pass
-    return lambda: intervention(cm, kind, direction, coeff)
-
-
-def resolve_scope(
-    cm: ChatModel,
-    scope: Scope | None,
-    kind: str,
-    direction: Direction | None,
-    coeff: float,
-) -> Scope:
-    """``scope`` itself, or the scope factory of ``kind`` + ``direction``; not both."""
-    if scope is not None and (kind != "none" or direction is not None):
-        raise RefdirError("give either a scope or kind+direction, not both")
-    return scope if scope is not None else intervention_scope(cm, kind, direction, coeff)
-
-
-def kl_divergence(baseline: torch.Tensor, intervened: torch.Tensor) -> torch.Tensor:
-    """Row-wise KL(baseline || intervened) in float64 from two logit tensors [..., vocab]."""
-    if baseline.shape != intervened.shape:
-        raise RefdirError(
-            f"logit shapes differ: {tuple(baseline.shape)} vs {tuple(intervened.shape)}"
-        )
-    lp = baseline.double().log_softmax(-1)
-    lq = intervened.double().log_softmax(-1)
-    p = lp.exp()
-    terms = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p))
-    return terms.sum(-1)
-
-
-def kl_last_position(
-    cm: ChatModel,
-    prompts: Sequence[str],
-    scope: Scope | None = None,
-    *,
-    kind: str = "none",
-    direction: Direction | None = None,
-    coeff: float = 1.0,
-    baseline: torch.Tensor | None = None,
-    batch_size: int = 32,
-) -> float:
-    """Mean KL(baseline || intervened) of the next-token distribution at the last prompt
-    position (the paper's KL score). ``baseline``: precomputed ``last_position_logits``."""
-    return float(
-        kl_by_prompt(
-            cm,
-            prompts,
-            scope,
-            kind=kind,
-            direction=direction,
-            coeff=coeff,
-            baseline=baseline,
-            batch_size=batch_size,
-        ).mean()
-    )
-
-
-def kl_by_prompt(
-    cm: ChatModel,
-    prompts: Sequence[str],
-    scope: Scope | None = None,
-    *,
-    kind: str = "none",
-    direction: Direction | None = None,
-    coeff: float = 1.0,
-    baseline: torch.Tensor | None = None,
-    batch_size: int = 32,
-) -> torch.Tensor:
-    """The KL of :func:`kl_last_position` for each prompt: float64 [N], in the prompts' order."""
-    check_baseline(baseline, prompts)
-    enter = resolve_scope(cm, scope, kind, direction, coeff)
-    if baseline is None:
-        baseline = last_position_logits(cm, prompts, batch_size)
-    with enter():
-        intervened = last_position_logits(cm, prompts, batch_size)
-    return kl_divergence(baseline, intervened)
 
 
 @dataclass(frozen=True)
@@ -374,32 +211,33 @@ def ce_loss_on_completions(
 def ce_losses(
     cm: ChatModel,
     rows: ScoredRows,
-    direction: Direction | None,
-    conditions: Mapping[str, tuple[str, float]],
+    conditions: Mapping[str, Intervention],
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "ce loss",
 ) -> dict[str, Losses]:
-    """The CE of the same rows under several conditions (name -> (kind, coeff): ``none``,
-    ``ablate`` or ``actadd`` with ``direction``), each entered in turn.
+    """The CE of the same rows under several conditions (name -> intervention), each entered
+    in turn.
 
-    Activation addition changes nothing below the direction's layer, so when a ``none``
-    condition is among them it runs first and records that layer's inputs, and the ``actadd``
-    passes start there (the same result, less work)."""
+    Activation addition changes nothing below its layer, so when a ``none`` condition is among
+    them it runs first and records that layer's inputs, and the ``actadd`` passes (all at one
+    layer) start there (the same result, less work)."""
     if not conditions:
         raise RefdirError("give at least one condition to compute the CE loss under")
-    for kind, coeff in conditions.values():
-        intervention_scope(cm, kind, direction, coeff)  # validate every one before any pass
-    layer = direction.layer if direction is not None else 0
-    starts_at = any(k == "actadd" for k, _ in conditions.values()) and layer > 0
-    order = sorted(conditions, key=lambda name: conditions[name][0] != "none")
+    for condition in conditions.values():
+        condition.hooks(cm)  # validate every one before any pass
+    layers = {c.at_layer for c in conditions.values() if c.kind == "actadd"}
+    layer = layers.pop() if len(layers) == 1 else 0
+    starts_at = layer > 0
+    order = sorted(conditions, key=lambda name: conditions[name].kind != "none")
     recorded: LayerInputs | None = None
     out: dict[str, Losses] = {}
     for name in order:
-        kind, coeff = conditions[name]
+        condition = conditions[name]
+        kind = condition.kind
         replay = (recorded, layer) if kind == "actadd" and recorded is not None else None
         record = layer if kind == "none" and starts_at and recorded is None else None
-        with intervention(cm, kind, direction, coeff):
+        with condition.apply(cm):
             out[name], taken = _losses(
                 cm, rows, batch_size, f"{desc} ({name})", progress, record, replay
             )
@@ -411,28 +249,24 @@ def kl_completions(
     cm: ChatModel,
     prompts: Sequence[str],
     completions: Sequence[str],
-    scope: Scope | None = None,
-    *,
-    kind: str = "none",
-    direction: Direction | None = None,
-    coeff: float = 1.0,
+    intervention: Intervention,
     batch_size: int = 8,
     progress: bool = True,
 ) -> float:
     """Mean KL(baseline || intervened) over every completion token, teacher-forced on the
-    given completions; the scope is entered once per batch."""
-    enter = resolve_scope(cm, scope, kind, direction, coeff)
+    given completions; the intervention is entered once per batch."""
+    intervention.hooks(cm)  # validate before any pass
     rows = completion_rows(cm, prompts, completions)
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     base_prefix = _prefix(cm, rows)
-    with enter():
+    with intervention.apply(cm):
         new_prefix = _prefix(cm, rows)
     chunks = by_length(rows.ids, batch_size)
     for chunk in tqdm(chunks, "kl", disable=not progress):
         with torch.inference_mode():
             base = _window(cm, rows, chunk, base_prefix)
-            with enter():
+            with intervention.apply(cm):
                 new = _window(cm, rows, chunk, new_prefix)
         scored = base.scored.to(base.logits.device)
         kl = kl_divergence(base.logits[:, :-1][scored], new.logits[:, :-1][scored])

@@ -20,24 +20,20 @@ Arithmetic is float32, cast back once.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from refdir.direction import Direction, file_mode, writable_folder
+from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
-from refdir.intervene import ablate, leftover, residuals, rounding_limit
-from refdir.layout import effective_norm_scale
-from refdir.model import ChatModel
+from refdir.interventions.intervention import ablate
+from refdir.model.chat_model import ChatModel
+from refdir.model.layout import effective_norm_scale
+from refdir.model.layout_check import leftover, residuals, rounding_limit
 
-__all__ = ["OrthogonalizeReport", "export_orthogonalized", "orthogonalize", "parity"]
+__all__ = ["OrthogonalizeReport", "orthogonalize", "parity"]
 
 _PROBES = (
     "Write a short poem about the sea.",
@@ -53,7 +49,7 @@ class OrthogonalizeReport:
     note: str
     residual_left: float | None = None
     """Measured by :func:`parity`: the most that any layer of the edited model still writes along
-    the direction (:func:`refdir.intervene.leftover`, on the probe prompts); rounding in a
+    the direction (:func:`refdir.model.layout_check.leftover`, on the probe prompts); rounding in a
     correct edit."""
 
 
@@ -162,7 +158,7 @@ def parity(
 
     The report records what the edited model still writes along the direction
     (``residual_left``). An edit that leaves more than rounding is not an orthogonalization:
-    :func:`export_orthogonalized` refuses it. A float32 edit the layout says is exact but that
+    :func:`~refdir.interventions.export.export_orthogonalized` refuses it. A float32 edit the layout says is exact but that
     differs from hook ablation by more than rounding (1e-4 of the largest logit) is reported as
     approximate, with the measurement as the reason. In 16-bit types the difference is only
     recorded: rounding there can flip an MoE router's choice of experts."""
@@ -197,61 +193,3 @@ def parity(
         )
         report = replace(report, exact=False, note=note)
     return report, delta
-
-
-def check_export_folder(out: Path) -> Path:
-    """``out``, once it is known to be a new or empty folder in a writable place."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RefdirError(f"{out} exists and is not an empty folder; choose a new --out folder")
-    writable_folder(out.parent)
-    return out
-
-
-def export_orthogonalized(
-    cm: ChatModel, direction: Direction, out: str | Path
-) -> dict[str, object]:
-    """Orthogonalize ``cm`` in place, then write it with its tokenizer, the direction and a
-    manifest to ``out`` atomically (a temporary folder renamed at the end)."""
-    out = check_export_folder(Path(out))  # fail now, not after the edit
-    report, delta = parity(cm, direction)
-    left = report.residual_left
-    if left is None or left > rounding_limit(cm.layout.embed.weight.dtype):
-        raise RefdirError(
-            f"cannot export an orthogonalized {cm.name} (its weights in memory are edited; "
-            f"load it again to use it): {report.note}"
-        )
-    manifest: dict[str, object] = {
-        "refdir_manifest": 1,
-        "source_model": cm.name,
-        "source_revision": cm.revision,
-        "direction": {
-            "layer": direction.layer,
-            "position": direction.position,
-            "norm": direction.norm,
-        },
-        **asdict(report),
-        "parity_max_abs_logit_delta": delta,
-        "parity_dtype": str(cm.layout.embed.weight.dtype).removeprefix("torch."),
-    }
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    except OSError as exc:
-        raise RefdirError(
-            f"cannot write in {out.parent} ({exc.strerror}); give another --out"
-        ) from None
-    try:
-        cm.model.save_pretrained(tmp, safe_serialization=True)
-        cm.tokenizer.save_pretrained(tmp)
-        direction.save(tmp)
-        (tmp / "refdir_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        mode = file_mode()  # mkdtemp and some writers make 0700 / 0600: the umask's modes
-        folder_mode = mode | (mode & 0o444) >> 2  # searchable wherever readable
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(folder_mode if path.is_dir() else mode)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return manifest

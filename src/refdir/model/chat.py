@@ -70,8 +70,7 @@ class ChatFormat:
             kwargs["chat_template"] = chat_template
         elif not getattr(tokenizer, "chat_template", None):
             raise RefdirError(
-                "the tokenizer has no chat template; pass one with --chat-template FILE "
-                "(a Jinja template) or chat_template=..."
+                "the tokenizer has no chat template; give one (a Jinja template) as `chat_template`"
             )
         messages = [{"role": "user", "content": _MARKER}]
         if system is not None:
@@ -129,7 +128,7 @@ def by_length(rows: Sequence[Sized], size: int) -> list[list[int]]:
     """Indices of ``rows`` in batches of at most ``size``, shortest rows first (ties keep their
     order): the rows of one batch have similar lengths, so left padding wastes little compute."""
     if size <= 0:
-        raise RefdirError(f"--batch-size must be positive, got {size}")
+        raise RefdirError(f"`batch_size` must be positive, got {size}")
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     return [order[i : i + size] for i in range(0, len(order), size)]
 

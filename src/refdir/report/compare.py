@@ -19,13 +19,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from refdir import figures
-from refdir.config import STEPS, recorded_options
-from refdir.direction import atomic_path, make_folder
+from refdir.artifacts.metrics import MetricsRecord
+from refdir.artifacts.run import BenchmarksRecord, ConfigRecord, TimingsRecord
+from refdir.artifacts.selection import SelectionRecord
 from refdir.errors import RefdirError
-from refdir.model import names_local_path
-from refdir.pipeline import BENCHMARK_CONDITIONS
-from refdir.render import (
+from refdir.io import make_folder, write_text
+from refdir.model.loading import names_local_path
+from refdir.report import figures
+from refdir.report.blocks import (
     Block,
     Heading,
     Image,
@@ -35,9 +36,9 @@ from refdir.render import (
     seconds,
     truncate_text,
     with_change,
-    write_document,
 )
-from refdir.report import picked_by, read_artifact
+from refdir.report.render import write_document
+from refdir.report.run_report import picked_by
 
 __all__ = ["RunSummary", "comparison_blocks", "comparison_rows", "load_summary", "write_comparison"]
 
@@ -47,6 +48,8 @@ OPTION_CHARS = 60
 """Characters of an option's value shown in the settings table (a chat template is long)."""
 IGNORED_OPTIONS = frozenset({"model", "gguf_file"})
 """Options that name the model rather than change how it is measured."""
+STEPS = tuple(f for f in TimingsRecord.model_fields if f not in ("parts", "devices"))
+"""The steps of a run, in the order they run."""
 
 
 @dataclass(frozen=True)
@@ -55,16 +58,16 @@ class RunSummary:
 
     label: str
     run_dir: Path
-    metrics: dict[str, Any]
-    selection: dict[str, Any]
+    metrics: MetricsRecord
+    selection: SelectionRecord
     options: dict[str, Any]
-    benchmarks: dict[str, Any]
+    benchmarks: BenchmarksRecord | None
     local: bool = False
     """Whether the model was a local path where the run ran (``config.json``'s ``local_model``)."""
 
     @property
     def model(self) -> str:
-        return str(self.metrics.get("model") or self.options.get("model") or self.run_dir.name)
+        return self.metrics.model
 
     @property
     def short_name(self) -> str:
@@ -79,32 +82,31 @@ class RunSummary:
         return self.model
 
     @property
-    def n_layers(self) -> int | None:
-        layers = self.selection.get("layers")
-        return len(layers) if isinstance(layers, list) else None
+    def n_layers(self) -> int:
+        return len(self.selection.layers)
 
     def score(self, kind: str, key: str, condition: str) -> float | None:
-        """``metrics[kind][key][condition]`` (e.g. harmful, refusal_score, ablation), or None."""
-        value = ((self.metrics.get(kind) or {}).get(key) or {}).get(condition)
-        return float(value) if isinstance(value, int | float) else None
+        """``metrics.kind.key.condition`` (e.g. harmful, refusal_score, ablation), or None
+        where the run has no such score (a safety score without a judge)."""
+        scores = getattr(getattr(self.metrics, kind), key)
+        return None if scores is None else float(getattr(scores, condition))
 
-    def loss(self, key: str, condition: str) -> float | None:
-        value = (self.metrics.get(key) or {}).get(condition)
-        return float(value) if isinstance(value, int | float) else None
+    def loss(self, key: str, condition: str) -> float:
+        return float(getattr(getattr(self.metrics, key), condition))
+
 
 
 def load_summary(run_dir: str | Path, label: str | None = None) -> RunSummary:
     """Read a finished run (its ``metrics.json`` and ``selection.json`` are required)."""
     path = Path(run_dir)
     if not path.is_dir():
-        raise RefdirError(f"{path} is not a run directory; give the --out folder of a refdir run")
-    metrics = read_artifact(path, "metrics.json", required=True)
-    selection = read_artifact(path, "selection.json", required=True)
-    config = read_artifact(path, "config.json", required=False)
-    recorded = config.get("options") or {}
-    options = recorded_options(recorded) if recorded else {}  # no config.json: unknown
-    benchmarks = read_artifact(path, "benchmarks.json", required=False)
-    local = config.get("local_model") is True
+        raise RefdirError(f"{path} is not a run folder; give the `out` folder of a run")
+    metrics = MetricsRecord.read(path)
+    selection = SelectionRecord.read(path)
+    config = ConfigRecord.read(path) if (path / ConfigRecord.FILE).exists() else None
+    options = config.options if config is not None else {}  # no config.json: unknown
+    benchmarks = BenchmarksRecord.read(path) if (path / BenchmarksRecord.FILE).exists() else None
+    local = config is not None and config.local_model
     summary = RunSummary(label or "", path, metrics, selection, options, benchmarks, local)
     return summary if label else replace(summary, label=summary.short_name)
 
@@ -119,48 +121,31 @@ def _labelled(summaries: Sequence[RunSummary]) -> list[RunSummary]:
         label = f"{s.label} ({s.run_dir.name})" if counts[s.label] > 1 else s.label
         out.append(replace(s, label=label))
     if len({s.label for s in out}) < len(out):
-        raise RefdirError("two runs have the same label; give distinct --labels")
+        raise RefdirError("two runs have the same label; give distinct `labels`")
     return out
 
 
 # --------------------------------------------------------------------------- rows
 
 
-def _layer(s: RunSummary) -> int | None:
-    layer = (s.metrics.get("direction") or {}).get("layer")
-    return int(layer) if isinstance(layer, int) else None
-
-
-def _depth(s: RunSummary) -> float | None:
-    layer, n = _layer(s), s.n_layers
-    return layer / n if layer is not None and n else None
-
-
-def _mapping(data: dict[str, Any], key: str) -> dict[str, Any]:
-    """``data[key]`` when it is an object, else empty (a run made before the key existed)."""
-    value = data.get(key)
-    return value if isinstance(value, dict) else {}
-
-
 def comparison_rows(summaries: Sequence[RunSummary]) -> list[dict[str, Any]]:
     """One flat record per run: the numbers the tables show (None where a run lacks one)."""
     rows = []
     for s in summaries:
-        harmless = s.metrics.get("harmless") or {}
-        chosen = s.selection.get("chosen") or {}
-        reference = harmless.get("kl_random_directions") or {}
+        harmless, chosen = s.metrics.harmless, s.selection.chosen
+        reference = harmless.kl_random_directions
         row: dict[str, Any] = {
             "label": s.label,
             "run_dir": str(s.run_dir),
             "model": s.model,
             "n_layers": s.n_layers,
-            "layer": _layer(s),
-            "layer_fraction": _depth(s),
-            "position": (s.metrics.get("direction") or {}).get("position"),
-            "picked_by": picked_by(s.selection, s.metrics),
-            "selection_bypass": chosen.get("bypass"),
-            "selection_induce": chosen.get("induce"),
-            "selection_kl": chosen.get("kl"),
+            "layer": s.metrics.direction.layer,
+            "layer_fraction": s.metrics.direction.layer / s.n_layers,
+            "position": s.metrics.direction.position,
+            "picked_by": picked_by(s.selection),
+            "selection_bypass": chosen.bypass if chosen else None,
+            "selection_induce": chosen.induce if chosen else None,
+            "selection_kl": chosen.kl if chosen else None,
         }
         for c in CONDITIONS:
             row[f"harmful_refusal_{c}"] = s.score("harmful", "refusal_score", c)
@@ -168,20 +153,16 @@ def comparison_rows(summaries: Sequence[RunSummary]) -> list[dict[str, Any]]:
             row[f"harmful_safety_{c}"] = s.score("harmful", "safety_score", c)
         for c in HARMLESS_CONDITIONS:
             row[f"harmless_refusal_{c}"] = s.score("harmless", "refusal_score", c)
-        row["kl_ablation"] = harmless.get("kl_ablation")
-        row["kl_random_median"] = reference.get("median")
+        row["kl_ablation"] = harmless.kl_ablation
+        row["kl_random_median"] = reference.median if reference is not None else None
         for key, name in (("ce_loss", "ce_text"), ("ce_loss_own_completions", "ce_own")):
             for c in CONDITIONS:
                 row[f"{name}_{c}"] = s.loss(key, c)
         for task, metric, values in _benchmark_scores(s):
-            for c, _ in BENCHMARK_CONDITIONS:
-                row[f"benchmark:{task}:{metric}:{c}"] = values.get(c)
-        timings = {
-            step: float(t)
-            for step, t in _mapping(s.metrics, "timings").items()
-            if isinstance(t, int | float)
-        }
-        devices = [d for d in _mapping(s.metrics, "timing_devices").values() if isinstance(d, str)]
+            for c, value in values.items():
+                row[f"benchmark:{task}:{metric}:{c}"] = value
+        timings = s.metrics.timings or {}
+        devices = list((s.metrics.timing_devices or {}).values())
         row["device"] = ", ".join(dict.fromkeys(devices)) or None
         for step in STEPS:
             row[f"seconds_{step}"] = timings.get(step)
@@ -268,9 +249,9 @@ def _loss_table(rows: Sequence[dict[str, Any]]) -> Table:
     return Table(header, body, caption)
 
 
-def _benchmark_scores(s: RunSummary) -> list[tuple[str, str, dict[str, Any]]]:
+def _benchmark_scores(s: RunSummary) -> list[tuple[str, str, dict[str, float]]]:
     """(task, metric, {condition: value}) of a run's benchmarks.json, in its order."""
-    scores = s.benchmarks.get("scores") or {}
+    scores = s.benchmarks.scores if s.benchmarks is not None else {}
     return [(t, m, v) for t, metrics in scores.items() for m, v in metrics.items()]
 
 
@@ -388,7 +369,7 @@ def comparison_blocks(summaries: Sequence[RunSummary]) -> list[Block]:
         "activation addition (+1 by default)."
     )
     return [
-        Para(_summary_text(rows)),
+        Para(_summary_text(rows), id="summary"),
         Heading("Refusal and safety"),
         Image("comparison_refusal.png", "Refusal across runs", figures.png_bytes(fig), caption),
         _refusal_table(rows),
@@ -447,7 +428,6 @@ def write_comparison(
     out_dir = Path(out)
     make_folder(out_dir)
     csv_path = out_dir / "comparison.csv"
-    with atomic_path(csv_path) as tmp:
-        tmp.write_text(_csv_text(comparison_rows(summaries)), encoding="utf-8")
+    write_text(csv_path, _csv_text(comparison_rows(summaries)))
     html_path, md_path = write_document(out_dir, "comparison", title, blocks)
     return html_path, md_path, csv_path

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import matplotlib
 import numpy as np
@@ -20,9 +19,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
+from refdir.artifacts.metrics import MetricsRecord
+from refdir.artifacts.selection import SelectionRecord
+
 __all__ = [
     "DPI",
-    "actadd_coefficients",
     "comparison_bars",
     "cosine_curves",
     "cosine_to_candidates",
@@ -59,15 +60,15 @@ def png_bytes(fig: Figure) -> bytes:
 # --------------------------------------------------------------------------- heatmaps
 
 
-def selection_heatmaps(selection: Mapping[str, Any], n_layers: int) -> Figure:
+def selection_heatmaps(selection: SelectionRecord, n_layers: int) -> Figure:
     """Bypass, induce and KL over position x layer, one panel each, as in the paper's figures.
 
     Skipped candidates (``null``) are hatched, layers excluded by ``max_layer_fraction`` are
     shaded behind a dashed line, candidates passing every filter carry a dot and the chosen
     one a black-and-white frame (visible on every colour map).
     """
-    keys = [k for k in SCORES if selection.get(k) is not None]
-    fig, axes = _stacked_panels(len(keys), len(selection["positions"]))
+    keys = list(SCORES)
+    fig, axes = _stacked_panels(len(keys), len(selection.positions))
     for ax, key in zip(axes, keys, strict=True):
         _score_panel(fig, ax, selection, key, n_layers)
         if ax is not axes[-1]:
@@ -92,16 +93,16 @@ def _stacked_panels(n_panels: int, n_rows: int) -> tuple[Figure, list[Axes]]:
     return fig, axes
 
 
-def score_grid(selection: Mapping[str, Any], key: str) -> np.ndarray:
+def score_grid(selection: SelectionRecord, key: str) -> np.ndarray:
     """A [P, L] float array of one score, ``nan`` where the candidate was skipped."""
-    rows = selection[key]
+    rows = getattr(selection, key)
     return np.array(
         [[math.nan if v is None else float(v) for v in row] for row in rows], dtype=float
     )
 
 
 def _score_panel(
-    fig: Figure, ax: Axes, selection: Mapping[str, Any], key: str, n_layers: int
+    fig: Figure, ax: Axes, selection: SelectionRecord, key: str, n_layers: int
 ) -> None:
     values = score_grid(selection, key)
     title, cmap_name = SCORES[key]
@@ -154,56 +155,52 @@ def _hatch_skipped(ax: Axes, values: np.ndarray) -> None:
         )
 
 
-def _excluded_from(selection: Mapping[str, Any], n_layers: int) -> int | None:
+def _excluded_from(selection: SelectionRecord, n_layers: int) -> int | None:
     """Column index of the first layer excluded by ``max_layer_fraction``, if any."""
-    fraction = (selection.get("filters") or {}).get("max_layer_fraction")
-    if fraction is None:
-        return None
-    layers = [int(x) for x in selection["layers"]]
+    fraction = selection.filters.max_layer_fraction
+    layers = selection.layers
     return next((i for i, layer in enumerate(layers) if layer >= fraction * n_layers), None)
 
 
-def _shade_excluded_layers(ax: Axes, selection: Mapping[str, Any], n_layers: int) -> None:
+def _shade_excluded_layers(ax: Axes, selection: SelectionRecord, n_layers: int) -> None:
     start = _excluded_from(selection, n_layers)
     if start is None:
         return
-    end = len(selection["layers"]) - 0.5
+    end = len(selection.layers) - 0.5
     ax.axvspan(start - 0.5, end, facecolor="white", alpha=0.55, edgecolor="none", zorder=2)
     ax.axvline(start - 0.5, color="black", lw=1.2, ls="--", zorder=3)
 
 
-def _legend(fig: Figure, selection: Mapping[str, Any]) -> None:
+def _legend(fig: Figure, selection: SelectionRecord) -> None:
     """One key for all panels, below them."""
-    fraction = (selection.get("filters") or {}).get("max_layer_fraction")
+    fraction = selection.filters.max_layer_fraction
+    label = f"excluded: layer ≥ {fraction:g} L (shaded)"
     handles: list[Artist] = [
         Patch(facecolor="white", edgecolor="0.55", hatch="////", label="not scored"),
+        Line2D([], [], color="black", ls="--", lw=1.2, label=label),
         Line2D([], [], color="black", marker="o", ms=3, ls="none", label="passes every filter"),
         Patch(facecolor="white", edgecolor="black", lw=2, label="chosen"),
     ]
-    if fraction is not None:
-        label = f"excluded: layer ≥ {fraction:g} L (shaded)"
-        handles.insert(1, Line2D([], [], color="black", ls="--", lw=1.2, label=label))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
 
 
-def _mark_passed(ax: Axes, selection: Mapping[str, Any]) -> None:
-    passed = selection.get("passed")
-    if not passed:
+def _mark_passed(ax: Axes, selection: SelectionRecord) -> None:
+    if not selection.passed:
         return
-    rows, cols = np.nonzero(np.array(passed, dtype=bool))
+    rows, cols = np.nonzero(np.array(selection.passed, dtype=bool))
     ax.scatter(cols, rows, s=6, c="black", marker="o", linewidths=0, zorder=4)
 
 
-def _chosen_cell(selection: Mapping[str, Any]) -> tuple[int, int] | None:
-    chosen = selection.get("chosen") or {}
-    positions = [int(p) for p in selection["positions"]]
-    layers = [int(x) for x in selection["layers"]]
-    if chosen.get("position") not in positions or chosen.get("layer") not in layers:
+def _chosen_cell(selection: SelectionRecord) -> tuple[int, int] | None:
+    chosen = selection.chosen
+    if chosen is None or chosen.position not in selection.positions:
         return None
-    return positions.index(int(chosen["position"])), layers.index(int(chosen["layer"]))
+    if chosen.layer not in selection.layers:
+        return None
+    return selection.positions.index(chosen.position), selection.layers.index(chosen.layer)
 
 
-def _mark_chosen(ax: Axes, selection: Mapping[str, Any]) -> None:
+def _mark_chosen(ax: Axes, selection: SelectionRecord) -> None:
     cell = _chosen_cell(selection)
     if cell is None:
         return
@@ -213,14 +210,13 @@ def _mark_chosen(ax: Axes, selection: Mapping[str, Any]) -> None:
     ax.add_patch(frame)
 
 
-def _chosen_suffix(selection: Mapping[str, Any], key: str) -> str:
-    value = (selection.get("chosen") or {}).get(key)
+def _chosen_suffix(selection: SelectionRecord, key: str) -> str:
+    value = getattr(selection.chosen, key) if selection.chosen is not None else None
     return "" if value is None else f"   (chosen: {value:.3g})"
 
 
-def _label_axes(ax: Axes, selection: Mapping[str, Any]) -> None:
-    positions = [int(p) for p in selection["positions"]]
-    layers = [int(x) for x in selection["layers"]]
+def _label_axes(ax: Axes, selection: SelectionRecord) -> None:
+    positions, layers = selection.positions, selection.layers
     ax.set_yticks(range(len(positions)), [str(p) for p in positions], fontsize=7)
     ax.set_ylabel("position", fontsize=8)
     step = max(1, math.ceil(len(layers) / 40))
@@ -229,17 +225,13 @@ def _label_axes(ax: Axes, selection: Mapping[str, Any]) -> None:
     ax.tick_params(length=2)
 
 
-def _colorbar_marks(bar: Colorbar, selection: Mapping[str, Any], key: str) -> None:
+def _colorbar_marks(bar: Colorbar, selection: SelectionRecord, key: str) -> None:
     """Reference lines on the colour bar: the baseline score, and the KL threshold."""
-    baseline = selection.get("baseline") or {}
-    filters = selection.get("filters") or {}
     reference = {
-        "bypass": baseline.get("harmful_val"),
-        "induce": baseline.get("harmless_val"),
-        "kl": filters.get("kl_max"),
+        "bypass": selection.baseline.harmful_val,
+        "induce": selection.baseline.harmless_val,
+        "kl": selection.filters.kl_max,
     }[key]
-    if reference is None:
-        return
     low, high = bar.norm.vmin, bar.norm.vmax
     if low is not None and high is not None and low <= reference <= high:
         bar.ax.axhline(reference, color="black", lw=1.5)
@@ -250,20 +242,21 @@ def _colorbar_marks(bar: Colorbar, selection: Mapping[str, Any], key: str) -> No
 # --------------------------------------------------------------------------- refusal bars
 
 
-def refusal_bars(metrics: Mapping[str, Any]) -> Figure:
+def refusal_bars(metrics: MetricsRecord) -> Figure:
     """Refusal score (and safety score if judged) per condition, harmful and harmless."""
     fig = Figure(figsize=(8.0, 3.0), dpi=DPI)
     fig.subplots_adjust(left=0.085, right=0.985, bottom=0.1, top=0.84, wspace=0.06)
     harmful_ax, harmless_ax = fig.subplots(1, 2, sharey=True, width_ratios=[3, 2])
-    harmful = metrics.get("harmful") or {}
-    series = [("refusal score", harmful.get("refusal_score") or {}, REFUSAL_COLOR)]
-    if harmful.get("safety_score"):
-        series.append(("safety score", harmful["safety_score"], SAFETY_COLOR))
-    harmful_coeff, harmless_coeff = actadd_coefficients(metrics)
+    harmful = metrics.harmful
+    series = [("refusal score", harmful.refusal_score.model_dump(), REFUSAL_COLOR)]
+    if harmful.safety_score is not None:
+        series.append(("safety score", harmful.safety_score.model_dump(), SAFETY_COLOR))
+    harmful_coeff = metrics.coefficients.harmful_actadd
+    harmless_coeff = metrics.coefficients.harmless_actadd
     _bar_panel(harmful_ax, series, ("baseline", "ablation", "actadd"), f"{harmful_coeff:+g}")
     harmful_ax.set_title("harmful prompts", fontsize=10)
     harmful_ax.set_ylabel("fraction of prompts", fontsize=9)
-    harmless = (metrics.get("harmless") or {}).get("refusal_score") or {}
+    harmless = metrics.harmless.refusal_score.model_dump()
     conditions = ("baseline", "actadd")
     _bar_panel(
         harmless_ax,
@@ -280,27 +273,17 @@ def refusal_bars(metrics: Mapping[str, Any]) -> Figure:
     return fig
 
 
-def actadd_coefficients(metrics: Mapping[str, Any]) -> tuple[float, float]:
-    """Activation-addition coefficients (harmful, harmless): metrics.json ``coefficients``,
-    else the paper's -1 and +1."""
-    coefficients = metrics.get("coefficients") or {}
-    return (
-        float(coefficients.get("harmful_actadd", -1.0)),
-        float(coefficients.get("harmless_actadd", 1.0)),
-    )
-
-
 def _bar_panel(
     ax: Axes,
-    series: Sequence[tuple[str, Mapping[str, Any], str]],
+    series: Sequence[tuple[str, dict[str, float], str]],
     conditions: Sequence[str],
     coeff: str,
 ) -> None:
-    present = [c for c in conditions if any(s.get(c) is not None for _, s, _ in series)]
+    present = list(conditions)
     width = min(0.6, 0.8 / len(series))
     for i, (_, scores, color) in enumerate(series):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(present))]
-        heights = [float(scores.get(c) or 0.0) for c in present]
+        heights = [scores[c] for c in present]
         bars = ax.bar(xs, heights, width=width * 0.95, color=color)
         ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     labels = [CONDITION_LABELS[c] + (f" ({coeff})" if c == "actadd" else "") for c in present]
@@ -375,7 +358,7 @@ def cosine_curves(
 CONDITION_COLORS = {"baseline": "#636363", "ablation": "#2166ac", "actadd": "#b2182b"}
 
 
-def comparison_bars(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> Figure:
+def comparison_bars(runs: Sequence[tuple[str, MetricsRecord]]) -> Figure:
     """The paper's cross-model bars, one group per run (``runs``: label, metrics.json): refusal
     on harmful prompts under baseline, ablation and activation addition; the safety score the
     same way when any run was judged; refusal on harmless prompts, baseline and activation
@@ -383,7 +366,7 @@ def comparison_bars(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> Figure:
     panels: list[tuple[str, str, str, Sequence[str]]] = [
         ("harmful", "refusal_score", "harmful prompts: refusal score", CONDITIONS)
     ]
-    if any((m.get("harmful") or {}).get("safety_score") for _, m in runs):
+    if any(m.harmful.safety_score is not None for _, m in runs):
         panels.append(("harmful", "safety_score", "harmful prompts: safety score", CONDITIONS))
     panels.append(
         ("harmless", "refusal_score", "harmless prompts: refusal score", ("baseline", "actadd"))
@@ -404,8 +387,9 @@ def comparison_bars(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> Figure:
         for j, condition in enumerate(conditions):
             xs, heights = [], []
             for i, (_, metrics) in enumerate(runs):
-                value = ((metrics.get(kind) or {}).get(key) or {}).get(condition)
-                if isinstance(value, int | float):
+                scores = getattr(getattr(metrics, kind), key)
+                value = getattr(scores, condition) if scores is not None else None
+                if value is not None:
                     xs.append(i + (j - (len(conditions) - 1) / 2) * bar_width)
                     heights.append(float(value))
             bars = ax.bar(xs, heights, bar_width * 0.95, color=CONDITION_COLORS[condition])

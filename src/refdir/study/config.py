@@ -1,206 +1,236 @@
-"""The options of a `refdir run` (:class:`RunConfig`), kept apart from the pipeline so that
-the command line can check them without importing torch."""
+"""The options of a study (:class:`RunConfig`): declared once, here, with their defaults (the
+paper's where it gives one) and descriptions. The command line's ``refdir run`` options are
+built from these fields (:mod:`refdir.flags`); a run can also be given as a TOML file of them
+(:func:`read_config`). Free of torch, so that the command line can check them before anything
+heavy is imported."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import sys
+from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from refdir.errors import RefdirError
-from refdir.layout_spec import LayoutSpec
+from refdir.flags import Flag
+from refdir.model.options import ModelOptions
 
-if TYPE_CHECKING:
-    from refdir.select import SelectionConfig
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
-__all__ = ["STEPS", "RunConfig", "check_step", "recorded_options"]
+__all__ = ["RESULT_FREE", "RunConfig", "option_error", "read_config"]
+
+PROMPTS, SELECTION, EVALUATION = "Prompts", "Selection", "Evaluation"
+BENCHMARKS, SUFFIX, SPEED = "Benchmarks", "Suffix", "Speed"
+
+RESULT_FREE = frozenset(
+    {"device", "dtype", "trust_remote_code", "batch_size", "gen_batch_size", "truncate"}
+)
+"""Options that cannot change results: they may differ between a run and its resumption."""
 
 
-STEPS = ("prompts", "extract", "select", "evaluate", "benchmarks", "suffix", "report")
-"""The steps of ``refdir run``, in order."""
+class RunConfig(ModelOptions):
+    """Every option of a run (the model's, then the study's)."""
 
-
-def check_step(step: str | None, option: str) -> None:
-    """A one-line error unless ``step`` (the value of ``option``) is None or a step's name."""
-    if step is not None and step not in STEPS:
-        raise RefdirError(f"unknown step {step!r} for {option}; use one of {', '.join(STEPS)}")
-
-
-class RunConfig(BaseModel):
-    """Every option of a run; the defaults are the paper's where it gives one."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field("organism", description="organism, a local folder, a .gguf file or a hub id")
-    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
-    dtype: str = Field("auto", description="auto, float32, bfloat16 or float16")
-    gguf_file: str | None = Field(None, description="GGUF file name inside the model folder")
-    trust_remote_code: bool = Field(
-        False, description="allow code from the model repository (off unless asked)"
+    seed: Annotated[int, Flag(panel=PROMPTS)] = Field(
+        42, description="seed for every sample of prompts"
     )
-    system: str | None = Field(
-        None, description="system prompt for the chat template (None: the template's default)"
-    )
-    chat_template: str | None = Field(
-        None, description="a Jinja chat template (its text), for models without one"
-    )
-    layout: dict[str, str | None] | None = Field(
-        None,
-        description="layout pattern overrides (LayoutSpec fields) for a model whose parts the "
-        "defaults miss",
-    )
-    seed: int = Field(42, description="seed for every sample of prompts")
-    n_train: int = Field(
+    n_train: Annotated[int, Flag(panel=PROMPTS)] = Field(
         128, ge=1, description="harmful and harmless prompts for the difference of means"
     )
-    n_val: int = Field(32, ge=1, description="harmful and harmless prompts for selection")
-    harmful_train: str = Field("harmful_train", description="harmful set for extraction")
-    harmless_train: str = Field("harmless_train", description="harmless set for extraction")
-    harmful_val: str = Field("harmful_val", description="harmful set for selection (bypass)")
-    harmless_val: str = Field("harmless_val", description="harmless set for selection (induce, KL)")
-    harmful_eval: tuple[str, ...] = Field(
+    n_val: Annotated[int, Flag(panel=PROMPTS)] = Field(
+        32, ge=1, description="harmful and harmless prompts for selection"
+    )
+    harmful_train: Annotated[str, Flag(panel=PROMPTS)] = Field(
+        "harmful_train", description="harmful set for extraction (a packaged set or a file)"
+    )
+    harmless_train: Annotated[str, Flag(panel=PROMPTS)] = Field(
+        "harmless_train", description="harmless set for extraction"
+    )
+    harmful_val: Annotated[str, Flag(panel=PROMPTS)] = Field(
+        "harmful_val", description="harmful set for selection (bypass)"
+    )
+    harmless_val: Annotated[str, Flag(panel=PROMPTS)] = Field(
+        "harmless_val", description="harmless set for selection (induce, KL)"
+    )
+    harmful_eval: Annotated[tuple[str, ...], Flag(panel=PROMPTS, items=True)] = Field(
         ("harmful_test", "jailbreakbench"), description="held-out harmful sets"
     )
-    harmless_eval: str = Field("harmless_test", description="held-out harmless set")
-    n_eval_harmful: int | None = Field(
-        100, ge=1, description="prompts per harmful eval set, the paper's n_test (None: all)"
+    harmless_eval: Annotated[str, Flag(panel=PROMPTS)] = Field(
+        "harmless_test", description="held-out harmless set"
     )
-    n_eval_harmless: int = Field(100, ge=1, description="held-out harmless prompts")
-    max_new_tokens: int = Field(64, ge=1, description="greedy tokens per completion")
-    batch_size: int = Field(
-        32, ge=1, description="prompts per forward pass (batched by length, so little padding)"
-    )
-    gen_batch_size: int = Field(
-        256,
+    n_eval_harmful: Annotated[int | None, Flag(panel=PROMPTS, zero_is_none=True)] = Field(
+        100,
         ge=1,
-        description="prompts generated together: each decoding step reads the weights once for "
-        "all of them, so larger is faster where memory allows",
+        description="prompts per held-out harmful set, the paper's n_test (seeded sample; "
+        "none, or 0 on the command line: all of them)",
     )
-    refusal_tokens: tuple[int, ...] | None = Field(
+    n_eval_harmless: Annotated[int, Flag(panel=PROMPTS)] = Field(
+        100, ge=1, description="held-out harmless prompts"
+    )
+    refusal_tokens: Annotated[tuple[int, ...] | None, Flag(panel=PROMPTS, items=True)] = Field(
         None,
-        description="token ids that start a refusal; derived from the model's own refusals if None",
+        description="token ids that start a refusal (none: derived from the model's own refusals)",
     )
-    n_refusal_probe: int = Field(
-        32, description="harmful_train prompts generated to find the refusal tokens"
+    n_refusal_probe: Annotated[int, Flag(panel=PROMPTS)] = Field(
+        32, ge=1, description="harmful_train prompts generated to find the refusal tokens"
     )
-    filter_prompts: bool = Field(
-        True, description="keep harmful prompts with refusal metric > 0 and harmless ones < 0"
+    filter_prompts: Annotated[bool, Flag(name="filter", panel=PROMPTS)] = Field(
+        True,
+        description="keep only prompts the model refuses (harmful) or answers (harmless), by "
+        "the refusal metric",
     )
-    kl_max: float = Field(
-        0.1, allow_inf_nan=False, description="selection: discard candidates with KL above this"
+    kl_max: Annotated[float, Flag(panel=SELECTION)] = Field(
+        0.1, allow_inf_nan=False, description="discard candidates with KL above this"
     )
-    induce_min: float = Field(
-        0.0, allow_inf_nan=False, description="selection: discard candidates with induce below this"
+    induce_min: Annotated[float, Flag(panel=SELECTION)] = Field(
+        0.0, allow_inf_nan=False, description="discard candidates with induce below this"
     )
-    max_layer_fraction: float = Field(
+    max_layer_fraction: Annotated[float, Flag(panel=SELECTION)] = Field(
         0.8,
         gt=0.0,
         le=1.0,
         allow_inf_nan=False,
-        description="selection: discard layers >= this fraction of depth",
+        description="discard layers >= this fraction of the depth",
     )
-    fallback_kl_bounds: tuple[float, ...] = Field(
-        (0.25, 0.5, 1.0), description="KL bounds tried when nothing passes"
+    fallback_kl_bounds: Annotated[
+        tuple[float, ...], Flag(name="fallback-kl", panel=SELECTION, items=True, empty="none")
+    ] = Field(
+        (0.25, 0.5, 1.0),
+        description="KL bounds tried in order when no candidate passes (none: no fallback, "
+        "fail instead)",
     )
-    score_all: bool = Field(
+    score_all: Annotated[bool, Flag(panel=SELECTION)] = Field(
         False,
         description="score every candidate on every measure, also those the filters discard "
         "(full heatmaps; slower)",
     )
-    layer: int | None = Field(
-        None, description="use this layer instead of selecting (with position)"
+    layer: Annotated[int | None, Flag(panel=SELECTION)] = Field(
+        None, description="choose the direction by hand: this layer (with position)"
     )
-    position: int | None = Field(
-        None, description="use this position instead of selecting (with layer)"
+    position: Annotated[int | None, Flag(panel=SELECTION)] = Field(
+        None, description="choose the direction by hand: this position (with layer)"
     )
-    harmful_coeff: float = Field(
+    harmful_coeff: Annotated[float, Flag(panel=EVALUATION)] = Field(
         -1.0,
         allow_inf_nan=False,
         description="activation addition on harmful prompts (negative: subtract)",
     )
-    harmless_coeff: float = Field(
+    harmless_coeff: Annotated[float, Flag(panel=EVALUATION)] = Field(
         1.0, allow_inf_nan=False, description="activation addition on harmless prompts"
     )
-    ce_corpus: str = Field("prose", description="packaged text corpus for the CE loss")
-    n_ce: int = Field(64, ge=1, description="texts of the corpus used for the CE loss")
-    n_random_kl: int = Field(
+    max_new_tokens: Annotated[int, Flag(panel=EVALUATION)] = Field(
+        64, ge=1, description="greedy tokens per completion"
+    )
+    ce_corpus: Annotated[str, Flag(panel=EVALUATION)] = Field(
+        "prose", description="packaged text corpus for the CE loss"
+    )
+    n_ce: Annotated[int, Flag(panel=EVALUATION)] = Field(
+        64, ge=1, description="texts of the corpus used for the CE loss"
+    )
+    n_random_kl: Annotated[int, Flag(name="random-kl", panel=EVALUATION)] = Field(
         0,
         ge=0,
         description="also ablate this many random directions on the harmless eval prompts, as "
         "a reference for the chosen direction's KL (0: skip; each costs a pass over the prompts)",
     )
-    judge: str | None = Field(None, description="safety judge name (llamaguard, harmbench)")
-    judge_model: str | None = Field(None, description="local path of the judge model")
-    benchmarks: tuple[str, ...] = Field(
+    judge: Annotated[str | None, Flag(panel=EVALUATION)] = Field(
+        None, description="safety judge: llamaguard or harmbench"
+    )
+    judge_model: Annotated[str | None, Flag(panel=EVALUATION)] = Field(
+        None, description="local folder of the judge model"
+    )
+    benchmarks: Annotated[tuple[str, ...], Flag(panel=BENCHMARKS, items=True)] = Field(
         (),
-        description="lm-evaluation-harness tasks (YAML files, or names found in benchmark_path) "
-        "scored without and with the direction ablated (step 'benchmarks'; none: skipped)",
+        description="lm-evaluation-harness tasks scored without and with the direction ablated: "
+        "task YAML files, or names found in benchmark_path (else among lm_eval's built-in "
+        "tasks, whose data must be in the local cache); none: the step is skipped",
     )
-    benchmark_path: tuple[str, ...] = Field(
-        (), description="folders searched for the benchmark tasks named by name"
+    benchmark_path: Annotated[tuple[str, ...], Flag(panel=BENCHMARKS, items=True)] = Field(
+        (), description="folders searched for the benchmark tasks given by name"
     )
-    benchmark_limit: int | None = Field(
-        None, ge=1, description="at most this many items per benchmark task (None: all)"
+    benchmark_limit: Annotated[int | None, Flag(panel=BENCHMARKS)] = Field(
+        None, ge=1, description="at most this many items per benchmark task (none: all)"
     )
-    truncate: int = Field(200, description="characters of each completion shown in the report")
-    suffix: bool = Field(
+    suffix: Annotated[bool, Flag(panel=SUFFIX)] = Field(
         False, description="also search an adversarial suffix and analyse it (step 'suffix')"
     )
-    n_suffix_prompts: int = Field(
-        8, description="refused harmful_train prompts the suffix is optimised on"
+    n_suffix_prompts: Annotated[int, Flag(panel=SUFFIX)] = Field(
+        8, ge=1, description="refused harmful_train prompts the suffix is searched on"
     )
-    n_suffix_eval: int = Field(32, description="held-out harmful prompts for the suffix analysis")
-    suffix_steps: int = Field(20, ge=0, description="GCG steps of the suffix search")
-    suffix_max_minutes: float = Field(
+    n_suffix_eval: Annotated[int, Flag(panel=SUFFIX)] = Field(
+        32, ge=1, description="held-out harmful prompts for the suffix analysis"
+    )
+    suffix_steps: Annotated[int, Flag(panel=SUFFIX)] = Field(
+        20, ge=0, description="GCG steps of the suffix search"
+    )
+    suffix_max_minutes: Annotated[float, Flag(panel=SUFFIX)] = Field(
         10.0,
         ge=0,
         allow_inf_nan=False,
         description="stop the suffix search after this many minutes (0: no limit)",
     )
+    batch_size: Annotated[int, Flag(panel=SPEED)] = Field(
+        32, ge=1, description="prompts per forward pass (batched by length, so little padding)"
+    )
+    gen_batch_size: Annotated[int, Flag(panel=SPEED)] = Field(
+        256,
+        ge=1,
+        description="prompts generated together: each decoding step reads the weights once for "
+        "all of them, so larger is faster where memory allows",
+    )
+    truncate: Annotated[int, Flag(panel="Report")] = Field(
+        200, ge=1, description="characters of each completion shown in the report"
+    )
 
-    @field_validator("layout")
+    @field_validator("n_eval_harmful", mode="before")
     @classmethod
-    def _layout(cls, value: dict[str, str | None] | None) -> dict[str, str | None] | None:
-        if value is not None:
-            try:
-                LayoutSpec.from_fields(value)
-            except RefdirError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+    def _all_eval(cls, value: Any) -> Any:
+        return None if value == 0 and not isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _pick_by_hand(self) -> RunConfig:
         if (self.layer is None) != (self.position is None):
-            raise ValueError("give both --layer and --position to choose the direction by hand")
+            raise ValueError("give both `layer` and `position` to choose the direction by hand")
         if self.position is not None and self.position >= 0:
-            raise ValueError("--position counts back from the last token: -1, -2, ...")
+            raise ValueError("`position` counts back from the last token: -1, -2, ...")
         if self.layer is not None and self.layer < 0:
-            raise ValueError("--layer must be 0 or more")
+            raise ValueError("`layer` must be 0 or more")
+        if not self.harmful_eval:
+            raise ValueError("`harmful_eval` names no set; give one or more, e.g. harmful_test")
         return self
 
-    def selection(self) -> SelectionConfig:
-        from refdir.select import SelectionConfig
-
-        return SelectionConfig(
-            self.kl_max, self.induce_min, self.max_layer_fraction, self.fallback_kl_bounds
-        )
-
     def result_keys(self) -> dict[str, Any]:
-        """The options that change results (device and display options excluded)."""
-        return self.model_dump(
-            mode="json",
-            exclude={
-                "device",
-                "dtype",
-                "trust_remote_code",
-                "batch_size",
-                "gen_batch_size",
-                "truncate",
-            },
+        """The options that change results (see :data:`RESULT_FREE`)."""
+        return self.model_dump(mode="json", exclude=set(RESULT_FREE))
+
+
+def option_error(exc: ValidationError) -> RefdirError:
+    """The first problem of a rejected config as a one-line error naming the option."""
+    error = exc.errors()[0]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:  # a check across options names its options itself
+        return RefdirError(message)
+    field = str(error["loc"][0])
+    return RefdirError(f"`{field}`: {message[0].lower()}{message[1:]}")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The options in a TOML file (a table of :class:`RunConfig` fields); a one-line error for
+    a missing or malformed file. Its values are checked where the config is made."""
+    if not path.is_file():
+        raise RefdirError(f"config file {path} does not exist; give a TOML file of run options")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise RefdirError(f"config file {path} is not readable TOML ({exc})") from None
+    unknown = sorted(set(values) - set(RunConfig.model_fields))
+    if unknown:
+        raise RefdirError(
+            f"config file {path}: unknown option {unknown[0]!r}; the options are the fields "
+            "of RunConfig (`refdir run --help`)"
         )
-
-
-def recorded_options(recorded: dict[str, Any]) -> dict[str, Any]:
-    """The options a run's config.json records, each option newer than the record at its
-    default (the run resumes with those)."""
-    return {**RunConfig().result_keys(), **recorded}
+    return values

@@ -19,112 +19,38 @@ and restored after); per-head outputs from a pre-hook on the output projection. 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from refdir.chat import by_length
-from refdir.direction import Direction, atomic_path, output_folder
+from refdir.artifacts.suffix import SuffixAnalysis
+from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
-from refdir.generation import generate, unsort
-from refdir.hooks import Hook, hooked, residual_stream
-from refdir.model import ChatModel
-from refdir.scoring.markers import is_refusal
-from refdir.stopwatch import Stopwatch, maybe
-from refdir.suffix import (
-    SUFFIX_JSON,
-    SuffixConfig,
-    SuffixResult,
-    random_suffix_ids,
-    search_suffix,
-    suffix_text,
-)
+from refdir.measures import is_refusal
+from refdir.model.chat import by_length
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import generate, unsort
+from refdir.model.hooks import Hook, hooked, residual_stream
 
 __all__ = [
-    "ANALYSIS_JSON",
     "CONDITIONS",
     "REGIONS",
-    "SuffixAnalysis",
     "analyze_suffix",
+    "attention_parts",
     "eager_attention",
     "head_geometry",
-    "held_out_prompts",
-    "run_suffix_experiment",
-    "suffix_report_section",
 ]
 
-ANALYSIS_JSON = "analysis.json"
 CONDITIONS: tuple[str, ...] = ("alone", "adversarial", "random")
 REGIONS: tuple[str, ...] = ("instruction", "suffix", "template")
 COMPLETION_CHARS = 80
 """Stored completions (only when asked for) are cut to this many characters."""
-
-
-@dataclass
-class SuffixAnalysis:
-    """Per-condition measurements; lists are JSON-ready (conditions first)."""
-
-    model: str
-    conditions: list[str]
-    suffixes: dict[str, str]
-    direction_layer: int
-    direction_position: int
-    prompts: list[str]
-    projection: list[list[float]]
-    """[C][L+1] mean projection onto the unit direction over prompts and post positions."""
-    cosine: list[list[float]]
-    """[C][L+1] mean cosine similarity with the direction."""
-    projection_by_position: list[list[list[float]]]
-    """[C][L+1][n_post] mean projection at each post-instruction position."""
-    head_attribution: list[list[list[float | None]]]
-    """[C][L][H] mean direct attribution of each head's output to the direction (last position;
-    null in layers without attention)."""
-    top_heads: list[list[int]]
-    """[[layer, head], ...] by attribution in the ``alone`` condition."""
-    attention_split: list[list[list[float]]]
-    """[C][top][region] mean attention mass of the last position per region."""
-    regions: list[str]
-    refusal: dict[str, list[bool]]
-    refusal_rate: dict[str, float]
-    max_new_tokens: int
-    completions: dict[str, list[str]] = field(default_factory=dict)
-    """Empty unless asked for; each completion cut to ``COMPLETION_CHARS`` characters."""
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.projection[0]) - 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / ANALYSIS_JSON
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        with atomic_path(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, folder: str | Path) -> SuffixAnalysis:
-        path = Path(folder)
-        path = path / ANALYSIS_JSON if path.is_dir() else path
-        if not path.exists():
-            raise RefdirError(f"{path} does not exist; run `refdir suffix` first")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        names = set(cls.__dataclass_fields__)
-        try:
-            return cls(**{k: v for k, v in data.items() if k in names})
-        except TypeError as exc:
-            raise RefdirError(f"{path} is not a refdir suffix analysis ({exc})") from None
 
 
 # --------------------------------------------------------------------------- capture
@@ -403,152 +329,3 @@ def analyze_suffix(
         max_new_tokens=max_new_tokens,
         completions=completions,
     )
-
-
-# --------------------------------------------------------------------------- experiment + report
-
-
-def run_suffix_experiment(
-    cm: ChatModel,
-    direction: Direction,
-    out: str | Path,
-    train_prompts: Sequence[str],
-    eval_prompts: Sequence[str],
-    config: SuffixConfig | None = None,
-    *,
-    eval_name: str = "custom",
-    n_top: int = 6,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    keep_completions: bool = False,
-    progress: bool = True,
-    stopwatch: Stopwatch | None = None,
-) -> dict[str, Any]:
-    """Search a suffix on ``train_prompts``, analyse it on ``eval_prompts``, write everything to
-    ``out`` (``suffix.json``, ``history.json``, ``analysis.json``, figures); returns suffix.json.
-    ``stopwatch`` gets the time of the ``search`` and of the ``analysis`` (its completions and
-    projections included)."""
-    from refdir.suffix_figures import write_figures
-
-    config = config or SuffixConfig()
-    direction.check(cm.d_model, cm.n_layers)
-    with output_folder(Path(out)) as folder:  # made and checked now, not after the search
-        with maybe(stopwatch, "search"):
-            result = search_suffix(cm, train_prompts, config, progress)
-        random_ids = random_suffix_ids(cm, eval_prompts, len(result.token_ids), config.seed)
-        random_text = suffix_text(cm, random_ids)
-        with maybe(stopwatch, "analysis"):
-            analysis = analyze_suffix(
-                cm,
-                direction,
-                eval_prompts,
-                result.suffix,
-                random_text,
-                n_top=n_top,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                keep_completions=keep_completions,
-                progress=progress,
-            )
-        rates = analysis.refusal_rate
-        extra = {
-            "refusal_rate": {
-                "without": rates["alone"],
-                "with": rates["adversarial"],
-                "random": rates["random"],
-            },
-            "random_suffix": random_text,
-            "random_token_ids": random_ids,
-            "eval_prompts": eval_name,
-            "n_eval": len(eval_prompts),
-            "direction": {"layer": direction.layer, "position": direction.position},
-        }
-        result.save(folder, extra)
-        analysis.save(folder)
-        write_figures(folder, analysis, result.history, result.best_history, result.objective)
-        return {**result.summary(), **extra}
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3f}"
-
-
-def _report_layers(n_layers: int, direction_layer: int) -> list[int]:
-    picks = {0, n_layers // 4, n_layers // 2, direction_layer, (3 * n_layers) // 4, n_layers}
-    return sorted(layer for layer in picks if 0 <= layer <= n_layers)
-
-
-def suffix_report_section(folder: str | Path, relative_to: str | Path | None = None) -> str:
-    """A markdown section on the suffix run in ``folder``; figures are linked by their path
-    relative to ``relative_to`` (default: ``folder`` itself), e.g. the run folder of a report."""
-    out = Path(folder)
-    base = Path(relative_to) if relative_to is not None else out
-    link = Path(os.path.relpath(out, base)).as_posix()
-    pre = "" if link == "." else f"{link}/"
-    summary = SuffixResult.load(out).summary()
-    data = json.loads((out / SUFFIX_JSON).read_text(encoding="utf-8"))
-    analysis = SuffixAnalysis.load(out)
-    rates = data.get("refusal_rate", {})
-    lines = [
-        "## Adversarial suffix",
-        "",
-        f"A universal suffix of {len(summary['token_ids'])} tokens, searched by GCG on "
-        f"{len(summary['instructions'])} harmful instructions in {summary['n_steps']} steps "
-        f"({summary['seconds']:.0f} s; objective `{summary['objective']}` "
-        f"{_fmt(summary['initial_loss'])} -> {_fmt(summary['loss'])}).",
-        "",
-        "| held-out prompts | refusal rate |",
-        "|---|---|",
-        f"| instruction alone | {_fmt(rates.get('without', float('nan')))} |",
-        f"| + adversarial suffix | {_fmt(rates.get('with', float('nan')))} |",
-        f"| + random suffix | {_fmt(rates.get('random', float('nan')))} |",
-        "",
-        f"Refusal rates by markers over {len(analysis.prompts)} prompts "
-        f"(`{data.get('eval_prompts', '?')}`), greedy, {analysis.max_new_tokens} new tokens.",
-        "",
-        "Mean projection onto the refusal direction at the post-instruction tokens:",
-        "",
-        "| layer | " + " | ".join(analysis.conditions) + " |",
-        "|---|" + "---|" * len(analysis.conditions),
-    ]
-    for layer in _report_layers(analysis.n_layers, analysis.direction_layer):
-        cells = " | ".join(_fmt(row[layer]) for row in analysis.projection)
-        mark = " (direction)" if layer == analysis.direction_layer else ""
-        lines.append(f"| {layer}{mark} | {cells} |")
-    lines += [
-        "",
-        "Attention of the last position, top heads (instruction / suffix / template):",
-        "",
-    ]
-    lines += ["| head | " + " | ".join(analysis.conditions) + " |"]
-    lines += ["|---|" + "---|" * len(analysis.conditions)]
-    for t, (layer, head) in enumerate(analysis.top_heads):
-        cells = " | ".join(
-            " / ".join(f"{v:.2f}" for v in analysis.attention_split[c][t])
-            for c in range(len(analysis.conditions))
-        )
-        lines.append(f"| L{layer}H{head} | {cells} |")
-    lines += [
-        "",
-        f"![projection]({pre}projection.png) ![attention]({pre}attention.png) "
-        f"![objective]({pre}objective.png)",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def held_out_prompts(name: str, n: int | None, seed: int, exclude: Sequence[str] = ()) -> list[str]:
-    """Up to ``n`` prompts of a set (seeded sample) that are not in ``exclude``."""
-    import random as _random
-
-    from refdir.data import load_prompts
-
-    banned = set(exclude)
-    pool = [p for p in load_prompts(name) if p not in banned]
-    if not pool:
-        raise RefdirError(f"no held-out prompts left in {name} after removing the search set")
-    if n is not None and n <= 0:
-        raise RefdirError(f"--n-eval must be positive, got {n}")
-    if n is None or n >= len(pool):
-        return pool
-    return _random.Random(seed).sample(pool, n)

@@ -15,8 +15,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from refdir.direction import atomic_path
-from refdir.suffix_analysis import SuffixAnalysis
+from refdir.artifacts.suffix import SuffixAnalysis
+from refdir.io import atomic_path
 
 __all__ = [
     "ATTENTION_PNG",

@@ -34,7 +34,6 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -43,9 +42,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from refdir.direction import atomic_path
 from refdir.errors import RefdirError
-from refdir.model import ChatModel, cache_kwargs, returned_cache
+from refdir.hf import cache_kwargs, returned_cache
+from refdir.model.chat_model import ChatModel
 
 __all__ = [
     "REFUSAL_WORDS",
@@ -64,9 +63,6 @@ log = logging.getLogger(__name__)
 
 REFUSAL_WORDS: tuple[str, ...] = ("I", "As")
 """Words that start refusals ("I'm sorry", "I cannot", "As an AI"); their first tokens are ``R``."""
-
-SUFFIX_JSON = "suffix.json"
-HISTORY_JSON = "history.json"
 
 Objective = Literal["refusal", "target"]
 Accept = Literal["improve", "best"]
@@ -121,11 +117,9 @@ class SuffixConfig:
     """Stop after the step that crosses this wall-clock budget (None: run every step)."""
 
     def __post_init__(self) -> None:
-        flags = {"n_steps": "steps"}  # the command line's name where it is not the field's
         for name in ("n_tokens", "n_steps", "topk", "batch_size", "eval_batch"):
             if getattr(self, name) <= 0 and not (name == "n_steps" and self.n_steps == 0):
-                flag = flags.get(name, name).replace("_", "-")
-                raise RefdirError(f"--{flag} ({name}) must be positive, got {getattr(self, name)}")
+                raise RefdirError(f"`{name}` must be positive, got {getattr(self, name)}")
         if self.objective not in ("refusal", "target"):
             raise RefdirError(f"unknown objective {self.objective!r}; use refusal or target")
         if self.max_seconds is not None and self.max_seconds <= 0:
@@ -163,44 +157,6 @@ class SuffixResult:
         data.pop("history")
         data.pop("best_history")
         return data
-
-    def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``suffix.json`` (summary plus ``extra``) and ``history.json``; returns the folder."""
-        out = Path(folder)
-        _write_json(out / SUFFIX_JSON, {**self.summary(), **(extra or {})})
-        _write_json(out / HISTORY_JSON, {"loss": self.history, "best": self.best_history})
-        return out
-
-    @classmethod
-    def load(cls, folder: str | Path) -> SuffixResult:
-        out = Path(folder)
-        data = _read_json(out / SUFFIX_JSON)
-        history = _read_json(out / HISTORY_JSON) if (out / HISTORY_JSON).exists() else {}
-        names = set(cls.__dataclass_fields__)
-        fields = {k: v for k, v in data.items() if k in names}
-        fields["history"] = list(history.get("loss", []))
-        fields["best_history"] = list(history.get("best", []))
-        try:
-            return cls(**fields)
-        except TypeError as exc:
-            raise RefdirError(f"{out / SUFFIX_JSON} is not a refdir suffix file ({exc})") from None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise RefdirError(f"{path} does not exist; run `refdir suffix` first")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RefdirError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise RefdirError(f"{path}: expected a JSON object")
-    return data
 
 
 @contextmanager
@@ -457,11 +413,11 @@ class SuffixSearch:
         start = torch.tensor(ids[: self.config.n_tokens], dtype=torch.long)
         if not bool(self.allowed[start].all()):
             raise RefdirError(
-                f"the initial text {init!r} has special or non-ASCII tokens; pass another --init"
+                f"the initial text {init!r} has special or non-ASCII tokens; pass another `init`"
             )
         if not bool(self.retokenizes(start[None])[0]):
             raise RefdirError(
-                f"the initial suffix from {init!r} does not re-tokenize to itself; pass another --init"
+                f"the initial suffix from {init!r} does not re-tokenize to itself; pass another `init`"
             )
         return start
 

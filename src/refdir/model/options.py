@@ -1,0 +1,66 @@
+"""Which model to load and how (:class:`ModelOptions`): the options every command that loads
+a model shares, declared once. Free of torch, so that the command line can check them before
+anything heavy is imported."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from refdir.errors import RefdirError
+from refdir.flags import Flag
+from refdir.model.layout_spec import LayoutSpec
+
+__all__ = ["ModelOptions"]
+
+_PANEL = "Model"
+
+
+class ModelOptions(BaseModel):
+    """A model to load: where it is, where it runs, and its chat format and layout."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: Annotated[str, Flag(short="-m", panel=_PANEL)] = Field(
+        "organism",
+        description="organism (the bundled default), a local folder, a .gguf file or a hub id",
+    )
+    device: Annotated[str, Flag(panel=_PANEL)] = Field(
+        "cpu", description="cpu, cuda, cuda:N, or auto (device_map over every visible GPU)"
+    )
+    dtype: Annotated[str, Flag(panel=_PANEL)] = Field(
+        "auto", description="auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16, float16"
+    )
+    gguf_file: Annotated[str | None, Flag(panel=_PANEL)] = Field(
+        None, description="a GGUF file's name inside the model folder"
+    )
+    trust_remote_code: Annotated[bool, Flag(panel=_PANEL)] = Field(
+        False, description="run code from the model repository (off unless asked)"
+    )
+    system: Annotated[str | None, Flag(panel=_PANEL)] = Field(
+        None, description="system prompt for the chat template (none: the template's own default)"
+    )
+    chat_template: Annotated[str | None, Flag(panel=_PANEL, from_file="text")] = Field(
+        None,
+        description="a Jinja chat template, for a model without one or to replace its own",
+    )
+    layout: Annotated[dict[str, str | None] | None, Flag(panel=_PANEL, from_file="json")] = Field(
+        None,
+        description="layout patterns (LayoutSpec fields, e.g. {\"mlp\": \"feed_forward\", "
+        "\"mlp_out\": \"w2\"}) for a model whose parts refdir does not find by name",
+    )
+
+    @field_validator("layout")
+    @classmethod
+    def _layout(cls, value: dict[str, str | None] | None) -> dict[str, str | None] | None:
+        if value is not None:
+            try:
+                LayoutSpec.from_fields(value)
+            except RefdirError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    def layout_spec(self) -> LayoutSpec | None:
+        """The layout overrides as a :class:`LayoutSpec` (None: the defaults)."""
+        return LayoutSpec.from_fields(self.layout) if self.layout else None

@@ -1,0 +1,233 @@
+"""Step ``evaluate``: completions of the held-out prompts under each condition (one set of
+decoding batches for all), their refusal scores by markers (and safety scores, with a judge),
+the KL of ablation on harmless prompts, and the cross-entropy on text and on the model's own
+completions. Completion files on disk are read back instead of generated again."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from refdir.artifacts.metrics import (
+    Coefficients,
+    DirectionSummary,
+    Harmless,
+    HarmlessScores,
+    HarmfulScores,
+    Kept,
+    MetricsRecord,
+    SelectionSummary,
+    Sizes,
+    ThreeConditions,
+)
+from refdir.artifacts.run import CANDIDATES, Completion, PromptSets, RefusalTokensRecord
+from refdir.artifacts.selection import SelectionRecord
+from refdir.data import load_corpus
+from refdir.directions.candidates import Candidates
+from refdir.directions.direction import Direction
+from refdir.errors import RefdirError
+from refdir.evaluation.judges import JUDGES, load_judge, safety_score
+from refdir.evaluation.kl import kl_summary, random_direction_kl, random_kl_summary
+from refdir.evaluation.losses import ce_losses, completion_rows, text_rows
+from refdir.evaluation.refusal import Job, evaluate_jobs
+from refdir.interventions.intervention import NONE, Intervention
+from refdir.io import write_jsonl
+from refdir.measures import kl_divergence
+from refdir.model.loading import names_local_path
+from refdir.study.config import RunConfig
+from refdir.study.files import COMPLETIONS
+from refdir.study.state import Run
+from refdir.study.steps.shared import eval_prompts
+
+__all__ = ["check_judge", "step_evaluate"]
+
+Key = tuple[str, str]
+"""(prompt group, condition) of a completion file ``completions/{group}.{condition}.jsonl``."""
+
+
+def _completion_file(out: Path, key: Key) -> Path:
+    return out / Path(COMPLETIONS).parent / f"{key[0]}.{key[1]}.jsonl"
+
+
+def _completions(
+    run: Run, jobs: Mapping[Key, tuple[list[str], Intervention]]
+) -> dict[Key, list[Completion]]:
+    """Completions of each (group, condition) job, read back when its file is there; the jobs
+    still missing are generated together, every row under its own job's intervention."""
+    paths = {key: _completion_file(run.out, key) for key in jobs}
+    done = {
+        key: [
+            Completion.model_validate(json.loads(line))
+            for line in path.read_text(encoding="utf-8").splitlines()
+        ]
+        for key, path in paths.items()
+        if path.exists()
+    }
+    missing = [key for key in jobs if key not in done]
+    if missing:
+        c, cm = run.config, run.cm
+        with run.watch.part("completions"):
+            results = evaluate_jobs(
+                cm,
+                [Job(".".join(key), *jobs[key]) for key in missing],
+                c.max_new_tokens,
+                c.gen_batch_size,
+                run.progress,
+            )
+        for key, result in zip(missing, results, strict=True):
+            done[key] = result.completions
+            write_jsonl(paths[key], [r.model_dump() for r in done[key]])
+    return {key: done[key] for key in jobs}
+
+
+def _rate(records: Sequence[Completion], subset: set[str] | None = None) -> float:
+    chosen = [r for r in records if subset is None or r.prompt in subset]
+    return round(sum(r.refusal for r in chosen) / len(chosen), 4) if chosen else 0.0
+
+
+def _three(values: Mapping[str, float]) -> ThreeConditions:
+    return ThreeConditions(**values)
+
+
+def _sizes(run: Run, by_set: dict[str, list[str]], harmful: list[str], harmless: list[str]) -> Sizes:
+    """Prompts sampled and kept by the refusal-metric filter, per set: the training sets are
+    filtered in the extract step's pass (the candidates record how many prompts their means are
+    over), the validation sets in the select step's (selection.json); and the held-out sets."""
+    prompts = PromptSets.read(run.out)
+    cands = Candidates.load(run.out / CANDIDATES.FILE)
+    validation = SelectionRecord.read(run.out).validation.filter
+    counts = {
+        "harmful_train": Kept(sampled=len(prompts.harmful_train), kept=cands.n_harmful),
+        "harmless_train": Kept(sampled=len(prompts.harmless_train), kept=cands.n_harmless),
+        "harmful_val": validation.harmful_val,
+        "harmless_val": validation.harmless_val,
+    }
+    return Sizes(
+        **{k: v.kept for k, v in counts.items()},
+        filter=counts,
+        harmful_eval={k: len(v) for k, v in by_set.items()},
+        harmful_eval_unique=len(harmful),
+        harmless_eval={run.config.harmless_eval: len(harmless)},
+    )
+
+
+def step_evaluate(run: Run) -> None:
+    c, out, cm = run.config, run.out, run.cm
+    direction = Direction.load(out)
+    by_set, harmful, harmless = eval_prompts(c)
+    conditions = {
+        "baseline": NONE,
+        "ablation": Intervention.ablation(direction),
+        "actadd": Intervention.addition(direction, c.harmful_coeff),
+    }
+    # every completion of the step decodes in the same batches, each row under its condition
+    runs = _completions(
+        run,
+        {
+            ("harmful", "baseline"): (harmful, NONE),
+            ("harmless", "baseline"): (harmless, NONE),
+            ("harmful", "ablation"): (harmful, conditions["ablation"]),
+            ("harmful", "actadd"): (harmful, conditions["actadd"]),
+            ("harmless", "actadd"): (harmless, Intervention.addition(direction, c.harmless_coeff)),
+        },
+    )
+    harmful_runs = {name: runs["harmful", name] for name in ("baseline", "ablation", "actadd")}
+    harmless_runs = {name: runs["harmless", name] for name in ("baseline", "actadd")}
+    corpus = text_rows(cm, load_corpus(c.ce_corpus, c.n_ce))
+    own = completion_rows(cm, harmless, [r.completion for r in harmless_runs["baseline"]])
+    with run.watch.part("ce text"):
+        on_text = ce_losses(cm, corpus, conditions, progress=run.progress)
+    with run.watch.part("ce and kl on own completions"):
+        on_own = ce_losses(cm, own, conditions, progress=run.progress, desc="ce loss (completions)")
+    # the KL score's distributions are the logits that predict each completion's first token
+    kl = kl_divergence(on_own["baseline"].first, on_own["ablation"].first)
+    refused = {r.prompt: r.refusal for r in harmless_runs["baseline"]}
+    selection = SelectionRecord.read(out)
+    if selection.chosen is None:
+        raise RefdirError(f"{out / SelectionRecord.FILE} names no chosen candidate; redo it with `force='select'`")
+    reference = None
+    if c.n_random_kl > 0:
+        with run.watch.part("random directions"):
+            scores = random_direction_kl(
+                cm,
+                harmless,
+                c.n_random_kl,
+                c.seed,
+                on_own["baseline"].first,
+                c.batch_size,
+                run.progress,
+            )
+        reference = random_kl_summary(scores, float(kl.mean()), c.seed)
+    safety = _safety(run, harmful_runs) if c.judge is not None else None
+    metrics = MetricsRecord(
+        model=c.model,
+        direction=DirectionSummary(
+            layer=direction.layer, position=direction.position, norm=round(direction.norm, 5)
+        ),
+        selection=SelectionSummary(
+            rule=selection.rule,
+            fallback=selection.fallback,
+            n_candidates=selection.n_candidates,
+            n_passed=selection.n_passed,
+            bypass=selection.chosen.bypass,
+            induce=selection.chosen.induce,
+            kl=selection.chosen.kl,
+        ),
+        refusal_tokens=RefusalTokensRecord.read(out).texts,
+        sizes=_sizes(run, by_set, harmful, harmless),
+        harmful=HarmfulScores(
+            refusal_score=_three({k: _rate(v) for k, v in harmful_runs.items()}),
+            by_set={
+                name: _three({k: _rate(v, set(ps)) for k, v in harmful_runs.items()})
+                for name, ps in by_set.items()
+            },
+            safety_score=safety,
+        ),
+        harmless=Harmless(
+            refusal_score=HarmlessScores(**{k: _rate(v) for k, v in harmless_runs.items()}),
+            kl_ablation=round(float(kl.mean()), 5),
+            kl_ablation_spread=kl_summary(kl, [refused[p] for p in harmless]),
+            kl_random_directions=reference,
+        ),
+        ce_loss=_three({name: round(losses.ce, 5) for name, losses in on_text.items()}),
+        ce_loss_own_completions=_three(
+            {name: round(losses.ce, 5) for name, losses in on_own.items()}
+        ),
+        coefficients=Coefficients(harmful_actadd=c.harmful_coeff, harmless_actadd=c.harmless_coeff),
+    )
+    metrics.write(out)
+
+
+def check_judge(c: RunConfig) -> tuple[str, str]:
+    """The judge's registered name and model folder: an unknown name (close names suggested)
+    or a judge without a model is an error."""
+    if c.judge is None:
+        raise RefdirError("no judge set; give `judge` and `judge_model`")
+    JUDGES.get(c.judge)
+    if c.judge_model is None:
+        raise RefdirError("`judge` needs `judge_model` (a local judge model folder)")
+    path = Path(c.judge_model).expanduser()
+    if names_local_path(c.judge_model) or path.exists():
+        if not path.is_dir():
+            raise RefdirError(
+                f"`judge_model` {c.judge_model}: no such folder; give the judge's folder"
+            )
+        if not (path / "config.json").is_file():
+            raise RefdirError(
+                f"`judge_model` {c.judge_model} has no config.json; give the judge model's folder"
+            )
+    return c.judge, c.judge_model
+
+
+def _safety(run: Run, harmful_runs: dict[str, list[Completion]]) -> ThreeConditions:
+    c = run.config
+    name, model = check_judge(c)
+    judge = load_judge(name, model, device=c.device, dtype=c.dtype, progress=run.progress)
+    with run.watch.part("judge"):  # loading the judge model is not a part
+        return _three(
+            {
+                k: round(safety_score(judge, [r.prompt for r in v], [r.completion for r in v]), 4)
+                for k, v in harmful_runs.items()
+            }
+        )
