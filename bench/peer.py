@@ -72,7 +72,6 @@ from typing import Any
 import torch
 from transformers import BatchEncoding
 
-from refdir.cli.actions import orthogonalize
 from refdir.data import load_corpus, sample_prompts
 from refdir.directions.candidates import Candidates
 from refdir.directions.extraction import extract_candidates
@@ -83,6 +82,7 @@ from refdir.directions.selection import CandidateScores, SelectionConfig, pick
 from refdir.errors import RefdirError
 from refdir.evaluation.losses import ScoredRows, ce_losses, text_rows
 from refdir.interventions.intervention import ablate
+from refdir.interventions.orthogonalization import orthogonalize
 from refdir.model.chat import pad_left
 from refdir.model.chat_model import ChatModel
 from refdir.model.generation import generate, last_position_logits

@@ -20,7 +20,7 @@ from refdir.directions.extraction import extract_candidates
 from refdir.directions.scoring import ValidationSets, score_candidates
 from refdir.errors import RefdirError
 from refdir.interventions.export import export_orthogonalized
-from refdir.interventions.intervention import ablate, add
+from refdir.interventions.intervention import Intervention, ablate, add
 from refdir.interventions.orthogonalization import parity
 from refdir.interventions.rows import RowConditions
 from refdir.measures import kl_divergence, refusal_metric
@@ -134,7 +134,7 @@ def test_generation_candidates_and_row_conditions(arch: str) -> None:
     rows = [cm.chat.token_ids(p) for p in PROMPTS]
     batch = cm.chat.encode(PROMPTS).to(cm.device)
     direction = cands.direction(position=cands.positions[int(live.nonzero()[-1])], layer=layer)
-    conditions = RowConditions(cm, direction, [("ablate", 0.0)])
+    conditions = RowConditions(cm, [Intervention.ablation(direction)])
     conditions.select(torch.zeros(len(rows), dtype=torch.long))
     with torch.inference_mode(), hooked(conditions.hooks()):
         per_row = cm.model(**batch.inputs()).logits[:, -1]
@@ -237,7 +237,7 @@ def test_a_residual_stream_of_another_shape_is_a_one_line_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Gemma 3n passes its layers several streams per token ([4, batch, tokens, d])."""
-    import refdir.intervene
+    import refdir.model.layout_check
 
     def streams(layers: object, keep: Any) -> list[Any]:
         def hook(module: object, args: Any, kwargs: Any) -> None:
@@ -246,7 +246,7 @@ def test_a_residual_stream_of_another_shape_is_a_one_line_error(
         return [(cm.layout.layers[0], "input", hook)]
 
     cm = tiny_chat_model("llama")
-    monkeypatch.setattr(refdir.intervene, "residual_stream", streams)
+    monkeypatch.setattr(refdir.model.layout_check, "residual_stream", streams)
     with pytest.raises(RefdirError, match=r"shape \(4, 2, \d+, 32\), not \[batch, tokens, 32\]"):
         verify_ablation(cm)
 

@@ -13,7 +13,7 @@ import torch
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
 from refdir.evaluation.benchmarks import offline, run_benchmarks, write_multiple_choice_task
-from refdir.interventions.intervention import ablate
+from refdir.interventions.intervention import Intervention, ablate
 from refdir.model.chat_model import ChatModel
 from tiny import tiny_chat_model
 
@@ -74,7 +74,7 @@ def _hand_accuracy(cm: ChatModel, scope: AbstractContextManager[Any]) -> float:
 def scores(cm: ChatModel, direction: Direction, task: Path) -> dict[str, float]:
     plain = run_benchmarks(cm, [task], batch_size=4)
     ablated = run_benchmarks(
-        cm, ["tiny_mc"], include_path=[task.parent], kind="ablate", direction=direction
+        cm, ["tiny_mc"], include_path=[task.parent], intervention=Intervention.ablation(direction)
     )
     return {"plain": plain["tiny_mc"]["acc"], "ablated": ablated["tiny_mc"]["acc"]}
 
@@ -151,7 +151,7 @@ def test_run_pipeline_benchmarks_the_chosen_direction(
     saved = json.loads((tmp_path / "benchmarks.json").read_text())
     direction = Direction.load(tmp_path)
     plain = run_benchmarks(cm, [task])["tiny_mc"]
-    ablated = run_benchmarks(cm, [task], kind="ablate", direction=direction)["tiny_mc"]
+    ablated = run_benchmarks(cm, [task], intervention=Intervention.ablation(direction))["tiny_mc"]
     for metric in ("acc", "acc_norm"):
         assert saved["scores"]["tiny_mc"][metric] == {
             "baseline": round(plain[metric], 6),

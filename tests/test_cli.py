@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -176,128 +178,209 @@ def test_orthogonalize_exports(model_dir: Path, extracted: Path, tmp_path: Path)
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-def test_errors_are_one_line(model_dir: Path, extracted: Path, tmp_path: Path) -> None:
-    cases = [
-        (
-            ["evaluate", "--model", str(model_dir), "--prompts", "no_such_set"],
-            "no such file or packaged set",
-        ),
-        (["evaluate", "--model", str(model_dir), "--intervention", "ablate"], "needs --direction"),
-        (["evaluate", "--model", str(tmp_path / "missing")], "no such model folder or file"),
-        (
-            ["ablate", "--model", str(model_dir), "--direction", str(tmp_path)],
-            "direction.safetensors is missing",
-        ),
-    ]
-    if not torch.cuda.is_available():
-        cases.append(
-            (
-                ["extract", "--model", str(model_dir), "--out", str(tmp_path), "--device", "cuda"],
-                "no CUDA GPU",
-            )
-        )
-    Direction(torch.ones(8), 1, -1, "other").save(tmp_path / "small")
-    cases.append(
-        (["ablate", "--model", str(model_dir), "--direction", str(tmp_path / "small")], "size 8")
-    )
-    a_file = tmp_path / "a-file"
-    a_file.write_text("not a folder")
-    typo, listed = tmp_path / "typo.json", tmp_path / "list.json"
-    typo.write_text('{"lora_rankk": 3}')
-    listed.write_text("[1]")
-    build = ["organism", "build", "--out", str(tmp_path / "o"), "--recipe"]
-    cases.append(([*build, str(typo)], "typo.json: lora_rankk: Extra inputs"))
-    cases.append(([*build, str(listed)], "must be a JSON object of recipe fields"))
-    for field, value, bound in (
-        ("lora_rank", 0, "greater than or equal to 1"),
-        ("lr", 0, "greater than 0"),
-        ("harmful_repeats", 13, "less than or equal to 12"),
-    ):
-        bad = tmp_path / f"{field}.json"
-        bad.write_text(json.dumps({field: value}))
-        cases.append(([*build, str(bad)], f"{field}.json: {field}: Input should be {bound}"))
+@dataclass(frozen=True)
+class Files:
+    """What the error cases point at: a tiny model folder, an extracted direction, a scratch
+    folder with a file, recipe files, a damaged model and a direction of the wrong size."""
+
+    model_dir: Path
+    extracted: Path
+    tmp: Path
+
+    @property
+    def model(self) -> list[str]:
+        return ["--model", str(self.model_dir)]
+
+    @property
+    def direction(self) -> list[str]:
+        return ["--direction", str(self.extracted)]
+
+    @property
+    def a_file(self) -> str:
+        return str(self.tmp / "a-file")
+
+
+@pytest.fixture
+def files(model_dir: Path, extracted: Path, tmp_path: Path) -> Files:
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "typo.json").write_text('{"lora_rankk": 3}')
+    (tmp_path / "list.json").write_text("[1]")
+    for field, value in (("lora_rank", 0), ("lr", 0), ("harmful_repeats", 13)):
+        (tmp_path / f"{field}.json").write_text(json.dumps({field: value}))
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     for item in model_dir.iterdir():
         (damaged / item.name).write_bytes(item.read_bytes())
     (damaged / "model.safetensors").write_text("garbage")
-    cases.append((["evaluate", "--model", str(damaged)], "could not load model"))
-    model = ["--model", str(model_dir)]
-    cases += [  # --out naming a file
-        (["run", *model, "--out", str(a_file)], "exists and is not a folder"),
-        (["extract", *model, "--out", str(a_file)], "exists and is not a folder"),
-        (
-            ["orthogonalize", *model, "--direction", str(extracted), "--out", str(a_file)],
-            "exists and is not an empty folder",
-        ),
-        (
-            ["suffix", *model, "--direction", str(extracted), "--out", str(a_file)],
-            "exists and is not a folder",
-        ),
-        (["organism", "build", "--out", str(a_file)], "exists and is not a folder"),
-        (["organism", "build", "--out", str(tmp_path / "o"), "--threads", "0"], "1 or more"),
-        (["extract", *model, "--out", str(tmp_path / "e"), "--layer", "99"], "--layer must be in"),
-        (
-            ["extract", *model, "--out", str(tmp_path / "e"), "--position", "-99"],
-            "--position must be in -13..-1",
-        ),
-        (
-            ["add", *model, "--direction", str(extracted), "--coeff", "nan", "--n", "1"],
-            "--coeff must be a finite number",
-        ),
-        (["evaluate", *model, "--max-new-tokens", "0", "--n", "1"], "1 or more, got 0"),
-        (["evaluate", *model, "--completions", str(tmp_path)], "is a folder; give a .jsonl"),
-        (
-            ["ablate", *model, "--direction", str(extracted), "--chat-template", "nope.j2"],
-            "chat template nope.j2 does not exist",
-        ),
-        (
-            ["ablate", *model, "--direction", str(extracted), "--chat-template", str(tmp_path)],
-            "is a folder; give a Jinja file",
-        ),
-    ]
-    direction = ["--direction", str(extracted)]
-    cases += [  # checked before the model loads (or, for files, before any work)
-        (["evaluate", *model, "--intervention", "bogus"], "unknown intervention 'bogus'"),
-        (["evaluate", *model, *direction], "--intervention is none; add --intervention"),
-        (["evaluate", *model, "--completions", "/proc/o.jsonl"], "cannot write in /proc"),
-        (["ablate", *model, *direction, "--batch-size", "0"], "--batch-size must be 1 or more"),
-        (["extract", *model, "--out", "/proc/x"], "cannot create the folder /proc/x"),
-        (
-            ["extract", *model, "--out", str(tmp_path / "s"), "--harmful", "harmless_train"],
-            "name the same set",
-        ),
-        (["orthogonalize", *model, *direction, "--out", "/proc/x"], "cannot write in /proc"),
-        (
-            ["suffix", *model, *direction, "--out", str(tmp_path / "x"), "--top-heads", "0"],
-            "--top-heads must be 1 or more",
-        ),
-        (
-            ["suffix", *direction, "--out", str(tmp_path / "x"), "--steps", "-1"],
-            "--steps (n_steps)",
-        ),
-        (["evaluate", "--model", str(a_file)], "is a file but not a .gguf"),
-        (["evaluate", "--gguf-file", "x.gguf"], "not the organism"),
-    ]
-    cases.append(  # fails after its --completions folder was made
-        (
-            [
-                *["evaluate", *model, "--intervention", "ablate"],
-                *["--direction", str(tmp_path / "no")],
-                *["--completions", str(tmp_path / "c" / "d" / "o.jsonl")],
-            ],
-            "direction.safetensors is missing",
-        )
+    Direction(torch.ones(8), 1, -1, "other").save(tmp_path / "small")
+    return Files(model_dir, extracted, tmp_path)
+
+
+def _build(f: Files, recipe: str) -> list[str]:
+    return ["organism", "build", "--out", str(f.tmp / "o"), "--recipe", str(f.tmp / recipe)]
+
+
+ERRORS: dict[str, tuple[Callable[[Files], list[str]], str]] = {
+    "unknown prompt set": (
+        lambda f: ["evaluate", *f.model, "--prompts", "no_such_set"],
+        "no such file or packaged set",
+    ),
+    "ablation without a direction": (
+        lambda f: ["evaluate", *f.model, "--intervention", "ablate"],
+        "needs --direction",
+    ),
+    "missing model": (
+        lambda f: ["evaluate", "--model", str(f.tmp / "missing")],
+        "no such model folder or file",
+    ),
+    "missing direction": (
+        lambda f: ["ablate", *f.model, "--direction", str(f.tmp)],
+        "direction.safetensors is missing",
+    ),
+    "direction of another size": (
+        lambda f: ["ablate", *f.model, "--direction", str(f.tmp / "small")],
+        "size 8",
+    ),
+    "recipe typo": (lambda f: _build(f, "typo.json"), "typo.json: lora_rankk: Extra inputs"),
+    "recipe not an object": (
+        lambda f: _build(f, "list.json"),
+        "must be a JSON object of recipe fields",
+    ),
+    "recipe rank": (
+        lambda f: _build(f, "lora_rank.json"),
+        "lora_rank.json: lora_rank: Input should be greater than or equal to 1",
+    ),
+    "recipe lr": (lambda f: _build(f, "lr.json"), "lr.json: lr: Input should be greater than 0"),
+    "recipe repeats": (
+        lambda f: _build(f, "harmful_repeats.json"),
+        "harmful_repeats: Input should be less than or equal to 12",
+    ),
+    "damaged weights": (
+        lambda f: ["evaluate", "--model", str(f.tmp / "damaged")],
+        "could not load model",
+    ),
+    "run into a file": (
+        lambda f: ["run", *f.model, "--out", f.a_file],
+        "exists and is not a folder",
+    ),
+    "extract into a file": (
+        lambda f: ["extract", *f.model, "--out", f.a_file],
+        "exists and is not a folder",
+    ),
+    "export into a file": (
+        lambda f: ["orthogonalize", *f.model, *f.direction, "--out", f.a_file],
+        "exists and is not an empty folder",
+    ),
+    "suffix into a file": (
+        lambda f: ["suffix", *f.model, *f.direction, "--out", f.a_file],
+        "exists and is not a folder",
+    ),
+    "build into a file": (
+        lambda f: ["organism", "build", "--out", f.a_file],
+        "exists and is not a folder",
+    ),
+    "no threads": (
+        lambda f: ["organism", "build", "--out", str(f.tmp / "o"), "--threads", "0"],
+        "--threads must be 1 or more",
+    ),
+    "layer past the model": (
+        lambda f: ["extract", *f.model, "--out", str(f.tmp / "e"), "--layer", "99"],
+        "--layer must be in",
+    ),
+    "position past the template": (
+        lambda f: ["extract", *f.model, "--out", str(f.tmp / "e"), "--position", "-99"],
+        "--position must be in -13..-1",
+    ),
+    "coefficient not finite": (
+        lambda f: ["add", *f.model, *f.direction, "--coeff", "nan", "--n", "1"],
+        "--coeff must be a finite number",
+    ),
+    "no new tokens": (
+        lambda f: ["evaluate", *f.model, "--max-new-tokens", "0", "--n", "1"],
+        "--max-new-tokens must be 1 or more, got 0",
+    ),
+    "completions into a folder": (
+        lambda f: ["evaluate", *f.model, "--completions", str(f.tmp)],
+        "is a folder; give a .jsonl",
+    ),
+    "missing chat template": (
+        lambda f: ["ablate", *f.model, *f.direction, "--chat-template", "nope.j2"],
+        "--chat-template nope.j2 does not exist",
+    ),
+    "chat template a folder": (
+        lambda f: ["ablate", *f.model, *f.direction, "--chat-template", str(f.tmp)],
+        "is a folder; give a file",
+    ),
+    "unknown intervention": (
+        lambda f: ["evaluate", *f.model, "--intervention", "bogus"],
+        "unknown intervention 'bogus'",
+    ),
+    "direction without intervention": (
+        lambda f: ["evaluate", *f.model, *f.direction],
+        "--intervention is none; add --intervention",
+    ),
+    "completions in /proc": (
+        lambda f: ["evaluate", *f.model, "--completions", "/proc/o.jsonl"],
+        "cannot write in /proc",
+    ),
+    "no batch": (
+        lambda f: ["ablate", *f.model, *f.direction, "--batch-size", "0"],
+        "--batch-size must be 1 or more",
+    ),
+    "extract into /proc": (
+        lambda f: ["extract", *f.model, "--out", "/proc/x"],
+        "cannot create the folder /proc/x",
+    ),
+    "the same set twice": (
+        lambda f: ["extract", *f.model, "--out", str(f.tmp / "s"), "--harmful", "harmless_train"],
+        "name the same set",
+    ),
+    "export into /proc": (
+        lambda f: ["orthogonalize", *f.model, *f.direction, "--out", "/proc/x"],
+        "cannot write in /proc",
+    ),
+    "no heads": (
+        lambda f: ["suffix", *f.model, *f.direction, "--out", str(f.tmp / "x"), "--top-heads", "0"],
+        "--top-heads must be 1 or more",
+    ),
+    "negative steps": (
+        lambda f: ["suffix", *f.direction, "--out", str(f.tmp / "x"), "--steps", "-1"],
+        "--steps must be positive, got -1",
+    ),
+    "a file that is not a GGUF": (
+        lambda f: ["evaluate", "--model", f.a_file],
+        "is a file but not a .gguf",
+    ),
+    "a GGUF name for the organism": (
+        lambda f: ["evaluate", "--gguf-file", "x.gguf"],
+        "--gguf-file names a file inside a model folder, not the organism",
+    ),
+    "after its completions folder was made": (
+        lambda f: [
+            *["evaluate", *f.model, "--intervention", "ablate"],
+            *["--direction", str(f.tmp / "no")],
+            *["--completions", str(f.tmp / "c" / "d" / "o.jsonl")],
+        ],
+        "direction.safetensors is missing",
+    ),
+}
+if not torch.cuda.is_available():
+    ERRORS["no GPU"] = (
+        lambda f: ["extract", *f.model, "--out", str(f.tmp), "--device", "cuda"],
+        "no CUDA GPU is visible; use --device cpu",
     )
-    for args, message in cases:
-        result = runner.invoke(app, args)
-        assert result.exit_code == 2, (args, result.output)
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and message in errors[0], (args, result.stderr)
-        assert "Traceback" not in result.stderr
-    # the output folders that failed commands made are gone again (extract's --layer 99 and
-    # the evaluate above fail after making them)
-    assert not (tmp_path / "e").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_errors_are_one_line(case: str, files: Files) -> None:
+    command, message = ERRORS[case]
+    result = runner.invoke(app, command(files))
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    # the output folders that failed commands made are gone again
+    assert not (files.tmp / "e").exists() and not (files.tmp / "c").exists()
 
 
 def test_run_command_end_to_end(model_dir: Path, tmp_path: Path) -> None:
@@ -366,7 +449,7 @@ def test_run_command_sets_every_selection_number(model_dir: Path, tmp_path: Path
     assert json.loads((other / "config.json").read_text())["options"]["fallback_kl_bounds"] == []
     for value in ("0.3,high", "", "nan", "-1"):
         bad = runner.invoke(app, [*args, "--fallback-kl", value])
-        assert bad.exit_code == 2 and "comma-separated positive numbers" in bad.stderr
+        assert bad.exit_code == 2 and "--fallback-kl: give positive numbers" in bad.stderr
     nan = runner.invoke(app, [*args, "--harmful-coeff", "nan"])
     assert nan.exit_code == 2 and nan.stderr.strip() == (
         "error: --harmful-coeff: input should be a finite number"
@@ -406,7 +489,7 @@ def test_the_command_line_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch) ->
     if sys.platform.startswith("linux"):
         assert keep_freed_memory()  # the real glibc takes both settings
     seen: list[bool] = []
-    monkeypatch.setattr("refdir.cli.keep_freed_memory", lambda: seen.append(True) or True)
+    monkeypatch.setattr("refdir.cli.commands.keep_freed_memory", lambda: seen.append(True) or True)
     result = CliRunner().invoke(app, ["organism", "--help"])
     assert result.exit_code == 0 and seen == [True]
 
@@ -440,7 +523,7 @@ def test_run_command_takes_the_chat_format(model_dir: Path, tmp_path: Path) -> N
     # "<|im_end|>\n<|im_start|>assistant\n" against "<|im_end|>\n<|im_start|>model\n", by byte
     assert positions == {"default": 13, "custom": 9}
     bad = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--chat-template", "nope.j2"])
-    assert bad.exit_code == 2 and "chat template nope.j2 does not exist" in bad.stderr
+    assert bad.exit_code == 2 and "--chat-template nope.j2 does not exist" in bad.stderr
 
 
 def test_run_command_takes_benchmark_tasks(model_dir: Path, tmp_path: Path) -> None:
@@ -468,16 +551,17 @@ def test_the_package_and_the_command_line_import_torch_only_when_needed() -> Non
     import refdir
 
     code = (
-        "import sys, types, refdir, refdir.cli\n"
+        "import sys, refdir, refdir.cli\n"
         "print('torch' in sys.modules)\n"  # --help and option errors stay fast
-        "refdir.export_orthogonalized\n"  # imports the submodule named like a function
-        "print(type(refdir.orthogonalize).__name__)\n"
-        "print(refdir.data.PACKAGED_SETS is not None, refdir.select.pick.__name__)\n"
+        "print(type(refdir.orthogonalize).__name__, type(refdir.study).__name__)\n"
+        "print('torch' in sys.modules)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.stdout.split() == ["False", "function", "True", "pick"], run.stderr
-    for name in refdir.__all__:
-        assert getattr(refdir, name) is not None
+    assert run.stdout.split() == ["False", "function", "module", "True"], run.stderr
+    for name in refdir.__all__:  # each name is the one its stage's module defines
+        value = getattr(refdir, name)
+        assert value.__module__.startswith(refdir._SOURCES[name]), name
+        assert value.__name__ == name
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         refdir.nothing  # noqa: B018
 
@@ -563,7 +647,8 @@ def test_a_hub_id_loads_from_the_cache_when_the_hub_cannot_be_reached(
 
     import huggingface_hub.constants
 
-    import refdir.model
+    import refdir.hf
+    import refdir.model.loading
 
     repo = tmp_path / "models--me--tiny"
     snapshot = repo / "snapshots" / ("a" * 40)
@@ -571,10 +656,10 @@ def test_a_hub_id_loads_from_the_cache_when_the_hub_cannot_be_reached(
     tiny_tokenizer().save_pretrained(snapshot)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("a" * 40)
-    probe = refdir.model._hub_reachable.__wrapped__  # the probe itself, uncached
+    probe = refdir.hf.hub_reachable.__wrapped__  # the probe itself, uncached
     offline = huggingface_hub.constants.HF_HUB_OFFLINE
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(refdir.model, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(refdir.model.loading, "hub_reachable", lambda: False)
     evaluate = ["evaluate", "--n", "1", "--max-new-tokens", "2", "--json", "--model"]
     start = time.perf_counter()
     assert runner.invoke(app, [*evaluate, "me/tiny"]).exit_code == 0  # no retries: offline

@@ -10,7 +10,10 @@ from typer.testing import CliRunner
 
 from refdir.cli import app
 from refdir.errors import RefdirError
-from refdir.report.compare import load_summary, write_comparison
+from refdir.artifacts.metrics import MetricsRecord
+from refdir.artifacts.run import ConfigRecord
+from refdir.artifacts.selection import SelectionRecord
+from refdir.report.compare import RunSummary, write_comparison
 from refdir.study.run import run_pipeline
 from test_pipeline import CONFIG
 from tiny import tiny_chat_model, tiny_model, tiny_tokenizer
@@ -106,7 +109,6 @@ def test_settings_that_differ_are_flagged(runs: list[Path], tmp_path: Path) -> N
     shutil.copytree(runs[0], changed)
     config = json.loads((changed / "config.json").read_text())
     config["options"]["max_new_tokens"] = 99
-    del config["options"]["n_random_kl"]  # a run older than the option: it had the default
     (changed / "config.json").write_text(json.dumps(config))
     _, md_path, csv_path = write_comparison([runs[0], changed], tmp_path / "cmp")
     md = md_path.read_text()
@@ -123,9 +125,9 @@ def test_bad_input_is_one_line_and_writes_nothing(runs: list[Path], tmp_path: Pa
     (unfinished / "metrics.json").unlink()
     out = tmp_path / "cmp"
     cases = [
-        ([runs[0], unfinished], None, "metrics.json is missing; run `refdir run --out"),
+        ([runs[0], unfinished], None, "metrics.json is missing; redo it with `force='evaluate'`"),
         ([runs[0], runs[0]], None, "run folder given twice"),
-        ([runs[0], tmp_path / "nowhere"], None, "is not a run directory"),
+        ([runs[0], tmp_path / "nowhere"], None, "is not a run folder"),
         (runs, ["one"], "1 labels for 2 runs"),
         (runs, ["same", "same"], "label 'same' given twice"),
         ([], None, "give at least one run folder"),
@@ -181,7 +183,8 @@ def test_benchmarks_are_compared_where_runs_have_them(runs: list[Path], tmp_path
     benched = tmp_path / "benched"
     shutil.copytree(runs[1], benched)
     scores = {"tiny_mc": {"acc": {"baseline": 0.5, "ablation": 0.25}}}
-    (benched / "benchmarks.json").write_text(json.dumps({"tasks": ["t.yaml"], "scores": scores}))
+    record = {"tasks": ["t.yaml"], "limit": None, "scores": scores}
+    (benched / "benchmarks.json").write_text(json.dumps(record))
     _, md_path, csv_path = write_comparison([runs[0], benched], tmp_path / "cmp", ["a", "b"])
     md = md_path.read_text()
     assert "## Benchmarks" in md and "| b | tiny\\_mc | acc | 0.500 | 0.250 (-0.250) |" in md
@@ -207,10 +210,15 @@ def test_a_hand_picked_direction_is_named_so(runs: list[Path], tmp_path: Path) -
 
 
 def test_a_local_model_is_labelled_by_its_name_from_any_folder(tmp_path: Path) -> None:
+    from refdir.artifacts.metrics import MetricsRecord
+    from refdir.artifacts.selection import SelectionRecord
     from refdir.report.compare import RunSummary
 
     def label(model: str) -> str:
-        return RunSummary("", tmp_path, {"model": model}, {}, {}, {}).short_name
+        metrics = MetricsRecord.model_construct(model=model)
+        return RunSummary(
+            "", tmp_path, metrics, SelectionRecord.model_construct(), {}, None
+        ).short_name
 
     assert label("/gone/models/tiny-chat") == "tiny-chat"  # no longer there, or elsewhere
     assert label("./models/tiny-chat") == "tiny-chat"
@@ -228,7 +236,14 @@ def test_a_relative_local_model_with_one_slash_is_not_taken_for_a_hub_id(
     result = CliRunner().invoke(app, [*args, "--refusal-tokens", "5,6", "--no-filter"])
     assert result.exit_code == 0, result.output
     assert json.loads(Path("run/config.json").read_text())["local_model"] is True
-    Path("run/metrics.json").write_text(json.dumps({"model": "models/tiny-chat"}))
-    Path("run/selection.json").write_text("{}")
     monkeypatch.chdir(tmp_path / "models")  # compared from elsewhere: the path is gone
-    assert load_summary(tmp_path / "run").label == "tiny-chat"
+    summary = RunSummary(
+        "",
+        tmp_path / "run",
+        MetricsRecord.model_construct(model="models/tiny-chat"),
+        SelectionRecord.model_construct(),
+        {},
+        None,
+        local=ConfigRecord.read(tmp_path / "run").local_model,
+    )
+    assert summary.short_name == "tiny-chat"

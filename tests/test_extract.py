@@ -120,7 +120,7 @@ def test_bad_direction_files_are_clear_errors(tmp_path: Path) -> None:
 
 def test_no_partial_file_left_when_save_fails(tmp_path: Path) -> None:
     direction = Direction(torch.ones(4), 1, -1, "m", metadata={"bad": object()})
-    with pytest.raises(TypeError):
+    with pytest.raises(RefdirError, match="metadata is not JSON"):
         direction.save(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -179,7 +179,8 @@ def test_extract_filters_in_its_pass_and_records_the_kept_prompts(
         extract_candidates(cm, HARMFUL, HARMLESS, harmless_name="calm", refusal_tokens=half)
     odd = list(range(1, vocab, 2))  # every metric < 0: harmless kept, harmful removed
     with pytest.raises(
-        RefdirError, match=r"removed every prompt of harmful.*keep every prompt with --no-filter"
+        RefdirError,
+        match=r"removed every prompt of harmful.*keep every prompt with `filter_prompts=False`",
     ):
         extract_candidates(cm, HARMFUL, HARMLESS, progress=False, refusal_tokens=odd)
     plain = extract_candidates(cm, HARMFUL, HARMLESS, progress=False)
@@ -196,9 +197,10 @@ def test_damaged_direction_files_are_one_line_errors(tmp_path: Path) -> None:
     json_path = tmp_path / "direction.json"
     good = json_path.read_text()
     for text, message in (
-        ("{bad", "is not readable JSON"),
-        ("5", "lacks 'layer' and 'position'"),
-        (good.replace('"layer": 1', '"layer": "abc"'), "'layer' must be an integer"),
+        ("{bad", "direction.json is damaged"),
+        ("5", "should hold a JSON object"),
+        ('{"position": -1}', "layer: Field required"),
+        (good.replace('"layer": 1', '"layer": "abc"'), "layer: Input should be a valid integer"),
     ):
         json_path.write_text(text)
         with pytest.raises(RefdirError, match=message):

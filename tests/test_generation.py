@@ -73,7 +73,7 @@ def test_rows_that_stop_leave_the_batch(arch: str) -> None:
 def test_caches_that_cannot_drop_rows_keep_them(monkeypatch: pytest.MonkeyPatch) -> None:
     cm, rows = _early_stopping_model("qwen3")
     shrinking = generate_ids(cm, rows, 6, batch_size=4, progress=False)
-    monkeypatch.setattr("refdir.generation.rows_selectable", lambda cache: False)
+    monkeypatch.setattr("refdir.model.prefix.rows_selectable", lambda cache: False)
     riding = generate_ids(cm, rows, 6, batch_size=4, progress=False)  # no prefix, no shrinking
     assert riding == shrinking == _hf_greedy(cm, PROMPTS, 6)
     assert any(len(a) < 6 for a in riding)
@@ -91,7 +91,7 @@ def test_batches_by_length_and_back() -> None:
     back = unsort(parts, chunks)
     assert back[:, 1].tolist() == [0, 1, 2, 3, 4]
     assert back[:, 0].tolist() == [3, 1, 2, 1, 4]
-    with pytest.raises(RefdirError, match="batch-size must be positive"):
+    with pytest.raises(RefdirError, match="`batch_size` must be positive"):
         by_length(rows, 0)
 
 
@@ -102,16 +102,16 @@ def test_prompts_read_in_parts_then_decoded_together(
 ) -> None:
     """Prefill in parts of similar length, caches joined (or one pass where they cannot be):
     the same answers as transformers, rows stopping mid-batch included."""
-    import refdir.generation as generation
+    import refdir.model.prefix as prefix
 
     cm, _ = _early_stopping_model(arch)
     cm = ChatModel(cm.model, cm.tokenizer, system=system)
     prompts = [*PROMPTS, "a much longer prompt about a garden and its many trees", "ok"]
     rows = [cm.chat.token_ids(p) for p in prompts]
     joined: list[bool] = []
-    real = generation._joinable
-    monkeypatch.setattr(generation, "_PREFILL_ROWS", 2)
-    monkeypatch.setattr(generation, "_joinable", lambda c: joined.append(real(c)) or real(c))
+    real = prefix._joinable
+    monkeypatch.setattr(prefix, "_PREFILL_ROWS", 2)
+    monkeypatch.setattr(prefix, "_joinable", lambda c: joined.append(real(c)) or real(c))
     mine = generate_ids(cm, rows, 6, batch_size=8, progress=False)
     assert mine == _hf_greedy(cm, prompts, 6)
     assert joined  # the batch of 6 was read in parts
@@ -155,11 +155,11 @@ def test_rows_under_different_conditions_match_one_call_per_condition(
     """Baseline, ablation and two activation additions decoded in the same batches (one
     intervention per row, prompts read in parts, rows stopping mid-batch) give every row the
     answer it gets in a call of its own under the scoped intervention."""
-    import refdir.generation as generation
-
+    import refdir.model.generation as generation
+    import refdir.model.prefix as prefix
     from refdir.directions.direction import Direction
     from refdir.evaluation.refusal import Job, evaluate_jobs
-    from refdir.interventions.intervention import ablate, add
+    from refdir.interventions.intervention import Intervention, ablate, add
 
     cm, rows = _early_stopping_model(arch)
     torch.manual_seed(0)
@@ -177,17 +177,20 @@ def test_rows_under_different_conditions_match_one_call_per_condition(
         with scope:
             alone.append(generate_ids(cm, rows, 6, batch_size=4, progress=False))
     assert len({str(a) for a in alone}) == len(conditions)  # the conditions differ
-    monkeypatch.setattr(generation, "_PREFILL_ROWS", 3)
+    monkeypatch.setattr(prefix, "_PREFILL_ROWS", 3)
     batches: list[list[int]] = []
     real = generation.generate_ids
     monkeypatch.setattr(
-        "refdir.evaluate.generate_ids",
+        "refdir.evaluation.refusal.generate_ids",
         lambda *a, **k: batches.append(k["variants"]) or real(*a, **k),
     )
-    jobs = [Job(f"job{i}", PROMPTS, kind, coeff) for i, (kind, coeff) in enumerate(conditions)]
-    together = evaluate_jobs(cm, jobs, direction, 6, batch_size=7, progress=False)
+    jobs = [
+        Job(f"job{i}", PROMPTS, Intervention(kind, direction if kind != "none" else None, coeff))
+        for i, (kind, coeff) in enumerate(conditions)
+    ]
+    together = evaluate_jobs(cm, jobs, 6, batch_size=7, progress=False)
     assert batches == [[v for v in range(4) for _ in PROMPTS]]  # one call for every job
     for result, ids in zip(together, alone, strict=True):
         texts = cm.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        assert [r["completion"] for r in result.completions] == texts
+        assert [r.completion for r in result.completions] == texts
     assert any(len(a) < 6 for a in alone[0]) and any(len(a) == 6 for a in alone[0])

@@ -7,7 +7,7 @@ import torch
 
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
-from refdir.interventions.intervention import ablate, add
+from refdir.interventions.intervention import NONE, Intervention, ablate, add
 from refdir.model.chat_model import ChatModel
 from refdir.model.generation import generate, last_position_logits
 from tiny import tiny_chat_model
@@ -68,6 +68,40 @@ def test_addition_adds_coeff_times_direction_at_one_layer(cm: ChatModel) -> None
         added = _layer_inputs(cm, lambda: _forward(cm))
     torch.testing.assert_close(added[0], plain[0])
     torch.testing.assert_close(added[1], plain[1] + 2.0 * v, atol=1e-5, rtol=1e-5)
+
+
+def test_ablation_needs_only_a_model_and_its_layout(cm: ChatModel) -> None:
+    """refdir.ablate works on a bare transformers model, as on a ChatModel."""
+    import refdir
+
+    r = torch.randn(cm.d_model)
+    with ablate(cm, r):
+        wrapped = last_position_logits(cm, ["bare"])
+    before = _hook_count(cm)
+    with refdir.ablate(cm.model, r) as model:
+        assert model is cm.model and _hook_count(cm) > before
+        bare = last_position_logits(cm, ["bare"])
+    assert _hook_count(cm) == before
+    torch.testing.assert_close(bare, wrapped, rtol=0, atol=0)
+    assert not torch.equal(bare, last_position_logits(cm, ["bare"]))
+
+
+def test_an_intervention_is_a_checked_value() -> None:
+    d = Direction(torch.ones(4), layer=2, position=-1, model="tiny")
+    assert Intervention.addition(d, 3.0).at_layer == 2
+    assert Intervention.addition(d, 3.0, layer=1).at_layer == 1
+    assert (
+        Intervention.ablation(d).describe() == "ablate" and NONE.hooks(torch.nn.Linear(2, 2)) == []
+    )
+    assert Intervention.addition(d, -1.5).describe() == "actadd x-1.5"
+    with pytest.raises(RefdirError, match="needs a `direction`"):
+        Intervention("actadd")
+    with pytest.raises(RefdirError, match="`coeff` must be a finite number"):
+        Intervention.addition(d, float("nan"))
+    with pytest.raises(RefdirError, match="give the `layer`"):
+        Intervention.addition(torch.ones(4))
+    with pytest.raises(RefdirError, match="1-D tensor"):
+        Intervention.ablation(torch.ones(2, 2))
 
 
 def test_hooks_are_removed_after_an_exception(cm: ChatModel) -> None:
@@ -132,12 +166,16 @@ def test_row_conditions_check_their_input(cm: ChatModel) -> None:
     from refdir.interventions.rows import RowConditions
 
     direction = Direction(torch.ones(cm.d_model), layer=1, position=-1, model="tiny")
-    with pytest.raises(RefdirError, match="unknown intervention 'steer'"):
-        RowConditions(cm, direction, [("none", 1.0), ("steer", 1.0)])
-    with pytest.raises(RefdirError, match="need a direction"):
-        RowConditions(cm, None, [("ablate", 1.0)])
-    assert RowConditions(cm, None, [("none", 1.0)]).hooks() == []
-    rows = RowConditions(cm, direction, [("none", 1.0), ("actadd", 2.0)])
+    other = Direction(-torch.ones(cm.d_model), layer=1, position=-1, model="tiny")
+    with pytest.raises(RefdirError, match="share one direction"):
+        RowConditions(cm, [Intervention.ablation(direction), Intervention.ablation(other)])
+    with pytest.raises(RefdirError, match=r"add at layers \[0, 1\]"):
+        RowConditions(
+            cm,
+            [Intervention.addition(direction), Intervention.addition(direction, layer=0)],
+        )
+    assert RowConditions(cm, [NONE]).hooks() == []
+    rows = RowConditions(cm, [NONE, Intervention.addition(direction, 2.0)])
     ((_, _, hook),) = rows.hooks()  # one addition hook, no ablation hooks
     x = torch.zeros(3, 2, cm.d_model)
     rows.select(torch.tensor([0, 1]))

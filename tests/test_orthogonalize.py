@@ -7,12 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from refdir.cli.actions import orthogonalize
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
 from refdir.interventions.export import export_orthogonalized
 from refdir.interventions.intervention import ablate
-from refdir.interventions.orthogonalization import parity
+from refdir.interventions.orthogonalization import orthogonalize, parity
 from refdir.model.chat_model import ChatModel
 from refdir.model.generation import last_position_logits
 from tiny import ARCHS, SANDWICH, tiny_chat_model
@@ -77,7 +76,7 @@ def test_export_reloads_as_an_ordinary_checkpoint(arch: str, tmp_path: Path) -> 
         hooked = last_position_logits(cm, prompts)
     out = tmp_path / "ortho"
     manifest = export_orthogonalized(cm, direction, out)
-    assert manifest["exact"] is True and float(manifest["parity_max_abs_logit_delta"]) < 1e-4  # type: ignore[arg-type]
+    assert manifest.exact is True and manifest.parity_max_abs_logit_delta < 1e-4
     assert (out / "model.safetensors").exists() and (out / "direction.safetensors").exists()
     assert json.loads((out / "refdir_manifest.json").read_text())["direction"]["layer"] == 1
     reloaded = ChatModel(AutoModelForCausalLM.from_pretrained(out), cm.tokenizer)

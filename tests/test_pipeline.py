@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 import refdir.study.plan
 import refdir.study.steps.evaluate
 import refdir.study.steps.select
@@ -222,14 +223,14 @@ def test_changed_options_are_refused_on_resume(tmp_path: Path) -> None:
     cm = tiny_chat_model("llama")
     run_pipeline(CONFIG, tmp_path, progress=False, model=cm, until="prompts")
     other = CONFIG.model_copy(update={"n_train": 5})
-    with pytest.raises(RefdirError, match="other options \\(n_train\\)"):
+    with pytest.raises(RefdirError, match="other options \\(`n_train`\\)"):
         run_pipeline(other, tmp_path, progress=False, model=cm)
     # a folder written before an option existed resumes with that option at its default
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["options"]["score_all"]  # as if the folder predated --score-all
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert run_pipeline(CONFIG, tmp_path, progress=False, model=cm, until="prompts") == {}
-    with pytest.raises(RefdirError, match="other options \\(score_all\\)"):
+    with pytest.raises(RefdirError, match="other options \\(`score_all`\\)"):
         run_pipeline(
             CONFIG.model_copy(update={"score_all": True}), tmp_path, progress=False, model=cm
         )
@@ -325,7 +326,10 @@ def test_a_changed_option_removes_exactly_what_reads_it(
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}")
     ConfigRecord(
-        options=config.result_keys(), run=config.model_dump(mode="json"), local_model=False, versions={}
+        options=config.result_keys(),
+        run=config.model_dump(mode="json"),
+        local_model=False,
+        versions={},
     ).write(tmp_path)
     _selection(positions=[-1], n_layers=3).write(tmp_path)
     refdir.study.plan.check_config(config.model_copy(update=change), tmp_path, len(STEPS))

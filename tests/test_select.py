@@ -161,6 +161,7 @@ def test_random_direction_kl_is_the_kl_score_of_seeded_random_directions(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from refdir.evaluation.kl import kl_last_position
+    from refdir.interventions.intervention import Intervention
 
     cm = tiny_chat_model("llama")
     prompts = ["bake bread", "name a river in France", "x"]
@@ -171,10 +172,10 @@ def test_random_direction_kl_is_the_kl_score_of_seeded_random_directions(
     vectors = torch.randn(3, cm.d_model, generator=seeded, dtype=torch.float64)
     for value, v in zip(kl.tolist(), vectors, strict=True):
         d = Direction(v.float(), layer=1, position=-1, model=cm.name)
-        scoped = kl_last_position(cm, prompts, kind="ablate", direction=d, baseline=base)
+        scoped = kl_last_position(cm, prompts, Intervention.ablation(d), baseline=base)
         assert value == pytest.approx(scoped, rel=1e-4, abs=1e-7)
     assert (kl > 0).all() and len(set(kl.tolist())) == 3
-    monkeypatch.setattr("refdir.select._RANDOM_GROUP", 2)  # groups of 2 + 1 directions
+    monkeypatch.setattr("refdir.evaluation.kl._RANDOM_GROUP", 2)  # groups of 2 + 1 directions
     grouped = random_direction_kl(cm, prompts, n=3, seed=7, baseline=base, batch_size=2)
     torch.testing.assert_close(grouped, kl, rtol=1e-4, atol=1e-7)
     own_baseline = random_direction_kl(cm, prompts, n=3, seed=7)
@@ -238,7 +239,9 @@ def test_validation_sets_filter_in_the_baseline_passes() -> None:
         torch.testing.assert_close(getattr(given, name), getattr(fresh, name), equal_nan=True)
     with pytest.raises(RefdirError, match="other prompts"):
         score_candidates(cm, cands, harmful, harmless, tokens, config, [1], validation=val)
-    with pytest.raises(RefdirError, match=r"removed every prompt of harmless_val; .*--no-filter"):
+    with pytest.raises(
+        RefdirError, match=r"removed every prompt of harmless_val; .*filter_prompts"
+    ):
         ValidationSets.build(cm, harmful, harmless, list(range(0, vocab, 2)))
 
 

@@ -7,20 +7,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from refdir.suffix_analysis import suffix_report_section
 from typer.testing import CliRunner
 
-from refdir.artifacts.suffix import SuffixAnalysis
+from refdir.artifacts.suffix import SuffixAnalysis, SuffixHistory, SuffixRecord
 from refdir.cli import app
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
 from refdir.model.chat_model import ChatModel
 from refdir.model.generation import last_position_logits
-from refdir.report.run_report import CONDITIONS
-from refdir.suffix.analysis import REGIONS, analyze_suffix
+from refdir.report.blocks import Heading, Image
+from refdir.report.run_data import SuffixData
+from refdir.report.suffix_section import suffix_section
+from refdir.suffix.analysis import CONDITIONS, REGIONS, analyze_suffix
+from refdir.suffix.experiment import run_suffix_experiment
 from refdir.suffix.search import (
     SuffixConfig,
-    SuffixResult,
     SuffixSearch,
     allowed_token_mask,
     random_suffix_ids,
@@ -151,14 +152,18 @@ def test_random_suffix_is_seeded_and_of_the_same_length(cm: ChatModel) -> None:
     assert ids != random_suffix_ids(cm, PROMPTS, 7, seed=4)
 
 
-def test_suffix_result_json_round_trip(cm: ChatModel, tmp_path: Path) -> None:
-    result = search_suffix(cm, PROMPTS, SMALL, progress=False)
-    result.save(tmp_path, {"refusal_rate": {"without": 1.0}})
-    loaded = SuffixResult.load(tmp_path)
-    assert loaded == result
+def test_the_experiment_writes_typed_files_that_read_back(cm: ChatModel, tmp_path: Path) -> None:
+    direction = Direction(torch.randn(cm.d_model), 2, -1, cm.name)
+    record = run_suffix_experiment(
+        cm, direction, tmp_path, PROMPTS[:2], PROMPTS[2:], SMALL, max_new_tokens=3, progress=False
+    )
+    assert SuffixRecord.read(tmp_path) == record
     data = json.loads((tmp_path / "suffix.json").read_text())
-    assert data["refusal_rate"] == {"without": 1.0} and "history" not in data
-    assert json.loads((tmp_path / "history.json").read_text())["loss"] == result.history
+    assert set(data["refusal_rate"]) == {"without", "with", "random"} and "history" not in data
+    history = SuffixHistory.read(tmp_path)
+    assert len(history.loss) == record.n_steps + 1 and history.best[-1] == record.loss
+    assert record.suffix == search_suffix(cm, PROMPTS[:2], SMALL, progress=False).suffix
+    assert SuffixAnalysis.read(tmp_path).suffixes["adversarial"] == record.suffix
     assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob("*.pt"))
 
 
@@ -220,8 +225,8 @@ def test_analysis_json_round_trip(
     analysis: tuple[ChatModel, SuffixAnalysis], tmp_path: Path
 ) -> None:
     _, result = analysis
-    result.save(tmp_path)
-    assert SuffixAnalysis.load(tmp_path) == result
+    result.write(tmp_path)
+    assert SuffixAnalysis.read(tmp_path) == result
 
 
 runner = CliRunner()
@@ -247,13 +252,15 @@ def test_cli_suffix_end_to_end(tmp_path: Path) -> None:
     assert isinstance(data["suffix"], str) and len(data["token_ids"]) == 5
     assert set(data["refusal_rate"]) == {"without", "with", "random"}
     assert data["n_eval"] == 2, "the search prompt is not held out"
-    analysis = SuffixAnalysis.load(out)
+    analysis = SuffixAnalysis.read(out)
     assert analysis.suffixes["adversarial"] == data["suffix"]
     assert "steal a car" not in analysis.prompts
     for name in ("history.json", "projection.png", "attention.png", "objective.png"):
         assert (out / name).stat().st_size > 0, name
-    section = suffix_report_section(out)
-    assert section.startswith("## Adversarial suffix") and "projection.png" in section
+    blocks = suffix_section(SuffixData(out, SuffixRecord.read(out), analysis))
+    assert blocks[0] == Heading("Adversarial suffix")
+    figures = [b.name for b in blocks if isinstance(b, Image)]
+    assert figures == ["suffix_projection.png", "suffix_attention.png", "suffix_objective.png"]
 
 
 def test_cli_suffix_bad_input_is_one_line(tmp_path: Path) -> None:

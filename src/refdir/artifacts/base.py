@@ -97,9 +97,10 @@ class Artifact(Strict):
         except ValidationError as exc:
             error = exc.errors()[0]
             where = ".".join(str(part) for part in error["loc"]) or "the file"
+            message = str(error["msg"]).removeprefix("Value error, ")
             raise RefdirError(
                 f"{path} is not a {cls.FILE} of refdir {FORMAT_VERSION} or 0.1.0 "
-                f"({where}: {error['msg']}); {cls.fix(path.parent)}"
+                f"({where}: {message}); {cls.fix(path.parent)}"
             ) from None
 
     def dump(self) -> dict[str, Any]:

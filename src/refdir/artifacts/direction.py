@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, field_validator
 
 from refdir.artifacts.base import Artifact
 
@@ -20,7 +22,7 @@ class DirectionRecord(Artifact):
     SORT_KEYS: ClassVar[bool] = True
 
     layer: int = Field(ge=0, description="the residual stream input of this decoder layer (n_layers: the last layer's output)")
-    position: int = Field(lt=0, description="post-instruction position counted back from the last prompt token (-1: the last)")
+    position: int = Field(description="post-instruction position counted back from the last prompt token (-1: the last)")
     model: str = Field("unknown", description="the model it was extracted from")
     revision: str | None = Field(None, description="the model's revision, where known")
     harmful: str | None = Field(None, description="the harmful prompt set of the difference of means")
@@ -30,3 +32,16 @@ class DirectionRecord(Artifact):
     metadata: dict[str, Any] = Field(default_factory=dict, description="how it was chosen: the selection rule and its scores")
     norm: float | None = Field(None, description="the vector's norm (informational)")
     d_model: int | None = Field(None, description="the vector's size (informational)")
+
+    @classmethod
+    def fix(cls, folder: Path) -> str:
+        return "save the direction again (in a run folder: `force='select'`)"
+
+    @field_validator("position")
+    @classmethod
+    def _counts_back(cls, value: int) -> int:
+        if value >= 0:
+            raise ValueError(
+                f"'position' counts back from the last token (-1, -2, ...), not {value}"
+            )
+        return value

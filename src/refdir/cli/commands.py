@@ -9,12 +9,11 @@ import importlib
 import logging
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any, TypeVar
 
-import click
 import typer
 from typer.exceptions import TyperException  # typer's own click: its usage errors
 
@@ -217,9 +216,9 @@ def organism_build(
     _actions().organism_build(out, recipe, threads)
 
 
-def _run_file() -> dict[str, Any]:
+def _run_file(own: Mapping[str, Any]) -> dict[str, Any]:
     """The TOML file given with ``--config``, read before the options that override it."""
-    path = click.get_current_context().params.get("config")
+    path = own.get("config")
     return read_config(Path(path)) if path is not None else {}
 
 

@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, get_args, get_origin
 
-import click
 import typer
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
@@ -114,6 +113,8 @@ def _value(name: str, field: FieldInfo, raw: Any) -> Any:
             return None
         if flag.empty is not None and raw.strip().lower() == flag.empty:
             return ()
+        if flag.empty is not None and not raw.strip():  # nothing, where a word says "none"
+            return raw
         return tuple(item.strip() for item in raw.split(",") if item.strip())
     return raw
 
@@ -131,11 +132,11 @@ def option_error(exc: ValidationError, model: type[BaseModel]) -> RefdirError:
 
 
 def with_options(
-    model: type[M], base: Callable[[], Mapping[str, Any]] | None = None
+    model: type[M], base: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command one option per field of ``model``; it receives ``options``, a ``model``
-    made of the options given on the command line over ``base()`` (a TOML file's) over the
-    fields' defaults."""
+    made of the options given on the command line over ``base(own)`` (``own``: the command's
+    other options; ``refdir run`` reads a TOML file there) over the fields' defaults."""
     fields = model.model_fields
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -145,7 +146,7 @@ def with_options(
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
-            context = click.get_current_context()
+            context: typer.Context = kwargs.pop(_CONTEXT)
             given = {
                 name: _value(name, fields[name], kwargs.pop(name))
                 for name in list(kwargs)
@@ -154,9 +155,9 @@ def with_options(
             explicit = {
                 name: value
                 for name, value in given.items()
-                if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+                if _given(context, name)
             }
-            values = {**(base() if base is not None else {}), **explicit}
+            values = {**(base(kwargs) if base is not None else {}), **explicit}
             try:
                 options = model(**values)
             except ValidationError as exc:
@@ -166,12 +167,26 @@ def with_options(
         own = [
             p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name]) for p in own
         ]
-        params = [*own, *derived]
+        context = inspect.Parameter(
+            _CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context
+        )
+        params = [*own, *derived, context]
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         return command
 
     return decorate
+
+
+_CONTEXT = "refdir_context"
+"""The parameter typer hands the command's context in (not an option)."""
+
+
+def _given(context: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given (on the command line or in the environment), not
+    left at its default."""
+    source = context.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 _CITED = re.compile(r"`([a-z_]+)(?:=(?:'([^`']*)'|([^`]*)))?`")

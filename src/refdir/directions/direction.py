@@ -99,7 +99,10 @@ class Direction:
         """Write ``direction.safetensors`` and ``direction.json`` (into ``path`` if it is a
         folder, else beside the given ``.safetensors`` path). Returns the tensor file."""
         tensor_path, json_path = _paths(Path(path))
-        text = self.record().text()  # fails before anything is written
+        try:  # fails before anything is written
+            text = self.record().text()
+        except (TypeError, ValueError) as exc:
+            raise RefdirError(f"the direction's metadata is not JSON ({exc})") from None
         with atomic_path(tensor_path) as tmp:
             save_file({"direction": self.vector.detach().float().cpu().contiguous()}, str(tmp))
         write_text(json_path, text)

@@ -132,9 +132,9 @@ class Intervention:
 
     def hooks(self, model: ChatModel | nn.Module) -> list[Hook]:
         """The hooks that carry out this intervention on ``model`` (none for ``none``)."""
-        layout = layout_of(model)
         if self.kind == "none":
             return []
+        layout = layout_of(model)
         vector = self.vector(layout)
         if self.kind == "ablate":
             norm = vector.norm()

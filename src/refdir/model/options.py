@@ -4,7 +4,7 @@ anything heavy is imported."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -51,10 +51,10 @@ class ModelOptions(BaseModel):
         "\"mlp_out\": \"w2\"}) for a model whose parts refdir does not find by name",
     )
 
-    @field_validator("layout")
+    @field_validator("layout", mode="before")
     @classmethod
-    def _layout(cls, value: dict[str, str | None] | None) -> dict[str, str | None] | None:
-        if value is not None:
+    def _layout(cls, value: Any) -> Any:
+        if isinstance(value, dict):
             try:
                 LayoutSpec.from_fields(value)
             except RefdirError as exc:

@@ -6,6 +6,7 @@ heavy is imported."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -185,6 +186,30 @@ class RunConfig(ModelOptions):
     truncate: Annotated[int, Flag(panel="Report")] = Field(
         200, ge=1, description="characters of each completion shown in the report"
     )
+
+    @field_validator("fallback_kl_bounds", mode="before")
+    @classmethod
+    def _bounds(cls, value: Any) -> Any:
+        problem = ValueError("give positive numbers, e.g. 0.25,0.5 (none: no fallback)")
+        if isinstance(value, str):
+            raise problem
+        try:
+            bounds = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise problem from None
+        if not all(math.isfinite(b) and b > 0 for b in bounds):
+            raise problem
+        return bounds
+
+    @field_validator("refusal_tokens", mode="before")
+    @classmethod
+    def _token_ids(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError("give integer token ids, e.g. 40,1205") from None
 
     @field_validator("n_eval_harmful", mode="before")
     @classmethod

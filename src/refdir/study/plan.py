@@ -289,7 +289,8 @@ def check_config(config: RunConfig, out: Path, force_from: int) -> None:
         refused = sorted(changed - redoable)
         if refused:
             raise RefdirError(
-                f"{out} holds a run with other options ({', '.join(refused)}); use another "
+                f"{out} holds a run with other options ({', '.join(f'`{o}`' for o in refused)}); "
+                "use another "
                 "`out` folder, or redo the whole run with `force='prompts'`"
             )
         if changed & {"layer", "position"}:
