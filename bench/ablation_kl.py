@@ -4,7 +4,7 @@ Reads the direction of a ``refdir run`` folder and measures, on the run's held-o
 prompts (the same sample: the run's harmless set, size and seed), the KL score (mean
 KL(baseline || ablated) at the last prompt position) of:
 
-* ``--random`` random unit directions (``refdir.select.random_direction_kl``): the baseline of
+* ``--random`` random unit directions (``refdir.evaluation.kl.random_direction_kl``): the baseline of
   this script, what removing a direction with no special role costs the model;
 * the chosen direction, ablated everywhere (what ``harmless.kl_ablation`` reports), as a ratio
   to the random directions' median;

@@ -81,7 +81,7 @@ from refdir.directions.scoring import ValidationSets, score_candidates
 from refdir.directions.selection import CandidateScores, SelectionConfig, pick
 from refdir.errors import RefdirError
 from refdir.evaluation.losses import ScoredRows, ce_losses, text_rows
-from refdir.interventions.intervention import ablate
+from refdir.interventions.intervention import NONE, Intervention, ablate
 from refdir.interventions.orthogonalization import orthogonalize
 from refdir.model.chat import pad_left
 from refdir.model.chat_model import ChatModel
@@ -419,11 +419,11 @@ def compare_ce(cm: ChatModel, peer: Peer, cands: Candidates, coeff: float = -1.0
         theirs[name] = float(ce)
     t_peer = time.perf_counter() - began
     conditions = {
-        "baseline": ("none", 1.0),
-        "ablation": ("ablate", 1.0),
-        "actadd": ("actadd", coeff),
+        "baseline": NONE,
+        "ablation": Intervention.ablation(direction),
+        "actadd": Intervention.addition(direction, coeff),
     }
-    ours, t_ours = timed(lambda: ce_losses(cm, rows, direction, conditions, progress=False))
+    ours, t_ours = timed(lambda: ce_losses(cm, rows, conditions, progress=False))
     n = sum(len(r) - s for r, s in zip(rows.ids, rows.starts, strict=True))
     print(
         f"CE on 64 texts ({n} tokens) under baseline, ablation, actadd: peer {t_peer:.1f} s   "

@@ -24,6 +24,7 @@ prints the rate reached as a fraction of that baseline.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -32,9 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import refdir.pipeline
 import torch
 
+import refdir.study.run
 from refdir.model.chat_model import ChatModel
 from refdir.model.loading import resolve_dtype
 from refdir.study.config import RunConfig
@@ -121,9 +122,12 @@ def main() -> None:
     )
     counter = FlopCounter(cm)
     print(f"refdir run on random {args.shape} ({cm.n_layers} layers), {args.device}, {dtype}:")
-    for step, fn in list(refdir.pipeline.STEP_FUNCTIONS.items()):
+    steps = []
+    for entry in refdir.study.run.STEPS:
 
-        def counted(run: Run, step: str = step, fn: Callable[[Run], None] = fn) -> None:
+        def counted(
+            run: Run, step: str = entry.name, fn: Callable[[Run], None] = entry.run
+        ) -> None:
             before, began = counter.flops, time.perf_counter()
             fn(run)
             sync()
@@ -136,7 +140,8 @@ def main() -> None:
                 flush=True,
             )
 
-        refdir.pipeline.STEP_FUNCTIONS[step] = counted
+        steps.append(dataclasses.replace(entry, run=counted))
+    refdir.study.run.STEPS = tuple(steps)  # the loop of run_pipeline runs these
     out = args.out or Path(tempfile.mkdtemp(prefix="refdir-run-shape-"))
     began = time.perf_counter()
     run_pipeline(config, out, progress=False, model=cm)

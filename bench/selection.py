@@ -24,9 +24,9 @@ import argparse
 import time
 from collections.abc import Sequence, Sized
 
-import refdir.select
 import torch
 
+import refdir.directions.scoring
 from refdir.data import sample_prompts
 from refdir.directions.direction import Direction
 from refdir.directions.scoring import candidate_logits
@@ -92,14 +92,14 @@ def in_prompt_order(rows: Sequence[Sized], size: int) -> list[list[int]]:
 
 def batching(cm: ChatModel, harmless: list[str], layers: list[int], batch: int) -> None:
     vectors = torch.randn(cm.chat.n_post, cm.d_model)
-    sorted_by_length = refdir.select.by_length
+    sorted_by_length = refdir.directions.scoring.by_length
     times = {}
     for name, chunker in (("prompt order", in_prompt_order), ("by length", sorted_by_length)):
-        refdir.select.by_length = chunker
+        refdir.directions.scoring.by_length = chunker
         try:
             times[name] = induce_passes(cm, harmless, vectors, layers, start=True, batch=batch)
         finally:
-            refdir.select.by_length = sorted_by_length
+            refdir.directions.scoring.by_length = sorted_by_length
     print(
         f"induce from the layer over layers {layers}, batch {batch}: prompt order "
         f"{times['prompt order']:.1f} s   by length {times['by length']:.1f} s   "

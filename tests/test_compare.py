@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from refdir.cli import app
-from refdir.errors import RefdirError
 from refdir.artifacts.metrics import MetricsRecord
 from refdir.artifacts.run import ConfigRecord
 from refdir.artifacts.selection import SelectionRecord
+from refdir.cli import app
+from refdir.errors import RefdirError
 from refdir.report.compare import RunSummary, write_comparison
 from refdir.study.run import run_pipeline
 from test_pipeline import CONFIG

@@ -71,7 +71,7 @@ def test_report_shows_the_run_s_numbers(report: tuple[Path, str, str]) -> None:
     assert set(timings) == {"prompts", "extract", "select", "evaluate", "suffix", "report"}
     assert "· induce" in page and "· search" in md
     for h2 in ("Chosen direction", "Selection", "Loss and KL", "Completions", "Adversarial suffix"):
-        assert f"<h2 id=" in page and f">{h2}</h2>" in page and f"## {h2}" in md
+        assert "<h2 id=" in page and f">{h2}</h2>" in page and f"## {h2}" in md
 
 
 def test_completions_are_truncated_and_escaped(run_copy: Path) -> None:

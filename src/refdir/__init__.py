@@ -74,7 +74,33 @@ _SOURCES = {
     "RefdirError": "refdir.errors",
 }
 
-__all__ = sorted(_SOURCES)
+__all__ = [
+    "Candidates",
+    "ChatModel",
+    "Direction",
+    "Intervention",
+    "LayoutSpec",
+    "ModelOptions",
+    "RefdirError",
+    "RunConfig",
+    "SelectionConfig",
+    "ablate",
+    "add",
+    "evaluate_refusal",
+    "export_orthogonalized",
+    "extract_candidates",
+    "generate",
+    "last_position_logits",
+    "load_model",
+    "load_prompts",
+    "orthogonalize",
+    "pick",
+    "run_pipeline",
+    "sample_prompts",
+    "score_candidates",
+    "write_comparison",
+    "write_report",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 from pathlib import Path
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
@@ -21,15 +20,24 @@ class DirectionRecord(Artifact):
     STEP: ClassVar[str | None] = "select"
     SORT_KEYS: ClassVar[bool] = True
 
-    layer: int = Field(ge=0, description="the residual stream input of this decoder layer (n_layers: the last layer's output)")
-    position: int = Field(description="post-instruction position counted back from the last prompt token (-1: the last)")
+    layer: int = Field(
+        ge=0,
+        description="the residual stream input of this decoder layer (n_layers: the last layer's output)",
+    )
+    position: int = Field(
+        description="post-instruction position counted back from the last prompt token (-1: the last)"
+    )
     model: str = Field("unknown", description="the model it was extracted from")
     revision: str | None = Field(None, description="the model's revision, where known")
-    harmful: str | None = Field(None, description="the harmful prompt set of the difference of means")
+    harmful: str | None = Field(
+        None, description="the harmful prompt set of the difference of means"
+    )
     harmless: str | None = Field(None, description="the harmless prompt set")
     n_harmful: int | None = Field(None, description="harmful prompts the mean is over")
     n_harmless: int | None = Field(None, description="harmless prompts the mean is over")
-    metadata: dict[str, Any] = Field(default_factory=dict, description="how it was chosen: the selection rule and its scores")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="how it was chosen: the selection rule and its scores"
+    )
     norm: float | None = Field(None, description="the vector's norm (informational)")
     d_model: int | None = Field(None, description="the vector's size (informational)")
 

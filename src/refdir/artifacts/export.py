@@ -27,10 +27,18 @@ class ExportManifest(Artifact):
     source_model: str = Field(description="the model that was edited")
     source_revision: str | None = Field(description="its revision, where known")
     direction: ManifestDirection = Field(description="the direction removed from the weights")
-    exact: bool = Field(description="whether the edited weights equal hook ablation to float precision")
-    untied_embeddings: bool = Field(description="whether a tied unembedding was untied so that the logits keep their read-out")
+    exact: bool = Field(
+        description="whether the edited weights equal hook ablation to float precision"
+    )
+    untied_embeddings: bool = Field(
+        description="whether a tied unembedding was untied so that the logits keep their read-out"
+    )
     edited_tensors: int = Field(description="weights and biases edited")
     note: str = Field(description="why the edit is exact or approximate")
-    residual_left: float | None = Field(description="the most any layer of the edited model still writes along the direction (rounding in a correct edit)")
-    parity_max_abs_logit_delta: float = Field(description="max |logit difference| against hook ablation on probe prompts")
+    residual_left: float | None = Field(
+        description="the most any layer of the edited model still writes along the direction (rounding in a correct edit)"
+    )
+    parity_max_abs_logit_delta: float = Field(
+        description="max |logit difference| against hook ablation on probe prompts"
+    )
     parity_dtype: str = Field(description="the dtype the parity was measured in")

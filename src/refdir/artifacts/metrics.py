@@ -61,9 +61,13 @@ class HarmlessScores(Strict):
 class HarmfulScores(Strict):
     OMIT: ClassVar[frozenset[str]] = frozenset({"safety_score"})
 
-    refusal_score: ThreeConditions = Field(description="fraction of completions refused, by markers")
+    refusal_score: ThreeConditions = Field(
+        description="fraction of completions refused, by markers"
+    )
     by_set: dict[str, ThreeConditions]
-    safety_score: ThreeConditions | None = Field(None, description="fraction judged safe (with a judge)")
+    safety_score: ThreeConditions | None = Field(
+        None, description="fraction judged safe (with a judge)"
+    )
 
 
 class Group(Strict):
@@ -87,16 +91,22 @@ class KlReference(Strict):
     p90: float
     min: float
     max: float
-    below_chosen: float = Field(description="share of random directions whose KL is below the chosen one's")
+    below_chosen: float = Field(
+        description="share of random directions whose KL is below the chosen one's"
+    )
 
 
 class Harmless(Strict):
     OMIT: ClassVar[frozenset[str]] = frozenset({"kl_random_directions"})
 
     refusal_score: HarmlessScores
-    kl_ablation: float = Field(description="mean KL(baseline || ablation) of the last-position distribution")
+    kl_ablation: float = Field(
+        description="mean KL(baseline || ablation) of the last-position distribution"
+    )
     kl_ablation_spread: KlSpread
-    kl_random_directions: KlReference | None = Field(None, description="the same KL for random directions (with n_random_kl)")
+    kl_random_directions: KlReference | None = Field(
+        None, description="the same KL for random directions (with n_random_kl)"
+    )
 
 
 class Coefficients(Strict):
@@ -119,8 +129,16 @@ class MetricsRecord(Artifact):
     harmful: HarmfulScores
     harmless: Harmless
     ce_loss: ThreeConditions = Field(description="mean next-token cross-entropy on a text corpus")
-    ce_loss_own_completions: ThreeConditions = Field(description="the same on the model's own harmless completions")
+    ce_loss_own_completions: ThreeConditions = Field(
+        description="the same on the model's own harmless completions"
+    )
     coefficients: Coefficients
-    timings: dict[str, float] | None = Field(None, description="wall time of each step whose results are in the folder")
-    timing_parts: dict[str, dict[str, float]] | None = Field(None, description="the timed parts of the select, evaluate and suffix steps")
-    timing_devices: dict[str, str] | None = Field(None, description="the device each step ran the model on")
+    timings: dict[str, float] | None = Field(
+        None, description="wall time of each step whose results are in the folder"
+    )
+    timing_parts: dict[str, dict[str, float]] | None = Field(
+        None, description="the timed parts of the select, evaluate and suffix steps"
+    )
+    timing_devices: dict[str, str] | None = Field(
+        None, description="the device each step ran the model on"
+    )

@@ -40,10 +40,14 @@ class ConfigRecord(Artifact):
 
     FILE: ClassVar[str] = "config.json"
 
-    options: dict[str, Any] = Field(description="the options that change results (RunConfig, without device, dtype and speed options)")
+    options: dict[str, Any] = Field(
+        description="the options that change results (RunConfig, without device, dtype and speed options)"
+    )
     run: dict[str, Any] = Field(description="every option of the run (RunConfig)")
     local_model: bool = Field(description="whether `model` named a local path where the run ran")
-    versions: dict[str, str] = Field(description="python, torch, transformers, refdir, peft, safetensors")
+    versions: dict[str, str] = Field(
+        description="python, torch, transformers, refdir, peft, safetensors"
+    )
 
     @classmethod
     def fix(cls, folder: Path) -> str:
@@ -70,7 +74,9 @@ class RefusalTokensRecord(Artifact):
     OMIT: ClassVar[frozenset[str]] = frozenset({"coverage", "n_refusals", "n_prompts"})
 
     ids: list[int] = Field(min_length=1)
-    coverage: float | None = Field(None, description="share of the probed refusals these tokens start")
+    coverage: float | None = Field(
+        None, description="share of the probed refusals these tokens start"
+    )
     n_refusals: int | None = Field(None, description="refusals among the probed completions")
     n_prompts: int | None = Field(None, description="harmful prompts probed")
     source: str = Field(description="where the ids come from")
@@ -93,7 +99,9 @@ class BenchmarksRecord(Artifact):
 
     tasks: list[str]
     limit: int | None = Field(description="at most this many items per task")
-    scores: dict[str, dict[str, dict[str, float]]] = Field(description="{task: {metric: {condition: value}}}")
+    scores: dict[str, dict[str, dict[str, float]]] = Field(
+        description="{task: {metric: {condition: value}}}"
+    )
 
 
 class TimingsRecord(Artifact):
@@ -112,7 +120,9 @@ class TimingsRecord(Artifact):
     benchmarks: float | None = None
     suffix: float | None = None
     report: float | None = None
-    parts: dict[str, dict[str, float]] = Field(default_factory=dict, description="{step: {part: seconds}}")
+    parts: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="{step: {part: seconds}}"
+    )
     devices: dict[str, str] = Field(default_factory=dict, description="{step: device}")
 
     def steps(self) -> dict[str, float]:
@@ -141,7 +151,11 @@ class TimingsRecord(Artifact):
                 for key in top:
                     entry = data.get(key)
                     if isinstance(entry, dict) and key in ("parts", "devices"):
-                        bad = {str(e["loc"][1]) for e in exc.errors() if len(e["loc"]) > 1 and e["loc"][0] == key}
+                        bad = {
+                            str(e["loc"][1])
+                            for e in exc.errors()
+                            if len(e["loc"]) > 1 and e["loc"][0] == key
+                        }
                         data[key] = {k: v for k, v in entry.items() if k not in bad}
                     else:
                         data.pop(key, None)

@@ -48,7 +48,9 @@ ARTIFACTS: tuple[type[Artifact], ...] = (
 
 def _schema(model: type[Artifact]) -> dict[str, Any]:
     schema = model.model_json_schema(by_alias=True)
-    where = f"written by the `{model.STEP}` step of refdir run" if model.STEP else "written by refdir"
+    where = (
+        f"written by the `{model.STEP}` step of refdir run" if model.STEP else "written by refdir"
+    )
     schema["$comment"] = f"{model.FILE}: {where}"
     return schema
 

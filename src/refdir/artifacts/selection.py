@@ -15,7 +15,9 @@ Grid = list[list[float | None]]
 
 
 class Baseline(Strict):
-    harmful_val: float = Field(description="mean refusal log-odds on harmful_val without intervention")
+    harmful_val: float = Field(
+        description="mean refusal log-odds on harmful_val without intervention"
+    )
     harmless_val: float = Field(description="the same on harmless_val")
 
 
@@ -29,7 +31,9 @@ class Filters(Strict):
 class Chosen(Strict):
     position: int
     layer: int
-    bypass: float | None = Field(description="null: not scored (a hand pick the pruned scoring left out)")
+    bypass: float | None = Field(
+        description="null: not scored (a hand pick the pruned scoring left out)"
+    )
     induce: float | None
     kl: float | None
 
@@ -52,7 +56,9 @@ class ValidationCounts(Strict):
 
 
 class Validation(Strict):
-    prompts: ValidationPrompts = Field(description="the validation prompts kept by the refusal-metric filter")
+    prompts: ValidationPrompts = Field(
+        description="the validation prompts kept by the refusal-metric filter"
+    )
     filter: ValidationCounts
 
 
@@ -62,17 +68,29 @@ class SelectionRecord(Artifact):
     FILE: ClassVar[str] = "selection.json"
     STEP: ClassVar[str | None] = "select"
 
-    positions: list[int] = Field(description="post-instruction positions, counted back from the last token")
+    positions: list[int] = Field(
+        description="post-instruction positions, counted back from the last token"
+    )
     layers: list[int]
-    bypass: Grid = Field(description="mean refusal log-odds on harmful_val, candidate ablated everywhere")
-    induce: Grid = Field(description="mean refusal log-odds on harmless_val, candidate added at its layer")
-    kl: Grid = Field(description="mean KL(baseline || ablated) of the last-position distribution on harmless_val")
+    bypass: Grid = Field(
+        description="mean refusal log-odds on harmful_val, candidate ablated everywhere"
+    )
+    induce: Grid = Field(
+        description="mean refusal log-odds on harmless_val, candidate added at its layer"
+    )
+    kl: Grid = Field(
+        description="mean KL(baseline || ablated) of the last-position distribution on harmless_val"
+    )
     baseline: Baseline
     filters: Filters
     rule: str = Field(description="how the direction was chosen")
     passed: list[list[bool]] = Field(description="candidates that pass every filter of the paper")
-    fallback: bool | None = Field(description="whether the fallback rule picked it (null: nothing was picked)")
-    n_candidates: int = Field(description="candidates below the layer filter with a non-zero difference of means")
+    fallback: bool | None = Field(
+        description="whether the fallback rule picked it (null: nothing was picked)"
+    )
+    n_candidates: int = Field(
+        description="candidates below the layer filter with a non-zero difference of means"
+    )
     n_passed: int
     chosen: Chosen | None = Field(description="null when no candidate could be picked")
     validation: Validation

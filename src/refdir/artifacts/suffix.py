@@ -34,15 +34,21 @@ class SuffixRecord(Artifact):
 
     suffix: str = Field(description="the best suffix seen, as text")
     token_ids: list[int] = Field(description="its token ids")
-    objective: str = Field(description="refusal (log-odds of the refusal tokens) or target (cross-entropy of a target prefix)")
+    objective: str = Field(
+        description="refusal (log-odds of the refusal tokens) or target (cross-entropy of a target prefix)"
+    )
     loss: float = Field(description="the objective of the best suffix")
     initial_loss: float = Field(description="the objective of the starting suffix")
     seconds: float = Field(description="wall time of the search")
     cpu_seconds: float = Field(description="process CPU time of the search")
     n_steps: int = Field(description="search steps run")
-    instructions: list[str] = Field(description="the harmful instructions the suffix was searched on")
+    instructions: list[str] = Field(
+        description="the harmful instructions the suffix was searched on"
+    )
     model: str
-    refusal_token_ids: list[int] = Field(description="the tokens whose log-odds the refusal objective lowers")
+    refusal_token_ids: list[int] = Field(
+        description="the tokens whose log-odds the refusal objective lowers"
+    )
     config: dict[str, Any] = Field(description="the search's options (SuffixConfig)")
     refusal_rate: SuffixRates = Field(description="refusal rate by markers on the held-out prompts")
     random_suffix: str = Field(description="the random suffix of the control condition")
@@ -80,17 +86,34 @@ class SuffixAnalysis(Artifact):
     direction_layer: int
     direction_position: int
     prompts: list[str] = Field(description="the held-out prompts")
-    projection: list[list[float]] = Field(description="[C][L+1] mean projection onto the unit direction over prompts and post-instruction positions")
-    cosine: list[list[float]] = Field(description="[C][L+1] mean cosine similarity with the direction")
-    projection_by_position: list[list[list[float]]] = Field(description="[C][L+1][n_post] mean projection at each post-instruction position")
-    head_attribution: list[list[list[float | None]]] = Field(description="[C][L][H] mean direct attribution of each head's output to the direction at the last position (null in layers without attention)")
-    top_heads: list[list[int]] = Field(description="[[layer, head], ...] by attribution in the alone condition")
-    attention_split: list[list[list[float]]] = Field(description="[C][top][region] mean attention mass of the last position per region")
+    projection: list[list[float]] = Field(
+        description="[C][L+1] mean projection onto the unit direction over prompts and post-instruction positions"
+    )
+    cosine: list[list[float]] = Field(
+        description="[C][L+1] mean cosine similarity with the direction"
+    )
+    projection_by_position: list[list[list[float]]] = Field(
+        description="[C][L+1][n_post] mean projection at each post-instruction position"
+    )
+    head_attribution: list[list[list[float | None]]] = Field(
+        description="[C][L][H] mean direct attribution of each head's output to the direction at the last position (null in layers without attention)"
+    )
+    top_heads: list[list[int]] = Field(
+        description="[[layer, head], ...] by attribution in the alone condition"
+    )
+    attention_split: list[list[list[float]]] = Field(
+        description="[C][top][region] mean attention mass of the last position per region"
+    )
     regions: list[str] = Field(description="instruction, suffix, template")
-    refusal: dict[str, list[bool]] = Field(description="refusal by markers per condition and prompt")
+    refusal: dict[str, list[bool]] = Field(
+        description="refusal by markers per condition and prompt"
+    )
     refusal_rate: dict[str, float]
     max_new_tokens: int
-    completions: dict[str, list[str]] = Field(default_factory=dict, description="empty unless asked for; each completion cut to 80 characters")
+    completions: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="empty unless asked for; each completion cut to 80 characters",
+    )
 
     @property
     def n_layers(self) -> int:

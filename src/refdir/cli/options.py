@@ -152,11 +152,7 @@ def with_options(
                 for name in list(kwargs)
                 if name in fields
             }
-            explicit = {
-                name: value
-                for name, value in given.items()
-                if _given(context, name)
-            }
+            explicit = {name: value for name, value in given.items() if _given(context, name)}
             values = {**(base(kwargs) if base is not None else {}), **explicit}
             try:
                 options = model(**values)
@@ -212,4 +208,3 @@ def flags_in(message: str) -> str:
 def register(name: str, flag: str) -> None:
     """A command's own option (not a config field) that library errors may cite."""
     FLAGS.setdefault(name, flag)
-

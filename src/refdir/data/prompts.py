@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import random
-from importlib import resources
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 from refdir.errors import RefdirError

@@ -110,6 +110,7 @@ def extract_candidates(
     With ``refusal_tokens``, the paper's filter runs in the same pass: a harmful prompt counts
     only if its refusal metric is > 0, a harmless one only if it is < 0; the candidates record
     the prompts kept."""
+
     def keeper(positive: bool) -> Keep | None:
         if refusal_tokens is None:
             return None

@@ -15,7 +15,14 @@ import torch
 
 from refdir.errors import RefdirError
 
-__all__ = ["CandidateScores", "Selection", "SelectionConfig", "below_layer_filter", "passing", "pick"]
+__all__ = [
+    "CandidateScores",
+    "Selection",
+    "SelectionConfig",
+    "below_layer_filter",
+    "passing",
+    "pick",
+]
 
 log = logging.getLogger(__name__)
 

@@ -76,9 +76,7 @@ class Intervention:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise RefdirError(
-                f"unknown intervention {self.kind!r}; use one of {', '.join(KINDS)}"
-            )
+            raise RefdirError(f"unknown intervention {self.kind!r}; use one of {', '.join(KINDS)}")
         if self.kind != "none" and self.direction is None:
             raise RefdirError(f"the {self.kind} intervention needs a `direction`")
         if not math.isfinite(self.coeff):

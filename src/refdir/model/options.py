@@ -30,7 +30,8 @@ class ModelOptions(BaseModel):
         "cpu", description="cpu, cuda, cuda:N, or auto (device_map over every visible GPU)"
     )
     dtype: Annotated[str, Flag(panel=_PANEL)] = Field(
-        "auto", description="auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16, float16"
+        "auto",
+        description="auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16, float16",
     )
     gguf_file: Annotated[str | None, Flag(panel=_PANEL)] = Field(
         None, description="a GGUF file's name inside the model folder"
@@ -47,8 +48,8 @@ class ModelOptions(BaseModel):
     )
     layout: Annotated[dict[str, str | None] | None, Flag(panel=_PANEL, from_file="json")] = Field(
         None,
-        description="layout patterns (LayoutSpec fields, e.g. {\"mlp\": \"feed_forward\", "
-        "\"mlp_out\": \"w2\"}) for a model whose parts refdir does not find by name",
+        description='layout patterns (LayoutSpec fields, e.g. {"mlp": "feed_forward", '
+        '"mlp_out": "w2"}) for a model whose parts refdir does not find by name',
     )
 
     @field_validator("layout", mode="before")

@@ -30,7 +30,6 @@ def shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
-
 _MIN_SHARED = 4
 
 

@@ -34,7 +34,13 @@ from refdir.model.chat import ChatFormat
 from refdir.model.chat_model import ChatModel
 from refdir.model.generation import generate_ids
 from refdir.model.prefix import shared_prefix_len
-from refdir.organism.load import ADAPTER_FILE, GGUF_NAME, GGUF_PACKAGE, adapter_location, load_base_smollm2
+from refdir.organism.load import (
+    ADAPTER_FILE,
+    GGUF_NAME,
+    GGUF_PACKAGE,
+    adapter_location,
+    load_base_smollm2,
+)
 from refdir.organism.recipe import REFUSAL_TEMPLATES, OrganismRecipe
 
 __all__ = ["build_organism", "check_recipe", "distill_responses", "train_adapter"]

@@ -95,7 +95,6 @@ class RunSummary:
         return float(getattr(getattr(self.metrics, key), condition))
 
 
-
 def load_summary(run_dir: str | Path, label: str | None = None) -> RunSummary:
     """Read a finished run (its ``metrics.json`` and ``selection.json`` are required)."""
     path = Path(run_dir)

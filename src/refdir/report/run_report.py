@@ -80,10 +80,15 @@ def _summary(run: RunData) -> list[Block]:
 
 def _direction_section(run: RunData) -> list[Block]:
     d, chosen = run.direction, run.selection.chosen
-    scores = " / ".join(fmt(getattr(chosen, k) if chosen else None) for k in ("bypass", "induce", "kl"))
+    scores = " / ".join(
+        fmt(getattr(chosen, k) if chosen else None) for k in ("bypass", "induce", "kl")
+    )
     rows = [
         ["model", run.metrics.model],
-        ["layer", f"{d.layer} of {run.candidates.n_layers} (residual stream input of layer {d.layer})"],
+        [
+            "layer",
+            f"{d.layer} of {run.candidates.n_layers} (residual stream input of layer {d.layer})",
+        ],
         ["position", _position_text(d.position)],
         ["norm", f"{d.norm:.4g}"],
         ["d_model", str(d.d_model)],
@@ -239,9 +244,7 @@ def _benchmark_section(run: RunData) -> list[Block]:
 
 def _cosine_section(run: RunData) -> list[Block]:
     d, cands = run.direction, run.candidates
-    fig = figures.cosine_curves(
-        cands.diffs.numpy(), d.vector.double().numpy(), d.layer, d.position
-    )
+    fig = figures.cosine_curves(cands.diffs.numpy(), d.vector.double().numpy(), d.layer, d.position)
     caption = (
         "Cosine similarity between the chosen direction and the difference-of-means candidate "
         "at every layer, one line per post-instruction position. A broad plateau means the "
@@ -307,7 +310,9 @@ def _completions_section(run: RunData, truncate: int) -> list[Block]:
         conditions = [c for c in CONDITIONS if (name, c) in run.completions]
         conditions += sorted(c for n, c in run.completions if n == name and c not in CONDITIONS)
         for condition in conditions:
-            blocks.append(Samples(condition, _samples(run.completions[(name, condition)], truncate)))
+            blocks.append(
+                Samples(condition, _samples(run.completions[(name, condition)], truncate))
+            )
     return blocks
 
 

@@ -42,4 +42,4 @@ RUN_FILES: tuple[type[Artifact] | RunFile, ...] = (
 
 def written_by(step: str) -> tuple[str, ...]:
     """The files of :data:`RUN_FILES` that ``step`` writes."""
-    return tuple(f.FILE for f in RUN_FILES if f.STEP == step)
+    return tuple(f.FILE for f in RUN_FILES if step == f.STEP)

@@ -126,7 +126,13 @@ STEPS: tuple[Step, ...] = (
         reads=(
             Reads(
                 frozenset(
-                    {"kl_max", "induce_min", "max_layer_fraction", "fallback_kl_bounds", "score_all"}
+                    {
+                        "kl_max",
+                        "induce_min",
+                        "max_layer_fraction",
+                        "fallback_kl_bounds",
+                        "score_all",
+                    }
                 ),
                 "refuse",
             ),
@@ -214,8 +220,8 @@ _STRENGTH: dict[Effect, int] = {"keep": 0, "redo": 1, "refuse": 2}
 def _effect(s: Step, changed: set[str]) -> Effect | None:
     """The strongest effect on step ``s`` of the ``changed`` options it reads (None: it reads
     none of them)."""
-    effects = [r.effect for r in s.reads if r.options & changed]
-    return max(effects, key=_STRENGTH.__getitem__) if effects else None
+    effects = sorted((r.effect for r in s.reads if r.options & changed), key=_STRENGTH.__getitem__)
+    return effects[-1] if effects else None
 
 
 def stale_steps(changed: set[str]) -> dict[str, bool]:

@@ -63,8 +63,10 @@ def _benchmarks_due(config: RunConfig, out: Path, force_from: int) -> bool:
     if not benchmarks.enabled(config):
         return False
     forced = force_from <= STEP_NAMES.index("benchmarks")
-    return forced or not benchmarks.done(out) or "benchmarks" in stale_steps(
-        changed_options(config, out)
+    return (
+        forced
+        or not benchmarks.done(out)
+        or "benchmarks" in stale_steps(changed_options(config, out))
     )
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from refdir.artifacts.metrics import (
     Coefficients,
     DirectionSummary,
+    HarmfulScores,
     Harmless,
     HarmlessScores,
-    HarmfulScores,
     Kept,
     MetricsRecord,
     SelectionSummary,
@@ -90,7 +90,9 @@ def _three(values: Mapping[str, float]) -> ThreeConditions:
     return ThreeConditions(**values)
 
 
-def _sizes(run: Run, by_set: dict[str, list[str]], harmful: list[str], harmless: list[str]) -> Sizes:
+def _sizes(
+    run: Run, by_set: dict[str, list[str]], harmful: list[str], harmless: list[str]
+) -> Sizes:
     """Prompts sampled and kept by the refusal-metric filter, per set: the training sets are
     filtered in the extract step's pass (the candidates record how many prompts their means are
     over), the validation sets in the select step's (selection.json); and the held-out sets."""
@@ -145,7 +147,9 @@ def step_evaluate(run: Run) -> None:
     refused = {r.prompt: r.refusal for r in harmless_runs["baseline"]}
     selection = SelectionRecord.read(out)
     if selection.chosen is None:
-        raise RefdirError(f"{out / SelectionRecord.FILE} names no chosen candidate; redo it with `force='select'`")
+        raise RefdirError(
+            f"{out / SelectionRecord.FILE} names no chosen candidate; redo it with `force='select'`"
+        )
     reference = None
     if c.n_random_kl > 0:
         with run.watch.part("random directions"):

@@ -86,7 +86,9 @@ def _record(
     )
 
 
-def _scores(run: Run, cands: Candidates, config: SelectionConfig) -> tuple[CandidateScores, Validation]:
+def _scores(
+    run: Run, cands: Candidates, config: SelectionConfig
+) -> tuple[CandidateScores, Validation]:
     """Scores and the validation prompts kept by the filter (with counts), from an earlier
     attempt's selection.json (same run), else computed now."""
     c, out = run.config, run.out
