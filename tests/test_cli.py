@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,20 +71,45 @@ def extracted(
     return out
 
 
+COMMANDS = {
+    "extract",
+    "ablate",
+    "add",
+    "orthogonalize",
+    "evaluate",
+    "run",
+    "compare",
+    "suffix",
+    "organism",
+}
+
+
 def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in (
-        "extract",
-        "ablate",
-        "add",
-        "orthogonalize",
-        "evaluate",
-        "run",
-        "suffix",
-        "organism",
-    ):
-        assert command in result.output
+    listed = re.findall(r"^[│|]? {1,2}([a-z]+) {2,}\S", result.output, re.M)
+    assert sorted(listed) == sorted(COMMANDS)  # each once, as a command of its own row
+    for command in COMMANDS:
+        help_text = runner.invoke(app, [command, "--help"])
+        assert help_text.exit_code == 0 and f" {command} [OPTIONS]" in help_text.output
+
+
+def test_run_takes_every_option_of_a_run_config() -> None:
+    """One declaration per option: every RunConfig field is a `refdir run` option, with the
+    field's default."""
+    import typer
+
+    command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    params = {p.name: p for p in command.params}
+    for name, field in RunConfig.model_fields.items():
+        assert name in params, name
+        default = params[name].default
+        if isinstance(field.default, tuple):
+            assert default in (",".join(map(str, field.default)), "none"), name
+        elif name == "n_eval_harmful":
+            assert default == field.default
+        elif field.default is not None:
+            assert default == field.default, name
 
 
 def test_extract_writes_candidates_and_a_direction(extracted: Path) -> None:
@@ -705,3 +731,33 @@ def test_usage_errors_are_one_line(
     with pytest.raises(SystemExit) as stop:
         entry()
     assert stop.value.code == 0 and capsys.readouterr().out.count("Usage:") == 1
+
+
+def test_run_takes_a_toml_config_under_the_options_given(model_dir: Path, tmp_path: Path) -> None:
+    study = tmp_path / "study.toml"
+    study.write_text(
+        f'model = "{model_dir}"\nn_train = 5\nkl_max = 0.3\nrefusal_tokens = [5, 6]\n'
+        'filter_prompts = false\nharmful_eval = ["harmful_test"]\n'
+    )
+    out = tmp_path / "run"
+    args = ["run", "--config", str(study), "--out", str(out), "--until", "prompts"]
+    result = runner.invoke(app, [*args, "--kl-max", "0.2"])
+    assert result.exit_code == 0, result.output
+    options = json.loads((out / "config.json").read_text())["options"]
+    assert options["n_train"] == 5 and options["kl_max"] == 0.2  # the option over the file
+    assert options["harmful_eval"] == ["harmful_test"] and options["refusal_tokens"] == [5, 6]
+    recorded = [
+        "run",
+        "--config",
+        str(out / "config.toml"),
+        "--out",
+        str(out),
+        "--until",
+        "prompts",
+    ]
+    again = runner.invoke(app, recorded)
+    assert again.exit_code == 0, again.output  # the recorded config is the same run: nothing to do
+    assert not re.search(r"^prompts +[\d.]+ s$", again.stdout, re.M)
+    study.write_text("n_train = 0\n")
+    bad = runner.invoke(app, [*args])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: --n-train: input should be")

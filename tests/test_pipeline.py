@@ -442,3 +442,18 @@ def test_refusal_tokens_outside_the_vocabulary_are_refused(tmp_path: Path) -> No
     for fraction in (0.0, 5.0):
         with pytest.raises(ValidationError):
             RunConfig(max_layer_fraction=fraction)
+
+
+def test_a_run_records_its_resolved_config_as_toml_that_runs_again(tmp_path: Path) -> None:
+    from refdir.study.config import read_config
+
+    config = CONFIG.model_copy(update={"n_eval_harmful": None, "layout": {"mlp": "mlp"}})
+    run_pipeline(config, tmp_path, progress=False, model=tiny_chat_model("llama"), until="prompts")
+    again = RunConfig(**read_config(tmp_path / "config.toml"))
+    assert again == config and again.n_eval_harmful is None  # 0 in TOML: all of them
+    (tmp_path / "bad.toml").write_text("n_train = 3\nn_trian = 4\n")
+    with pytest.raises(RefdirError, match="unknown option 'n_trian'"):
+        read_config(tmp_path / "bad.toml")
+    (tmp_path / "broken.toml").write_text("n_train = \n")
+    with pytest.raises(RefdirError, match="is not readable TOML"):
+        read_config(tmp_path / "broken.toml")

@@ -98,13 +98,16 @@ def test_gradient_reaches_the_one_hot_inputs(cm: ChatModel) -> None:
     assert all(p.requires_grad for p in cm.model.parameters()), "flags are restored"
 
 
-def test_one_step_does_not_worsen_the_objective(cm: ChatModel) -> None:
+def test_steps_improve_the_objective_and_report_it_truly(cm: ChatModel) -> None:
     search = SuffixSearch(cm, PROMPTS, SMALL)
     ids = search.initial_ids()
     start = float(search.loss(ids[None])[0])
-    new_ids, new = search.step(ids, start)
-    assert new <= start
-    assert new == pytest.approx(float(search.loss(new_ids[None])[0]), abs=1e-5)
+    current, value = ids, start
+    for _ in range(3):
+        current, value = search.step(current, value)
+        assert value == pytest.approx(float(search.loss(current[None])[0]), abs=1e-5)
+    assert value < start - 1e-4  # the gradient-guided swaps found a better suffix
+    assert not torch.equal(current, ids)
 
 
 def test_search_is_seeded_and_keeps_the_best(cm: ChatModel) -> None:

@@ -54,7 +54,7 @@ def _base(annotation: Any) -> tuple[Any, bool]:
 
 def _help(field: FieldInfo) -> str:
     text = field.description or ""
-    return text[:1].upper() + text[1:] + ("." if text and not text.endswith(".") else "")
+    return text + ("." if text and not text.endswith(".") else "")
 
 
 def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
@@ -67,7 +67,7 @@ def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
     if flag.from_file is not None:
         kind: Any = Path | None
         default = None
-        help_text = f"A {'JSON' if flag.from_file == 'json' else 'text'} file: {help_text[:1].lower()}{help_text[1:]}"
+        help_text = f"A {'JSON' if flag.from_file == 'json' else 'text'} file: {help_text}"
     elif flag.items:
         kind = str
         default = ",".join(str(v) for v in default) if default else (flag.empty or "")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import tomli_w
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from refdir.errors import RefdirError
@@ -22,7 +23,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["RESULT_FREE", "RunConfig", "option_error", "read_config"]
+__all__ = ["CONFIG_TOML", "RESULT_FREE", "RunConfig", "config_toml", "option_error", "read_config"]
+
+CONFIG_TOML = "config.toml"
+"""The resolved options of a run, as a TOML file ``refdir run --config`` takes again."""
 
 PROMPTS, SELECTION, EVALUATION = "Prompts", "Selection", "Evaluation"
 BENCHMARKS, SUFFIX, SPEED = "Benchmarks", "Suffix", "Speed"
@@ -256,6 +260,21 @@ def read_config(path: Path) -> dict[str, Any]:
     if unknown:
         raise RefdirError(
             f"config file {path}: unknown option {unknown[0]!r}; the options are the fields "
-            "of RunConfig (`refdir run --help`)"
+            "of RunConfig"
         )
     return values
+
+
+def config_toml(config: RunConfig) -> str:
+    """Every option of ``config`` as TOML (the resolved config a run folder records). TOML has
+    no null: an option that is None at its default is left out, and one whose None means
+    "all" is written as 0."""
+    values = config.model_dump(mode="json")
+    text: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None:
+            if RunConfig.model_fields[name].default is None:
+                continue
+            value = 0  # n_eval_harmful: 0 stands for all of them
+        text[name] = value
+    return tomli_w.dumps(text)

@@ -23,7 +23,8 @@ from refdir.artifacts.run import ConfigRecord
 from refdir.artifacts.selection import SelectionRecord
 from refdir.errors import RefdirError
 from refdir.model.loading import ORGANISM
-from refdir.study.config import RESULT_FREE, RunConfig
+from refdir.io import write_text
+from refdir.study.config import CONFIG_TOML, RESULT_FREE, RunConfig, config_toml
 from refdir.study.files import COMPLETIONS, written_by
 from refdir.study.state import Run, versions
 from refdir.study.steps.benchmarks import step_benchmarks
@@ -280,7 +281,7 @@ def check_config(config: RunConfig, out: Path, force_from: int) -> None:
     """Refuse to mix options in one folder, except those that only redo some steps: the steps
     that read a changed one are stale, and their files (and those of the steps that read
     them) are removed now, so that a run stopped before redoing them leaves none behind. Then
-    record the options in ``config.json``."""
+    record the options in ``config.json`` and ``config.toml``."""
     results = any((out / name).exists() for s in STEPS for name in s.writes)
     has_record = (out / ConfigRecord.FILE).exists()
     if results and not has_record and force_from > 0:
@@ -312,6 +313,7 @@ def check_config(config: RunConfig, out: Path, force_from: int) -> None:
         local_model=config.model != ORGANISM and Path(config.model).expanduser().exists(),
         versions=versions(),
     ).write(out)
+    write_text(out / CONFIG_TOML, config_toml(config))
 
 
 def every_option_is_read() -> set[str]:
