@@ -22,8 +22,8 @@ from typing import Any, Literal
 from refdir.artifacts.run import ConfigRecord
 from refdir.artifacts.selection import SelectionRecord
 from refdir.errors import RefdirError
-from refdir.model.loading import ORGANISM
 from refdir.io import write_text
+from refdir.model.loading import ORGANISM
 from refdir.study.config import CONFIG_TOML, RESULT_FREE, RunConfig, config_toml
 from refdir.study.files import COMPLETIONS, written_by
 from refdir.study.state import Run, versions
