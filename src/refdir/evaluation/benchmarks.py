@@ -101,7 +101,7 @@ def _task_names(
     """lm_eval task names for ``tasks`` (names, or task YAML files), and the TaskManager.
     ``include_defaults=None``: lm_eval's built-in tasks are indexed (15-30 s) only when a
     name is not found in ``include_path`` or beside the task files."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # optional (refdir[bench]); callers check it is there
 
     if isinstance(tasks, str | os.PathLike) or not tasks:
         raise RefdirError("give a non-empty list of benchmark tasks")
@@ -252,11 +252,11 @@ def _evaluate(
 ) -> list[dict[str, dict[str, float]]]:
     """lm_eval's scores of ``tasks`` under each intervention in turn."""
     if options.batch_size <= 0:
-        raise RefdirError(f"batch size must be positive, got {options.batch_size}")
+        raise RefdirError(f"`batch_size` must be positive, got {options.batch_size}")
     out = []
     with offline():
         lm_eval = _lm_eval()
-        from lm_eval.models.huggingface import HFLM
+        from lm_eval.models.huggingface import HFLM  # optional (refdir[bench]), checked above
 
         if isinstance(tasks, ResolvedTasks):
             names, manager = tasks.names, tasks.manager
