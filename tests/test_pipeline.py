@@ -447,7 +447,8 @@ def test_refusal_tokens_outside_the_vocabulary_are_refused(tmp_path: Path) -> No
 def test_a_run_records_its_resolved_config_as_toml_that_runs_again(tmp_path: Path) -> None:
     from refdir.study.config import read_config
 
-    config = CONFIG.model_copy(update={"n_eval_harmful": None, "layout": {"mlp": "mlp"}})
+    layout = {"mlp": "mlp", "layers": None}  # a null pattern: TOML has no null
+    config = CONFIG.model_copy(update={"n_eval_harmful": None, "layout": layout})
     run_pipeline(config, tmp_path, progress=False, model=tiny_chat_model("llama"), until="prompts")
     again = RunConfig(**read_config(tmp_path / "config.toml"))
     assert again == config and again.n_eval_harmful is None  # 0 in TOML: all of them

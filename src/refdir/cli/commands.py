@@ -1,5 +1,5 @@
 """The command line: a thin layer over the Python API. Each command checks its options, then
-hands them to :mod:`refdir.cli.actions`, which does the work with the library; the options
+hands them to its module in :mod:`refdir.cli.work`, which does the work with the library; the options
 shared by commands come from the config models (:mod:`refdir.cli.options`)."""
 
 from __future__ import annotations
@@ -72,10 +72,10 @@ for _name, _flag in (
     register(_name, _flag)
 
 
-def _actions() -> ModuleType:
-    """The commands' work, which needs torch: imported when a command runs, so that --help and
-    option errors do not wait for it."""
-    return importlib.import_module("refdir.cli.actions")
+def _work(command: str) -> ModuleType:
+    """The work of ``command`` (:mod:`refdir.cli.work`), which needs torch: imported when the
+    command runs, so that --help and option errors do not wait for it."""
+    return importlib.import_module(f"refdir.cli.work.{command}")
 
 
 def _errors(fn: F) -> F:
@@ -137,7 +137,9 @@ def extract(
         )
     if harmful == harmless:
         raise RefdirError("--harmful and --harmless name the same set; their difference is zero")
-    _actions().extract(out, options, harmful, harmless, n_train, layer, position, seed, batch_size)
+    _work("extract").extract(
+        out, options, harmful, harmless, n_train, layer, position, seed, batch_size
+    )
 
 
 @app.command(name="ablate")
@@ -154,7 +156,7 @@ def ablate_cmd(
     seed: SeedOpt = 0,
 ) -> None:
     """Generate greedily with the direction ablated at every layer and position."""
-    _actions().generate_under(
+    _work("generate").generate_under(
         "ablate", options, direction, prompts, n, max_new_tokens, batch_size, as_json, 1.0, seed
     )
 
@@ -176,7 +178,7 @@ def add_cmd(
     seed: SeedOpt = 0,
 ) -> None:
     """Generate greedily with coeff x direction added to its layer's input at every position."""
-    _actions().generate_under(
+    _work("generate").generate_under(
         "actadd", options, direction, prompts, n, max_new_tokens, batch_size, as_json, coeff, seed
     )
 
@@ -190,7 +192,7 @@ def orthogonalize(
     options: ModelOptions,
 ) -> None:
     """Edit the weights so nothing writes along the direction; export a safetensors checkpoint."""
-    _actions().orthogonalize(direction, out, options)
+    _work("orthogonalize").orthogonalize(direction, out, options)
 
 
 @organism_app.command("build")
@@ -213,7 +215,7 @@ def organism_build(
     """Rebuild the model organism from scratch on CPU: self-distillation, then LoRA safety tuning."""
     if threads is not None and threads < 1:
         raise RefdirError(f"--threads must be 1 or more, got {threads}")
-    _actions().organism_build(out, recipe, threads)
+    _work("organism").organism_build(out, recipe, threads)
 
 
 def _run_file(own: Mapping[str, Any]) -> dict[str, Any]:
@@ -245,7 +247,7 @@ def run_cmd(
     until: Annotated[str | None, typer.Option(help="Stop after this step.")] = None,
 ) -> None:
     """The paper's study end to end: select a direction, evaluate it, write report.html."""
-    _actions().run(options, out, force, until)
+    _work("run").run(options, out, force, until)
 
 
 @app.command()
@@ -261,7 +263,7 @@ def compare(
     ] = None,
 ) -> None:
     """Several runs side by side: refusal, safety, chosen direction, KL and CE per model."""
-    _actions().compare(runs, out, _items(labels) if labels is not None else None)
+    _work("compare").compare(runs, out, _items(labels) if labels is not None else None)
 
 
 @app.command()
@@ -297,7 +299,7 @@ def evaluate(
         )
     if not math.isfinite(coeff):
         raise RefdirError(f"--coeff must be a finite number, got {coeff}")
-    _actions().evaluate(
+    _work("generate").evaluate(
         options,
         prompts,
         n,
@@ -359,7 +361,7 @@ def suffix(
         raise RefdirError(f"--top-heads must be 1 or more, got {top_heads}")
     if max_new_tokens < 1:
         raise RefdirError(f"--max-new-tokens must be 1 or more, got {max_new_tokens}")
-    _actions().suffix(
+    _work("suffix").suffix(
         direction,
         out,
         options,

@@ -4,6 +4,7 @@ anything heavy is imported."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -55,6 +56,11 @@ class ModelOptions(BaseModel):
     @field_validator("layout", mode="before")
     @classmethod
     def _layout(cls, value: Any) -> Any:
+        if isinstance(value, str):  # a JSON object, as TOML (which has no null) carries it
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON object of LayoutSpec fields ({exc})") from None
         if isinstance(value, dict):
             try:
                 LayoutSpec.from_fields(value)

@@ -6,6 +6,7 @@ heavy is imported."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -267,11 +268,13 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def config_toml(config: RunConfig) -> str:
     """Every option of ``config`` as TOML (the resolved config a run folder records). TOML has
-    no null: an option that is None at its default is left out, and one whose None means
-    "all" is written as 0."""
+    no null: an option that is None at its default is left out, one whose None means "all" is
+    written as 0, and the layout (whose patterns may be null) as a JSON string."""
     values = config.model_dump(mode="json")
     text: dict[str, Any] = {}
     for name, value in values.items():
+        if name == "layout" and value is not None:
+            value = json.dumps(value)
         if value is None:
             if RunConfig.model_fields[name].default is None:
                 continue
