@@ -145,7 +145,3 @@ def random_direction_kl(
 
 _RANDOM_GROUP = 8
 """Random directions scored together: their logits [8, N, vocab] are held at once."""
-
-
-_RANDOM_GROUP = 8
-"""Random directions scored together: their logits [8, N, vocab] are held at once."""
