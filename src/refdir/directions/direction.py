@@ -144,6 +144,8 @@ class Direction:
 
 
 def _paths(path: Path) -> tuple[Path, Path]:
+    if path.is_dir():
+        return path / DIRECTION_FILE, path / DIRECTION_JSON
     if path.suffix == ".safetensors":
         return path, path.with_suffix(".json")
     if path.suffix == ".json":
