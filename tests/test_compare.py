@@ -119,29 +119,43 @@ def test_settings_that_differ_are_flagged(runs: list[Path], tmp_path: Path) -> N
     assert labels == [f"tiny ({runs[0].name})", "tiny (changed)"]
 
 
-def test_bad_input_is_one_line_and_writes_nothing(runs: list[Path], tmp_path: Path) -> None:
+BAD_INPUT = {
+    "unfinished run": (
+        lambda runs, tmp: [runs[0], tmp / "unfinished"],
+        None,
+        "metrics.json is missing; redo it with `force='evaluate'`",
+    ),
+    "run given twice": (lambda runs, tmp: [runs[0], runs[0]], None, "run folder given twice"),
+    "not a run": (lambda runs, tmp: [runs[0], tmp / "nowhere"], None, "is not a run folder"),
+    "too few labels": (lambda runs, tmp: runs, ["one"], "1 labels for 2 runs"),
+    "label twice": (lambda runs, tmp: runs, ["same", "same"], "label 'same' given twice"),
+    "no runs": (lambda runs, tmp: [], None, "give at least one run folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_and_writes_nothing(
+    runs: list[Path], tmp_path: Path, case: str
+) -> None:
     unfinished = tmp_path / "unfinished"
     shutil.copytree(runs[0], unfinished)
     (unfinished / "metrics.json").unlink()
+    dirs, labels, message = BAD_INPUT[case]
     out = tmp_path / "cmp"
-    cases = [
-        ([runs[0], unfinished], None, "metrics.json is missing; redo it with `force='evaluate'`"),
-        ([runs[0], runs[0]], None, "run folder given twice"),
-        ([runs[0], tmp_path / "nowhere"], None, "is not a run folder"),
-        (runs, ["one"], "1 labels for 2 runs"),
-        (runs, ["same", "same"], "label 'same' given twice"),
-        ([], None, "give at least one run folder"),
-    ]
-    for dirs, labels, message in cases:
-        with pytest.raises(RefdirError, match=message):
-            write_comparison(dirs, out, labels)
-        assert not out.exists()
+    with pytest.raises(RefdirError, match=message) as err:
+        write_comparison(dirs(runs, tmp_path), out, labels)
+    assert "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def test_an_output_that_cannot_be_a_folder_is_refused(runs: list[Path], tmp_path: Path) -> None:
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
     with pytest.raises(RefdirError, match="exists and is not a folder"):
         write_comparison(runs, a_file)
     with pytest.raises(RefdirError, match=r"cannot create the folder .*a-file/x"):
         write_comparison(runs, a_file / "x")
+    assert a_file.read_text() == "not a folder"
 
 
 def test_compare_command(runs: list[Path], tmp_path: Path) -> None:
