@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -102,6 +103,33 @@ def test_a_judged_run_adds_the_safety_score(runs: list[Path], tmp_path: Path) ->
     assert "| 0.900 → 0.250 → 0.800 |" in md and "| — → — → — |" in md  # run a was not judged
     rows = list(csv.DictReader(csv_path.open()))
     assert rows[1]["harmful_safety_ablation"] == "0.25" and rows[0]["harmful_safety_ablation"] == ""
+
+
+def test_refusal_scores_are_compared_condition_by_condition(
+    runs: list[Path], tmp_path: Path
+) -> None:
+    """The tiny runs refuse nothing (every score 0.0, which any column holds): a copy with a
+    distinct score per condition shows each in its own column and in the summary's means."""
+    refusing = tmp_path / "refusing"
+    shutil.copytree(runs[1], refusing)
+    metrics = _metrics(refusing)
+    assert all(v == 0.0 for v in metrics["harmful"]["refusal_score"].values())
+    metrics["harmful"]["refusal_score"] = {"baseline": 0.875, "ablation": 0.125, "actadd": 0.5}
+    metrics["harmless"]["refusal_score"] = {"baseline": 0.25, "actadd": 0.75}
+    (refusing / "metrics.json").write_text(json.dumps(metrics))
+    _, md_path, csv_path = write_comparison([runs[0], refusing], tmp_path / "cmp", ["a", "b"])
+    row = list(csv.DictReader(csv_path.open()))[1]
+    assert [row[f"harmful_refusal_{c}"] for c in ("baseline", "ablation", "actadd")] == [
+        "0.875",
+        "0.125",
+        "0.5",
+    ]
+    assert [row[f"harmless_refusal_{c}"] for c in ("baseline", "actadd")] == ["0.25", "0.75"]
+    md = md_path.read_text()
+    assert "| b | 0.875 → 0.125 → 0.500 | 0.250 → 0.750 |" in md
+    assert "| a | 0.000 → 0.000 → 0.000 | 0.000 → 0.000 |" in md
+    summary = md.split("\n\n")[1]  # the means over both runs
+    assert re.findall(r"\b\d\.\d{3}\b", summary) == ["0.438", "0.062", "0.125", "0.375"]
 
 
 def test_settings_that_differ_are_flagged(runs: list[Path], tmp_path: Path) -> None:

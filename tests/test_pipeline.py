@@ -83,7 +83,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert (tmp_path / "report.html").exists() and (tmp_path / "report.md").exists()
     assert "row below it" not in (tmp_path / "report.md").read_text()  # no random directions
     assert len(list((tmp_path / "completions").glob("*.jsonl"))) == 5
-    _check_figures(cm, tmp_path, metrics)
+    check_figures(cm, tmp_path, metrics)
     # a second run skips everything
     assert run_pipeline(CONFIG, tmp_path, progress=False, model=cm) == {}
     # redoing the report keeps the parts of the steps it did not redo
@@ -91,7 +91,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "metrics.json").read_text())["timing_parts"] == parts
 
 
-def _check_figures(cm: ChatModel, out: Path, metrics: dict[str, Any]) -> None:
+def check_figures(cm: ChatModel, out: Path, metrics: dict[str, Any]) -> None:
     """metrics.json and the completion files hold what the chosen direction does to the held-out
     prompts, recomputed here with scoped interventions: each condition's completions, their
     refusal flags and rates, the CE loss on the corpus and the KL of ablation."""
