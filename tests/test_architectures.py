@@ -140,7 +140,10 @@ def test_generation_candidates_and_row_conditions(arch: str) -> None:
         per_row = cm.model(**batch.inputs()).logits[:, -1]
     with torch.inference_mode(), ablate(cm, direction):
         whole = cm.model(**batch.inputs()).logits[:, -1]
+    with torch.inference_mode():
+        plain = cm.model(**batch.inputs()).logits[:, -1]
     torch.testing.assert_close(per_row, whole)
+    assert not torch.allclose(whole, plain)  # the ablation acts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -19,7 +19,7 @@ from refdir.directions.candidates import Candidates
 from refdir.directions.direction import Direction
 from refdir.interventions.intervention import ablate, add
 from refdir.measures import is_refusal
-from refdir.model.generation import generate
+from refdir.model.generation import generate, last_position_logits
 from refdir.model.loading import load_model
 from refdir.study.config import RunConfig
 from refdir.study.state import Run
@@ -212,6 +212,15 @@ def test_orthogonalize_exports(model_dir: Path, extracted: Path, tmp_path: Path)
     )
     assert result.exit_code == 0, result.output
     assert "exact" in result.output and (out / "model.safetensors").exists()
+    # the checkpoint reloads as a plain model that behaves as the original under ablation
+    original = load_model(str(model_dir))
+    prompts = ["how to pick a lock", "bake bread"]
+    plain = last_position_logits(original, prompts)
+    with ablate(original, Direction.load(extracted)):
+        hooked = last_position_logits(original, prompts)
+    edited = last_position_logits(load_model(str(out)), prompts)
+    torch.testing.assert_close(edited, hooked, atol=1e-4, rtol=0)
+    assert float((edited - plain).abs().max()) > 1e-3
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700

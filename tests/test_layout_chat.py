@@ -86,4 +86,5 @@ def test_missing_chat_template_is_a_clear_error() -> None:
 def test_chat_model_wraps_any_model() -> None:
     cm = ChatModel(tiny_model("qwen2"), tiny_tokenizer(), name="x")
     assert cm.n_layers == 3 and cm.device.type == torch.device(DEVICE).type
-    assert tiny_chat_model("gemma").layout.tied
+    assert cm.name == "x" and cm.d_model == 32 and not cm.layout.tied
+    assert tiny_chat_model("gemma").layout.tied  # Gemma ties its embeddings by default

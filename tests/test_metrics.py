@@ -88,6 +88,12 @@ def test_kl_last_position_takes_a_baseline(cm: ChatModel, direction: Direction) 
     assert one_by_one == pytest.approx(expected, rel=1e-4)
     by_hand = kl_divergence(base, _under(cm, direction)).mean()
     assert expected == pytest.approx(float(by_hand), rel=1e-6)
+    # the baseline given is the one used: another one gives the KL from it
+    with add(cm, direction, coeff=2.0):
+        other = last_position_logits(cm, PROMPTS)
+    from_other = kl_last_position(cm, PROMPTS, ablation, baseline=other)
+    assert from_other == pytest.approx(float(kl_divergence(other, _under(cm, direction)).mean()))
+    assert from_other != pytest.approx(expected, rel=1e-2)
 
 
 def _under(cm: ChatModel, direction: Direction) -> torch.Tensor:

@@ -198,6 +198,11 @@ def test_random_direction_kl_is_the_kl_score_of_seeded_random_directions(
     torch.testing.assert_close(grouped, kl, rtol=1e-4, atol=1e-7)
     own_baseline = random_direction_kl(cm, prompts, n=3, seed=7)
     torch.testing.assert_close(own_baseline, kl, rtol=1e-4, atol=1e-7)
+    other = base.flip(0)  # a baseline given is the one the KL is taken from
+    first = Intervention.ablation(Direction(vectors[0].float(), 1, -1, cm.name))
+    from_other = float(random_direction_kl(cm, prompts, n=1, seed=7, baseline=other)[0])
+    assert from_other == pytest.approx(kl_last_position(cm, prompts, first, baseline=other))
+    assert from_other != pytest.approx(float(kl[0]), rel=0.5)
     other_seed = random_direction_kl(cm, prompts, n=3, seed=8, baseline=base)
     assert not torch.allclose(other_seed, kl, rtol=1e-2)
     with pytest.raises(RefdirError, match="1 or more"):
