@@ -23,7 +23,13 @@ from refdir.errors import RefdirError
 from refdir.report.compare import write_comparison
 from refdir.study.config import RunConfig
 from refdir.study.files import RUN_FILES
-from refdir.study.plan import STEP_NAMES, STEPS, changed_options, every_option_is_read
+from refdir.study.plan import (
+    RESULT_FREE,
+    STEP_NAMES,
+    STEPS,
+    changed_options,
+    every_option_is_read,
+)
 
 ROOT = Path(__file__).parent.parent
 OLD_RUN = Path(__file__).parent / "data" / "run-0.1.0"
@@ -90,6 +96,10 @@ def test_damaged_timings_keep_their_good_entries(tmp_path: Path) -> None:
 
 def test_every_option_of_a_run_is_read_by_a_step_and_every_file_has_its_step() -> None:
     assert every_option_is_read() == set()
+    # and every option a step names is one, and none is both read and result-free
+    read = {o for step in STEPS for r in step.reads for o in r.options}
+    assert read <= set(RunConfig.model_fields) and set(RunConfig.model_fields) >= RESULT_FREE
+    assert not read & RESULT_FREE
     assert {f.STEP for f in RUN_FILES} <= set(STEP_NAMES)
     assert {a.STEP for a in ARTIFACTS if a.STEP} <= set(STEP_NAMES)
     steps = [f for f in TimingsRecord.model_fields if f not in ("parts", "devices")]
