@@ -23,7 +23,13 @@ from refdir.errors import RefdirError
 from refdir.report.compare import write_comparison
 from refdir.study.config import RunConfig
 from refdir.study.files import RUN_FILES
-from refdir.study.plan import STEP_NAMES, STEPS, changed_options, every_option_is_read
+from refdir.study.plan import (
+    RESULT_FREE,
+    STEP_NAMES,
+    STEPS,
+    changed_options,
+    every_option_is_read,
+)
 
 ROOT = Path(__file__).parent.parent
 OLD_RUN = Path(__file__).parent / "data" / "run-0.1.0"
@@ -90,6 +96,10 @@ def test_damaged_timings_keep_their_good_entries(tmp_path: Path) -> None:
 
 def test_every_option_of_a_run_is_read_by_a_step_and_every_file_has_its_step() -> None:
     assert every_option_is_read() == set()
+    # and every option a step names is one, and none is both read and result-free
+    read = {o for step in STEPS for r in step.reads for o in r.options}
+    assert read <= set(RunConfig.model_fields) and set(RunConfig.model_fields) >= RESULT_FREE
+    assert not read & RESULT_FREE
     assert {f.STEP for f in RUN_FILES} <= set(STEP_NAMES)
     assert {a.STEP for a in ARTIFACTS if a.STEP} <= set(STEP_NAMES)
     steps = [f for f in TimingsRecord.model_fields if f not in ("parts", "devices")]
@@ -118,14 +128,32 @@ def _error_texts(path: Path) -> list[tuple[int, str]]:
 def test_the_library_s_errors_speak_python_and_the_command_line_s_speak_flags() -> None:
     package = Path(refdir.__file__).parent
     flags = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
-    speaking_flags = [
-        f"{path.relative_to(package)}:{line}: {text}"
-        for path in sorted(package.rglob("*.py"))
-        if path.parent.name != "cli"
-        for line, text in _error_texts(path)
-        if flags.search(re.sub(r"`[^`]*`", "", text))  # a quoted shell command may have flags
+
+    def speaks_flags(text: str) -> bool:
+        return bool(flags.search(re.sub(r"`[^`]*`", "", text)))  # a quoted command may have flags
+
+    library = [
+        p for p in sorted(package.rglob("*.py")) if "cli" not in p.relative_to(package).parts
     ]
-    assert speaking_flags == []
+    errors = {
+        f"{path.relative_to(package)}:{line}": text
+        for path in library
+        for line, text in _error_texts(path)
+    }
+    assert len(errors) > 100  # the scan finds the library's errors, in every stage
+    assert {key.split("/")[0] for key in errors} >= {
+        "directions",
+        "interventions",
+        "model",
+        "study",
+    }
+    assert not [f"{where}: {text}" for where, text in errors.items() if speaks_flags(text)]
+    # the scan does flag a flag, and the command line's own errors do speak flags
+    assert speaks_flags("give --layer") and not speaks_flags("run `refdir run --layer 1`")
+    command_line = [
+        text for path in sorted((package / "cli").rglob("*.py")) for _, text in _error_texts(path)
+    ]
+    assert any(speaks_flags(text) for text in command_line)
     from refdir.cli.options import flags_in  # the package builds the commands and their flags
 
     message = "give `refusal_tokens`, or `filter_prompts=False`; then `force='select'`"

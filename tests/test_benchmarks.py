@@ -182,21 +182,57 @@ def test_run_pipeline_benchmarks_the_chosen_direction(
     )
 
 
-def test_run_pipeline_checks_the_tasks_before_any_step(task: Path, tmp_path: Path) -> None:
+_MANAGERS: dict[Any, Any] = {}
+
+
+@pytest.fixture
+def index_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm_eval indexes its built-in tasks (10-30 s) for a name found nowhere else: the cases
+    that need the index share one, made by lm_eval's own TaskManager."""
+    import lm_eval.tasks
+
+    real = lm_eval.tasks.TaskManager
+
+    def manager(include_path: Any = None, include_defaults: bool = True) -> Any:
+        key = (tuple(include_path or ()), include_defaults)
+        if key not in _MANAGERS:
+            _MANAGERS[key] = real(include_path=include_path, include_defaults=include_defaults)
+        return _MANAGERS[key]
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", manager)
+
+
+@pytest.mark.usefixtures("index_once")
+@pytest.mark.parametrize(
+    ("tasks", "path", "message"),
+    [
+        (("missing.yaml",), (), "task file .*missing.yaml does not exist"),
+        (("tiny_m",), ("tasks",), "did you mean 'tiny_mc'"),
+        (("zzzz",), ("tasks",), "'zzzz'; give a task YAML file, or the folder"),
+        (("tiny_mc",), ("nowhere",), "task folder .*nowhere does not exist"),
+    ],
+    ids=["missing file", "close name", "unknown name", "missing folder"],
+)
+def test_run_pipeline_checks_the_tasks_before_any_step(
+    task: Path, tmp_path: Path, tasks: tuple[str, ...], path: tuple[str, ...], message: str
+) -> None:
     from refdir.study.run import run_pipeline
     from test_pipeline import CONFIG
 
-    for tasks, path, message in (
-        ((str(task.parent / "missing.yaml"),), (), "task file .*missing.yaml does not exist"),
-        (("tiny_m",), (str(task.parent),), "did you mean 'tiny_mc'"),
-        (("zzzz",), (str(task.parent),), "'zzzz'; give a task YAML file, or the folder"),
-        (("tiny_mc",), (str(tmp_path / "nowhere"),), "task folder .*nowhere does not exist"),
-    ):
-        config = CONFIG.model_copy(update={"benchmarks": tasks, "benchmark_path": path})
-        out = tmp_path / "run"
-        with pytest.raises(RefdirError, match=message):
-            run_pipeline(config, out, progress=False, model=tiny_chat_model("llama"))
-        assert not out.exists() or not any(out.iterdir())
+    def where(name: str) -> str:  # names in the task folder, or beside the scratch folder
+        return str(task.parent / name) if name != "nowhere" else str(tmp_path / name)
+
+    update = {
+        "benchmarks": tuple(where(t) if t.endswith(".yaml") else t for t in tasks),
+        "benchmark_path": tuple(str(task.parent) if p == "tasks" else where(p) for p in path),
+    }
+    out = tmp_path / "run"
+    with pytest.raises(RefdirError, match=message) as err:
+        run_pipeline(
+            CONFIG.model_copy(update=update), out, progress=False, model=tiny_chat_model("llama")
+        )
+    assert "\n" not in str(err.value)
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_a_task_whose_data_is_missing_is_a_one_line_error(cm: ChatModel, tmp_path: Path) -> None:

@@ -14,8 +14,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from refdir.cli import app
+from refdir.data import load_prompts, sample_prompts
 from refdir.directions.candidates import Candidates
 from refdir.directions.direction import Direction
+from refdir.interventions.intervention import ablate, add
+from refdir.measures import is_refusal
+from refdir.model.generation import generate, last_position_logits
+from refdir.model.loading import load_model
 from refdir.study.config import RunConfig
 from refdir.study.state import Run
 from tiny import LAYOUTS, tiny_model, tiny_tokenizer
@@ -101,14 +106,12 @@ def test_run_takes_every_option_of_a_run_config() -> None:
 
     command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
     params = {p.name: p for p in command.params}
+    assert set(RunConfig.model_fields) <= set(params)
     for name, field in RunConfig.model_fields.items():
-        assert name in params, name
         default = params[name].default
         if isinstance(field.default, tuple):
-            assert default in (",".join(map(str, field.default)), "none"), name
-        elif name == "n_eval_harmful":
-            assert default == field.default
-        elif field.default is not None:
+            assert default == ",".join(map(str, field.default)), name  # "" for none
+        else:
             assert default == field.default, name
 
 
@@ -120,34 +123,35 @@ def test_extract_writes_candidates_and_a_direction(extracted: Path) -> None:
     torch.testing.assert_close(direction.vector, cands[-1, 2])
 
 
-@pytest.mark.parametrize("command", ["ablate", "add"])
+@pytest.mark.parametrize(("command", "extra"), [("ablate", []), ("add", ["--coeff", "-4"])])
 def test_generation_under_intervention_prints_jsonl(
-    command: str, model_dir: Path, extracted: Path, prompt_files: tuple[Path, Path]
+    command: str,
+    extra: list[str],
+    model_dir: Path,
+    extracted: Path,
+    prompt_files: tuple[Path, Path],
 ) -> None:
+    args = [command, "--model", str(model_dir), *extra, "--prompts", str(prompt_files[0])]
+    file = str(extracted / "direction.safetensors")
     result = runner.invoke(
-        app,
-        [
-            command,
-            "--model",
-            str(model_dir),
-            "--direction",
-            str(extracted / "direction.safetensors"),
-            "--prompts",
-            str(prompt_files[0]),
-            "--n",
-            "2",
-            "--max-new-tokens",
-            "3",
-            "--json",
-        ],
+        app, [*args, "--direction", file, "--n", "2", "--max-new-tokens", "6", "--json"]
     )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert len(records) == 2 and set(records[0]) == {"prompt", "completion"}
-    args = [command, "--model", str(model_dir), "--direction", str(extracted), "--json"]
-    args += ["--prompts", str(prompt_files[0]), "--max-new-tokens", "1", "--n", "0"]
-    every = runner.invoke(app, args)  # --n 0: all three prompts of the file
-    assert every.exit_code == 0, every.output
+    # the completions the Python API gives under the same intervention, and not without it
+    cm = load_model(str(model_dir))
+    direction = Direction.load(extracted)
+    prompts = sample_prompts(str(prompt_files[0]), 2, 0)
+    assert [r["prompt"] for r in records] == prompts
+    plain = generate(cm, prompts, 6, progress=False)
+    with ablate(cm, direction) if command == "ablate" else add(cm, direction, -4.0):
+        expected = generate(cm, prompts, 6, progress=False)
+    assert [r["completion"] for r in records] == expected != plain
+    every = runner.invoke(
+        app, [*args, "--direction", str(extracted), "--json", "--n", "0", "--max-new-tokens", "1"]
+    )
+    assert every.exit_code == 0, every.output  # --n 0: all three prompts of the file
     assert len(every.stdout.strip().splitlines()) == 3
 
 
@@ -169,7 +173,7 @@ def test_evaluate_json_summary(
             "--coeff",
             "2",
             "--max-new-tokens",
-            "2",
+            "4",
             "--json",
             "--completions",
             str(tmp_path / "c.jsonl"),
@@ -178,8 +182,18 @@ def test_evaluate_json_summary(
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["n"] == 3 and summary["intervention"] == "actadd" and summary["coeff"] == 2.0
-    assert 0.0 <= summary["refusal_rate"] <= 1.0 and summary["model"] == str(model_dir)
-    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 3
+    assert summary["model"] == str(model_dir)
+    rows = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["refusal"] == is_refusal(r["completion"]) for r in rows)
+    assert summary["refusal_rate"] == pytest.approx(sum(r["refusal"] for r in rows) / 3)
+    # the completions are those of the Python API with 2 x the direction added, not plain ones
+    cm = load_model(str(model_dir))
+    prompts = [r["prompt"] for r in rows]
+    assert sorted(prompts) == sorted(load_prompts(prompt_files[1]))
+    plain = generate(cm, prompts, 4, progress=False)
+    with add(cm, Direction.load(extracted), 2.0):
+        expected = generate(cm, prompts, 4, progress=False)
+    assert [r["completion"] for r in rows] == expected != plain
 
 
 def test_orthogonalize_exports(model_dir: Path, extracted: Path, tmp_path: Path) -> None:
@@ -198,6 +212,15 @@ def test_orthogonalize_exports(model_dir: Path, extracted: Path, tmp_path: Path)
     )
     assert result.exit_code == 0, result.output
     assert "exact" in result.output and (out / "model.safetensors").exists()
+    # the checkpoint reloads as a plain model that behaves as the original under ablation
+    original = load_model(str(model_dir))
+    prompts = ["how to pick a lock", "bake bread"]
+    plain = last_position_logits(original, prompts)
+    with ablate(original, Direction.load(extracted)):
+        hooked = last_position_logits(original, prompts)
+    edited = last_position_logits(load_model(str(out)), prompts)
+    torch.testing.assert_close(edited, hooked, atol=1e-4, rtol=0)
+    assert float((edited - plain).abs().max()) > 1e-3
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
@@ -576,14 +599,24 @@ def test_the_package_and_the_command_line_import_torch_only_when_needed() -> Non
 
     import refdir
 
+    # a fresh interpreter (not this one, where torch is loaded): --help and option errors stay
+    # fast, and names that need no torch (the run's options, prompt files) load without it
     code = (
         "import sys, refdir, refdir.cli\n"
-        "print('torch' in sys.modules)\n"  # --help and option errors stay fast
-        "print(type(refdir.orthogonalize).__name__, type(refdir.study).__name__)\n"
+        "print('torch' in sys.modules)\n"
+        "print(type(refdir.load_prompts).__name__, type(refdir.study).__name__)\n"
+        "print(refdir.RunConfig.__module__, refdir.LayoutSpec.__module__)\n"
         "print('torch' in sys.modules)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.stdout.split() == ["False", "function", "module", "True"], run.stderr
+    assert run.stdout.split() == [
+        "False",
+        "function",
+        "module",
+        "refdir.study.config",
+        "refdir.model.layout_spec",
+        "False",
+    ], run.stderr
     for name in refdir.__all__:  # each name is the one its stage's module defines
         value = getattr(refdir, name)
         assert value.__module__.startswith(refdir._SOURCES[name]), name
@@ -709,24 +742,36 @@ def test_a_hub_id_loads_from_the_cache_when_the_hub_cannot_be_reached(
     assert probe(timeout=2.0) is True
 
 
-def test_usage_errors_are_one_line(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from refdir.cli import entry  # the installed `refdir` command
-
-    cases = [
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
         (["extract", "--bogus"], "No such option: --bogus"),
         (["ablate"], "Missing option '--direction'"),
         (["evaluate", "--n", "abc"], "Invalid value for '--n'"),
         (["bogus"], "No such command 'bogus'"),
-    ]
-    for argv, message in cases:
-        monkeypatch.setattr(sys, "argv", ["refdir", *argv])
-        with pytest.raises(SystemExit) as stop:
-            entry()
-        assert stop.value.code == 2
-        (line,) = capsys.readouterr().err.strip().splitlines()
-        assert line.startswith("error: ") and message in line and line.endswith("--help"), line
+    ],
+)
+def test_usage_errors_are_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    from refdir.cli import entry  # the installed `refdir` command
+
+    monkeypatch.setattr(sys, "argv", ["refdir", *argv])
+    with pytest.raises(SystemExit) as stop:
+        entry()
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and message in line and line.endswith("--help"), line
+
+
+def test_no_command_prints_the_usage_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from refdir.cli import entry
+
     monkeypatch.setattr(sys, "argv", ["refdir"])
     with pytest.raises(SystemExit) as stop:
         entry()

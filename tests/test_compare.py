@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -104,6 +105,33 @@ def test_a_judged_run_adds_the_safety_score(runs: list[Path], tmp_path: Path) ->
     assert rows[1]["harmful_safety_ablation"] == "0.25" and rows[0]["harmful_safety_ablation"] == ""
 
 
+def test_refusal_scores_are_compared_condition_by_condition(
+    runs: list[Path], tmp_path: Path
+) -> None:
+    """The tiny runs refuse nothing (every score 0.0, which any column holds): a copy with a
+    distinct score per condition shows each in its own column and in the summary's means."""
+    refusing = tmp_path / "refusing"
+    shutil.copytree(runs[1], refusing)
+    metrics = _metrics(refusing)
+    assert all(v == 0.0 for v in metrics["harmful"]["refusal_score"].values())
+    metrics["harmful"]["refusal_score"] = {"baseline": 0.875, "ablation": 0.125, "actadd": 0.5}
+    metrics["harmless"]["refusal_score"] = {"baseline": 0.25, "actadd": 0.75}
+    (refusing / "metrics.json").write_text(json.dumps(metrics))
+    _, md_path, csv_path = write_comparison([runs[0], refusing], tmp_path / "cmp", ["a", "b"])
+    row = list(csv.DictReader(csv_path.open()))[1]
+    assert [row[f"harmful_refusal_{c}"] for c in ("baseline", "ablation", "actadd")] == [
+        "0.875",
+        "0.125",
+        "0.5",
+    ]
+    assert [row[f"harmless_refusal_{c}"] for c in ("baseline", "actadd")] == ["0.25", "0.75"]
+    md = md_path.read_text()
+    assert "| b | 0.875 → 0.125 → 0.500 | 0.250 → 0.750 |" in md
+    assert "| a | 0.000 → 0.000 → 0.000 | 0.000 → 0.000 |" in md
+    summary = md.split("\n\n")[1]  # the means over both runs
+    assert re.findall(r"\b\d\.\d{3}\b", summary) == ["0.438", "0.062", "0.125", "0.375"]
+
+
 def test_settings_that_differ_are_flagged(runs: list[Path], tmp_path: Path) -> None:
     changed = tmp_path / "changed"
     shutil.copytree(runs[0], changed)
@@ -119,29 +147,43 @@ def test_settings_that_differ_are_flagged(runs: list[Path], tmp_path: Path) -> N
     assert labels == [f"tiny ({runs[0].name})", "tiny (changed)"]
 
 
-def test_bad_input_is_one_line_and_writes_nothing(runs: list[Path], tmp_path: Path) -> None:
+BAD_INPUT = {
+    "unfinished run": (
+        lambda runs, tmp: [runs[0], tmp / "unfinished"],
+        None,
+        "metrics.json is missing; redo it with `force='evaluate'`",
+    ),
+    "run given twice": (lambda runs, tmp: [runs[0], runs[0]], None, "run folder given twice"),
+    "not a run": (lambda runs, tmp: [runs[0], tmp / "nowhere"], None, "is not a run folder"),
+    "too few labels": (lambda runs, tmp: runs, ["one"], "1 labels for 2 runs"),
+    "label twice": (lambda runs, tmp: runs, ["same", "same"], "label 'same' given twice"),
+    "no runs": (lambda runs, tmp: [], None, "give at least one run folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_and_writes_nothing(
+    runs: list[Path], tmp_path: Path, case: str
+) -> None:
     unfinished = tmp_path / "unfinished"
     shutil.copytree(runs[0], unfinished)
     (unfinished / "metrics.json").unlink()
+    dirs, labels, message = BAD_INPUT[case]
     out = tmp_path / "cmp"
-    cases = [
-        ([runs[0], unfinished], None, "metrics.json is missing; redo it with `force='evaluate'`"),
-        ([runs[0], runs[0]], None, "run folder given twice"),
-        ([runs[0], tmp_path / "nowhere"], None, "is not a run folder"),
-        (runs, ["one"], "1 labels for 2 runs"),
-        (runs, ["same", "same"], "label 'same' given twice"),
-        ([], None, "give at least one run folder"),
-    ]
-    for dirs, labels, message in cases:
-        with pytest.raises(RefdirError, match=message):
-            write_comparison(dirs, out, labels)
-        assert not out.exists()
+    with pytest.raises(RefdirError, match=message) as err:
+        write_comparison(dirs(runs, tmp_path), out, labels)
+    assert "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def test_an_output_that_cannot_be_a_folder_is_refused(runs: list[Path], tmp_path: Path) -> None:
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
     with pytest.raises(RefdirError, match="exists and is not a folder"):
         write_comparison(runs, a_file)
     with pytest.raises(RefdirError, match=r"cannot create the folder .*a-file/x"):
         write_comparison(runs, a_file / "x")
+    assert a_file.read_text() == "not a folder"
 
 
 def test_compare_command(runs: list[Path], tmp_path: Path) -> None:

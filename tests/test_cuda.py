@@ -4,6 +4,7 @@ none); run on a GPU machine with ``pytest tests/test_cuda.py``."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,14 @@ def test_weight_edit_in_bfloat16_on_cuda_writes_nothing_along_the_direction() ->
     assert delta < 0.1  # bfloat16 rounding of the edited weights, recorded
 
 
-def test_refdir_run_on_cuda_in_bfloat16(tmp_path: Path) -> None:
+def test_refdir_run_on_cuda_in_bfloat16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import refdir.study.state
+
+    loaded: list[ChatModel] = []  # the model the run loads, to see where and in what it ran
+    real = refdir.study.state.load_model
+    monkeypatch.setattr(
+        refdir.study.state, "load_model", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1]
+    )
     folder = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
@@ -103,11 +111,22 @@ def test_refdir_run_on_cuda_in_bfloat16(tmp_path: Path) -> None:
     torch.cuda.reset_peak_memory_stats()
     done = run_pipeline(config, tmp_path / "run", progress=False)
     assert torch.cuda.max_memory_allocated() > 0  # the model ran on the GPU
+    (cm,) = loaded
+    assert cm.device.type == "cuda" and cm.layout.embed.weight.dtype == torch.bfloat16
     assert list(done) == ["prompts", "extract", "select", "evaluate", "report"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["timing_devices"] == dict.fromkeys(
+        ["prompts", "extract", "select", "evaluate"], str(cm.device)
+    )
     for key in ("baseline", "ablation", "actadd"):
-        assert 0.0 <= metrics["harmful"]["refusal_score"][key] <= 1.0
-        assert metrics["ce_loss"][key] > 0
-    assert metrics["harmless"]["kl_ablation"] >= 0
+        lines = (tmp_path / "run" / "completions" / f"harmful.{key}.jsonl").read_text()
+        flags = [json.loads(line)["refusal"] for line in lines.splitlines()]
+        assert len(flags) == 4  # 2 prompts of each of the 2 sets
+        assert metrics["harmful"]["refusal_score"][key] == round(sum(flags) / len(flags), 4)
+        assert math.isfinite(metrics["ce_loss"][key]) and metrics["ce_loss"][key] > 0
+    assert (
+        math.isfinite(metrics["harmless"]["kl_ablation"])
+        and metrics["harmless"]["kl_ablation"] >= 0
+    )
     assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
     assert len(list((tmp_path / "run" / "completions").glob("*.jsonl"))) == 5

@@ -29,18 +29,30 @@ def test_streaming_means_match_a_direct_computation(cm: ChatModel, prompts: list
     assert means.dtype == torch.float64
     assert means.shape == (cm.chat.n_post, cm.n_layers + 1, cm.d_model)
     rows = []
+    last: list[torch.Tensor] = []  # the last layer's output (hidden_states[-1] is after the norm)
+    handle = cm.layout.layers[-1].register_forward_hook(
+        lambda m, a, out: last.append(out[0] if isinstance(out, tuple) else out)
+    )
     for text in prompts:  # one prompt at a time: no padding at all
         batch = cm.chat.encode([text]).to(cm.device)
-        out = cm.model(input_ids=batch.input_ids, output_hidden_states=True)
-        layers = torch.stack(out.hidden_states[: cm.n_layers], dim=1)[0, :, -cm.chat.n_post :]
-        rows.append(layers.transpose(0, 1))
+        with torch.no_grad():
+            out = cm.model(input_ids=batch.input_ids, output_hidden_states=True)
+        layers = [*out.hidden_states[: cm.n_layers], last.pop()]
+        rows.append(torch.stack(layers, dim=1)[0, :, -cm.chat.n_post :].transpose(0, 1))
+    handle.remove()
     expected = torch.stack(rows).double().mean(0).cpu()
-    torch.testing.assert_close(means[:, : cm.n_layers], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(means, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_candidates_shape_and_zero_at_template_embeddings(cm: ChatModel) -> None:
     cands = extract_candidates(cm, HARMFUL, HARMLESS, progress=False)
     assert cands.diffs.shape == (cm.chat.n_post, cm.n_layers + 1, cm.d_model)
+    # harmful minus harmless, not the other way round
+    expected = residual_means(cm, HARMFUL, progress=False) - residual_means(
+        cm, HARMLESS, progress=False
+    )
+    torch.testing.assert_close(cands.diffs, expected, atol=1e-6, rtol=1e-5)
+    assert cands.direction(-1, 2).vector.double() @ expected[-1, 2] > 0
     assert cands.diffs[:, 0].abs().max() == 0  # layer-0 input at template tokens: same embedding
     assert cands.diffs[-1, 2].norm() > 0
     with pytest.raises(RefdirError, match="zero"):
@@ -190,24 +202,35 @@ def test_extract_filters_in_its_pass_and_records_the_kept_prompts(
     assert again.harmful_prompts == HARMFUL and again.harmless_prompts == HARMLESS
 
 
-def test_damaged_direction_files_are_one_line_errors(tmp_path: Path) -> None:
-    from safetensors.torch import save_file
-
-    Direction(torch.ones(8), 1, -1, "m").save(tmp_path)
-    json_path = tmp_path / "direction.json"
-    good = json_path.read_text()
-    for text, message in (
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
         ("{bad", "direction.json is damaged"),
         ("5", "should hold a JSON object"),
         ('{"position": -1}', "layer: Field required"),
-        (good.replace('"layer": 1', '"layer": "abc"'), "layer: Input should be a valid integer"),
-    ):
-        json_path.write_text(text)
-        with pytest.raises(RefdirError, match=message):
-            Direction.load(tmp_path)
-    json_path.write_text(good)
+        ('"layer": "abc"', "layer: Input should be a valid integer"),
+    ],
+)
+def test_damaged_direction_files_are_one_line_errors(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    Direction(torch.ones(8), 1, -1, "m").save(tmp_path)
+    json_path = tmp_path / "direction.json"
+    good = json_path.read_text()
+    assert '"layer": 1' in good
+    json_path.write_text(good.replace('"layer": 1', text) if text.startswith('"layer"') else text)
+    with pytest.raises(RefdirError, match=message) as err:
+        Direction.load(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_an_integer_direction_tensor_is_a_one_line_error(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    Direction(torch.ones(8), 1, -1, "m").save(tmp_path)
     save_file(
         {"direction": torch.ones(8, dtype=torch.int64)}, str(tmp_path / "direction.safetensors")
     )
-    with pytest.raises(RefdirError, match="integer 'direction'; save a float vector"):
+    with pytest.raises(RefdirError, match="integer 'direction'; save a float vector") as err:
         Direction.load(tmp_path)
+    assert "\n" not in str(err.value)

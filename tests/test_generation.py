@@ -73,8 +73,12 @@ def test_rows_that_stop_leave_the_batch(arch: str) -> None:
 def test_caches_that_cannot_drop_rows_keep_them(monkeypatch: pytest.MonkeyPatch) -> None:
     cm, rows = _early_stopping_model("qwen3")
     shrinking = generate_ids(cm, rows, 6, batch_size=4, progress=False)
-    monkeypatch.setattr("refdir.model.prefix.rows_selectable", lambda cache: False)
+    asked: list[bool] = []
+    monkeypatch.setattr(
+        "refdir.model.prefix.rows_selectable", lambda cache: asked.append(False) or False
+    )
     riding = generate_ids(cm, rows, 6, batch_size=4, progress=False)  # no prefix, no shrinking
+    assert asked  # the decoder asked, and was told no
     assert riding == shrinking == _hf_greedy(cm, PROMPTS, 6)
     assert any(len(a) < 6 for a in riding)
 

@@ -135,7 +135,7 @@ def test_scopes_nest_and_unwind(cm: ChatModel) -> None:
             both = last_position_logits(cm, ["nest"])
         torch.testing.assert_close(last_position_logits(cm, ["nest"]), ablated)
     torch.testing.assert_close(last_position_logits(cm, ["nest"]), base)
-    assert not torch.allclose(both, ablated)
+    assert not torch.allclose(ablated, base) and not torch.allclose(both, ablated)
 
 
 def test_last_position_logits_match_the_full_forward(cm: ChatModel) -> None:
@@ -156,10 +156,20 @@ def test_shared_prefix_cache_gives_the_same_logits(arch: str) -> None:
     cm = ChatModel(cm.model, cm.tokenizer, system="A long shared system prompt for every row.")
     prompts = ["one", "two words here", "three words and more", "x"]
     r = torch.randn(cm.d_model)
+    widths: list[int] = []  # the tokens of each pass through the first layer
+    handle = cm.layout.layers[0].register_forward_pre_hook(
+        lambda m, a, k: widths.append((a[0] if a else k["hidden_states"]).shape[1]),
+        with_kwargs=True,
+    )
     with ablate(cm, r):
         cached = last_position_logits(cm, prompts, batch_size=3)
+        cached_widths, widths[:] = list(widths), []
         plain = last_position_logits(cm, prompts, batch_size=3, reuse_prefix=False)
+    handle.remove()
     torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+    # the prefix ran once, and the batches only the tokens after it
+    assert len(cached_widths) == len(widths) + 1
+    assert cached_widths[0] + max(cached_widths[1:]) == max(widths)
 
 
 def test_row_conditions_check_their_input(cm: ChatModel) -> None:

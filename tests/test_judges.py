@@ -91,6 +91,7 @@ def test_judge_returns_one_deterministic_bool_per_pair(model: PreTrainedModel) -
     margins = judge.unsafe_margin(PROMPTS, COMPLETIONS)
     assert margins.shape == (2,) and margins.abs().min() > 1e-4  # no near-ties to flip
     assert verdicts == [bool(m <= 0) for m in margins]
+    assert judge(PROMPTS, COMPLETIONS) == verdicts  # the same verdicts again
     torch.testing.assert_close(judge.unsafe_margin(PROMPTS[:1], COMPLETIONS[:1]), margins[:1])
 
 

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -10,6 +13,28 @@ from refdir.model.layer_inputs import LayerInputs
 from tiny import ARCHS, tiny_chat_model
 
 PROMPTS = ["steal a car", "hi", "pick a lock please, quickly", "bake bread", "a poem"]
+
+
+@contextmanager
+def _runs(cm: ChatModel, prefix_len: int) -> Iterator[set[int]]:
+    """The decoder layers whose MLP ran on the prompts' own tokens within the block (the shared
+    prefix, ``prefix_len`` tokens, runs through every layer once)."""
+    ran: set[int] = set()
+
+    def seen(i: int, x: torch.Tensor) -> None:
+        if x.shape[-2] != prefix_len:
+            ran.add(i)
+
+    handles = [
+        part.mlp.register_forward_hook(lambda m, a, o, i=i: seen(i, a[0]))
+        for i, part in enumerate(cm.layout.per_layer)
+        if part.mlp is not None
+    ]
+    try:
+        yield ran
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -23,8 +48,12 @@ def test_passes_that_start_at_the_layer_match_full_passes(arch: str) -> None:
     vectors = torch.randn(3, cm.d_model)
     before = candidate_logits(cm, PROMPTS, vectors[:1], "ablate", batch_size=4)
     for layer in (0, 1, cm.n_layers - 1):
-        full = candidate_logits(cm, PROMPTS, vectors, "actadd", layer, 4.0, batch_size=4)
-        skipped = candidate_logits(cm, PROMPTS, vectors, "actadd", layer, 4.0, 4, start)
+        with _runs(cm, start.prefix_len) as ran:
+            full = candidate_logits(cm, PROMPTS, vectors, "actadd", layer, 4.0, batch_size=4)
+        assert ran == set(range(cm.n_layers))
+        with _runs(cm, start.prefix_len) as ran:
+            skipped = candidate_logits(cm, PROMPTS, vectors, "actadd", layer, 4.0, 4, start)
+        assert ran == set(range(layer, cm.n_layers))  # the layers below computed nothing
         torch.testing.assert_close(skipped, full, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(full[0], full[1])  # the vectors matter
     # the layers compute again once the block is left
@@ -35,15 +64,22 @@ def test_passes_that_start_at_the_layer_match_full_passes(arch: str) -> None:
 
 
 def test_recorded_inputs_are_the_layer_inputs() -> None:
+    """Every layer's recorded input, row by row, is the hidden state entering that layer in an
+    ordinary unpadded forward pass of the row alone (transformers' ``hidden_states``)."""
     cm = tiny_chat_model("llama")
+    cm = ChatModel(cm.model, cm.tokenizer, system="A system prompt that every prompt shares.")
     rows = [cm.chat.token_ids(p) for p in PROMPTS]
     start = LayerInputs.record(cm, rows, batch_size=2)
-    assert start is not None
-    one = LayerInputs.record(cm, rows[1:2], batch_size=1)
-    assert one is not None
-    # the same row, recorded in a padded batch and alone (no prefix shared with itself)
-    tail = one.inputs[1][0][-(len(rows[1]) - start.prefix_len) :]
-    torch.testing.assert_close(start.inputs[1][1], tail, rtol=1e-4, atol=1e-5)
+    assert start is not None and start.prefix_len > 0
+    assert len(start.inputs) == cm.n_layers
+    for i, row in enumerate(rows):
+        with torch.no_grad():
+            out = cm.model(
+                input_ids=torch.tensor([row], device=cm.device), output_hidden_states=True
+            )
+        for layer in range(cm.n_layers):
+            expected = out.hidden_states[layer][0, start.prefix_len :].cpu()
+            torch.testing.assert_close(start.inputs[layer][i], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_one_prompt_without_a_shared_prefix() -> None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from refdir.errors import RefdirError
+from refdir.interventions.orthogonalization import parity
 from refdir.model.chat import ChatFormat
 from refdir.model.chat_model import ChatModel
 from refdir.model.layout import find_layout
@@ -36,10 +37,22 @@ def test_unsupported_model_names_what_is_missing() -> None:
 
 
 def test_layout_override_reaches_parts_by_name() -> None:
-    layout = find_layout(
-        tiny_model("llama"), LayoutSpec(layers="model.layers", mlp_out="down_proj")
-    )
-    assert layout.n_layers == 3
+    """A part under a name the defaults miss is found by the override, and edited there."""
+    model = tiny_model("llama")
+    for layer in model.model.layers:  # down_proj registered as "proj_back"; forward unchanged
+        down = layer.mlp._modules.pop("down_proj")
+        layer.mlp.register_module("proj_back", down)
+        layer.mlp.__dict__["down_proj"] = down
+    with pytest.raises(RefdirError, match="output projection of mlp in layer 0"):
+        find_layout(model)
+    spec = LayoutSpec(layers="model.layers", mlp_out="proj_back")
+    layout = find_layout(model, spec)
+    assert layout.layers is model.model.layers
+    for part, layer in zip(layout.per_layer, model.model.layers, strict=True):
+        (weight,) = part.mlp_out
+        assert weight.module is layer.mlp.proj_back
+    report, delta = parity(ChatModel(model, tiny_tokenizer(), layout_spec=spec), torch.randn(32))
+    assert report.exact and delta < 1e-4  # the renamed projections were orthogonalized
 
 
 def test_post_instruction_tokens_are_the_template_suffix() -> None:
@@ -73,4 +86,5 @@ def test_missing_chat_template_is_a_clear_error() -> None:
 def test_chat_model_wraps_any_model() -> None:
     cm = ChatModel(tiny_model("qwen2"), tiny_tokenizer(), name="x")
     assert cm.n_layers == 3 and cm.device.type == torch.device(DEVICE).type
-    assert tiny_chat_model("gemma").layout.tied
+    assert cm.name == "x" and cm.d_model == 32 and not cm.layout.tied
+    assert tiny_chat_model("gemma").layout.tied  # Gemma ties its embeddings by default

@@ -88,6 +88,12 @@ def test_kl_last_position_takes_a_baseline(cm: ChatModel, direction: Direction) 
     assert one_by_one == pytest.approx(expected, rel=1e-4)
     by_hand = kl_divergence(base, _under(cm, direction)).mean()
     assert expected == pytest.approx(float(by_hand), rel=1e-6)
+    # the baseline given is the one used: another one gives the KL from it
+    with add(cm, direction, coeff=2.0):
+        other = last_position_logits(cm, PROMPTS)
+    from_other = kl_last_position(cm, PROMPTS, ablation, baseline=other)
+    assert from_other == pytest.approx(float(kl_divergence(other, _under(cm, direction)).mean()))
+    assert from_other != pytest.approx(expected, rel=1e-2)
 
 
 def _under(cm: ChatModel, direction: Direction) -> torch.Tensor:
@@ -114,6 +120,19 @@ def test_kl_completions_is_zero_without_and_positive_with_intervention(
     one = kl_completions(cm, PROMPTS, COMPLETIONS, ablation, batch_size=1, progress=False)
     three = kl_completions(cm, PROMPTS, COMPLETIONS, ablation, batch_size=3, progress=False)
     assert one > 1e-6 and one == pytest.approx(three, rel=1e-4)
+    # by hand: KL(baseline || ablated) of the next-token distribution before every completion
+    # token, teacher-forced in one unpadded pass per row, averaged over all the tokens
+    per_token = []
+    for prompt, completion in zip(PROMPTS, COMPLETIONS, strict=True):
+        head = cm.chat.token_ids(prompt)
+        ids = torch.tensor([head + cm.tokenizer(completion, add_special_tokens=False)["input_ids"]])
+        logits = []
+        for scope in (torch.no_grad(), ablate(cm, direction)):
+            with scope, torch.no_grad():
+                logits.append(cm.model(input_ids=ids.to(cm.device)).logits[0].cpu())
+        window = slice(len(head) - 1, ids.shape[1] - 1)
+        per_token.append(kl_divergence(logits[0][window], logits[1][window]))
+    assert three == pytest.approx(float(torch.cat(per_token).mean()), rel=1e-4)
 
 
 # -- CE --------------------------------------------------------------------------------

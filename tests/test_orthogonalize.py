@@ -25,13 +25,21 @@ def _direction(cm: ChatModel, seed: int = 1) -> Direction:
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_weights_equal_hook_ablation(arch: str) -> None:
     cm = tiny_chat_model(arch)
-    report, delta = parity(cm, _direction(cm))
+    direction = _direction(cm)
+    prompts = ["other prompts than parity's own", "hi"]
+    plain = last_position_logits(cm, prompts)
+    with ablate(cm, direction):
+        hooked = last_position_logits(cm, prompts)
+    assert float((hooked - plain).abs().max()) > 1e-3  # the ablation changes the logits
+    report, delta = parity(cm, direction)
+    edited = last_position_logits(cm, prompts)  # the model is edited in place
+    measured = float((edited - hooked).abs().max())
     if arch in SANDWICH:
         assert not report.exact and "approximate" in report.note
-        assert delta < 1.0  # measured and recorded, not exact
+        assert 1e-3 < delta < 1.0 and measured > 1e-3  # a real difference, measured and recorded
     else:
         assert report.exact
-        assert delta < 1e-4
+        assert delta < 1e-4 and measured < 1e-4
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])

@@ -10,14 +10,22 @@ import pytest
 import refdir.study.plan
 import refdir.study.steps.evaluate
 import refdir.study.steps.select
-from refdir.artifacts.run import ConfigRecord
+from refdir.artifacts.run import Completion, ConfigRecord
 from refdir.artifacts.selection import SelectionRecord
+from refdir.data import load_corpus
 from refdir.directions.candidates import Candidates
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
+from refdir.evaluation.kl import kl_last_position, random_direction_kl
+from refdir.evaluation.losses import ce_loss
+from refdir.interventions.intervention import NONE, Intervention
+from refdir.measures import is_refusal
+from refdir.model.chat_model import ChatModel
+from refdir.model.generation import generate
 from refdir.study.config import RunConfig
 from refdir.study.plan import STEPS
 from refdir.study.run import run_pipeline
+from refdir.study.steps.shared import eval_prompts
 from tiny import TINY_RUN as CONFIG
 from tiny import tiny_chat_model, tiny_model, tiny_tokenizer
 
@@ -75,11 +83,49 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert (tmp_path / "report.html").exists() and (tmp_path / "report.md").exists()
     assert "row below it" not in (tmp_path / "report.md").read_text()  # no random directions
     assert len(list((tmp_path / "completions").glob("*.jsonl"))) == 5
+    check_figures(cm, tmp_path, metrics)
     # a second run skips everything
     assert run_pipeline(CONFIG, tmp_path, progress=False, model=cm) == {}
     # redoing the report keeps the parts of the steps it did not redo
     run_pipeline(CONFIG, tmp_path, force="report", progress=False, model=cm)
     assert json.loads((tmp_path / "metrics.json").read_text())["timing_parts"] == parts
+
+
+def check_figures(cm: ChatModel, out: Path, metrics: dict[str, Any]) -> None:
+    """metrics.json and the completion files hold what the chosen direction does to the held-out
+    prompts, recomputed here with scoped interventions: each condition's completions, their
+    refusal flags and rates, the CE loss on the corpus and the KL of ablation."""
+    direction = Direction.load(out)
+    assert (direction.layer, direction.position) == (
+        metrics["direction"]["layer"],
+        metrics["direction"]["position"],
+    )
+    _, harmful, harmless = eval_prompts(CONFIG)
+    texts = load_corpus(CONFIG.ce_corpus, CONFIG.n_ce)
+    ablation = Intervention.ablation(direction)
+    conditions = {
+        ("harmful", "baseline"): (harmful, NONE),
+        ("harmful", "ablation"): (harmful, ablation),
+        ("harmful", "actadd"): (harmful, Intervention.addition(direction, CONFIG.harmful_coeff)),
+        ("harmless", "baseline"): (harmless, NONE),
+        ("harmless", "actadd"): (harmless, Intervention.addition(direction, CONFIG.harmless_coeff)),
+    }
+    for (group, name), (prompts, condition) in conditions.items():
+        lines = (out / "completions" / f"{group}.{name}.jsonl").read_text().splitlines()
+        rows = [Completion.model_validate_json(line) for line in lines]
+        assert [r.prompt for r in rows] == prompts
+        assert all(r.refusal == is_refusal(r.completion) for r in rows)
+        rate = round(sum(r.refusal for r in rows) / len(rows), 4)
+        assert metrics[group]["refusal_score"][name] == rate
+        with condition.apply(cm):
+            completions = generate(cm, prompts, CONFIG.max_new_tokens, progress=False)
+            assert [r.completion for r in rows] == completions, (group, name)
+            if group == "harmful":  # the CE loss's conditions are the harmful ones
+                ce = ce_loss(cm, texts, progress=False)
+                assert metrics["ce_loss"][name] == pytest.approx(ce, abs=2e-5)
+    kl = kl_last_position(cm, harmless, ablation)
+    assert metrics["harmless"]["kl_ablation"] == pytest.approx(kl, abs=2e-5, rel=1e-3)
+    assert len({metrics["ce_loss"][c] for c in ("baseline", "ablation", "actadd")}) == 3
 
 
 def test_random_directions_give_the_kl_a_reference(tmp_path: Path) -> None:
@@ -91,7 +137,14 @@ def test_random_directions_give_the_kl_a_reference(tmp_path: Path) -> None:
     assert reference["n"] == 3 and reference["seed"] == config.seed
     assert 0 <= reference["min"] <= reference["p10"] <= reference["median"] <= reference["p90"]
     assert reference["p90"] <= reference["max"]
-    assert reference["below_chosen"] in (0.0, 0.3333, 0.6667, 1.0)
+    # the KL scores of the seeded random directions on the held-out harmless prompts
+    _, _, harmless = eval_prompts(config)
+    kl = random_direction_kl(cm, harmless, 3, config.seed, progress=False).sort().values.tolist()
+    got = [reference["min"], reference["median"], reference["max"]]
+    assert got == pytest.approx(kl, abs=2e-5, rel=1e-3)
+    assert len(set(got)) == 3
+    chosen = metrics["harmless"]["kl_ablation"]
+    assert reference["below_chosen"] == round(sum(k < chosen for k in kl) / 3, 4)
     report = (tmp_path / "report.md").read_text()
     assert "Ablating 3 random directions instead (seed 1)" in report
     assert "| the same, median of 3 random directions |" in report
@@ -238,21 +291,30 @@ def test_changed_options_are_refused_on_resume(tmp_path: Path) -> None:
         run_pipeline(CONFIG, tmp_path, progress=False, model=cm, force="everything")
 
 
-def test_options_a_later_step_would_reject_fail_before_any_step(tmp_path: Path) -> None:
-    cm = tiny_chat_model("llama")
-    bad = [
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
         ({"harmful_eval": ("harmful_tset",)}, "no such file or packaged set"),
         ({"harmful_eval": ()}, "`harmful_eval` names no set"),
         ({"harmless_train": "nope.json"}, "'nope.json': no such file"),
-        ({"judge": "llamagaurd", "judge_model": "/x"}, "llamaguard"),
+        ({"judge": "llamagaurd", "judge_model": "/x"}, "did you mean 'llamaguard'"),
         ({"judge": "llamaguard"}, "`judge` needs `judge_model`"),
         ({"judge_model": "/x"}, "no judge set"),
         ({"judge": "llamaguard", "judge_model": "/no/such/judge"}, "no such folder"),
-    ]
-    for update, message in bad:
-        with pytest.raises(RefdirError, match=message):
-            run_pipeline(CONFIG.model_copy(update=update), tmp_path, progress=False, model=cm)
-        assert not list(tmp_path.iterdir())  # nothing written, no step run
+    ],
+)
+def test_options_a_later_step_would_reject_fail_before_any_step(
+    tmp_path: Path, update: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(RefdirError, match=message) as err:
+        run_pipeline(
+            CONFIG.model_copy(update=update), tmp_path, progress=False, model=tiny_chat_model()
+        )
+    assert "\n" not in str(err.value)
+    assert not list(tmp_path.iterdir())  # nothing written, no step run
+
+
+def test_a_coefficient_must_be_finite() -> None:
     with pytest.raises(ValueError, match="finite"):
         RunConfig(harmful_coeff=math.nan)
 
@@ -386,7 +448,7 @@ def test_a_run_that_failed_before_any_result_takes_new_options(tmp_path: Path) -
     bad = CONFIG.model_copy(update={"refusal_tokens": None, "n_refusal_probe": 1})
     with pytest.raises(RefdirError, match="refused none"):  # a random model refuses nothing
         run_pipeline(bad, tmp_path, progress=False, model=cm)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "config.toml"]
     assert set(run_pipeline(CONFIG, tmp_path, progress=False, model=cm, until="prompts")) == {
         "prompts"
     }  # the fixed options are taken, not refused as "other options"

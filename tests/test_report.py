@@ -10,17 +10,28 @@ from pathlib import Path
 
 import pytest
 
-from refdir.artifacts.metrics import MetricsRecord, ThreeConditions
+from refdir.artifacts.metrics import HarmlessScores, MetricsRecord, ThreeConditions
 from refdir.artifacts.run import Completion, ConfigRecord
 from refdir.artifacts.selection import SelectionRecord
-from refdir.artifacts.suffix import SuffixRecord
+from refdir.artifacts.suffix import SuffixAnalysis, SuffixRates, SuffixRecord
 from refdir.directions.candidates import Candidates
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
 from refdir.report import figures
-from refdir.report.blocks import Heading, Para, Sample, Samples, Table, fmt, truncate_text
+from refdir.report.blocks import (
+    Heading,
+    Para,
+    Sample,
+    Samples,
+    Table,
+    fmt,
+    truncate_text,
+    with_change,
+)
 from refdir.report.render import render_html, render_markdown
+from refdir.report.run_data import SuffixData
 from refdir.report.run_report import write_report
+from refdir.report.suffix_section import suffix_section
 
 LONG_COMPLETION = "I will explain every step in detail. " * 30 + "THE-END-MARKER"
 NASTY_COMPLETION = 'Sure: <script>alert("x")</script> & <b>bold</b>'
@@ -44,28 +55,57 @@ def test_report_is_self_contained(report: tuple[Path, str, str]) -> None:
     assert not list(run_dir.glob("**/*.tmp"))
 
 
-def test_report_shows_the_run_s_numbers(report: tuple[Path, str, str]) -> None:
-    run_dir, page, md = report
-    metrics = MetricsRecord.read(run_dir)
-    selection = SelectionRecord.read(run_dir)
-    direction = Direction.load(run_dir)
-    n_layers = Candidates.load(run_dir).n_layers
-    assert f"{direction.layer} of {n_layers}" in page
-    assert 'id="summary"' in page and 'id="chosen"' in page
-    harmful = metrics.harmful.refusal_score
-    spread = metrics.harmless.kl_ablation_spread
+def test_report_shows_the_run_s_numbers(run_copy: Path) -> None:
+    """The run's numbers in their places. A tiny model refuses nothing (its refusal scores are
+    all 0.000, which any table holds), so distinct ones are written into metrics.json first."""
+    metrics = MetricsRecord.read(run_copy)
+    sets = list(metrics.harmful.by_set)
+    harmful = metrics.harmful.model_copy(
+        update={
+            "refusal_score": ThreeConditions(baseline=0.875, ablation=0.125, actadd=0.9375),
+            "by_set": {
+                sets[0]: ThreeConditions(baseline=0.8125, ablation=0.0625, actadd=1.0),
+                sets[1]: ThreeConditions(baseline=0.9375, ablation=0.1875, actadd=0.875),
+            },
+        }
+    )
+    harmless = metrics.harmless.model_copy(
+        update={"refusal_score": HarmlessScores(baseline=0.25, actadd=0.75)}
+    )
+    metrics = metrics.model_copy(update={"harmful": harmful, "harmless": harmless})
+    metrics.write(run_copy)
+    page, md = (p.read_text() for p in write_report(run_copy))
+    selection = SelectionRecord.read(run_copy)
+    direction = Direction.load(run_copy)
+    n_layers = Candidates.load(run_copy).n_layers
+    # the summary: harmful baseline -> ablation, harmless baseline -> actadd, in that order
+    summary = md.split("\n\n")[1]
+    assert re.findall(r"\b\d\.\d{3}\b", summary) == ["0.875", "0.125", "0.250", "0.750"]
+    assert f"layer {direction.layer}, position {direction.position}" in summary
+    assert f"{selection.n_candidates} candidates" in summary
+    chosen = page.split('id="chosen"')[1].split("</table>")[0]
+    assert f"<td>{direction.layer} of {n_layers} " in chosen
+    assert selection.chosen is not None
+    scores = " / ".join(fmt(getattr(selection.chosen, k)) for k in ("bypass", "induce", "kl"))
+    assert f"<td>{scores}</td>" in chosen
+    assert f"<td>{selection.n_candidates} ({selection.n_passed})</td>" in chosen
+    # the refusal score of every harmful set, one row each
+    for name, by_set in metrics.harmful.by_set.items():
+        cells = [name.replace("_", "\\_")]  # markdown escapes the underscore
+        cells += [fmt(getattr(by_set, c)) for c in ("baseline", "ablation", "actadd")]
+        assert f"| {' | '.join(cells)} |" in md
+    # CE on the corpus and on the model's own completions, with the change from baseline
+    ce, own = metrics.ce_loss, metrics.ce_loss_own_completions
+    assert f"| baseline | {fmt(ce.baseline)} | {fmt(own.baseline)} |" in md
+    for c in ("ablation", "actadd"):
+        row = f"| {c} | {with_change(getattr(ce, c), ce.baseline)} | "
+        assert row + f"{with_change(getattr(own, c), own.baseline)} |" in md
+    assert f"harmless | {fmt(metrics.harmless.kl_ablation)} |" in md
     reference = metrics.harmless.kl_random_directions
     assert reference is not None
-    numbers = [
-        fmt(harmful.baseline),
-        fmt(harmful.ablation),
-        fmt(metrics.ce_loss.ablation),
-        fmt(spread.median),
-        fmt(spread.p90),
-        fmt(reference.median),
-        str(selection.n_candidates),
-    ]
-    for text in numbers:
+    assert f"{reference.n} random directions | {fmt(reference.median)} |" in md
+    spread = metrics.harmless.kl_ablation_spread
+    for text in (fmt(spread.median), fmt(spread.p90), fmt(spread.max), fmt(reference.p10)):
         assert text in page and text in md
     timings = metrics.timings or {}
     assert set(timings) == {"prompts", "extract", "select", "evaluate", "suffix", "report"}
@@ -95,8 +135,23 @@ def test_the_suffix_section_shows_the_rates_and_figures(report: tuple[Path, str,
     run_dir, page, md = report
     record = SuffixRecord.read(run_dir / "suffix")
     assert '<a href="#adversarial-suffix">' in page
-    for rate in (record.refusal_rate.without, record.refusal_rate.with_):
-        assert f"{rate:.3f}" in page
+    # the tiny model refuses nothing (every rate 0.000): distinct rates, each in its row
+    rates = SuffixRates.model_validate({"without": 0.875, "with": 0.125, "random": 0.5})
+    analysis = SuffixAnalysis.read(run_dir / "suffix")
+    data = SuffixData(
+        run_dir / "suffix", record.model_copy(update={"refusal_rate": rates}), analysis
+    )
+    tables = [b for b in suffix_section(data) if isinstance(b, Table)]
+    assert [list(r) for r in tables[0].rows] == [
+        ["instruction alone", "0.875"],
+        ["+ adversarial suffix", "0.125"],
+        ["+ random suffix", "0.500"],
+    ]
+    projection = {row[0].split()[0]: list(row[1:]) for row in tables[1].rows}
+    assert projection  # the layers shown, each with one value per condition
+    for layer, cells in projection.items():
+        assert cells == [f"{values[int(layer)]:.3f}" for values in analysis.projection]
+    assert f"{analysis.direction_layer} (direction)" in [row[0] for row in tables[1].rows]
     for name in ("projection", "attention", "objective"):
         png = (run_dir / "suffix" / f"{name}.png").read_bytes()
         assert base64.b64encode(png).decode() in page

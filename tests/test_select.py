@@ -13,6 +13,7 @@ from refdir.directions.scoring import ValidationSets, candidate_logits, score_ca
 from refdir.directions.selection import CandidateScores, SelectionConfig, pick
 from refdir.errors import RefdirError
 from refdir.evaluation.kl import random_direction_kl
+from refdir.interventions.intervention import ablate, add
 from refdir.measures import kl_divergence, refusal_metric
 from refdir.model.chat_model import ChatModel
 from refdir.model.generation import last_position_logits
@@ -61,11 +62,10 @@ def test_nothing_passes_even_relaxed_is_an_error() -> None:
     kl = [[NAN, 3.0, 3.0, 3.0, 0.01], [NAN, 3.0, 3.0, 3.0, 0.01]]
     with pytest.raises(RefdirError, match="no candidate passes"):
         pick(_scores(BYPASS, INDUCE, kl))
-    with pytest.raises(RefdirError):
-        pick(
-            _scores(BYPASS, INDUCE, [[NAN, 0.3] + [0.3] * 3] * 2),
-            SelectionConfig(fallback_kl_bounds=()),
-        )
+    relaxable = _scores(BYPASS, INDUCE, [[NAN, 0.3] + [0.3] * 3] * 2)
+    assert pick(relaxable).fallback  # passes once the KL bound is relaxed to 0.5 ...
+    with pytest.raises(RefdirError, match="no candidate passes"):  # ... and not without
+        pick(relaxable, SelectionConfig(fallback_kl_bounds=()))
 
 
 def test_refusal_metric_is_the_log_odds_of_the_refusal_tokens() -> None:
@@ -91,10 +91,28 @@ def test_scores_on_a_tiny_model() -> None:
     )
     assert scores.bypass.shape == (cm.chat.n_post, cm.n_layers)
     assert torch.isnan(scores.bypass[:, 0]).all()  # zero candidates skipped
-    assert torch.isfinite(scores.bypass[:, 1:]).all() and (scores.kl[:, 1:] >= 0).all()
-    kept = filter_prompts(cm, harmful, [5, 6], keep_positive=True)
-    dropped = filter_prompts(cm, harmful, [5, 6], keep_positive=False)
-    assert sorted(kept + dropped) == sorted(harmful)
+    assert torch.isfinite(scores.bypass[:, 1:]).all() and (scores.kl[:, 1:] > 0).all()
+    # the baselines: mean refusal log-odds of the unablated model on each set
+    for prompts, baseline in (
+        (harmful[:2], scores.baseline_harmful),
+        (harmless[:2], scores.baseline_harmless),
+    ):
+        metric = refusal_metric(last_position_logits(cm, prompts), [5, 6])
+        assert baseline == pytest.approx(float(metric.mean()), abs=1e-6)
+    # one candidate's three scores, by hand with scoped hooks
+    d = cands.direction(-1, 1)
+    with ablate(cm, d):
+        bypass = refusal_metric(last_position_logits(cm, harmful[:2]), [5, 6]).mean()
+        ablated = last_position_logits(cm, harmless[:2])
+    with add(cm, d, 1.0):
+        induce = refusal_metric(last_position_logits(cm, harmless[:2]), [5, 6]).mean()
+    kl = kl_divergence(last_position_logits(cm, harmless[:2]), ablated).mean()
+    p = cands.positions.index(-1)
+    assert float(scores.bypass[p, 1]) == pytest.approx(float(bypass), abs=1e-5)
+    assert float(scores.induce[p, 1]) == pytest.approx(float(induce), abs=1e-5)
+    assert float(scores.kl[p, 1]) == pytest.approx(
+        float(kl), abs=0, rel=3e-4
+    )  # not KL(ablated || base)
 
 
 def test_pruned_scores_keep_the_pick() -> None:
@@ -180,6 +198,11 @@ def test_random_direction_kl_is_the_kl_score_of_seeded_random_directions(
     torch.testing.assert_close(grouped, kl, rtol=1e-4, atol=1e-7)
     own_baseline = random_direction_kl(cm, prompts, n=3, seed=7)
     torch.testing.assert_close(own_baseline, kl, rtol=1e-4, atol=1e-7)
+    other = base.flip(0)  # a baseline given is the one the KL is taken from
+    first = Intervention.ablation(Direction(vectors[0].float(), 1, -1, cm.name))
+    from_other = float(random_direction_kl(cm, prompts, n=1, seed=7, baseline=other)[0])
+    assert from_other == pytest.approx(kl_last_position(cm, prompts, first, baseline=other))
+    assert from_other != pytest.approx(float(kl[0]), rel=0.5)
     other_seed = random_direction_kl(cm, prompts, n=3, seed=8, baseline=base)
     assert not torch.allclose(other_seed, kl, rtol=1e-2)
     with pytest.raises(RefdirError, match="1 or more"):
@@ -224,8 +247,11 @@ def test_validation_sets_filter_in_the_baseline_passes() -> None:
         : vocab // 2
     ].tolist()
     val = ValidationSets.build(cm, harmful, harmless, tokens, batch_size=2)
-    assert val.harmful == filter_prompts(cm, harmful, tokens, True, batch_size=2)
-    assert val.harmless == filter_prompts(cm, harmless, tokens, False, batch_size=2)
+    # the paper's filter: harmful prompts kept where the refusal metric is > 0, harmless < 0
+    for prompts, kept, refused in ((harmful, val.harmful, True), (harmless, val.harmless, False)):
+        metric = refusal_metric(last_position_logits(cm, prompts), tokens).tolist()
+        assert kept == [p for p, m in zip(prompts, metric, strict=True) if (m > 0) == refused]
+        assert kept == filter_prompts(cm, prompts, tokens, refused, batch_size=2)
     assert 0 < len(val.harmful) < len(harmful) and 0 < len(val.harmless) < len(harmless)
     assert val.counts()["harmless_val"] == {"sampled": 5, "kept": len(val.harmless)}
     torch.testing.assert_close(val.harmless_logits, last_position_logits(cm, val.harmless))

@@ -200,6 +200,40 @@ def test_analysis_shapes(analysis: tuple[ChatModel, SuffixAnalysis]) -> None:
     assert cm.model.config._attn_implementation != "eager", "attention implementation restored"
 
 
+def test_projection_is_the_residual_stream_along_the_direction(
+    analysis: tuple[ChatModel, SuffixAnalysis],
+) -> None:
+    """Per condition, layer and post-instruction position: the residual stream of each prompt
+    with that condition's suffix, from one unpadded pass, dotted with the unit direction and
+    averaged over the prompts; the cosine likewise."""
+    cm, result = analysis
+    vector = torch.randn(cm.d_model, generator=torch.Generator().manual_seed(0))  # the fixture's
+    unit = vector / vector.norm()
+    last: list[torch.Tensor] = []
+    handle = cm.layout.layers[-1].register_forward_hook(lambda m, a, out: last.append(out))
+    try:
+        for c, condition in enumerate(CONDITIONS):
+            streams = []
+            for prompt in PROMPTS:
+                ids = torch.tensor([cm.chat.token_ids(prompt, result.suffixes[condition])])
+                with torch.no_grad():
+                    out = cm.model(input_ids=ids.to(cm.device), output_hidden_states=True)
+                layers = [*out.hidden_states[: cm.n_layers], last.pop()]
+                streams.append(torch.stack(layers)[:, 0, -cm.chat.n_post :].cpu())  # [L+1, P, d]
+            resid = torch.stack(streams)  # [prompts, L+1, P, d]
+            along = resid @ unit
+            got = torch.tensor(result.projection_by_position[c])
+            torch.testing.assert_close(got, along.mean(0), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                torch.tensor(result.projection[c]), along.mean((0, 2)), atol=1e-4, rtol=1e-4
+            )
+            cosine = (along / resid.norm(dim=-1)).mean((0, 2))
+            torch.testing.assert_close(torch.tensor(result.cosine[c]), cosine, atol=1e-4, rtol=1e-4)
+    finally:
+        handle.remove()
+    assert result.projection[0] != result.projection[1]  # the suffix changes the stream
+
+
 def test_head_attributions_add_up_to_the_attention_output(
     analysis: tuple[ChatModel, SuffixAnalysis],
 ) -> None:
