@@ -141,7 +141,9 @@ def main() -> None:
             )
 
         steps.append(dataclasses.replace(entry, run=counted))
-    refdir.study.run.STEPS = tuple(steps)  # the loop of run_pipeline runs these
+    # run_pipeline loops over refdir.study.run's own name for refdir.study.plan.STEPS: replace
+    # that one (replacing plan.STEPS would leave the loop running the uncounted steps)
+    refdir.study.run.STEPS = tuple(steps)
     out = args.out or Path(tempfile.mkdtemp(prefix="refdir-run-shape-"))
     began = time.perf_counter()
     run_pipeline(config, out, progress=False, model=cm)
