@@ -475,7 +475,7 @@ def test_run_command_end_to_end(model_dir: Path, tmp_path: Path) -> None:
     extracted = tmp_path / "extracted"
     assert runner.invoke(app, [*extract[:-3], str(extracted), "--n-train", "2"]).exit_code == 0
     into_extract = runner.invoke(app, [*args[:4], str(extracted), *args[5:]])
-    assert into_extract.exit_code == 2 and "holds results but no config.json" in into_extract.stderr
+    assert into_extract.exit_code == 2 and "is not a refdir run folder" in into_extract.stderr
 
 
 def test_run_command_sets_every_selection_number(model_dir: Path, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError
 
@@ -22,8 +22,10 @@ __all__ = [
     "BenchmarksRecord",
     "Completion",
     "ConfigRecord",
+    "Numerics",
     "PromptSets",
     "RefusalTokensRecord",
+    "RunMarker",
     "TimingsRecord",
 ]
 
@@ -35,23 +37,46 @@ REPORT_HTML = RunFile("report.html", "report")
 REPORT_MD = RunFile("report.md", "report")
 
 
+class Numerics(Strict):
+    """Where and in what precision a run computes: changing either changes its numbers."""
+
+    device: str = Field(description="cpu, cuda, or auto (several GPUs through device_map)")
+    dtype: str = Field(description="the model's parameters: float32, bfloat16 or float16")
+
+
 class ConfigRecord(Artifact):
     """The run's options, written when a run starts and checked when it resumes."""
 
     FILE: ClassVar[str] = "config.json"
+    OMIT: ClassVar[frozenset[str]] = frozenset({"numerics"})
 
     options: dict[str, Any] = Field(
-        description="the options that change results (RunConfig, without device, dtype and speed options)"
+        description="the options that change results (RunConfig, without device, dtype and "
+        "speed options)"
     )
     run: dict[str, Any] = Field(description="every option of the run (RunConfig)")
     local_model: bool = Field(description="whether `model` named a local path where the run ran")
     versions: dict[str, str] = Field(
         description="python, torch, transformers, refdir, peft, safetensors"
     )
+    numerics: Numerics | None = Field(
+        None,
+        description="where and in what precision the run computes (none in a folder of 0.1.0)",
+    )
 
     @classmethod
     def fix(cls, folder: Path) -> str:
         return "redo the run with `force='prompts'` (or use a new `out` folder)"
+
+
+class RunMarker(Artifact):
+    """The file that makes a folder a ``refdir run`` folder: a run takes no other folder but a
+    new or empty one, or one with this file."""
+
+    FILE: ClassVar[str] = "refdir-run.json"
+
+    refdir_run: Literal[1] = Field(1, description="the run folder's format")
+    created_by: str = Field(description="the refdir version that made the folder")
 
 
 class PromptSets(Artifact):

@@ -130,7 +130,7 @@ def extract(
     batch_size: BatchOpt = 32,
 ) -> None:
     """Difference-of-means candidates at every layer x post-instruction position, and a default direction."""
-    if (out / "config.json").exists():
+    if (out / "config.json").exists() or (out / "refdir-run.json").exists():
         raise RefdirError(
             f"{out} is a `refdir run` folder, whose direction extract would overwrite; give "
             "extract a folder of its own (a run redoes its extraction with --force extract)"

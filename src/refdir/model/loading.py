@@ -17,7 +17,7 @@ from refdir.hf import detach_gguf_quantizer, hub_offline, hub_reachable
 from refdir.model.chat_model import ChatModel
 from refdir.model.layout_check import verify_ablation
 from refdir.model.layout_spec import LayoutSpec
-from refdir.model.options import ModelOptions
+from refdir.model.options import DTYPES, ModelOptions
 from refdir.organism.load import load_organism
 
 __all__ = [
@@ -33,15 +33,6 @@ log = logging.getLogger(__name__)
 ORGANISM = "organism"
 """The bundled default model: SmolLM2-135M-Instruct safety-tuned by refdir (docs/organism.md)."""
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     """``auto`` is bfloat16 on CUDA and float32 on CPU."""
@@ -49,9 +40,10 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if device != "cpu" else torch.float32
-    if dtype not in _DTYPES:
-        raise RefdirError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise RefdirError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(DTYPES)}")
+    dtype_: torch.dtype = getattr(torch, DTYPES[dtype])
+    return dtype_
 
 
 def resolve_device(device: str) -> str:

@@ -5,6 +5,7 @@ anything heavy is imported."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -13,9 +14,21 @@ from refdir.errors import RefdirError
 from refdir.flags import Flag
 from refdir.model.layout_spec import LayoutSpec
 
-__all__ = ["ModelOptions"]
+__all__ = ["DTYPES", "ModelOptions"]
 
 _PANEL = "Model"
+
+DTYPES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+"""The dtype names ``dtype`` takes besides ``auto``, each with torch's name for it."""
+
+_DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 
 
 class ModelOptions(BaseModel):
@@ -52,6 +65,20 @@ class ModelOptions(BaseModel):
         description='layout patterns (LayoutSpec fields, e.g. {"mlp": "feed_forward", '
         '"mlp_out": "w2"}) for a model whose parts refdir does not find by name',
     )
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value != "auto" and value not in DTYPES:
+            raise ValueError(f"unknown dtype {value!r}; use one of auto, {', '.join(DTYPES)}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.fullmatch(value):
+            raise ValueError(f"unknown device {value!r}; use cpu, cuda, cuda:N or auto")
+        return value
 
     @field_validator("layout", mode="before")
     @classmethod

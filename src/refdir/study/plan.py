@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from refdir.artifacts.run import ConfigRecord
+from refdir.artifacts.run import ConfigRecord, Numerics
 from refdir.artifacts.selection import SelectionRecord
 from refdir.errors import RefdirError
 from refdir.io import write_text
@@ -277,7 +277,7 @@ def _check_pick(config: RunConfig, old: dict[str, Any], out: Path, force_from: i
             )
 
 
-def check_config(config: RunConfig, out: Path, force_from: int) -> None:
+def check_config(config: RunConfig, out: Path, force_from: int, numerics: Numerics) -> None:
     """Refuse to mix options in one folder, except those that only redo some steps: the steps
     that read a changed one are stale, and their files (and those of the steps that read
     them) are removed now, so that a run stopped before redoing them leaves none behind. Then
@@ -290,6 +290,14 @@ def check_config(config: RunConfig, out: Path, force_from: int) -> None:
             "run a folder of its own"
         )
     if has_record and force_from > 0 and results:
+        earlier = ConfigRecord.read(out).numerics
+        if earlier is not None and earlier != numerics:
+            raise RefdirError(
+                f"{out} holds a run computed in {earlier.dtype} on {earlier.device}; this one "
+                f"would compute in {numerics.dtype} on {numerics.device}, which changes its "
+                "numbers; give the same `device` and `dtype`, another `out` folder, or redo "
+                "the whole run with `force='prompts'`"
+            )
         recorded = _recorded(out)
         changed = _changed(config, recorded)
         redoable = {o for s in STEPS for r in s.reads if r.effect != "refuse" for o in r.options}
@@ -312,6 +320,7 @@ def check_config(config: RunConfig, out: Path, force_from: int) -> None:
         # a relative "runs/merged" reads like a hub id elsewhere: say what it was here
         local_model=config.model != ORGANISM and Path(config.model).expanduser().exists(),
         versions=versions(),
+        numerics=numerics,
     ).write(out)
     write_text(out / CONFIG_TOML, config_toml(config))
 

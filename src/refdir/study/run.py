@@ -9,16 +9,20 @@ step after it. The run folder is described in docs/run-artifacts.md.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from refdir.artifacts.metrics import MetricsRecord
+from refdir.artifacts.run import Numerics
 from refdir.data import load_prompts
 from refdir.evaluation.benchmarks import ResolvedTasks, resolve_tasks
 from refdir.io import make_folder
 from refdir.model.chat_model import ChatModel
+from refdir.model.loading import resolve_device, resolve_dtype
 from refdir.study.config import RunConfig, option_error
+from refdir.study.folder import claim, forget, locked, mark
 from refdir.study.plan import (
     STEP_NAMES,
     STEPS,
@@ -88,25 +92,58 @@ def run_pipeline(
     check_step(force, "force")
     check_step(until, "until")
     force_from = STEP_NAMES.index(force) if force is not None else len(STEPS)
+    numerics = _numerics(config, model)  # an unknown device or dtype: before any folder
+    fresh = claim(out)
     tasks = _check_inputs(config, _benchmarks_due(config, out, force_from))
+    made = [p for p in (Path(os.path.abspath(out)), *Path(os.path.abspath(out)).parents)]
+    made = [p for p in made if not p.exists()]  # innermost first
     make_folder(out)
-    check_config(config, out, force_from)
-    run = Run(config, out, progress, model)
-    run.benchmark_tasks = tasks
     done: dict[str, float] = {}
+    with locked(out):  # another run in the folder: refused here, before anything is written
+        try:
+            check_config(config, out, force_from, numerics)
+            mark(out)
+            _run_steps(Run(config, out, progress, model), tasks, force_from, until, done)
+        except BaseException:
+            if fresh and not done:  # nothing to resume: the new folder is gone again
+                forget(out, made)
+            raise
+    return done
+
+
+def _run_steps(
+    run: Run,
+    tasks: ResolvedTasks | None,
+    force_from: int,
+    until: str | None,
+    done: dict[str, float],
+) -> None:
+    """The steps in order, each skipped when its files are there (but the forced ones, whose
+    files, and those of every later step, go first); ``done`` gets each step's time as it ends."""
+    config, out = run.config, run.out
+    run.benchmark_tasks = tasks
+    for step in STEPS[force_from:]:  # a forced step that fails leaves no later results behind
+        step.remove(out)
     last = STEP_NAMES.index(until) if until is not None else len(STEPS) - 1
     for i, step in enumerate(STEPS[: last + 1]):
         if not step.enabled(config):
-            if i >= force_from:  # forced: results of a step no longer asked for go too
-                step.remove(out)
             continue
         if step.done(out) and i < force_from:
             log.info("step %s: results present, skipped", step.name)
             continue
-        if i >= force_from:
-            step.remove(out)
         log.info("step %s", step.name)
         done[step.name] = run.timed(step.name, lambda step=step: step.run(run))  # type: ignore[misc]
     if done and (out / MetricsRecord.FILE).exists():
         record_timings(run)
-    return done
+
+
+def _numerics(config: RunConfig, model: ChatModel | None) -> Numerics:
+    """Where the run computes and in what precision: the given model's, else what the options
+    resolve to (an unknown or unavailable device, or an unknown dtype, is an error now)."""
+    if model is not None:
+        dtype = model.layout.embed.weight.dtype
+        return Numerics(device=model.device.type, dtype=str(dtype).removeprefix("torch."))
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    kind = "cuda" if device.startswith("cuda") else device
+    return Numerics(device=kind, dtype=str(dtype).removeprefix("torch."))
