@@ -66,9 +66,11 @@ def test_one_run_at_a_time_works_in_a_folder(tmp_path: Path) -> None:
     cm = tiny_chat_model("llama")
     run_pipeline(TINY_RUN, out, progress=False, model=cm, until="prompts")
     before = _files(out)
-    with filelock.FileLock(out / LOCK, timeout=0):  # another run holds the folder
-        with pytest.raises(RefdirError, match=r"is in use by another refdir run; wait"):
-            run_pipeline(TINY_RUN, out, progress=False, model=cm)
+    with (
+        filelock.FileLock(out / LOCK, timeout=0),  # another run holds the folder
+        pytest.raises(RefdirError, match=r"is in use by another refdir run; wait"),
+    ):
+        run_pipeline(TINY_RUN, out, progress=False, model=cm)
     assert _files(out) == before  # nothing was written or removed
     assert set(run_pipeline(TINY_RUN, out, progress=False, model=cm, until="extract")) == {
         "extract"
