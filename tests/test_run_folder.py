@@ -149,3 +149,20 @@ def test_extract_refuses_a_run_folder(tmp_path: Path) -> None:
     result = runner.invoke(app, ["extract", "--out", str(out)])
     assert result.exit_code == 2 and "is a `refdir run` folder" in result.stderr
     assert json.loads((out / RunMarker.FILE).read_text())["refdir_run"] == 1
+
+
+def test_damaged_files_in_a_run_folder_name_the_step_that_makes_them(tmp_path: Path) -> None:
+    from refdir.report.run_report import write_report
+
+    out = tmp_path / "run"
+    cm = tiny_chat_model("llama")
+    run_pipeline(TINY_RUN, out, progress=False, model=cm)
+    (out / "candidates.safetensors").write_bytes(b"damaged")
+    with pytest.raises(
+        RefdirError, match=r"not a candidates file .*; redo it with `force='extract'`"
+    ):
+        run_pipeline(TINY_RUN, out, progress=False, model=cm, force="select")
+    run_pipeline(TINY_RUN, out, progress=False, model=cm, force="extract")
+    (out / "direction.safetensors").write_bytes(b"damaged")
+    with pytest.raises(RefdirError, match=r"not a safetensors file .*`force='select'`"):
+        write_report(out)

@@ -51,6 +51,10 @@ class RunFile:
     def __init__(self, file: str, step: str) -> None:
         self.FILE, self.STEP = file, step
 
+    def fix(self) -> str:
+        """How to make the file again in its run folder."""
+        return f"redo it with `force='{self.STEP}'` (or use a new `out` folder)"
+
     def __repr__(self) -> str:
         return f"RunFile({self.FILE!r}, {self.STEP!r})"
 

@@ -19,6 +19,10 @@ from refdir.io import atomic_path
 __all__ = ["CANDIDATES_FILE", "Candidates"]
 
 CANDIDATES_FILE = "candidates.safetensors"
+_MAKE = (
+    "make them with extract_candidates and Candidates.save (the command line's "
+    "`refdir extract` does)"
+)
 
 
 @dataclass(frozen=True)
@@ -100,16 +104,14 @@ class Candidates:
         return target
 
     @classmethod
-    def load(cls, path: str | Path) -> Candidates:
-        """Load from a folder or its ``candidates.safetensors``."""
+    def load(cls, path: str | Path, fix: str = _MAKE) -> Candidates:
+        """Load from a folder or its ``candidates.safetensors``; ``fix``: how to make them
+        again, the end of the one-line error for a missing or damaged file."""
         path = Path(path)
         if path.is_dir():
             path = path / CANDIDATES_FILE
         if not path.exists():
-            raise RefdirError(
-                f"no candidates at {path}; make them with extract_candidates and "
-                "Candidates.save (the command line's `refdir extract` does)"
-            )
+            raise RefdirError(f"no candidates at {path}; {fix}")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("refdir", "{}"))
@@ -117,6 +119,5 @@ class Candidates:
             return cls(harmful, harmless, **meta)
         except Exception as exc:  # safetensors and json raise errors of their own
             raise RefdirError(
-                f"{path} is not a candidates file written by refdir ({exc}); extract the "
-                "candidates again"
+                f"{path} is not a candidates file written by refdir ({exc}); {fix}"
             ) from None

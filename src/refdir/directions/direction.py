@@ -20,6 +20,7 @@ __all__ = ["DIRECTION_FILE", "DIRECTION_JSON", "Direction"]
 
 DIRECTION_FILE = "direction.safetensors"
 DIRECTION_JSON = "direction.json"
+_SAVE = "save one with Direction.save (the command line's `refdir extract` does)"
 
 
 @dataclass(frozen=True)
@@ -109,25 +110,20 @@ class Direction:
         return tensor_path
 
     @classmethod
-    def load(cls, path: str | Path) -> Direction:
-        """Load from a folder, the ``.safetensors`` file or the ``.json`` file."""
+    def load(cls, path: str | Path, fix: str = _SAVE) -> Direction:
+        """Load from a folder, the ``.safetensors`` file or the ``.json`` file; ``fix``: how to
+        make it again, the end of the one-line error for a missing or damaged file."""
         tensor_path, json_path = _paths(Path(path))
         if not tensor_path.exists():
-            raise RefdirError(
-                f"no direction at {path}: {tensor_path.name} is missing; save one with "
-                "Direction.save (the command line's `refdir extract` does)"
-            )
+            raise RefdirError(f"no direction at {path}: {tensor_path.name} is missing; {fix}")
         try:
             vector = load_file(str(tensor_path))["direction"]
         except KeyError:
-            raise RefdirError(
-                f"{tensor_path} holds no tensor named 'direction'; save it with Direction.save"
-            ) from None
+            raise RefdirError(f"{tensor_path} holds no tensor named 'direction'; {fix}") from None
         except Exception as exc:  # safetensors raises errors of its own
-            raise RefdirError(f"{tensor_path} is not a safetensors file ({exc})") from None
+            raise RefdirError(f"{tensor_path} is not a safetensors file ({exc}); {fix}") from None
         if not vector.is_floating_point():
-            raise RefdirError(f"{tensor_path} holds an integer 'direction'; save a float vector")
-        fix = "save the direction again"
+            raise RefdirError(f"{tensor_path} holds an integer 'direction'; {fix}")
         info = DirectionRecord.parse(read_json_object(json_path, fix), json_path)
         return cls(
             vector,

@@ -10,7 +10,13 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from refdir.artifacts.metrics import MetricsRecord
-from refdir.artifacts.run import BenchmarksRecord, Completion, ConfigRecord
+from refdir.artifacts.run import (
+    CANDIDATES,
+    DIRECTION_TENSOR,
+    BenchmarksRecord,
+    Completion,
+    ConfigRecord,
+)
 from refdir.artifacts.selection import SelectionRecord
 from refdir.artifacts.suffix import SuffixAnalysis, SuffixRecord
 from refdir.directions.candidates import Candidates
@@ -90,7 +96,7 @@ def load_run(run_dir: str | Path) -> RunData:
         raise RefdirError(f"{run_dir} is not a run folder; give the `out` folder of a run")
     metrics = MetricsRecord.read(run_dir)
     selection = SelectionRecord.read(run_dir)
-    candidates = Candidates.load(run_dir)
+    candidates = Candidates.load(run_dir, CANDIDATES.fix())
     config = ConfigRecord.read(run_dir) if (run_dir / ConfigRecord.FILE).exists() else None
     benchmarks = (
         BenchmarksRecord.read(run_dir) if (run_dir / BenchmarksRecord.FILE).exists() else None
@@ -106,7 +112,7 @@ def load_run(run_dir: str | Path) -> RunData:
         metrics=metrics,
         selection=selection,
         candidates=candidates,
-        direction=Direction.load(run_dir),
+        direction=Direction.load(run_dir, DIRECTION_TENSOR.fix()),
         config=config,
         completions=_completions(run_dir),
         benchmarks=benchmarks,

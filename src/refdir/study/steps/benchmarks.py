@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from refdir.artifacts.run import BenchmarksRecord
+from refdir.artifacts.run import DIRECTION_TENSOR, BenchmarksRecord
 from refdir.directions.direction import Direction
 from refdir.evaluation.benchmarks import benchmark_conditions
 from refdir.interventions.intervention import NONE, Intervention
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def step_benchmarks(run: Run) -> None:
     c = run.config
     log.info("benchmarks: %s", ", ".join(c.benchmarks))
-    direction = Direction.load(run.out)
+    direction = Direction.load(run.out, DIRECTION_TENSOR.fix())
     results = benchmark_conditions(
         run.cm,
         run.benchmark_tasks or list(c.benchmarks),

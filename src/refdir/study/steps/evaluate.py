@@ -21,7 +21,13 @@ from refdir.artifacts.metrics import (
     Sizes,
     ThreeConditions,
 )
-from refdir.artifacts.run import CANDIDATES, Completion, PromptSets, RefusalTokensRecord
+from refdir.artifacts.run import (
+    CANDIDATES,
+    DIRECTION_TENSOR,
+    Completion,
+    PromptSets,
+    RefusalTokensRecord,
+)
 from refdir.artifacts.selection import SelectionRecord
 from refdir.data import load_corpus
 from refdir.directions.candidates import Candidates
@@ -97,7 +103,7 @@ def _sizes(
     filtered in the extract step's pass (the candidates record how many prompts their means are
     over), the validation sets in the select step's (selection.json); and the held-out sets."""
     prompts = PromptSets.read(run.out)
-    cands = Candidates.load(run.out / CANDIDATES.FILE)
+    cands = Candidates.load(run.out / CANDIDATES.FILE, CANDIDATES.fix())
     validation = SelectionRecord.read(run.out).validation.filter
     counts = {
         "harmful_train": Kept(sampled=len(prompts.harmful_train), kept=cands.n_harmful),
@@ -116,7 +122,7 @@ def _sizes(
 
 def step_evaluate(run: Run) -> None:
     c, out, cm = run.config, run.out, run.cm
-    direction = Direction.load(out)
+    direction = Direction.load(out, DIRECTION_TENSOR.fix())
     by_set, harmful, harmless = eval_prompts(c)
     conditions = {
         "baseline": NONE,

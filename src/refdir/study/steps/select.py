@@ -152,7 +152,7 @@ def _choose(
 
 def step_select(run: Run) -> None:
     out, config = run.out, selection_config(run.config)
-    cands = Candidates.load(out / CANDIDATES.FILE)
+    cands = Candidates.load(out / CANDIDATES.FILE, CANDIDATES.fix())
     scores, validation = _scores(run, cands, config)
     try:
         chosen, rule, layer, position = _choose(run.config, scores, config)

@@ -24,5 +24,5 @@ def eval_prompts(c: RunConfig) -> EvalPrompts:
 
 def kept_harmful_train(run: Run) -> list[str]:
     """The harmful training prompts the difference of means is over."""
-    cands = Candidates.load(run.out / CANDIDATES.FILE)
+    cands = Candidates.load(run.out / CANDIDATES.FILE, CANDIDATES.fix())
     return cands.harmful_prompts or PromptSets.read(run.out).harmful_train

@@ -3,7 +3,7 @@ training prompts and analyse it on held-out ones (``suffix/``)."""
 
 from __future__ import annotations
 
-from refdir.artifacts.run import RefusalTokensRecord
+from refdir.artifacts.run import DIRECTION_TENSOR, RefusalTokensRecord
 from refdir.directions.direction import Direction
 from refdir.study.files import SUFFIX_FOLDER
 from refdir.study.state import Run
@@ -27,7 +27,7 @@ def step_suffix(run: Run) -> None:
     )
     run_suffix_experiment(
         run.cm,
-        Direction.load(run.out),
+        Direction.load(run.out, DIRECTION_TENSOR.fix()),
         run.out / SUFFIX_FOLDER,
         train,
         held_out,
