@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,37 @@ def test_rows_under_different_conditions_match_one_call_per_condition(
         texts = cm.tokenizer.batch_decode(ids, skip_special_tokens=True)
         assert [r.completion for r in result.completions] == texts
     assert any(len(a) < 6 for a in alone[0]) and any(len(a) == 6 for a in alone[0])
+
+
+def test_a_prompt_longer_than_the_context_is_refused_at_once(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from refdir.cli import app
+    from refdir.errors import RefdirError
+    from refdir.model.generation import last_position_logits
+
+    cm = tiny_chat_model("llama")  # 256 positions; one byte, one token
+    assert cm.context == 256 and cm.chat.max_tokens == 256
+    long = "word " * 60
+    with pytest.raises(
+        RefdirError, match=r"of 3\d\d tokens .* longer than the model's context of 256"
+    ):
+        last_position_logits(cm, ["short", long])
+    model_dir = tmp_path / "model"
+    cm.model.save_pretrained(model_dir)
+    cm.tokenizer.save_pretrained(model_dir)
+    prompts = tmp_path / "long.txt"
+    prompts.write_text(f"short\n{long}\n")
+    args = [
+        "evaluate",
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts),
+        "--max-new-tokens",
+        "2",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert (
+        result.exit_code == 2 and "longer than the model's context of 256 tokens" in result.stderr
+    )

@@ -22,6 +22,7 @@ __all__ = [
     "detach_gguf_quantizer",
     "hub_offline",
     "hub_reachable",
+    "load_failure",
     "returned_cache",
 ]
 
@@ -87,3 +88,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def load_failure(what: str, exc: BaseException) -> str:
+    """The one-line message for a model or tokenizer that transformers could not load: its
+    first line, or, for a model that needs code from its repository, how to allow that."""
+    text = str(exc).strip()
+    if "trust_remote_code" in text or "contains custom code" in text:
+        return (
+            f"{what} needs code from its repository to load, which refdir does not run unless "
+            "asked; allow it with `trust_remote_code=True`, only for a model you trust"
+        )
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    return f"could not load {what}: {reason}; check the folder's files"

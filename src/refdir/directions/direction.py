@@ -123,7 +123,7 @@ class Direction:
         except Exception as exc:  # safetensors raises errors of its own
             raise RefdirError(f"{tensor_path} is not a safetensors file ({exc}); {fix}") from None
         if not vector.is_floating_point():
-            raise RefdirError(f"{tensor_path} holds an integer 'direction'; {fix}")
+            raise RefdirError(f"{tensor_path} holds an integer 'direction'; save a float vector")
         info = DirectionRecord.parse(read_json_object(json_path, fix), json_path)
         return cls(
             vector,

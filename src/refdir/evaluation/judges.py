@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from refdir.errors import RefdirError
+from refdir.hf import load_failure
 from refdir.model.chat import pad_left
 from refdir.model.loading import resolve_device, resolve_dtype
 from refdir.registry import Registry
@@ -123,6 +124,7 @@ class JudgeFactory(Protocol):
         dtype: str | torch.dtype = "auto",
         batch_size: int = 8,
         progress: bool = True,
+        trust_remote_code: bool = False,
     ) -> Judge: ...
 
 
@@ -225,6 +227,7 @@ def _load(
     tokenizer: PreTrainedTokenizerBase | None,
     device: str,
     dtype: str | torch.dtype,
+    trust_remote_code: bool,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """An in-memory model with its tokenizer, or both loaded from a local folder."""
     if isinstance(source, torch.nn.Module):
@@ -245,17 +248,19 @@ def _load(
         tok = (
             tokenizer
             if tokenizer is not None
-            else AutoTokenizer.from_pretrained(path, local_files_only=True)
+            else AutoTokenizer.from_pretrained(
+                path, local_files_only=True, trust_remote_code=trust_remote_code
+            )
         )
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=torch_dtype,
             device_map="auto" if device == "auto" else None,
             local_files_only=True,
+            trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RefdirError(f"could not load judge model {path}: {reason}") from None
+        raise RefdirError(load_failure(f"judge model {path}", exc)) from None
     if device not in ("auto", "cpu"):
         model.to(torch.device(device))  # type: ignore[arg-type]  # transformers stubs wrap .to
     return model.eval(), tok
@@ -327,6 +332,7 @@ def llamaguard(
     dtype: str | torch.dtype = "auto",
     batch_size: int = 8,
     progress: bool = True,
+    trust_remote_code: bool = False,
     use_chat_template: bool | None = None,
     max_completion_tokens: int | None = 512,
     answer_prefix: str | None = None,
@@ -335,8 +341,9 @@ def llamaguard(
     template (a Llama Guard 2 prompt when it has none, or with ``use_chat_template=False``),
     then "safe" against "unsafe" at the next token. ``answer_prefix``: text the judge writes
     before its verdict, appended to its input (default: "\n\n" after a bare Llama 3 header,
-    as Llama Guard 3's template ends, else nothing)."""
-    judge_model, tok = _load(model, tokenizer, device, dtype)
+    as Llama Guard 3's template ends, else nothing). ``trust_remote_code``: whether code from
+    the judge's folder may run (never, unless asked)."""
+    judge_model, tok = _load(model, tokenizer, device, dtype, trust_remote_code)
     has_template = bool(getattr(tok, "chat_template", None))
     if use_chat_template and not has_template:
         raise RefdirError("the judge tokenizer has no chat template; use use_chat_template=None")
@@ -357,11 +364,12 @@ def harmbench(
     dtype: str | torch.dtype = "auto",
     batch_size: int = 8,
     progress: bool = True,
+    trust_remote_code: bool = False,
     max_completion_tokens: int | None = 512,
 ) -> LogitJudge:
     """The HarmBench classifier (cais/HarmBench-Llama-2-13b-cls): its published prompt with the
     prompt as the behavior, then "Yes" (harmful, so not safe) against "No" at the next token."""
-    judge_model, tok = _load(model, tokenizer, device, dtype)
+    judge_model, tok = _load(model, tokenizer, device, dtype, trust_remote_code)
     clip = _clipper(tok, max_completion_tokens)
 
     def encode(prompt: str, completion: str) -> list[int]:
@@ -387,11 +395,18 @@ def load_judge(
     dtype: str | torch.dtype = "auto",
     batch_size: int = 8,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> Judge:
     """The judge registered as ``name`` (see ``JUDGES.names()``), built on ``model``."""
     factory = JUDGES.get(name)
     return factory(
-        model, tokenizer, device=device, dtype=dtype, batch_size=batch_size, progress=progress
+        model,
+        tokenizer,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        progress=progress,
+        trust_remote_code=trust_remote_code,
     )
 
 

@@ -55,6 +55,8 @@ class ChatFormat:
     suffix_ids: tuple[int, ...]
     system: str | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
+    max_tokens: int | None = None
+    """The model's context: a longer prompt is refused (None: no limit known)."""
 
     @classmethod
     def from_tokenizer(
@@ -63,8 +65,10 @@ class ChatFormat:
         system: str | None = None,
         chat_template: str | None = None,
         template_kwargs: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
     ) -> ChatFormat:
-        """Split the template around a marker instruction; fail clearly without a template."""
+        """Split the template around a marker instruction; fail clearly without a template.
+        ``max_tokens``: the model's context, past which a prompt is refused."""
         kwargs = dict(template_kwargs or {})
         if chat_template is not None:
             kwargs["chat_template"] = chat_template
@@ -93,7 +97,7 @@ class ChatFormat:
             )
         suffix_ids = tuple(tokenizer(suffix, add_special_tokens=False)["input_ids"])
         kwargs.pop("chat_template", None)
-        return cls(tokenizer, prefix, suffix, suffix_ids, system, kwargs)
+        return cls(tokenizer, prefix, suffix, suffix_ids, system, kwargs, max_tokens)
 
     @property
     def n_post(self) -> int:
@@ -106,7 +110,15 @@ class ChatFormat:
     def token_ids(self, instruction: str, extra: str = "") -> list[int]:
         """Token ids of one prompt; ``extra`` is appended to the instruction (a suffix attack)."""
         head = self.tokenizer(self.prefix + instruction + extra, add_special_tokens=False)
-        return list(head["input_ids"]) + list(self.suffix_ids)
+        ids = list(head["input_ids"]) + list(self.suffix_ids)
+        if self.max_tokens is not None and len(ids) > self.max_tokens:
+            start = " ".join(instruction.split())[:40]
+            raise RefdirError(
+                f"a prompt of {len(ids)} tokens with its chat template is longer than the "
+                f"model's context of {self.max_tokens} tokens ({start!r}...); shorten it or leave "
+                "it out"
+            )
+        return ids
 
     def encode(self, instructions: Sequence[str], extra: str = "") -> PromptBatch:
         """Left-padded batch; the last ``n_post`` positions are the post-instruction tokens."""

@@ -39,9 +39,18 @@ class ChatModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.layout = find_layout(self.model, self.layout_spec)
         self.chat = ChatFormat.from_tokenizer(
-            self.tokenizer, self.system, self.chat_template, self.template_kwargs
+            self.tokenizer, self.system, self.chat_template, self.template_kwargs, self.context
         )
         self.model.eval()
+
+    @property
+    def context(self) -> int | None:
+        """The most tokens the model takes (its position embeddings' length), where its
+        config says."""
+        config = getattr(self.model, "config", None)
+        text = config.get_text_config() if config is not None else None
+        limit = getattr(text, "max_position_embeddings", None)
+        return limit if isinstance(limit, int) and limit > 0 else None
 
     @property
     def device(self) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -11,6 +12,8 @@ from refdir.errors import RefdirError
 from refdir.model.chat import by_length
 from refdir.model.chat_model import ChatModel
 from refdir.model.prefix import SharedPrefix
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "generate",
@@ -57,6 +60,14 @@ def generate_ids(
     forward pass ``on_batch`` receives the variant of each row in flight, in batch order.
     """
     stops = stop_ids(cm)
+    limit = cm.chat.max_tokens
+    if limit is not None and rows and max(len(r) for r in rows) + max_new_tokens > limit:
+        log.warning(
+            "a prompt and its %d new tokens pass the model's context of %d tokens; its answer "
+            "may degrade at the end",
+            max_new_tokens,
+            limit,
+        )
     chunks = by_length(rows, batch_size)
     kinds = torch.tensor(list(variants) if variants is not None else [0] * len(rows))
     if kinds.shape[0] != len(rows) or (len(rows) and int(kinds.min()) < 0):

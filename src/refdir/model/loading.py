@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from refdir.errors import RefdirError
-from refdir.hf import detach_gguf_quantizer, hub_offline, hub_reachable
+from refdir.hf import detach_gguf_quantizer, hub_offline, hub_reachable, load_failure
 from refdir.model.chat_model import ChatModel
 from refdir.model.layout_check import verify_ablation
 from refdir.model.layout_spec import LayoutSpec
@@ -195,10 +195,7 @@ def _load_pretrained(
                 "from here, and it is not in the local cache; download it where there is a "
                 f"network (hf download {spec}) or give a local folder"
             ) from None
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RefdirError(
-            f"could not load model {spec!r}: {reason}; check the folder's files"
-        ) from None
+        raise RefdirError(load_failure(f"model {spec!r}", exc)) from None
     if gguf is not None:
         detach_gguf_quantizer(model)
     if device not in ("auto", "cpu"):

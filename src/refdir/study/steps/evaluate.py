@@ -233,7 +233,14 @@ def check_judge(c: RunConfig) -> tuple[str, str]:
 def _safety(run: Run, harmful_runs: dict[str, list[Completion]]) -> ThreeConditions:
     c = run.config
     name, model = check_judge(c)
-    judge = load_judge(name, model, device=c.device, dtype=c.dtype, progress=run.progress)
+    judge = load_judge(
+        name,
+        model,
+        device=c.device,
+        dtype=c.dtype,
+        progress=run.progress,
+        trust_remote_code=c.trust_remote_code,
+    )
     with run.watch.part("judge"):  # loading the judge model is not a part
         return _three(
             {
