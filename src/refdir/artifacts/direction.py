@@ -19,6 +19,7 @@ class DirectionRecord(Artifact):
     FILE: ClassVar[str] = "direction.json"
     STEP: ClassVar[str | None] = "select"
     SORT_KEYS: ClassVar[bool] = True
+    OMIT: ClassVar[frozenset[str]] = frozenset({"model_signature"})
 
     layer: int = Field(
         ge=0,
@@ -40,6 +41,11 @@ class DirectionRecord(Artifact):
     )
     norm: float | None = Field(None, description="the vector's norm (informational)")
     d_model: int | None = Field(None, description="the vector's size (informational)")
+    model_signature: list[float] | None = Field(
+        None,
+        description="norms of a spread of the source model's unembedding rows: a model whose "
+        "differ is refused (none in a file of 0.1.0)",
+    )
 
     @classmethod
     def fix(cls, folder: Path) -> str:

@@ -54,6 +54,14 @@ TokensOpt = Annotated[int, typer.Option(help="New tokens per completion (greedy)
 BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass (and per generated batch).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed for prompt sampling.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+AnyModelOpt = Annotated[
+    bool,
+    typer.Option(
+        "--any-model",
+        help="Apply the direction even to a model of its width other than the one it was "
+        "extracted from (refused otherwise).",
+    ),
+]
 
 for _name, _flag in (
     ("out", "--out"),
@@ -68,6 +76,7 @@ for _name, _flag in (
     ("max_minutes", "--max-minutes"),
     ("n_eval", "--n-eval"),
     ("n_steps", "--steps"),
+    ("any_model", "--any-model"),
 ):
     register(_name, _flag)
 
@@ -154,10 +163,21 @@ def ablate_cmd(
     batch_size: BatchOpt = 16,
     as_json: JsonOpt = False,
     seed: SeedOpt = 0,
+    any_model: AnyModelOpt = False,
 ) -> None:
     """Generate greedily with the direction ablated at every layer and position."""
     _work("generate").generate_under(
-        "ablate", options, direction, prompts, n, max_new_tokens, batch_size, as_json, 1.0, seed
+        "ablate",
+        options,
+        direction,
+        prompts,
+        n,
+        max_new_tokens,
+        batch_size,
+        as_json,
+        1.0,
+        seed,
+        any_model,
     )
 
 
@@ -176,10 +196,21 @@ def add_cmd(
     batch_size: BatchOpt = 16,
     as_json: JsonOpt = False,
     seed: SeedOpt = 0,
+    any_model: AnyModelOpt = False,
 ) -> None:
     """Generate greedily with coeff x direction added to its layer's input at every position."""
     _work("generate").generate_under(
-        "actadd", options, direction, prompts, n, max_new_tokens, batch_size, as_json, coeff, seed
+        "actadd",
+        options,
+        direction,
+        prompts,
+        n,
+        max_new_tokens,
+        batch_size,
+        as_json,
+        coeff,
+        seed,
+        any_model,
     )
 
 
@@ -190,9 +221,10 @@ def orthogonalize(
     direction: DirectionOpt,
     out: Annotated[Path, typer.Option(help="New folder for the edited checkpoint.")],
     options: ModelOptions,
+    any_model: AnyModelOpt = False,
 ) -> None:
     """Edit the weights so nothing writes along the direction; export a safetensors checkpoint."""
-    _work("orthogonalize").orthogonalize(direction, out, options)
+    _work("orthogonalize").orthogonalize(direction, out, options, any_model)
 
 
 @organism_app.command("build")
@@ -285,6 +317,7 @@ def evaluate(
         Path | None, typer.Option(help="Also write the completions as JSONL here.")
     ] = None,
     seed: SeedOpt = 0,
+    any_model: AnyModelOpt = False,
 ) -> None:
     """Greedy completions on a prompt set, scored for refusal by markers."""
     if completions is not None and completions.is_dir():
@@ -311,6 +344,7 @@ def evaluate(
         as_json,
         completions,
         seed,
+        any_model,
     )
 
 
@@ -353,6 +387,7 @@ def suffix(
     seed: Annotated[
         int, typer.Option(help="Seed for prompt sampling, search and random suffix.")
     ] = 0,
+    any_model: AnyModelOpt = False,
 ) -> None:
     """Search a universal adversarial suffix (GCG) and show how it moves the refusal direction."""
     if not math.isfinite(max_minutes) or max_minutes < 0:
@@ -384,6 +419,7 @@ def suffix(
         max_new_tokens,
         keep_completions,
         seed,
+        any_model,
     )
 
 

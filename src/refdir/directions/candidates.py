@@ -44,6 +44,9 @@ class Candidates:
     n_harmless: int = 0
     harmful_prompts: list[str] | None = None
     harmless_prompts: list[str] | None = None
+    model_signature: tuple[float, ...] | None = None
+    """The signature of the model the means are of (:func:`refdir.model.layout.model_signature`),
+    which its directions carry."""
 
     @property
     def diffs(self) -> torch.Tensor:
@@ -80,6 +83,7 @@ class Candidates:
             self.n_harmful,
             self.n_harmless,
             dict(metadata),
+            self.model_signature,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -92,6 +96,7 @@ class Candidates:
             "n_harmless": self.n_harmless,
             "harmful_prompts": self.harmful_prompts,
             "harmless_prompts": self.harmless_prompts,
+            "model_signature": list(self.model_signature) if self.model_signature else None,
         }
         tensors = {
             "candidates": self.diffs.float().contiguous(),
@@ -115,6 +120,8 @@ class Candidates:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("refdir", "{}"))
+                if meta.get("model_signature") is not None:
+                    meta["model_signature"] = tuple(meta["model_signature"])
                 harmful, harmless = f.get_tensor("harmful_mean"), f.get_tensor("harmless_mean")
             return cls(harmful, harmless, **meta)
         except Exception as exc:  # safetensors and json raise errors of their own

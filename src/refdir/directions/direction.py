@@ -4,7 +4,7 @@ never pickle."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,16 @@ from refdir.artifacts.base import read_json_object
 from refdir.artifacts.direction import DirectionRecord
 from refdir.errors import RefdirError
 from refdir.io import atomic_path, write_text
+from refdir.model.layout import ModelLayout, model_signature
 
 __all__ = ["DIRECTION_FILE", "DIRECTION_JSON", "Direction"]
 
 DIRECTION_FILE = "direction.safetensors"
 DIRECTION_JSON = "direction.json"
 _SAVE = "save one with Direction.save (the command line's `refdir extract` does)"
+_SIGNATURE_TOLERANCE = 0.02
+"""A model's signature, in another dtype or after refdir's weight edits, stays within 2%; two
+different models' rows differ far more."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,9 @@ class Direction:
     n_harmful: int | None = None
     n_harmless: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    model_signature: tuple[float, ...] | None = None
+    """The signature of the model it was extracted from (:func:`refdir.model.layout.
+    model_signature`): applied to a model whose signature differs, it is refused."""
 
     def __post_init__(self) -> None:
         if self.vector.dim() != 1:
@@ -52,6 +59,11 @@ class Direction:
         if not torch.isfinite(self.vector).all() or float(self.vector.norm()) == 0.0:
             raise RefdirError(
                 "the direction vector is zero or not finite; pick another layer or position"
+            )
+        if not torch.isfinite(self.vector.float().norm()):
+            raise RefdirError(
+                f"the direction's norm ({self.norm:.3g}) overflows float32, in which it is "
+                "applied; rescale the vector"
             )
 
     @property
@@ -80,6 +92,28 @@ class Direction:
                 "extract a direction from this model"
             )
 
+    def fits(self, layout: ModelLayout) -> None:
+        """Refuse to apply this direction to a model it does not fit: another width, a layer
+        the model lacks, or another model of the same width (its signature differs; see
+        :meth:`for_any_model`)."""
+        self.check(layout.d_model, layout.n_layers)
+        if self.model_signature is None:
+            return
+        here = model_signature(layout)
+        if len(here) != len(self.model_signature) or any(
+            abs(a - b) > _SIGNATURE_TOLERANCE * max(abs(b), 1e-12)
+            for a, b in zip(self.model_signature, here, strict=True)
+        ):
+            raise RefdirError(
+                f"the direction was extracted from {self.model}, another model of this width "
+                "(their unembeddings differ); extract a direction from this model, or apply it "
+                "anyway with `any_model=True`"
+            )
+
+    def for_any_model(self) -> Direction:
+        """This direction without its model's signature: applied to any model of its width."""
+        return replace(self, model_signature=None)
+
     def record(self) -> DirectionRecord:
         """What ``direction.json`` holds of this direction."""
         return DirectionRecord(
@@ -94,6 +128,7 @@ class Direction:
             metadata=dict(self.metadata),
             norm=self.norm,
             d_model=self.d_model,
+            model_signature=list(self.model_signature) if self.model_signature else None,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -110,9 +145,10 @@ class Direction:
         return tensor_path
 
     @classmethod
-    def load(cls, path: str | Path, fix: str = _SAVE) -> Direction:
+    def load(cls, path: str | Path, fix: str = _SAVE, any_model: bool = False) -> Direction:
         """Load from a folder, the ``.safetensors`` file or the ``.json`` file; ``fix``: how to
-        make it again, the end of the one-line error for a missing or damaged file."""
+        make it again, the end of the one-line error for a missing or damaged file;
+        ``any_model``: without the signature of its model (:meth:`for_any_model`)."""
         tensor_path, json_path = _paths(Path(path))
         if not tensor_path.exists():
             raise RefdirError(f"no direction at {path}: {tensor_path.name} is missing; {fix}")
@@ -136,6 +172,7 @@ class Direction:
             info.n_harmful,
             info.n_harmless,
             dict(info.metadata),
+            tuple(info.model_signature) if info.model_signature and not any_model else None,
         )
 
 

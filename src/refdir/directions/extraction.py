@@ -22,6 +22,7 @@ from refdir.errors import RefdirError
 from refdir.model.chat import by_length
 from refdir.model.chat_model import ChatModel
 from refdir.model.hooks import hooked, residual_stream
+from refdir.model.layout import model_signature
 from refdir.model.prefix import SharedPrefix
 
 __all__ = ["FilteredMeans", "extract_candidates", "filtered_means", "residual_means"]
@@ -140,4 +141,5 @@ def extract_candidates(
         len(kept["harmless"]),
         kept["harmful"],
         kept["harmless"],
+        model_signature(cm.layout),
     )

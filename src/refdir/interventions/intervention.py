@@ -119,7 +119,7 @@ class Intervention:
         if direction is None:
             raise RefdirError("the none intervention has no direction")
         if isinstance(direction, Direction):
-            direction.check(layout.d_model, layout.n_layers)
+            direction.fits(layout)
             return direction.vector.detach().float()
         if direction.shape[0] != layout.d_model:
             raise RefdirError(

@@ -101,7 +101,7 @@ def orthogonalize(cm: ChatModel, direction: Direction | torch.Tensor) -> Orthogo
     """Edit ``cm.model`` in place so that no weight writes along ``direction``."""
     vector = direction.vector if isinstance(direction, Direction) else direction
     if isinstance(direction, Direction):
-        direction.check(cm.d_model, cm.n_layers)
+        direction.fits(cm.layout)
     elif vector.shape != (cm.d_model,):
         raise RefdirError(f"direction has shape {tuple(vector.shape)}, expected ({cm.d_model},)")
     r = vector.detach().double()

@@ -30,6 +30,7 @@ __all__ = [
     "Write",
     "effective_norm_scale",
     "find_layout",
+    "model_signature",
 ]
 
 
@@ -355,3 +356,21 @@ def effective_norm_scale(norm: nn.Module, d_model: int) -> torch.Tensor:
     with torch.no_grad():
         out = probe(torch.ones(1, d_model, dtype=torch.float32))
     return out.reshape(-1)
+
+
+SIGNATURE_ROWS = 32
+"""Unembedding rows a model's signature is made of."""
+
+
+def model_signature(layout: ModelLayout) -> tuple[float, ...]:
+    """What tells two models of the same width apart, robust to their dtype: the norms of a
+    fixed spread of rows of the unembedding (the read-out, which refdir's weight edits leave
+    as it was; the token embedding where there is none), in float64."""
+    module = layout.unembed if layout.unembed is not None else layout.embed
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        weight = layout.embed.weight
+    rows = torch.linspace(0, weight.shape[0] - 1, SIGNATURE_ROWS).long().to(weight.device)
+    with torch.no_grad():
+        norms = weight.detach()[rows].double().norm(dim=-1).cpu()
+    return tuple(round(float(n), 6) for n in norms)

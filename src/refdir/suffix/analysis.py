@@ -285,7 +285,7 @@ def analyze_suffix(
     """Compare ``alone`` / ``adversarial`` / ``random`` suffix conditions on ``prompts``."""
     if not prompts:
         raise RefdirError("no prompts to analyse the suffix on")
-    direction.check(cm.d_model, cm.n_layers)
+    direction.fits(cm.layout)
     unit = direction.unit().cpu()
     suffixes = {"alone": "", "adversarial": adversarial, "random": random}
     measured = {

@@ -39,7 +39,7 @@ def run_suffix_experiment(
     ``out``; returns what ``suffix.json`` holds. ``stopwatch`` gets the time of the ``search``
     and of the ``analysis`` (its completions and projections included)."""
     config = config or SuffixConfig()
-    direction.check(cm.d_model, cm.n_layers)
+    direction.fits(cm.layout)
     with output_folder(Path(out)) as folder:  # made and checked now, not after the search
         with maybe(stopwatch, "search"):
             result = search_suffix(cm, train_prompts, config, progress)

@@ -29,7 +29,7 @@ def _intervention(kind: str, direction: Direction | None, coeff: float) -> Inter
 
 def _checked(cm: ChatModel, direction: Direction | None) -> None:
     if direction is not None:
-        direction.check(cm.d_model, cm.n_layers)
+        direction.fits(cm.layout)
 
 
 def generate_under(
@@ -43,9 +43,10 @@ def generate_under(
     as_json: bool,
     coeff: float,
     seed: int,
+    any_model: bool,
 ) -> None:
     check_generation(max_new_tokens, batch_size)  # before the model loads
-    chosen = Direction.load(direction)
+    chosen = Direction.load(direction, any_model=any_model)
     intervention = _intervention(kind, chosen, coeff)
     instructions = sample_prompts(prompts, n or None, seed)  # 0: all
     cm = load_model(options)
@@ -72,12 +73,13 @@ def evaluate(
     as_json: bool,
     completions: Path | None,
     seed: int,
+    any_model: bool,
 ) -> None:
     check_generation(max_new_tokens, batch_size)
     # the completions' folder is made and checked now, not after the generation
     folder = output_folder(completions.parent) if completions is not None else nullcontext()
     with folder:
-        chosen = Direction.load(direction) if direction is not None else None
+        chosen = Direction.load(direction, any_model=any_model) if direction is not None else None
         intervention = _intervention(kind, chosen, coeff)
         instructions = sample_prompts(prompts, n or None, seed)  # 0: all
         cm = load_model(options)

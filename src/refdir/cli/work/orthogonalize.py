@@ -14,9 +14,9 @@ from refdir.model.options import ModelOptions
 __all__ = ["orthogonalize"]
 
 
-def orthogonalize(direction: Path, out: Path, options: ModelOptions) -> None:
+def orthogonalize(direction: Path, out: Path, options: ModelOptions, any_model: bool) -> None:
     check_export_folder(out)  # now, not after loading and checking the model
-    chosen = Direction.load(direction)
+    chosen = Direction.load(direction, any_model=any_model)
     manifest = export_orthogonalized(load_model(options), chosen, out)
     kind = "exact" if manifest.exact else "approximate"
     typer.echo(

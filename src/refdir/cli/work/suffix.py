@@ -30,9 +30,10 @@ def suffix(
     max_new_tokens: int,
     keep_completions: bool,
     seed: int,
+    any_model: bool,
 ) -> None:
     config = SuffixConfig(**search)
-    chosen = Direction.load(direction)
+    chosen = Direction.load(direction, any_model=any_model)
     train = sample_prompts(prompts, n_prompts, seed)
     held_out = held_out_prompts(eval_prompts, n_eval, seed, exclude=train)
     cm = load_model(options)
