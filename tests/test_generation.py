@@ -195,8 +195,11 @@ def test_rows_under_different_conditions_match_one_call_per_condition(
     ]
     together = evaluate_jobs(cm, jobs, 6, batch_size=7, progress=False)
     assert batches == [[v for v in range(4) for _ in PROMPTS]]  # one call for every job
+    stops = generation.stop_ids(cm)
     for result, ids in zip(together, alone, strict=True):
-        texts = cm.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        # the text of each answer is its tokens before the stop token that ended it
+        kept = [a[:-1] if a[-1] in stops else a for a in ids]
+        texts = cm.tokenizer.batch_decode(kept, skip_special_tokens=True)
         assert [r.completion for r in result.completions] == texts
     assert any(len(a) < 6 for a in alone[0]) and any(len(a) == 6 for a in alone[0])
 

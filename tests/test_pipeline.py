@@ -151,6 +151,22 @@ def test_random_directions_give_the_kl_a_reference(tmp_path: Path) -> None:
     assert "ablated, and the row below it the same for random directions." in report
 
 
+def test_a_model_that_answers_nothing_still_gets_its_kl_and_text_ce(tmp_path: Path) -> None:
+    cm = tiny_chat_model("llama")
+    # every token ends the answer: every completion is empty, no own-completion token to score
+    cm.model.generation_config.eos_token_id = list(range(cm.model.config.vocab_size))
+    run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["ce_loss_own_completions"] is None
+    _, _, harmless = eval_prompts(CONFIG)
+    direction = Direction.load(tmp_path)
+    kl = kl_last_position(cm, harmless, Intervention.ablation(direction))
+    assert metrics["harmless"]["kl_ablation"] == pytest.approx(kl, abs=2e-5, rel=1e-3)
+    assert math.isfinite(metrics["ce_loss"]["ablation"])
+    report = (tmp_path / "report.md").read_text()
+    assert "Every baseline completion of a harmless prompt was empty" in report
+
+
 def test_a_judge_scores_the_harmful_completions(tmp_path: Path) -> None:
     from refdir.evaluation.judges import llamaguard, safety_score
 

@@ -129,8 +129,9 @@ class MetricsRecord(Artifact):
     harmful: HarmfulScores
     harmless: Harmless
     ce_loss: ThreeConditions = Field(description="mean next-token cross-entropy on a text corpus")
-    ce_loss_own_completions: ThreeConditions = Field(
-        description="the same on the model's own harmless completions"
+    ce_loss_own_completions: ThreeConditions | None = Field(
+        description="the same on the model's own harmless completions; null when every one of "
+        "them is empty (no token to score)"
     )
     coefficients: Coefficients
     timings: dict[str, float] | None = Field(

@@ -11,6 +11,7 @@ that predict a scored token go through the unembedding. Sums are float64.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ class ScoredRows:
 class Losses:
     """Cross-entropy of :class:`ScoredRows` under one condition.
 
-    ``ce``: mean nats per scored token (float64 sum); ``n_tokens``: tokens scored; ``first``:
+    ``ce``: mean nats per scored token (float64 sum; NaN when no row has a scored token, e.g.
+    every completion is empty); ``n_tokens``: tokens scored; ``first``:
     [N, vocab] float32 logits at the position before each row's first scored token, in the
     rows' order (for a prompt + completion row: the prompt's last-position logits, the
     distribution of the KL score)."""
@@ -177,10 +179,9 @@ def _losses(
             count += nll.numel()
             at = torch.arange(len(chunk), device=window.logits.device)
             firsts.append(window.logits[at, window.first.to(at.device)].float().cpu())
-    if count == 0:
-        raise RefdirError("no tokens to score: every completion is empty")
     first = unsort(firsts, chunks)
-    return Losses(float(total / count), count, first), (recorder.result() if recorder else None)
+    ce = float(total / count) if count else math.nan
+    return Losses(ce, count, first), (recorder.result() if recorder else None)
 
 
 def ce_loss(
@@ -205,7 +206,10 @@ def ce_loss_on_completions(
     """Mean cross-entropy of the completion tokens given their chat-formatted prompts (the
     paper's on-distribution CE, on the model's own completions of harmless prompts)."""
     rows = completion_rows(cm, prompts, completions)
-    return _losses(cm, rows, batch_size, "ce loss (completions)", progress)[0].ce
+    losses = _losses(cm, rows, batch_size, "ce loss (completions)", progress)[0]
+    if losses.n_tokens == 0:
+        raise RefdirError("no tokens to score: every completion is empty")
+    return losses.ce
 
 
 def ce_losses(

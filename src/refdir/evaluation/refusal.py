@@ -11,7 +11,7 @@ from refdir.interventions.intervention import NONE, Intervention
 from refdir.interventions.rows import RowConditions
 from refdir.measures import is_refusal
 from refdir.model.chat_model import ChatModel
-from refdir.model.generation import generate_ids
+from refdir.model.generation import answer_texts, generate_ids
 from refdir.model.hooks import hooked
 
 __all__ = ["Job", "RefusalEval", "check_generation", "evaluate_jobs", "evaluate_refusal"]
@@ -99,7 +99,7 @@ def evaluate_jobs(
             variants=variants,
             on_batch=conditions.select,
         )
-    texts = list(cm.tokenizer.batch_decode(answers, skip_special_tokens=True))
+    texts = answer_texts(cm, answers)
     results, at = [], 0
     for job in jobs:
         records = [

@@ -16,6 +16,7 @@ from refdir.model.prefix import SharedPrefix
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "answer_texts",
     "generate",
     "generate_ids",
     "last_position_logits",
@@ -100,7 +101,15 @@ def generate(
     """Greedy completions, one per instruction (``suffix`` is appended to each instruction)."""
     rows = [cm.chat.token_ids(text, suffix) for text in instructions]
     answers = generate_ids(cm, rows, max_new_tokens, batch_size, progress)
-    return list(cm.tokenizer.batch_decode(answers, skip_special_tokens=True))
+    return answer_texts(cm, answers)
+
+
+def answer_texts(cm: ChatModel, answers: Sequence[Sequence[int]]) -> list[str]:
+    """The text of each answer from :func:`generate_ids`, without the stop token that ended it
+    (also when the stop token is an ordinary one, which decoding would otherwise keep)."""
+    stops = stop_ids(cm)
+    cut = [list(a[:-1]) if a and a[-1] in stops else list(a) for a in answers]
+    return list(cm.tokenizer.batch_decode(cut, skip_special_tokens=True))
 
 
 def unsort(parts: Sequence[torch.Tensor], chunks: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -91,8 +91,11 @@ class RunSummary:
         scores = getattr(getattr(self.metrics, kind), key)
         return None if scores is None else float(getattr(scores, condition))
 
-    def loss(self, key: str, condition: str) -> float:
-        return float(getattr(getattr(self.metrics, key), condition))
+    def loss(self, key: str, condition: str) -> float | None:
+        """``metrics.key.condition`` (e.g. ce_loss, ablation), or None where the run has none
+        (no own-completion CE when every harmless completion was empty)."""
+        losses = getattr(self.metrics, key)
+        return None if losses is None else float(getattr(losses, condition))
 
 
 def load_summary(run_dir: str | Path, label: str | None = None) -> RunSummary:

@@ -182,6 +182,9 @@ def _loss_section(run: RunData) -> list[Block]:
     for condition in CONDITIONS:
         cells = []
         for ce in (metrics.ce_loss, metrics.ce_loss_own_completions):
+            if ce is None:
+                cells.append(fmt(None))
+                continue
             value, base = getattr(ce, condition), ce.baseline
             cells.append(fmt(value) if condition == "baseline" else with_change(value, base))
         rows.append([condition, *cells])
@@ -199,6 +202,8 @@ def _loss_section(run: RunData) -> list[Block]:
         "prompts when the direction is ablated"
         + (", and the row below it the same for random directions." if reference else ".")
     )
+    if metrics.ce_loss_own_completions is None:
+        caption += " Every baseline completion of a harmless prompt was empty: no CE on them."
     spread = harmless.kl_ablation_spread
     groups = []
     for group, label in (

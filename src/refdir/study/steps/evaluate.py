@@ -201,8 +201,10 @@ def step_evaluate(run: Run) -> None:
             kl_random_directions=reference,
         ),
         ce_loss=_three({name: round(losses.ce, 5) for name, losses in on_text.items()}),
-        ce_loss_own_completions=_three(
-            {name: round(losses.ce, 5) for name, losses in on_own.items()}
+        ce_loss_own_completions=(
+            _three({name: round(losses.ce, 5) for name, losses in on_own.items()})
+            if on_own["baseline"].n_tokens
+            else None
         ),
         coefficients=Coefficients(harmful_actadd=c.harmful_coeff, harmless_actadd=c.harmless_coeff),
     )
