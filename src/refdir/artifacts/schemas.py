@@ -21,6 +21,7 @@ from refdir.artifacts.run import (
     ConfigRecord,
     PromptSets,
     RefusalTokensRecord,
+    RunMarker,
     TimingsRecord,
 )
 from refdir.artifacts.selection import SelectionRecord
@@ -30,6 +31,7 @@ from refdir.io import make_folder, write_text
 __all__ = ["ARTIFACTS", "schema_texts", "write_schemas"]
 
 ARTIFACTS: tuple[type[Artifact], ...] = (
+    RunMarker,
     ConfigRecord,
     PromptSets,
     RefusalTokensRecord,
