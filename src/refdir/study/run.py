@@ -27,6 +27,7 @@ from refdir.study.plan import (
     check_step,
     stale_steps,
 )
+from refdir.study.room import check_run_room
 from refdir.study.state import Run
 from refdir.study.steps.evaluate import check_judge
 from refdir.study.steps.report import record_timings
@@ -89,6 +90,7 @@ def run_pipeline(
     check_step(until, "until")
     force_from = STEP_NAMES.index(force) if force is not None else len(STEPS)
     tasks = _check_inputs(config, _benchmarks_due(config, out, force_from))
+    check_run_room(config, out, model, until)  # a full disk or `ulimit -f`: now, not steps later
     make_folder(out)
     check_config(config, out, force_from)
     run = Run(config, out, progress, model)
