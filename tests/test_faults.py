@@ -462,6 +462,100 @@ def test_the_temporary_folder_of_a_killed_export_goes_with_the_next_export(
         alive.wait()
 
 
+SLOW_WRITE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from refdir.cli.commands import app, entry
+    from refdir.io import atomic_folder, atomic_path
+
+    @app.command("slow-write")
+    def slow_write(out: str) -> None:
+        with atomic_folder(Path(out)) as tmp, atomic_path(Path(out + ".json")) as file:
+            (tmp / "model.safetensors").write_bytes(bytes(100_000))
+            file.write_text("{}")
+            print("writing", flush=True)
+            time.sleep(60)
+
+    sys.argv = ["refdir", "slow-write", sys.argv[1]]
+    entry()
+    """
+)
+
+
+@pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_during_a_write_exits_cleanly_and_removes_the_temporaries(
+    tmp_path: Path, name: str, code: int
+) -> None:
+    """The command line turns SIGTERM, as Ctrl-C, into an exit through every ``finally``:
+    the temporary file and folder being written go, and no traceback is printed."""
+    out = tmp_path / "export"
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITE, str(out)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "writing"
+    assert len(hidden_temporaries(tmp_path)) == 2
+    child.send_signal(getattr(signal, name))
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == code, stderr
+    assert "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+DIES_MID_SWAP = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    import refdir.io
+    from refdir.io import atomic_folder
+
+    target = Path(sys.argv[1])
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):  # the process dies between the swap's two renames
+        renames.append(dst)
+        if len(renames) == 2:
+            os._exit(0)
+        real_replace(src, dst)
+
+    refdir.io.os.replace = replace
+    with atomic_folder(target, replace=True) as tmp:
+        (tmp / "version").write_text("new")
+    """
+)
+
+
+def test_a_process_dead_mid_swap_leaves_the_old_folder_to_be_put_back(tmp_path: Path) -> None:
+    """A process that dies (without a chance to clean up) between moving the old folder aside
+    and moving the new one in leaves the target missing: the next write to it puts the old
+    one back first and removes the dead process's temporary folder."""
+    from refdir.io import atomic_folder, remove_stale
+
+    target = tmp_path / "cache"
+    target.mkdir()
+    (target / "version").write_text("old")
+    dead = subprocess.run(
+        [sys.executable, "-c", DIES_MID_SWAP, str(target)], env=ENV, capture_output=True, text=True
+    )
+    assert dead.returncode == 0, dead.stderr
+    assert not target.exists()
+    assert len(hidden_temporaries(tmp_path)) == 1  # its new folder, not yet moved in
+    assert len(list(tmp_path.glob(".cache.old-*"))) == 1  # the old one, set aside
+    remove_stale(target)
+    assert (target / "version").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+    with atomic_folder(target, replace=True) as tmp:
+        (tmp / "version").write_text("newer")
+    assert (target / "version").read_text() == "newer"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
 # --- two runs on one folder ------------------------------------------------------------------
 
 

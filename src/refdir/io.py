@@ -176,7 +176,8 @@ def _temporary_prefix(target: Path, kind: str = "tmp") -> str:
 
 
 def _process_gone(pid: int) -> bool:
-    if pid == os.getpid():
+    """Whether no process ``pid`` runs on this machine (signal 0 asks without sending one)."""
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would end it
         return False
     try:
         os.kill(pid, 0)
