@@ -223,6 +223,26 @@ def test_a_signalled_run_resumes_to_the_bytes_of_an_uninterrupted_one(
         assert got[file] == data, f"{file} differs from the uninterrupted run's after {name}"
 
 
+def test_the_estimates_before_a_run_are_not_short(
+    interrupted: tuple[Path, dict[str, Interrupted]], model_dir: Path
+) -> None:
+    """The sizes the check before a run compares with the free space and the file-size limit
+    are at least those of the files the run wrote."""
+    from refdir.study.config import RunConfig, read_config
+    from refdir.study.room import run_sizes
+
+    reference, _ = interrupted
+    config = RunConfig(**read_config(reference / "config.toml"))
+    estimates = run_sizes(config, reference.parent / "new")
+    assert set(estimates) == {
+        "candidates.safetensors",
+        "report.html",
+        *(f"completions/{f}" for f in os.listdir(reference / "completions")),
+    }
+    for file, estimate in estimates.items():
+        assert (reference / file).stat().st_size <= estimate, file
+
+
 # --- a file-size limit (RLIMIT_FSIZE) and a full disk -------------------------------------
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "candidates_bytes",
     "check_run_room",
     "completions_bytes",
+    "run_sizes",
 ]
 
 BYTES_PER_TOKEN = 24
@@ -68,7 +69,10 @@ def _model_dims(config: RunConfig, model: ChatModel | None) -> tuple[int, int, i
         if (folder / "config.json").is_file():
             found = folder / "config.json"
         elif not names_local_path(spec) and spec.count("/") == 1:
-            cached = try_to_load_from_cache(spec, "config.json")
+            try:
+                cached = try_to_load_from_cache(spec, "config.json")
+            except ValueError:  # not a valid hub id: loading the model will say so
+                cached = None
             found = Path(cached) if isinstance(cached, str) else None
     if found is None:
         return None
@@ -86,13 +90,12 @@ def _model_dims(config: RunConfig, model: ChatModel | None) -> tuple[int, int, i
     return POST_BOUND, depth, width
 
 
-def check_run_room(
+def run_sizes(
     config: RunConfig, out: Path, model: ChatModel | None = None, until: str | None = None
-) -> None:
-    """A one-line error before a run's work unless the files it still has to write (up to the
-    step ``until``) fit on the disk under ``out`` and under the process's file-size limit: the
-    candidates (sized from the model's config where it can be read without loading it), the
-    completions and the report."""
+) -> dict[str, int]:
+    """Estimates of the larger files a run still has to write into ``out`` (up to the step
+    ``until``), by their names in the run folder: the candidates (when the model's size is
+    known without loading it), the completions and report.html."""
     last = STEP_NAMES.index(until) if until in STEP_NAMES else len(STEP_NAMES)
 
     def due(step: str) -> bool:
@@ -118,6 +121,16 @@ def check_run_room(
                     sizes[file] = completions_bytes(prompts, config.max_new_tokens)
     if due("report") and not (out / REPORT_HTML.FILE).exists():
         sizes[REPORT_HTML.FILE] = REPORT_BYTES
+    return sizes
+
+
+def check_run_room(
+    config: RunConfig, out: Path, model: ChatModel | None = None, until: str | None = None
+) -> None:
+    """A one-line error before a run's work unless the files it still has to write
+    (:func:`run_sizes`, and a margin) fit on the disk under ``out``, and the largest under the
+    process's file-size limit."""
+    sizes = run_sizes(config, out, model, until)
     if sizes:
         largest = max(sizes, key=lambda file: sizes[file])
         check_room(out, sum(sizes.values()) + MARGIN, (out / largest, sizes[largest]))
