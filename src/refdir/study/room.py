@@ -33,8 +33,9 @@ BYTES_PER_TOKEN = 24
 """A generous bound on a generated token's length in a JSONL line (escaped non-ASCII text is
 six bytes a character)."""
 
-POST_BOUND = 8
-"""Post-instruction positions assumed before the chat template is known (most have 4 to 6)."""
+POST_BOUND = 16
+"""Post-instruction positions assumed before the chat template is known (most have 4 to 6;
+Qwen3's without thinking about 10)."""
 
 REPORT_BYTES = 2_000_000
 """A bound on report.html, whose figures are inline."""
