@@ -4,7 +4,8 @@ small tmpfs, where one can be mounted) and a process killed during an export. Ea
 line (``error: ...``, exit 2) or a clean exit, leaves nothing half-written and no temporary
 file behind, and a resumed run gives the same bytes as one never interrupted.
 
-The children of one phase run side by side (most of their time is Python importing torch)."""
+The children of one phase run side by side (most of their time is Python importing torch);
+the reference run and the resumes, which no signal or limit reaches, run in this process."""
 
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ SRC = Path(refdir.__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 ENV = {
     **os.environ,
-    "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    "PYTHONPATH": os.pathsep.join(
+        p for p in (str(SRC), str(TESTS), os.environ.get("PYTHONPATH")) if p
+    ),
     "OMP_NUM_THREADS": "1",  # tiny models; several children at once on few cores
 }
 CLI = [sys.executable, "-c", "from refdir.cli import entry; entry()"]
@@ -224,7 +227,7 @@ def test_a_signalled_run_resumes_to_the_bytes_of_an_uninterrupted_one(
 
 
 def test_the_estimates_before_a_run_are_not_short(
-    interrupted: tuple[Path, dict[str, Interrupted]], model_dir: Path
+    interrupted: tuple[Path, dict[str, Interrupted]],
 ) -> None:
     """The sizes the check before a run compares with the free space and the file-size limit
     are at least those of the files the run wrote."""
