@@ -8,6 +8,7 @@ import functools
 import importlib
 import logging
 import math
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -423,9 +424,18 @@ def suffix(
     )
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (``kill``, a cluster's scheduler, a container stopping): leave as Ctrl-C does,
+    through every ``finally`` that removes temporary files, with the shell's code for it
+    (128 + 15). A second SIGTERM while that runs ends the process at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise SystemExit(128 + signum)
+
+
 def entry() -> None:
     """The ``refdir`` command: the app, with a usage error (unknown option, missing or bad
-    value) printed as one line instead of typer's box."""
+    value) printed as one line instead of typer's box, and SIGTERM turned into a clean exit."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = app(standalone_mode=False)
     except typer.Abort:  # Ctrl-C

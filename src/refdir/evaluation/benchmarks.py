@@ -26,7 +26,7 @@ from typing import Any
 
 from refdir.errors import RefdirError
 from refdir.interventions.intervention import NONE, Intervention
-from refdir.io import make_folder
+from refdir.io import make_folder, write_text
 from refdir.model.chat_model import ChatModel
 
 __all__ = [
@@ -311,10 +311,10 @@ def write_multiple_choice_task(
     root = Path(folder).expanduser().resolve()
     make_folder(root)
     data = root / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(dict(item)) + "\n" for item in items), encoding="utf-8")
+    write_text(data, "".join(json.dumps(dict(item)) + "\n" for item in items))
     yaml = root / f"{name}.yaml"
     cache = None if cache_dir is None else Path(cache_dir).expanduser().resolve()
-    yaml.write_text(_task_yaml(name, data, metrics, cache), encoding="utf-8")
+    write_text(yaml, _task_yaml(name, data, metrics, cache))
     return yaml
 
 

@@ -10,11 +10,17 @@ from refdir.artifacts.export import ExportManifest, ManifestDirection
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
 from refdir.interventions.orthogonalization import parity
-from refdir.io import atomic_folder, writable_folder
+from refdir.io import atomic_folder, check_room, writable_folder
 from refdir.model.chat_model import ChatModel
 from refdir.model.layout_check import rounding_limit
 
-__all__ = ["check_export_folder", "export_orthogonalized"]
+__all__ = ["check_export_folder", "check_export_room", "export_orthogonalized"]
+
+SHARD_BYTES = 50 * 10**9
+"""``save_pretrained``'s default largest shard (transformers 5: "50GB")."""
+
+EXTRA_BYTES = 64 * 10**6
+"""Beside the weights: the tokenizer's files, the config, the direction and the manifest."""
 
 
 def check_export_folder(out: Path) -> Path:
@@ -25,10 +31,25 @@ def check_export_folder(out: Path) -> Path:
     return out
 
 
+def check_export_room(cm: ChatModel, out: Path) -> None:
+    """A one-line error, before the edit, unless the export fits: the model's parameter bytes
+    (in their dtype, as ``save_pretrained`` writes them) plus a margin on the disk under ``out``,
+    and its largest shard under the process's file-size limit."""
+    seen: set[int] = set()
+    weights = 0
+    for tensor in [*cm.model.parameters(), *cm.model.buffers()]:
+        if id(tensor) not in seen:  # a tied weight is written once
+            seen.add(id(tensor))
+            weights += tensor.numel() * tensor.element_size()
+    shard = min(weights, SHARD_BYTES) + 256 * len(seen) + 4096  # and its header
+    check_room(out, int(weights * 1.05) + EXTRA_BYTES, (out / "model.safetensors", shard))
+
+
 def export_orthogonalized(cm: ChatModel, direction: Direction, out: str | Path) -> ExportManifest:
     """Orthogonalize ``cm`` in place, then write it with its tokenizer, the direction and a
     manifest to ``out`` atomically (a temporary folder renamed at the end)."""
     out = check_export_folder(Path(out))  # fail now, not after the edit
+    check_export_room(cm, out)
     report, delta = parity(cm, direction)
     left = report.residual_left
     if left is None or left > rounding_limit(cm.layout.embed.weight.dtype):

@@ -31,6 +31,7 @@ from refdir.study.plan import (
     check_step,
     stale_steps,
 )
+from refdir.study.room import check_run_room
 from refdir.study.state import Run
 from refdir.study.steps.evaluate import check_judge
 from refdir.study.steps.report import record_timings
@@ -95,6 +96,7 @@ def run_pipeline(
     numerics = _numerics(config, model)  # an unknown device or dtype: before any folder
     fresh = claim(out)
     tasks = _check_inputs(config, _benchmarks_due(config, out, force_from))
+    check_run_room(config, out, model, until)  # a full disk or `ulimit -f`: now, not steps later
     made = [p for p in (Path(os.path.abspath(out)), *Path(os.path.abspath(out)).parents)]
     made = [p for p in made if not p.exists()]  # innermost first
     make_folder(out)

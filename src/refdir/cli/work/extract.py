@@ -9,9 +9,10 @@ import typer
 from refdir.data import sample_prompts
 from refdir.directions.extraction import extract_candidates
 from refdir.errors import RefdirError
-from refdir.io import output_folder
+from refdir.io import check_room, output_folder
 from refdir.model.loading import load_model
 from refdir.model.options import ModelOptions
+from refdir.study.room import candidates_bytes
 
 __all__ = ["extract"]
 
@@ -38,6 +39,11 @@ def extract(
                 f"--position must be in -{cm.chat.n_post}..-1 (the post-instruction tokens), "
                 f"got {position}"
             )
+        size = candidates_bytes(
+            cm.chat.n_post, cm.n_layers, cm.d_model, [*harmful_prompts, *harmless_prompts]
+        )
+        target = out / "candidates.safetensors"  # a full disk: now, not after the passes
+        check_room(target, size + 4 * cm.d_model + 65536, (target, size))
         cands = extract_candidates(
             cm,
             harmful_prompts,

@@ -13,10 +13,11 @@ from refdir.data import sample_prompts
 from refdir.directions.direction import Direction
 from refdir.evaluation.refusal import check_generation, evaluate_refusal
 from refdir.interventions.intervention import NONE, Intervention
-from refdir.io import output_folder, write_jsonl
+from refdir.io import check_room, output_folder, write_jsonl
 from refdir.model.chat_model import ChatModel
 from refdir.model.loading import load_model
 from refdir.model.options import ModelOptions
+from refdir.study.room import completions_bytes
 
 __all__ = ["evaluate", "generate_under"]
 
@@ -82,6 +83,8 @@ def evaluate(
         chosen = Direction.load(direction, any_model=any_model) if direction is not None else None
         intervention = _intervention(kind, chosen, coeff)
         instructions = sample_prompts(prompts, n or None, seed)  # 0: all
+        if completions is not None:  # a full disk: now, not after the generation
+            check_room(completions, completions_bytes(instructions, max_new_tokens))
         cm = load_model(options)
         _checked(cm, chosen)
         result = evaluate_refusal(
