@@ -77,9 +77,9 @@ for _name, _flag in (
     ("max_minutes", "--max-minutes"),
     ("n_eval", "--n-eval"),
     ("n_steps", "--steps"),
-    ("any_model", "--any-model"),
 ):
     register(_name, _flag)
+register("any_model", "--any-model", boolean=True)
 
 
 def _work(command: str) -> ModuleType:

@@ -205,6 +205,9 @@ def flags_in(message: str) -> str:
     return _CITED.sub(flag, message)
 
 
-def register(name: str, flag: str) -> None:
-    """A command's own option (not a config field) that library errors may cite."""
+def register(name: str, flag: str, boolean: bool = False) -> None:
+    """A command's own option (not a config field) that library errors may cite (``boolean``:
+    a switch, cited as ``--flag`` for ``name=True``)."""
     FLAGS.setdefault(name, flag)
+    if boolean:
+        _BOOL_FLAGS.add(name)

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from refdir.data import held_out_prompts, sample_prompts
+from refdir.io import output_folder
 from refdir.directions.direction import Direction
 from refdir.model.loading import load_model
 from refdir.model.options import ModelOptions
@@ -36,19 +37,20 @@ def suffix(
     chosen = Direction.load(direction, any_model=any_model)
     train = sample_prompts(prompts, n_prompts, seed)
     held_out = held_out_prompts(eval_prompts, n_eval, seed, exclude=train)
-    cm = load_model(options)
-    record = run_suffix_experiment(
-        cm,
-        chosen,
-        out,
-        train,
-        held_out,
-        config,
-        eval_name=eval_prompts,
-        n_top=top_heads,
-        max_new_tokens=max_new_tokens,
-        keep_completions=keep_completions,
-    )
+    with output_folder(out):  # a bad --out: before the model loads
+        cm = load_model(options)
+        record = run_suffix_experiment(
+            cm,
+            chosen,
+            out,
+            train,
+            held_out,
+            config,
+            eval_name=eval_prompts,
+            n_top=top_heads,
+            max_new_tokens=max_new_tokens,
+            keep_completions=keep_completions,
+        )
     rates = record.refusal_rate
     typer.echo(f"suffix {record.suffix!r} ({record.seconds:.0f} s)")
     typer.echo(
