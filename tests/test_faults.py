@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 import refdir
 from refdir.cli import app
+from reliability import FAULTS
 from tiny import tiny_model, tiny_tokenizer
 
 SRC = Path(refdir.__file__).resolve().parents[1]
@@ -310,6 +311,7 @@ def test_a_file_size_limit_is_one_line_before_the_work_and_leaves_nothing(
     assert len(result.errors) == 1, result.stderr
     assert "would exceed the file-size limit of this process" in result.errors[0]
     assert "ulimit -f" in result.errors[0]
+    assert result.errors[0].replace(str(root), "<tmp>") == FAULTS[f"fsize-{name}"].line
     _, folder = commands(model_dir, direction_dir, root)[name]
     assert not folder.exists()  # new, so removed again (or never made): nothing half-written
     assert hidden_temporaries(root) == []
@@ -371,6 +373,7 @@ def test_a_file_size_limit_met_while_writing_is_one_line(tmp_path: Path) -> None
     assert found["tensors"].startswith(f"{tmp_path / 'big.safetensors'} would exceed")
     assert found["folder"].startswith(f"{tmp_path / 'model'} would exceed")
     assert all("ulimit -f" in message for message in found.values())
+    assert f"error: {found['text']}".replace(str(tmp_path), "<tmp>") == FAULTS["fsize-write"].line
     assert list(tmp_path.iterdir()) == []
 
 
@@ -423,6 +426,7 @@ def test_a_full_disk_is_one_line_before_and_while_writing(tmp_path: Path, model_
     assert len(errors) == 1 and "Traceback" not in stderr, stderr
     assert errors[0].startswith(f"error: no space left to write {small}/extract/candidates.")
     assert errors[0].endswith("free space or give another folder")
+    assert errors[0].replace(str(tmp_path), "<tmp>") == FAULTS["full-disk"].line
     found = json.loads((tmp_path / "writes.json").read_text().splitlines()[-1])
     assert (
         found["text"]
@@ -604,5 +608,6 @@ def test_two_runs_on_one_folder_one_is_refused(model_dir: Path, tmp_path: Path) 
     assert second.returncode == 2 and len(second.errors) == 1, second.stderr
     assert str(out) in second.errors[0] and "is in use by another refdir run" in second.errors[0]
     assert "Traceback" not in second.stderr
+    assert second.errors[0].replace(str(tmp_path), "<tmp>") == FAULTS["two-runs"].line
     assert done.returncode == 0, done.stderr
     assert (out / "candidates.safetensors").exists()
