@@ -254,6 +254,8 @@ def files(model_dir: Path, extracted: Path, tmp_path: Path) -> Files:
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "typo.json").write_text('{"lora_rankk": 3}')
     (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "surrogate.json").write_text('["ok", "a \\ud800 b"]')  # valid JSON
+    (tmp_path / "blank.json").write_text('["ok", "  "]')
     for field, value in (("lora_rank", 0), ("lr", 0), ("harmful_repeats", 13)):
         (tmp_path / f"{field}.json").write_text(json.dumps({field: value}))
     damaged = tmp_path / "damaged"
@@ -403,6 +405,17 @@ ERRORS: dict[str, tuple[Callable[[Files], list[str]], str]] = {
     "a GGUF name for the organism": (
         lambda f: ["evaluate", "--gguf-file", "x.gguf"],
         "--gguf-file names a file inside a model folder, not the organism",
+    ),
+    "a lone surrogate in a prompt": (
+        lambda f: ["evaluate", *f.model, "--prompts", str(f.tmp / "surrogate.json"), "--n", "0"],
+        "surrogate.json: prompt 2 (index 1) is not valid Unicode text (a lone surrogate",
+    ),
+    "a blank prompt": (
+        lambda f: [
+            *["extract", *f.model, "--out", str(f.tmp / "e"), "--n-train", "2"],
+            *["--harmful", str(f.tmp / "blank.json")],
+        ],
+        "blank.json: prompt 2 (index 1) is only whitespace; fix the file",
     ),
     "after its completions folder was made": (
         lambda f: [
