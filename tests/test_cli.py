@@ -819,3 +819,27 @@ def test_run_takes_a_toml_config_under_the_options_given(model_dir: Path, tmp_pa
     study.write_text("n_train = 0\n")
     bad = runner.invoke(app, [*args])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: --n-train: input should be")
+
+
+@pytest.mark.parametrize("text", ['{"mlp": 3}', '{"attn_out": ["o_proj"]}', '{"layers": 1.5}'])
+def test_a_layout_value_that_is_not_a_string_is_named_by_run_and_evaluate(
+    model_dir: Path, tmp_path: Path, text: str
+) -> None:
+    """Both commands refuse it in one line naming the field, before any model loads."""
+    field = next(iter(json.loads(text)))
+    layout = tmp_path / "layout.json"
+    layout.write_text(text)
+    study = tmp_path / "study.toml"
+    study.write_text(f"layout = '{text}'\n")
+    out = tmp_path / "run"
+    for args in (
+        ["evaluate", "--model", str(model_dir), "--layout", str(layout)],
+        ["run", "--model", str(model_dir), "--layout", str(layout), "--out", str(out)],
+        ["run", "--model", str(model_dir), "--config", str(study), "--out", str(out)],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "Traceback" not in result.stderr, result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: --layout: layout field") and f"'{field}'" in line, line
+        assert "must be a string (a regular expression)" in line
+        assert not out.exists()
