@@ -843,3 +843,28 @@ def test_a_layout_value_that_is_not_a_string_is_named_by_run_and_evaluate(
         assert line.startswith("error: --layout: layout field") and f"'{field}'" in line, line
         assert "must be a string (a regular expression)" in line
         assert not out.exists()
+
+
+def test_control_characters_in_prompts_and_completions_are_printed_as_escapes(
+    model_dir: Path, extracted: Path, tmp_path: Path
+) -> None:
+    """A prompt file (or a model) cannot drive the terminal: no ESC, BEL or C1 byte reaches
+    it from `refdir ablate`, `add` or `evaluate` (``color=True``: click keeps escape sequences,
+    as on a terminal)."""
+    prompts = tmp_path / "esc\x1b]0;title\x07.txt"
+    prompts.write_text("say \x1b[31mred\x1b[0m please\nbell \x07, csi \x9b2J, del \x7f done\n")
+    control = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+    common = ["--model", str(model_dir), "--prompts", str(prompts), "--max-new-tokens", "8"]
+    direction = ["--direction", str(extracted)]
+    for args in (["ablate", *direction], ["add", *direction, "--coeff", "2"], ["evaluate"]):
+        result = runner.invoke(app, [*args, *common], color=True)
+        assert result.exit_code == 0, result.output
+        assert not control.search(result.stdout), (args[0], result.stdout)
+        if args[0] == "evaluate":  # the summary names the file
+            assert "esc\\x1b]0;title\\x07.txt" in result.stdout
+        else:
+            assert "### say \\x1b[31mred\\x1b[0m please" in result.stdout
+            assert "bell \\x07, csi \\x9b2J, del \\x7f done" in result.stdout
+    from refdir.cli.text import printable
+
+    assert printable("a\tb\nc\x00\x7f\x80\x9f\xa0é") == "a\tb\nc\\x00\\x7f\\x80\\x9f\xa0é"
