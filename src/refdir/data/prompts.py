@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Sequence
@@ -92,6 +93,15 @@ def _undecodable(path: Path, exc: UnicodeDecodeError) -> RefdirError:
     )
 
 
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    """Why ``json.loads`` refused a text: its message, or the limit it ran into."""
+    if isinstance(exc, json.JSONDecodeError):
+        return exc.msg
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return "a number too long to read"  # Python's limit on the digits of an integer
+
+
 def _read_file(path: Path) -> list[tuple[str, object]]:
     """The prompts of a file, each with where it is in the file (``line 3``, ``prompt 2``)."""
     suffix = path.suffix.lower()
@@ -105,14 +115,15 @@ def _read_file(path: Path) -> list[tuple[str, object]]:
         raise RefdirError(f"cannot read {path} ({exc.strerror or exc})") from None
     if suffix == ".jsonl":
         prompts: list[tuple[str, object]] = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # lines end at "\n" only: JSON text may hold U+2028 or NEL unescaped (ensure_ascii=False)
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise RefdirError(
-                    f"{path}: line {number} is not valid JSON ({exc.msg}); fix the file"
+                    f"{path}: line {number} is not valid JSON ({_json_problem(exc)}); fix the file"
                 ) from None
             prompts.append((f"line {number}", _from_record(record, str(path))))
         return prompts
@@ -129,9 +140,17 @@ def _read_file(path: Path) -> list[tuple[str, object]]:
         raise RefdirError(
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file"
         ) from None
+    except (ValueError, RecursionError) as exc:
+        raise RefdirError(f"{path}: not valid JSON ({_json_problem(exc)}); fix the file") from None
     if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        rows = [(f"line {reader.line_num}", row) for row in reader]
+        # the csv module's own line breaks: a quoted field keeps its line breaks
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            rows = [(f"line {reader.line_num}", row) for row in reader]
+        except csv.Error as exc:
+            raise RefdirError(
+                f"{path}: line {reader.line_num} is not valid CSV ({exc}); fix the file"
+            ) from None
         if not rows:
             return []
         key = next((k for k in _KEYS if k in rows[0][1]), None)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from refdir.artifacts.base import read_json_object
 from refdir.artifacts.direction import DirectionRecord
-from refdir.errors import RefdirError
+from refdir.errors import RefdirError, one_line
 from refdir.io import atomic_path, write_text
 
 __all__ = ["DIRECTION_FILE", "DIRECTION_JSON", "Direction"]
@@ -123,8 +123,10 @@ class Direction:
             raise RefdirError(
                 f"{tensor_path} holds no tensor named 'direction'; save it with Direction.save"
             ) from None
-        except Exception as exc:  # safetensors raises errors of its own
-            raise RefdirError(f"{tensor_path} is not a safetensors file ({exc})") from None
+        except Exception as exc:  # safetensors raises errors of its own (quoting the header)
+            raise RefdirError(
+                f"{tensor_path} is not a safetensors file ({one_line(str(exc))})"
+            ) from None
         if not vector.is_floating_point():
             raise RefdirError(f"{tensor_path} holds an integer 'direction'; save a float vector")
         fix = "save the direction again"
