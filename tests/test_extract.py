@@ -261,3 +261,9 @@ def test_extraction_refuses_empty_or_invalid_instructions_up_front(
     bad, name = (harmful, "harmful") if "`harmful`" in message else (harmless, "harmless")
     with pytest.raises(RefdirError, match=message.replace(name, "instructions")):
         filtered_means(cm, bad, progress=False)
+
+
+def test_the_prompt_check_keeps_an_iterable_of_prompts_usable(cm: ChatModel) -> None:
+    """The check up front reads the prompts once; a generator still gives its prompts."""
+    as_list = residual_means(cm, HARMFUL, progress=False)
+    torch.testing.assert_close(residual_means(cm, iter(HARMFUL), progress=False), as_list)

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -72,16 +72,18 @@ def prompt_problem(text: object) -> str | None:
     return None
 
 
-def check_prompts(prompts: Sequence[str], name: str) -> None:
-    """Refuse, in one line naming ``name`` (an argument, as `harmful`) and the prompt's index,
-    a list of prompts of which one is not text, is empty or only whitespace, or is not valid
-    Unicode; a single string (not a list of them) too."""
+def check_prompts(prompts: Iterable[str], name: str) -> list[str]:
+    """The prompts as a list; a one-line error naming ``name`` (an argument, as `harmful`) and
+    the prompt's index where one is not text, is empty or only whitespace, or is not valid
+    Unicode, or where ``prompts`` is a single string rather than a list of them."""
     if isinstance(prompts, str | bytes):
         raise RefdirError(f"{name} is one string; give a list of prompts, e.g. [{prompts!r}]")
+    prompts = list(prompts)
     for index, text in enumerate(prompts):
         problem = prompt_problem(text)
         if problem is not None:
             raise RefdirError(f"{name}[{index}] is {problem}; remove or fix it")
+    return prompts
 
 
 def _undecodable(path: Path, exc: UnicodeDecodeError) -> RefdirError:
