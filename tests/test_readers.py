@@ -38,11 +38,15 @@ work tree: the crashes found are kept below as explicit examples."""
 
 OLD_RUN = Path(__file__).parent / "data" / "run-0.1.0"
 SUFFIX_FILES = {"suffix.json", "history.json", "analysis.json"}
-BENCHMARKS = {
-    "tasks": ["arc_easy"],
-    "limit": 10,
-    "scores": {"arc_easy": {"acc": {"baseline": 0.5, "ablation": 0.4}}},
+SAMPLES: dict[str, dict[str, Any]] = {
+    "benchmarks.json": {
+        "tasks": ["arc_easy"],
+        "limit": 10,
+        "scores": {"arc_easy": {"acc": {"baseline": 0.5, "ablation": 0.4}}},
+    },
+    "refdir-run.json": {"refdir_run": 1, "created_by": "0.2.0"},  # the run folder's marker
 }
+"""Valid files of the kinds that the run folder of refdir 0.1.0 lacks."""
 
 DEEP = b"[" * 100_000
 """JSON nested past Python's recursion limit (json.loads raises RecursionError)."""
@@ -51,11 +55,13 @@ LONG_INT = b"1" * 5_000
 
 
 def _sample(artifact: type[Artifact]) -> dict[str, Any]:
-    """A valid file of ``artifact`` (the run folder of refdir 0.1.0 kept in tests/data)."""
-    if artifact.FILE == "benchmarks.json":
-        return BENCHMARKS
-    folder = OLD_RUN / "suffix" if artifact.FILE in SUFFIX_FILES else OLD_RUN
-    data: dict[str, Any] = json.loads((folder / artifact.FILE).read_text())
+    """A valid file of ``artifact`` (the run folder of refdir 0.1.0 kept in tests/data, or
+    ``SAMPLES``)."""
+    if artifact.FILE in SAMPLES:
+        return SAMPLES[artifact.FILE]
+    path = (OLD_RUN / "suffix" if artifact.FILE in SUFFIX_FILES else OLD_RUN) / artifact.FILE
+    assert path.is_file(), f"no valid {artifact.FILE} to change: add one to SAMPLES"
+    data: dict[str, Any] = json.loads(path.read_text())
     return data
 
 
