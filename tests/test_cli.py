@@ -254,6 +254,8 @@ def files(model_dir: Path, extracted: Path, tmp_path: Path) -> Files:
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "typo.json").write_text('{"lora_rankk": 3}')
     (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "surrogate.json").write_text('["ok", "a \\ud800 b"]')  # valid JSON
+    (tmp_path / "blank.json").write_text('["ok", "  "]')
     for field, value in (("lora_rank", 0), ("lr", 0), ("harmful_repeats", 13)):
         (tmp_path / f"{field}.json").write_text(json.dumps({field: value}))
     damaged = tmp_path / "damaged"
@@ -403,6 +405,17 @@ ERRORS: dict[str, tuple[Callable[[Files], list[str]], str]] = {
     "a GGUF name for the organism": (
         lambda f: ["evaluate", "--gguf-file", "x.gguf"],
         "--gguf-file names a file inside a model folder, not the organism",
+    ),
+    "a lone surrogate in a prompt": (
+        lambda f: ["evaluate", *f.model, "--prompts", str(f.tmp / "surrogate.json"), "--n", "0"],
+        "surrogate.json: prompt 2 (index 1) is not valid Unicode text (a lone surrogate",
+    ),
+    "a blank prompt": (
+        lambda f: [
+            *["extract", *f.model, "--out", str(f.tmp / "e"), "--n-train", "2"],
+            *["--harmful", str(f.tmp / "blank.json")],
+        ],
+        "blank.json: prompt 2 (index 1) is only whitespace; fix the file",
     ),
     "after its completions folder was made": (
         lambda f: [
@@ -806,3 +819,52 @@ def test_run_takes_a_toml_config_under_the_options_given(model_dir: Path, tmp_pa
     study.write_text("n_train = 0\n")
     bad = runner.invoke(app, [*args])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: --n-train: input should be")
+
+
+@pytest.mark.parametrize("text", ['{"mlp": 3}', '{"attn_out": ["o_proj"]}', '{"layers": 1.5}'])
+def test_a_layout_value_that_is_not_a_string_is_named_by_run_and_evaluate(
+    model_dir: Path, tmp_path: Path, text: str
+) -> None:
+    """Both commands refuse it in one line naming the field, before any model loads."""
+    field = next(iter(json.loads(text)))
+    layout = tmp_path / "layout.json"
+    layout.write_text(text)
+    study = tmp_path / "study.toml"
+    study.write_text(f"layout = '{text}'\n")
+    out = tmp_path / "run"
+    for args in (
+        ["evaluate", "--model", str(model_dir), "--layout", str(layout)],
+        ["run", "--model", str(model_dir), "--layout", str(layout), "--out", str(out)],
+        ["run", "--model", str(model_dir), "--config", str(study), "--out", str(out)],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "Traceback" not in result.stderr, result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: --layout: layout field") and f"'{field}'" in line, line
+        assert "must be a string (a regular expression)" in line
+        assert not out.exists()
+
+
+def test_control_characters_in_prompts_and_completions_are_printed_as_escapes(
+    model_dir: Path, extracted: Path, tmp_path: Path
+) -> None:
+    """A prompt file (or a model) cannot drive the terminal: no ESC, BEL or C1 byte reaches
+    it from `refdir ablate`, `add` or `evaluate` (``color=True``: click keeps escape sequences,
+    as on a terminal)."""
+    prompts = tmp_path / "esc\x1b]0;title\x07.txt"
+    prompts.write_text("say \x1b[31mred\x1b[0m please\nbell \x07, csi \x9b2J, del \x7f done\n")
+    control = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+    common = ["--model", str(model_dir), "--prompts", str(prompts), "--max-new-tokens", "8"]
+    direction = ["--direction", str(extracted)]
+    for args in (["ablate", *direction], ["add", *direction, "--coeff", "2"], ["evaluate"]):
+        result = runner.invoke(app, [*args, *common], color=True)
+        assert result.exit_code == 0, result.output
+        assert not control.search(result.stdout), (args[0], result.stdout)
+        if args[0] == "evaluate":  # the summary names the file
+            assert "esc\\x1b]0;title\\x07.txt" in result.stdout
+        else:
+            assert "### say \\x1b[31mred\\x1b[0m please" in result.stdout
+            assert "bell \\x07, csi \\x9b2J, del \\x7f done" in result.stdout
+    from refdir.cli.text import printable
+
+    assert printable("a\tb\nc\x00\x7f\x80\x9f\xa0é") == "a\tb\nc\\x00\\x7f\\x80\\x9f\xa0é"

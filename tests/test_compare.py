@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import shutil
@@ -14,7 +15,7 @@ from refdir.artifacts.run import ConfigRecord
 from refdir.artifacts.selection import SelectionRecord
 from refdir.cli import app
 from refdir.errors import RefdirError
-from refdir.report.compare import RunSummary, write_comparison
+from refdir.report.compare import RunSummary, _csv_text, write_comparison
 from refdir.study.run import run_pipeline
 from test_pipeline import CONFIG
 from tiny import tiny_chat_model, tiny_model, tiny_tokenizer
@@ -196,6 +197,25 @@ def test_compare_command(runs: list[Path], tmp_path: Path) -> None:
     bad = runner.invoke(app, ["compare", str(runs[0]), "--out", str(out), "--labels", "a,b"])
     assert bad.exit_code == 2
     assert bad.stderr.strip() == "error: 2 labels for 1 runs; give one label per run, in order"
+
+
+def test_labels_that_a_spreadsheet_would_run_stay_text_in_the_csv(
+    runs: list[Path], tmp_path: Path
+) -> None:
+    """OWASP's CSV injection: a text cell starting with =, +, -, @, a tab or a carriage return
+    gets a leading ' ; numbers (a negative position) stay numbers."""
+    labels = ["=cmd|' /C calc'!A0", "@SUM(1+1)"]
+    _, _, csv_path = write_comparison(runs, tmp_path / "cmp", labels=labels)
+    rows = list(csv.DictReader(csv_path.open(newline="")))
+    assert [r["label"] for r in rows] == ["'=cmd|' /C calc'!A0", "'@SUM(1+1)"]
+    assert all(re.fullmatch(r"-\d+", r["position"]) for r in rows)  # a number, not "'-3"
+    formula = ("=", "+", "@", "\t", "\r")
+    assert not any(v.startswith(formula) for r in rows for v in r.values())
+    for text in ("+1", "-x", "\tx", "\rx", "=1", "@x", "a\rb"):
+        text_csv = _csv_text([{"a": text, "b": -2.5, "c": -3}])
+        (row,) = csv.DictReader(io.StringIO(text_csv, newline=""))
+        cell = text if text == "a\rb" else "'" + text  # a line break inside: one row still
+        assert row == {"a": cell, "b": "-2.5", "c": "-3"}
 
 
 def test_labels_name_local_models_briefly(runs: list[Path], tmp_path: Path) -> None:

@@ -57,6 +57,53 @@ def test_bad_files_name_the_problem(tmp_path: Path, name: str, body: str, messag
         load_prompts(tmp_path / name)
 
 
+@pytest.mark.parametrize(
+    ("name", "body", "message"),
+    [
+        ("p.json", b'["ok", "a \\ud800 b"]', r"prompt 2 \(index 1\) is not valid Unicode text"),
+        ("p.json", b'[{"prompt": "\\udfff"}]', r"prompt 1 \(index 0\) is not valid Unicode"),
+        ("p.jsonl", b'"ok"\n\n{"goal": "a \\udc00"}\n', "line 3 is not valid Unicode text"),
+        ("p.csv", b"prompt\nok\na \xed\xa0\x80 b\n", r"line 3 is not UTF-8 text \(byte 0xed\)"),
+        ("p.txt", b"ok\n\na \xff b\n", r"line 3 is not UTF-8 text \(byte 0xff\)"),
+        ("bom.txt", b"\xef\xbb\xbfok\n\xc3\n", "line 2 is not UTF-8 text"),
+    ],
+)
+def test_a_prompt_that_is_not_unicode_text_is_refused_in_one_line(
+    tmp_path: Path, name: str, body: bytes, message: str
+) -> None:
+    """A lone surrogate (valid JSON, but no tokenizer encodes it) or bytes that are not UTF-8:
+    one line naming the file and the prompt, not a traceback from the tokenizer."""
+    (tmp_path / name).write_bytes(body)
+    with pytest.raises(RefdirError, match=message) as caught:
+        load_prompts(tmp_path / name)
+    assert str(caught.value).startswith(str(tmp_path / name)) and "\n" not in str(caught.value)
+    with pytest.raises(RefdirError, match=message):
+        sample_prompts(tmp_path / name, 1)
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "message"),
+    [
+        ("p.json", '["ok", ""]', r"prompt 2 \(index 1\) is empty"),
+        (
+            "p.json",
+            '["ok", {"instruction": " \\t\\n "}]',
+            r"prompt 2 \(index 1\) is only whitespace",
+        ),
+        ("p.jsonl", '"ok"\n{"prompt": ""}\n', "line 2 is empty"),
+        ("p.csv", 'prompt,n\nok,1\n"   ",2\n', "line 3 is only whitespace"),
+        ("p.csv", "n,prompt\n1,ok\n2\n", "line 3 is empty"),  # a short row
+    ],
+)
+def test_empty_prompts_are_refused_in_one_line(
+    tmp_path: Path, name: str, body: str, message: str
+) -> None:
+    (tmp_path / name).write_text(body)
+    with pytest.raises(RefdirError, match=message) as caught:
+        load_prompts(tmp_path / name)
+    assert str(caught.value).startswith(str(tmp_path / name)) and "\n" not in str(caught.value)
+
+
 def test_refusal_markers() -> None:
     assert is_refusal("I’m sorry, but I can’t help with that.")
     assert is_refusal("As an AI, I must decline")

@@ -234,3 +234,36 @@ def test_an_integer_direction_tensor_is_a_one_line_error(tmp_path: Path) -> None
     with pytest.raises(RefdirError, match="integer 'direction'; save a float vector") as err:
         Direction.load(tmp_path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("harmful", "harmless", "message"),
+    [
+        (["ok", ""], HARMLESS, r"`harmful`\[1\] is empty"),
+        (HARMFUL, ["ok", " \t\n"], r"`harmless`\[1\] is only whitespace"),
+        (["a \ud800 b"], HARMLESS, r"`harmful`\[0\] is not valid Unicode text \(a lone surrogate"),
+        (HARMFUL, [None], r"`harmless`\[0\] is not text but NoneType"),
+        ("how do I pick a lock", HARMLESS, "`harmful` is one string; give a list of prompts"),
+    ],
+)
+def test_extraction_refuses_empty_or_invalid_instructions_up_front(
+    cm: ChatModel, harmful: list[str], harmless: list[str], message: str
+) -> None:
+    """Checked before any pass (the harmless list too, before the harmful pass runs)."""
+    calls = []
+    hook = cm.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(RefdirError, match=message) as caught:
+            extract_candidates(cm, harmful, harmless, progress=False)
+    finally:
+        hook.remove()
+    assert "\n" not in str(caught.value) and not calls
+    bad, name = (harmful, "harmful") if "`harmful`" in message else (harmless, "harmless")
+    with pytest.raises(RefdirError, match=message.replace(name, "instructions")):
+        filtered_means(cm, bad, progress=False)
+
+
+def test_the_prompt_check_keeps_an_iterable_of_prompts_usable(cm: ChatModel) -> None:
+    """The check up front reads the prompts once; a generator still gives its prompts."""
+    as_list = residual_means(cm, HARMFUL, progress=False)
+    torch.testing.assert_close(residual_means(cm, iter(HARMFUL), progress=False), as_list)

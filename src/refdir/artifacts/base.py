@@ -63,6 +63,13 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def _key(part: str | int) -> str:
+    """A key or index of a path into a file, quoted where it is empty or not printable (a
+    line break in a key would break the one-line message)."""
+    text = str(part)
+    return text if text and text.isprintable() else repr(text)
+
+
 def read_json_object(path: Path, fix: str) -> dict[str, Any]:
     """The JSON object in ``path``; a one-line error ending in ``fix`` when it is missing, is
     not JSON or is not an object."""
@@ -72,6 +79,9 @@ def read_json_object(path: Path, fix: str) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RefdirError(f"{path} is damaged ({_first_line(exc)}); {fix}") from None
+    except (ValueError, RecursionError) as exc:  # past json's limits
+        why = "nested too deeply" if isinstance(exc, RecursionError) else "a number too long"
+        raise RefdirError(f"{path} is damaged (JSON {why} to read); {fix}") from None
     if not isinstance(data, dict):
         raise RefdirError(f"{path} should hold a JSON object; {fix}")
     return data
@@ -106,7 +116,7 @@ class Artifact(Strict):
             return cls.model_validate(data)
         except ValidationError as exc:
             error = exc.errors()[0]
-            where = ".".join(str(part) for part in error["loc"]) or "the file"
+            where = ".".join(_key(part) for part in error["loc"]) or "the file"
             message = str(error["msg"]).removeprefix("Value error, ")
             raise RefdirError(
                 f"{path} is not a {cls.FILE} of refdir {FORMAT_VERSION} or 0.1.0 "

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 
 from refdir.errors import RefdirError
 
-__all__ = ["PACKAGED_SETS", "held_out_prompts", "load_prompts", "sample_prompts"]
+__all__ = [
+    "PACKAGED_SETS",
+    "check_prompts",
+    "held_out_prompts",
+    "load_prompts",
+    "prompt_problem",
+    "sample_prompts",
+]
 
 PACKAGED_SETS: dict[str, str] = {
     "harmful_train": "splits/harmful_train.json",
@@ -45,67 +53,152 @@ def _from_record(record: object, source: str) -> str:
     )
 
 
-def _read_file(path: Path) -> list[str]:
+def prompt_problem(text: object) -> str | None:
+    """What keeps ``text`` from being a prompt (None: nothing): not a string, empty or only
+    whitespace, or not valid Unicode (a lone surrogate, which no tokenizer can encode)."""
+    if not isinstance(text, str):
+        return f"not text but {type(text).__name__}"
+    if not text:
+        return "empty"
+    if not text.strip():
+        return "only whitespace"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"not valid Unicode text (a lone surrogate, {text[exc.start]!r}, at character "
+            f"{exc.start})"
+        )
+    return None
+
+
+def check_prompts(prompts: Iterable[str], name: str) -> list[str]:
+    """The prompts as a list; a one-line error naming ``name`` (an argument, as `harmful`) and
+    the prompt's index where one is not text, is empty or only whitespace, or is not valid
+    Unicode, or where ``prompts`` is a single string rather than a list of them."""
+    if isinstance(prompts, str | bytes):
+        raise RefdirError(f"{name} is one string; give a list of prompts, e.g. [{prompts!r}]")
+    prompts = list(prompts)
+    for index, text in enumerate(prompts):
+        problem = prompt_problem(text)
+        if problem is not None:
+            raise RefdirError(f"{name}[{index}] is {problem}; remove or fix it")
+    return prompts
+
+
+def _undecodable(path: Path, exc: UnicodeDecodeError) -> RefdirError:
+    data = exc.object  # after a byte-order mark, which ``exc.start`` does not count
+    line = bytes(data[: exc.start]).count(b"\n") + 1
+    return RefdirError(
+        f"{path}: line {line} is not UTF-8 text (byte {data[exc.start]:#04x}); "
+        "save the file as UTF-8"
+    )
+
+
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    """Why ``json.loads`` refused a text: its message, or the limit it ran into."""
+    if isinstance(exc, json.JSONDecodeError):
+        return exc.msg
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return "a number too long to read"  # Python's limit on the digits of an integer
+
+
+def _read_file(path: Path) -> list[tuple[str, object]]:
+    """The prompts of a file, each with where it is in the file (``line 3``, ``prompt 2``)."""
     suffix = path.suffix.lower()
     if path.is_dir():
         raise RefdirError(f"{path} is a folder; give a prompt file (.json, .jsonl, .csv, .txt)")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (spreadsheets) is dropped
-    except UnicodeDecodeError:
-        raise RefdirError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is dropped
+    except UnicodeDecodeError as exc:
+        raise _undecodable(path, exc) from None
     except OSError as exc:
         raise RefdirError(f"cannot read {path} ({exc.strerror or exc})") from None
     if suffix == ".jsonl":
-        prompts = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        prompts: list[tuple[str, object]] = []
+        # lines end at "\n" only: JSON text may hold U+2028 or NEL unescaped (ensure_ascii=False)
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise RefdirError(
-                    f"{path}: line {number} is not valid JSON ({exc.msg}); fix the file"
+                    f"{path}: line {number} is not valid JSON ({_json_problem(exc)}); fix the file"
                 ) from None
-            prompts.append(_from_record(record, str(path)))
+            prompts.append((f"line {number}", _from_record(record, str(path))))
         return prompts
     try:
         if suffix == ".json":
-            data = json.loads(text)
-            if not isinstance(data, list):
+            records = json.loads(text)
+            if not isinstance(records, list):
                 raise RefdirError(f"{path}: expected a JSON list of prompts")
-            return [_from_record(r, str(path)) for r in data]
+            return [
+                (f"prompt {i + 1} (index {i})", _from_record(r, str(path)))
+                for i, r in enumerate(records)
+            ]
     except json.JSONDecodeError as exc:
         raise RefdirError(
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file"
         ) from None
+    except (ValueError, RecursionError) as exc:
+        raise RefdirError(f"{path}: not valid JSON ({_json_problem(exc)}); fix the file") from None
     if suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        # the csv module's own line breaks: a quoted field keeps its line breaks
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            rows = [(f"line {reader.line_num}", row) for row in reader]
+        except csv.Error as exc:
+            raise RefdirError(
+                f"{path}: line {reader.line_num} is not valid CSV ({exc}); fix the file"
+            ) from None
         if not rows:
             return []
-        key = next((k for k in _KEYS if k in rows[0]), None)
+        key = next((k for k in _KEYS if k in rows[0][1]), None)
         if key is None:
             raise RefdirError(f"{path}: the CSV needs a column named one of {', '.join(_KEYS)}")
-        return [row[key] for row in rows]
+        return [(where, row[key] if row[key] is not None else "") for where, row in rows]
     if suffix == ".txt":
-        return [line.strip() for line in text.splitlines() if line.strip()]
+        return [
+            (f"line {number}", line.strip())
+            for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip()
+        ]
     raise RefdirError(
         f"{path}: unsupported prompt file type {suffix!r}; use .json, .jsonl, .csv or .txt"
     )
 
 
+def _checked(source: object, prompts: list[tuple[str, object]]) -> list[str]:
+    """The prompts, or a one-line error naming the first that is not usable and where it is."""
+    texts = []
+    for where, text in prompts:
+        problem = prompt_problem(text)
+        if problem is not None or not isinstance(text, str):
+            raise RefdirError(f"{source}: {where} is {problem}; fix the file")
+        texts.append(text)
+    return texts
+
+
 def load_prompts(name_or_path: str | Path) -> list[str]:
-    """Load a packaged prompt set by name (see ``PACKAGED_SETS``) or a user file."""
+    """Load a packaged prompt set by name (see ``PACKAGED_SETS``) or a user file; a one-line
+    error for a prompt that is empty, only whitespace or not valid Unicode text."""
     key = str(name_or_path)
     if key in PACKAGED_SETS:
         ref = resources.files("refdir.data") / PACKAGED_SETS[key]
-        return [_from_record(r, key) for r in json.loads(ref.read_text(encoding="utf-8"))]
+        records = json.loads(ref.read_text(encoding="utf-8"))
+        return _checked(
+            key,
+            [(f"prompt {i + 1} (index {i})", _from_record(r, key)) for i, r in enumerate(records)],
+        )
     path = Path(key)
     if not path.exists():
         names = ", ".join(PACKAGED_SETS)
         raise RefdirError(
             f"prompts {key!r}: no such file or packaged set; packaged sets are {names}"
         )
-    prompts = _read_file(path)
+    prompts = _checked(path, _read_file(path))
     if not prompts:
         raise RefdirError(f"{path}: contains no prompts")
     return prompts

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from refdir.artifacts.base import read_json_object
 from refdir.artifacts.direction import DirectionRecord
-from refdir.errors import RefdirError
+from refdir.errors import RefdirError, one_line
 from refdir.io import atomic_path, write_text
 from refdir.model.layout import ModelLayout, model_signature
 
@@ -156,8 +156,10 @@ class Direction:
             vector = load_file(str(tensor_path))["direction"]
         except KeyError:
             raise RefdirError(f"{tensor_path} holds no tensor named 'direction'; {fix}") from None
-        except Exception as exc:  # safetensors raises errors of its own
-            raise RefdirError(f"{tensor_path} is not a safetensors file ({exc}); {fix}") from None
+        except Exception as exc:  # safetensors raises errors of its own (quoting the header)
+            raise RefdirError(
+                f"{tensor_path} is not a safetensors file ({one_line(str(exc))}); {fix}"
+            ) from None
         if not vector.is_floating_point():
             raise RefdirError(f"{tensor_path} holds an integer 'direction'; save a float vector")
         info = DirectionRecord.parse(read_json_object(json_path, fix), json_path)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from refdir.data.prompts import check_prompts
 from refdir.directions.candidates import Candidates
 from refdir.directions.prompt_filter import filtered_out, refusal_filter
 from refdir.errors import RefdirError
@@ -53,6 +54,7 @@ def filtered_means(
 
     A batch's activations wait until its logits are known, then only the kept rows are added to
     the running float64 sums."""
+    instructions = check_prompts(instructions, "`instructions`")
     if not instructions:
         raise RefdirError("no prompts to take activations from")
     n_post, n_layers = cm.chat.n_post, cm.n_layers
@@ -111,6 +113,8 @@ def extract_candidates(
     With ``refusal_tokens``, the paper's filter runs in the same pass: a harmful prompt counts
     only if its refusal metric is > 0, a harmless one only if it is < 0; the candidates record
     the prompts kept."""
+    harmful = check_prompts(harmful, "`harmful`")  # both, before either pass
+    harmless = check_prompts(harmless, "`harmless`")
 
     def keeper(positive: bool) -> Keep | None:
         if refusal_tokens is None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from refdir.errors import RefdirError
+from refdir.errors import RefdirError, one_line
 
 __all__ = ["LayoutSpec", "read_layout"]
 
@@ -96,9 +96,10 @@ class LayoutSpec:
             if key != "layers" and isinstance(value, str):
                 try:
                     re.compile(value)
-                except re.error as exc:
+                except (re.error, OverflowError, RecursionError) as exc:  # re's own limits too
                     raise RefdirError(
-                        f"layout field {key!r}: {value!r} is not a regular expression ({exc})"
+                        f"layout field {key!r}: {value!r} is not a regular expression "
+                        f"({one_line(str(exc))})"
                     ) from None
         return cls(**dict(values))
 
@@ -115,6 +116,9 @@ def read_layout(path: Path) -> dict[str, str | None]:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RefdirError(f"layout file {path} is not readable JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # past json's limits
+        why = "nested too deeply" if isinstance(exc, RecursionError) else "a number too long"
+        raise RefdirError(f"layout file {path} is not readable JSON ({why} to read)") from None
     if not isinstance(values, dict) or not values:
         raise RefdirError(
             f"layout file {path} must hold a non-empty JSON object of LayoutSpec fields, "

@@ -385,18 +385,29 @@ def comparison_blocks(summaries: Sequence[RunSummary]) -> list[Block]:
     ]
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+"""What a spreadsheet may read as the start of a formula in a text cell (OWASP, CSV injection)."""
+
+
+def _csv_cell(value: Any) -> Any:
+    """A cell of ``comparison.csv``: nothing for a missing number; a text that a spreadsheet
+    would run as a formula (a label or model name such as ``=cmd|...``) behind a ``'``, which
+    keeps it text; numbers, negative ones too, as they are."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
     buffer = io.StringIO()
     fields = list(dict.fromkeys(k for row in rows for k in row))  # benchmark columns vary
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
+    # RFC 4180's line end: a cell holding a carriage return is then quoted, as one with "\n"
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\r\n")
+    writer.writerow({k: _csv_cell(k) for k in fields})  # the header (a benchmark's task name)
     for row in rows:
-        writer.writerow(
-            {
-                k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
-                for k, v in row.items()
-            }
-        )
+        writer.writerow({k: _csv_cell(v) for k, v in row.items()})
     return buffer.getvalue()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from refdir.cli.text import printable
 from refdir.data import sample_prompts
 from refdir.directions.direction import Direction
 from refdir.evaluation.refusal import check_generation, evaluate_refusal
@@ -57,7 +58,8 @@ def generate_under(
         if as_json:
             typer.echo(json.dumps({"prompt": record.prompt, "completion": record.completion}))
         else:
-            typer.echo(f"### {record.prompt}\n{record.completion.strip()}\n")
+            # the prompt file's text and the model's, never raw control characters
+            typer.echo(printable(f"### {record.prompt}\n{record.completion.strip()}\n"))
     if not as_json:
         typer.echo(f"refusal rate (markers): {result.refusal_rate:.3f} of {result.n}", err=True)
 
@@ -97,4 +99,4 @@ def evaluate(
         typer.echo(json.dumps(summary))
     else:
         for key, value in summary.items():
-            typer.echo(f"{key:16s} {value}")
+            typer.echo(printable(f"{key:16s} {value}"))  # the model's name, the file's
