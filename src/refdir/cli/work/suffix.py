@@ -8,8 +8,8 @@ from typing import Any
 import typer
 
 from refdir.data import held_out_prompts, sample_prompts
-from refdir.io import output_folder
 from refdir.directions.direction import Direction
+from refdir.io import output_folder
 from refdir.model.loading import load_model
 from refdir.model.options import ModelOptions
 from refdir.suffix.experiment import run_suffix_experiment
