@@ -175,6 +175,14 @@ def _damaged(step: str, file: str) -> Setup:
     return setup
 
 
+def _edited_prompts(b: Bench) -> None:
+    _run_until("prompts")(b)
+    path = b.tmp / "run" / "prompts.json"
+    sets = json.loads(path.read_text())
+    sets["harmful_train"][0] = "a \ud800 b"
+    path.write_text(json.dumps(sets))
+
+
 def _locked(b: Bench) -> AbstractContextManager[object]:
     """A run folder whose lock another process holds (a second lock on the file, as another
     process's would be: flock locks belong to the open file, not the process)."""
@@ -424,6 +432,15 @@ CASES: dict[str, Case] = {
         ],
         "did you mean 'mlp'?",
     ),
+    "layout-ambiguous": Case(
+        MODELS,
+        "a layout pattern that a later Python will read otherwise (`[[`)",
+        lambda b: [
+            *["evaluate", "--model", str(b.root / "nemotron")],
+            *["--layout", b.write("layout.json", '{"mlp": "[[a]"}')],
+        ],
+        "is ambiguous (Possible nested set at position 1)",
+    ),
     "layout-not-json": Case(
         MODELS,
         "a layout file that is not JSON",
@@ -618,6 +635,13 @@ CASES: dict[str, Case] = {
         "--force prompts",
         setup=_damaged("prompts", "prompts.json"),
     ),
+    "prompts-json-edited": Case(
+        FOLDERS,
+        "a run folder's `prompts.json` edited to hold a lone surrogate",
+        lambda b: [*b.run(b.path("run")), "--until", "extract"],
+        "harmful_train: prompt 0 is not valid Unicode text",
+        setup=_edited_prompts,
+    ),
     "config-not-toml": Case(
         FOLDERS,
         "a `--config` file that is not TOML",
@@ -659,7 +683,7 @@ CASES: dict[str, Case] = {
         FILES,
         "`compare` given a folder that is not a finished run",
         lambda b: ["compare", str(b.tmp), "--out", b.path("cmp")],
-        "metrics.json",
+        "not a finished run",
     ),
     # ----- outputs
     "completions-into-folder": Case(

@@ -152,7 +152,7 @@ BAD_INPUT = {
     "unfinished run": (
         lambda runs, tmp: [runs[0], tmp / "unfinished"],
         None,
-        "metrics.json is missing; redo it with `force='evaluate'`",
+        "has no metrics.json: not a finished run",
     ),
     "run given twice": (lambda runs, tmp: [runs[0], runs[0]], None, "run folder given twice"),
     "not a run": (lambda runs, tmp: [runs[0], tmp / "nowhere"], None, "is not a run folder"),

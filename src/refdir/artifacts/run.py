@@ -9,9 +9,10 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from refdir.artifacts.base import Artifact, RunFile, Strict, read_json_object
+from refdir.data.prompts import prompt_problem
 from refdir.errors import RefdirError
 
 __all__ = [
@@ -89,6 +90,17 @@ class PromptSets(Artifact):
     harmless_train: list[str]
     harmful_val: list[str]
     harmless_val: list[str]
+
+    @field_validator("harmful_train", "harmless_train", "harmful_val", "harmless_val")
+    @classmethod
+    def _prompts(cls, prompts: list[str]) -> list[str]:
+        """Prompts no model can take (empty, whitespace, a lone surrogate) are refused here,
+        not by a tokenizer steps later."""
+        for index, text in enumerate(prompts):
+            problem = prompt_problem(text)
+            if problem is not None:
+                raise ValueError(f"prompt {index} is {problem}")
+        return prompts
 
 
 class RefusalTokensRecord(Artifact):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -95,7 +96,15 @@ class LayoutSpec:
                 )
             if key != "layers" and isinstance(value, str):
                 try:
-                    re.compile(value)
+                    with warnings.catch_warnings():
+                        # a pattern whose meaning a later Python will change ("[[", "--")
+                        warnings.simplefilter("error", FutureWarning)
+                        re.compile(value)
+                except FutureWarning as exc:
+                    raise RefdirError(
+                        f"layout field {key!r}: {value!r} is ambiguous ({one_line(str(exc))}); "
+                        "escape the character with a backslash"
+                    ) from None
                 except (re.error, OverflowError, RecursionError) as exc:  # re's own limits too
                     raise RefdirError(
                         f"layout field {key!r}: {value!r} is not a regular expression "

@@ -103,6 +103,11 @@ def load_summary(run_dir: str | Path, label: str | None = None) -> RunSummary:
     path = Path(run_dir)
     if not path.is_dir():
         raise RefdirError(f"{path} is not a run folder; give the `out` folder of a run")
+    if not (path / MetricsRecord.FILE).exists():
+        raise RefdirError(
+            f"{path} has no {MetricsRecord.FILE}: not a finished run; give the folder of a run "
+            "whose evaluate step is done"
+        )
     metrics = MetricsRecord.read(path)
     selection = SelectionRecord.read(path)
     config = ConfigRecord.read(path) if (path / ConfigRecord.FILE).exists() else None
