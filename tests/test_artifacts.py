@@ -164,3 +164,14 @@ def test_the_library_s_errors_speak_python_and_the_command_line_s_speak_flags() 
     assert flags_in("`LayoutSpec(layers=...)` and `nothing`") == (
         "`LayoutSpec(layers=...)` and `nothing`"
     )
+
+
+def test_a_record_that_would_not_read_back_is_not_written(tmp_path: Path) -> None:
+    """JSON has no NaN: written as null, a number field would refuse it on reading."""
+    from refdir.artifacts.suffix import SuffixHistory
+
+    with pytest.raises(RefdirError, match=r"history.json would not read back \(loss.1 is nan"):
+        SuffixHistory(loss=[1.0, float("nan")], best=[1.0, 1.0]).write(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    SuffixHistory(loss=[1.0, 0.5], best=[1.0, 0.5]).write(tmp_path)
+    assert SuffixHistory.read(tmp_path).loss == [1.0, 0.5]

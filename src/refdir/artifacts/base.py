@@ -131,7 +131,35 @@ class Artifact(Strict):
         return json.dumps(self.dump(), indent=2, sort_keys=self.SORT_KEYS) + "\n"
 
     def write(self, folder: str | Path) -> Path:
-        """Write the file into ``folder`` through a temporary file; returns its path."""
+        """Write the file into ``folder`` through a temporary file; returns its path. A record
+        that would not read back (JSON has no NaN or infinity: they are written as null, which
+        a number field refuses) is a one-line error, and nothing is written."""
         path = Path(folder) / self.FILE
-        write_text(path, self.text())
+        text = self.text()
+        try:
+            type(self).model_validate(json.loads(text))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(_key(part) for part in error["loc"]) or "the record"
+            raise RefdirError(
+                f"{path} would not read back ({where} is {self._value_at(error['loc'])}, which "
+                "JSON cannot hold); the numbers behind it are not finite: check the model's "
+                "outputs (a float16 overflow?) or the inputs"
+            ) from None
+        write_text(path, text)
         return path
+
+    def _value_at(self, loc: tuple[int | str, ...]) -> str:
+        """The record's own value at a validation error's location, as Python shows it."""
+        value: Any = self
+        for part in loc:
+            if isinstance(value, BaseModel):
+                value = getattr(value, str(part), None)
+            elif isinstance(value, dict | list | tuple):
+                try:
+                    value = value[part]  # type: ignore[index]
+                except (KeyError, IndexError, TypeError):
+                    return "not a finite number"
+            else:
+                break
+        return repr(value)
