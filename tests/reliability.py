@@ -883,6 +883,16 @@ FAULTS: dict[str, Fault] = {
         "test_faults.py::test_two_runs_on_one_folder_one_is_refused",
         "the second is refused and touches nothing; the first ends well",
     ),
+    "not-finite": Fault(
+        OUTPUT,
+        "a number that is not finite (NaN, infinity) in a file refdir writes",
+        "a record written with NaN in a number field",
+        2,
+        None,
+        "test_artifacts.py::test_a_record_that_would_not_read_back_is_not_written",
+        "a one-line error naming the field and its value; the file is not written (JSON would "
+        "hold null there, which reading refuses)",
+    ),
     "csv-formula": Fault(
         OUTPUT,
         "a run label that a spreadsheet would run as a formula (`=cmd|...`)",
