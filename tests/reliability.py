@@ -792,6 +792,15 @@ FAULTS: dict[str, Fault] = {
         "test_faults.py::test_a_signal_during_a_write_exits_cleanly_and_removes_the_temporaries",
         "the temporary file and folder are removed",
     ),
+    "signal-in-serializer": Fault(
+        MACHINE,
+        "SIGTERM or Ctrl-C while pydantic runs a serializer (which wraps the signal's exception)",
+        "a command in a child process, the signal inside the serializer",
+        143,
+        None,
+        "test_faults.py::test_a_signal_inside_a_serializer_exits_cleanly",
+        "exits 143 (130 for Ctrl-C) without a traceback; the temporary file is removed",
+    ),
     "killed-export": Fault(
         MACHINE,
         "an export killed (SIGKILL) with its temporary folder on disk",

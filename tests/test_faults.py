@@ -534,6 +534,55 @@ def test_a_signal_during_a_write_exits_cleanly_and_removes_the_temporaries(
     assert list(tmp_path.iterdir()) == []
 
 
+IN_A_SERIALIZER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from pydantic import BaseModel, model_serializer
+    from refdir.cli.commands import app, entry
+    from refdir.io import atomic_path
+
+    class Slow(BaseModel):
+        x: int = 1
+
+        @model_serializer(mode="wrap")
+        def _slow(self, handler):  # Python called from pydantic's Rust serializer
+            print("serializing", flush=True)
+            time.sleep(60)
+            return handler(self)
+
+    @app.command("slow-dump")
+    def slow_dump(out: str) -> None:
+        with atomic_path(Path(out)) as tmp:
+            tmp.write_text(str(Slow().model_dump()))
+
+    sys.argv = ["refdir", "slow-dump", sys.argv[1]]
+    entry()
+    """
+)
+
+
+@pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_inside_a_serializer_exits_cleanly(tmp_path: Path, name: str, code: int) -> None:
+    """pydantic wraps an exception raised in Python code it calls (a serializer) in one of its
+    own: a signal landing there still ends the process as that signal, without a traceback,
+    and the temporary file goes."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", IN_A_SERIALIZER, str(tmp_path / "out.txt")],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "serializing"
+    child.send_signal(getattr(signal, name))
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == code, stderr
+    assert "Traceback" not in stderr, stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 DIES_MID_SWAP = textwrap.dedent(
     """
     import os, sys

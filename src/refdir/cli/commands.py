@@ -424,18 +424,33 @@ def suffix(
     )
 
 
+_SIGNALLED: list[int] = []
+"""The exit code of the signal that is ending the process (SIGINT 130, SIGTERM 143), if any: a
+library that runs Python code from native code (pydantic's serializers) may wrap the exception
+a signal raised in one of its own, which must still end the process as that signal."""
+
+
 def _terminated(signum: int, frame: object) -> None:
     """SIGTERM (``kill``, a cluster's scheduler, a container stopping): leave as Ctrl-C does,
     through every ``finally`` that removes temporary files, with the shell's code for it
     (128 + 15). A second SIGTERM while that runs ends the process at once."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _SIGNALLED.append(128 + signum)
     raise SystemExit(128 + signum)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    """Ctrl-C: Python's own KeyboardInterrupt, remembered (see :data:`_SIGNALLED`)."""
+    _SIGNALLED.append(130)
+    raise KeyboardInterrupt
 
 
 def entry() -> None:
     """The ``refdir`` command: the app, with a usage error (unknown option, missing or bad
     value) printed as one line instead of typer's box, and SIGTERM turned into a clean exit."""
     signal.signal(signal.SIGTERM, _terminated)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted)
     try:
         code = app(standalone_mode=False)
     except typer.Abort:  # Ctrl-C
@@ -448,4 +463,8 @@ def entry() -> None:
         message = exc.format_message().rstrip(".")
         typer.echo(f"error: {message}; see {where} --help", err=True)
         sys.exit(2)
+    except BaseException:
+        if _SIGNALLED:  # a signal's exception, wrapped by the code it interrupted
+            sys.exit(_SIGNALLED[0])
+        raise
     sys.exit(code if isinstance(code, int) else 0)
