@@ -801,6 +801,15 @@ FAULTS: dict[str, Fault] = {
         "test_faults.py::test_a_signal_inside_a_serializer_exits_cleanly",
         "exits 143 (130 for Ctrl-C) without a traceback; the temporary file is removed",
     ),
+    "signal-in-reader": Fault(
+        MACHINE,
+        "SIGTERM or Ctrl-C while a file is read, turned by native code into the reader's error",
+        "a command in a child process, the signal inside a reader",
+        143,
+        None,
+        "test_faults.py::test_a_signal_a_reader_reports_as_damage_still_exits_as_the_signal",
+        "exits 143 (130 for Ctrl-C) without claiming the file is damaged",
+    ),
     "killed-export": Fault(
         MACHINE,
         "an export killed (SIGKILL) with its temporary folder on disk",

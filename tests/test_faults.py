@@ -583,6 +583,51 @@ def test_a_signal_inside_a_serializer_exits_cleanly(tmp_path: Path, name: str, c
     assert list(tmp_path.iterdir()) == []
 
 
+IN_A_READER = textwrap.dedent(
+    """
+    import sys, time
+    from refdir.cli.commands import _errors, app, entry
+    from refdir.errors import RefdirError
+
+    @app.command("slow-read")
+    @_errors
+    def slow_read() -> None:
+        try:  # native code that turns the signal's exception into its own, caught by a reader
+            print("reading", flush=True)
+            time.sleep(60)
+        except BaseException as exc:
+            raise RefdirError(f"candidates.safetensors is not a candidates file ({exc!r})") from exc
+
+    sys.argv = ["refdir", "slow-read"]
+    entry()
+    """
+)
+
+
+@pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_a_reader_reports_as_damage_still_exits_as_the_signal(
+    name: str, code: int
+) -> None:
+    """A signal landing in native code while a file is read (torch's storage code, under
+    safetensors) can come out as that reader's one-line error: the process still ends as the
+    signal, and prints no claim that the file is damaged (CI met it: a SIGINT while reading
+    candidates.safetensors exited 2, asking to redo extract)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", IN_A_READER],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "reading"
+    child.send_signal(getattr(signal, name))
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == code, stderr
+    assert "error:" not in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+
+
 DIES_MID_SWAP = textwrap.dedent(
     """
     import os, sys

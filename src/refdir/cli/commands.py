@@ -88,6 +88,14 @@ def _work(command: str) -> ModuleType:
     return importlib.import_module(f"refdir.cli.work.{command}")
 
 
+_SIGNALLED: list[int] = []
+"""The exit code of the signal that is ending the process (SIGINT 130, SIGTERM 143), if any: a
+library that runs Python code from native code (pydantic's serializers) may wrap the exception
+a signal raised in one of its own, and a reader may then report it as a damaged file (a SIGINT
+inside torch's storage code while reading candidates.safetensors); either must still end the
+process as that signal."""
+
+
 def _errors(fn: F) -> F:
     """Print a RefdirError as one line (options as flags) and exit 2, never a traceback."""
 
@@ -96,6 +104,8 @@ def _errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except RefdirError as exc:
+            if _SIGNALLED:  # a signal's exception, turned into a reader's error by native code
+                raise typer.Exit(_SIGNALLED[0]) from None
             typer.echo(f"error: {flags_in(str(exc))}", err=True)
             raise typer.Exit(2) from None
 
@@ -422,12 +432,6 @@ def suffix(
         seed,
         any_model,
     )
-
-
-_SIGNALLED: list[int] = []
-"""The exit code of the signal that is ending the process (SIGINT 130, SIGTERM 143), if any: a
-library that runs Python code from native code (pydantic's serializers) may wrap the exception
-a signal raised in one of its own, which must still end the process as that signal."""
 
 
 def _terminated(signum: int, frame: object) -> None:
