@@ -16,7 +16,6 @@ included. Scopes nest.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -27,9 +26,10 @@ from torch import nn
 
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
+from refdir.interventions.projection import layout_of
 from refdir.model.chat_model import ChatModel
 from refdir.model.hooks import DeviceCopies, Hook, hooked, map_input, map_sites, project_out
-from refdir.model.layout import ModelLayout, find_layout
+from refdir.model.layout import ModelLayout
 
 __all__ = [
     "KINDS",
@@ -47,18 +47,6 @@ KINDS: tuple[Kind, ...] = ("none", "ablate", "actadd")
 stream; ``actadd``: ``coeff`` x the direction added to one layer's input at every position."""
 
 M = TypeVar("M", ChatModel, nn.Module)
-
-_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, ModelLayout] = weakref.WeakKeyDictionary()
-
-
-def layout_of(model: ChatModel | nn.Module) -> ModelLayout:
-    """The residual-stream layout of ``model``: a ChatModel's own, else found by name (once per
-    model; :func:`~refdir.model.layout_check.verify_ablation` checks it on a ChatModel)."""
-    if isinstance(model, ChatModel):
-        return model.layout
-    if model not in _LAYOUTS:
-        _LAYOUTS[model] = find_layout(model)
-    return _LAYOUTS[model]
 
 
 @dataclass(frozen=True, eq=False)

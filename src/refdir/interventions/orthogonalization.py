@@ -33,7 +33,14 @@ from refdir.model.chat_model import ChatModel
 from refdir.model.layout import effective_norm_scale
 from refdir.model.layout_check import leftover, residuals, rounding_limit
 
-__all__ = ["OrthogonalizeReport", "orthogonalize", "parity"]
+__all__ = [
+    "OrthogonalizeReport",
+    "check_editable",
+    "last_logits",
+    "orthogonalize",
+    "parity",
+    "untie_embeddings",
+]
 
 _PROBES = (
     "Write a short poem about the sea.",
@@ -73,7 +80,7 @@ def _edit_bias(bias: torch.Tensor, u: torch.Tensor) -> None:
     bias.data.copy_((b - (b @ u).unsqueeze(-1) * u).to(bias.dtype))
 
 
-def _untie(cm: ChatModel) -> bool:
+def untie_embeddings(cm: ChatModel) -> bool:
     """Give the unembedding its own copy of the weights so the embedding edit leaves it alone."""
     unembed = cm.layout.unembed
     if unembed is None or not cm.layout.tied:
@@ -84,7 +91,7 @@ def _untie(cm: ChatModel) -> bool:
     return True
 
 
-def _check_editable(cm: ChatModel) -> None:
+def check_editable(cm: ChatModel) -> None:
     """Every weight to edit must be a plain floating-point tensor with a d_model axis: quantized
     weights (packed integers) can be hooked but not orthogonalized."""
     weights = [e.weight for e in cm.layout.embeddings]
@@ -106,8 +113,8 @@ def orthogonalize(cm: ChatModel, direction: Direction | torch.Tensor) -> Orthogo
         raise RefdirError(f"direction has shape {tuple(vector.shape)}, expected ({cm.d_model},)")
     r = vector.detach().double()
     r = (r / r.norm()).float()
-    _check_editable(cm)
-    untied = _untie(cm)
+    check_editable(cm)
+    untied = untie_embeddings(cm)
     device_r = r.to(cm.layout.embed.weight.device)
     with torch.no_grad():
         for embedding in cm.layout.embeddings:
@@ -143,7 +150,7 @@ def _write_direction(cm: ChatModel, norm: nn.Module | None, r: torch.Tensor) -> 
     return (u / u.norm()).float()
 
 
-def _last_logits(cm: ChatModel, prompts: Sequence[str]) -> torch.Tensor:
+def last_logits(cm: ChatModel, prompts: Sequence[str]) -> torch.Tensor:
     batch = cm.chat.encode(prompts).to(cm.device)
     with torch.inference_mode():
         out = cm.model(**batch.inputs(), use_cache=False)
@@ -162,15 +169,15 @@ def parity(
     differs from hook ablation by more than rounding (1e-4 of the largest logit) is reported as
     approximate, with the measurement as the reason. In 16-bit types the difference is only
     recorded: rounding there can flip an MoE router's choice of experts."""
-    _check_editable(cm)  # before the passes
+    check_editable(cm)  # before the passes
     vector = direction.vector if isinstance(direction, Direction) else direction
     unit = (vector.detach().double() / vector.detach().double().norm()).float().cpu()
     batch = cm.chat.encode(list(prompts))
     base = residuals(cm, batch)
     with ablate(cm, direction):
-        hooked_logits = _last_logits(cm, prompts)
+        hooked_logits = last_logits(cm, prompts)
     report = orthogonalize(cm, direction)
-    edited_logits = _last_logits(cm, prompts)
+    edited_logits = last_logits(cm, prompts)
     left = leftover(residuals(cm, batch), unit, base)
     report = replace(report, residual_left=max(left))
     mask = batch.attention_mask.bool().to(hooked_logits.device)
