@@ -35,6 +35,7 @@ __all__ = [
     "output_folder",
     "remove_stale",
     "writable_folder",
+    "write_bytes",
     "write_json",
     "write_jsonl",
     "write_text",
@@ -313,6 +314,12 @@ def write_text(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json(path: Path, data: Any, sort_keys: bool = False) -> None:

@@ -22,6 +22,7 @@ class ExportManifest(Artifact):
     """The manifest of an exported, orthogonalized checkpoint."""
 
     FILE: ClassVar[str] = "refdir_manifest.json"
+    OMIT: ClassVar[frozenset[str]] = frozenset({"edit"})
 
     refdir_manifest: Literal[1] = Field(1, description="the manifest's format")
     source_model: str = Field(description="the model that was edited")
@@ -42,3 +43,9 @@ class ExportManifest(Artifact):
         description="max |logit difference| against hook ablation on probe prompts"
     )
     parity_dtype: str = Field(description="the dtype the parity was measured in")
+    edit: dict[str, float | int | bool | str] | None = Field(
+        None,
+        description="for a weighted edit (refdir optimize): its parameters, k and whether it is "
+        "norm-preserving; the direction is then its first basis vector (edit.safetensors holds "
+        "the whole edit), and parity is against the edit's hooks",
+    )

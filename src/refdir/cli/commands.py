@@ -22,6 +22,7 @@ from refdir.cli.allocator import keep_freed_memory
 from refdir.cli.options import flags_in, register, with_options
 from refdir.errors import RefdirError
 from refdir.model.options import ModelOptions
+from refdir.optimize.config import OptimizeConfig
 from refdir.study.config import RunConfig, read_config
 
 __all__ = ["app", "entry"]
@@ -291,6 +292,24 @@ def run_cmd(
 ) -> None:
     """The paper's study end to end: select a direction, evaluate it, write report.html."""
     _work("run").run(options, out, force, until)
+
+
+@app.command()
+@_errors
+@with_options(OptimizeConfig, base=_run_file)
+def optimize(
+    out: Annotated[
+        Path,
+        typer.Option(help="Run folder the search starts from and writes into (made when new)."),
+    ],
+    options: OptimizeConfig,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="A TOML file of run options (a run folder's config.toml)."),
+    ] = None,
+) -> None:
+    """Search weighted edits on a refusals-versus-KL Pareto front; export the chosen one."""
+    _work("optimize").optimize(options, out)
 
 
 @app.command()

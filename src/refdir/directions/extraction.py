@@ -26,7 +26,13 @@ from refdir.model.hooks import hooked, residual_stream
 from refdir.model.layout import model_signature
 from refdir.model.prefix import SharedPrefix
 
-__all__ = ["FilteredMeans", "extract_candidates", "filtered_means", "residual_means"]
+__all__ = [
+    "FilteredMeans",
+    "extract_candidates",
+    "filtered_means",
+    "residual_means",
+    "residual_rows",
+]
 
 
 Keep = Callable[[torch.Tensor], torch.Tensor]
@@ -96,6 +102,42 @@ def residual_means(
 ) -> torch.Tensor:
     """Mean residual stream [P, L+1, d] (float64, on CPU) at the post-instruction positions."""
     return filtered_means(cm, instructions, None, batch_size, progress, desc).mean
+
+
+def residual_rows(
+    cm: ChatModel,
+    instructions: Sequence[str],
+    position: int = -1,
+    batch_size: int = 32,
+    progress: bool = True,
+    desc: str = "activations",
+) -> torch.Tensor:
+    """Each prompt's residual stream at one post-instruction ``position``, at every layer's input
+    and the last layer's output: float64 [N, L+1, d] on CPU, in the prompts' order."""
+    instructions = check_prompts(instructions, "`instructions`")
+    if not instructions:
+        raise RefdirError("no prompts to take activations from")
+    if not -cm.chat.n_post <= position <= -1:
+        raise RefdirError(
+            f"position {position} is not a post-instruction position (-{cm.chat.n_post}..-1)"
+        )
+    rows = [cm.chat.token_ids(text) for text in instructions]
+    out = torch.zeros(len(rows), cm.n_layers + 1, cm.d_model, dtype=torch.float64)
+    current: list[int] = []
+
+    def hold(index: int, hidden: torch.Tensor) -> None:
+        out[current, index] = hidden[:, position].detach().to("cpu", torch.float64)
+
+    short = min(len(r) for r in rows) - cm.chat.n_post
+    with torch.inference_mode():
+        prefix = SharedPrefix.build(cm, rows, at_most=short)
+        with hooked(residual_stream(cm.layout.layers, hold)):
+            for chunk in tqdm(
+                by_length(rows, batch_size), desc=desc, disable=not progress, unit="batch"
+            ):
+                current[:] = list(chunk)
+                prefix.logits(cm, [rows[i] for i in chunk])
+    return out
 
 
 def extract_candidates(

@@ -9,12 +9,14 @@ from pathlib import Path
 from refdir.artifacts.export import ExportManifest, ManifestDirection
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
+from refdir.interventions.edit import Edit
+from refdir.interventions.edit_weights import edit_parity
 from refdir.interventions.orthogonalization import parity
 from refdir.io import atomic_folder, check_room, writable_folder
 from refdir.model.chat_model import ChatModel
 from refdir.model.layout_check import rounding_limit
 
-__all__ = ["check_export_folder", "check_export_room", "export_orthogonalized"]
+__all__ = ["check_export_folder", "check_export_room", "export_edit", "export_orthogonalized"]
 
 SHARD_BYTES = 50 * 10**9
 """``save_pretrained``'s default largest shard (transformers 5: "50GB")."""
@@ -74,6 +76,41 @@ def export_orthogonalized(cm: ChatModel, direction: Direction, out: str | Path) 
     with atomic_folder(out) as tmp:
         cm.model.save_pretrained(tmp, safe_serialization=True)
         cm.tokenizer.save_pretrained(tmp)
+        direction.save(tmp)
+        manifest.write(tmp)
+    return manifest
+
+
+def export_edit(cm: ChatModel, edit: Edit, direction: Direction, out: str | Path) -> ExportManifest:
+    """Fold ``edit`` into ``cm``'s weights in place, then write the model with its tokenizer,
+    the edit (``edit.safetensors``), ``direction`` (the edit's direction with its layer and
+    scale, for activation addition) and a manifest to ``out`` atomically."""
+    out = check_export_folder(Path(out))
+    check_export_room(cm, out)
+    report, delta = edit_parity(cm, edit)
+    manifest = ExportManifest(
+        source_model=cm.name,
+        source_revision=cm.revision,
+        direction=ManifestDirection(
+            layer=direction.layer, position=direction.position, norm=direction.norm
+        ),
+        exact=report.exact,
+        untied_embeddings=report.untied_embeddings,
+        edited_tensors=report.edited_tensors,
+        note=report.note,
+        residual_left=None,
+        parity_max_abs_logit_delta=delta,
+        parity_dtype=str(cm.layout.embed.weight.dtype).removeprefix("torch."),
+        edit={
+            **{k: v for k, v in edit.params.items() if isinstance(v, float | int | bool | str)},
+            "k": edit.k,
+            "norm_preserving": edit.norm_preserving,
+        },
+    )
+    with atomic_folder(out) as tmp:
+        cm.model.save_pretrained(tmp, safe_serialization=True)
+        cm.tokenizer.save_pretrained(tmp)
+        edit.save(tmp)
         direction.save(tmp)
         manifest.write(tmp)
     return manifest

@@ -26,6 +26,7 @@ from torch import nn
 
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
+from refdir.interventions.edit import Edit
 from refdir.interventions.projection import layout_of
 from refdir.model.chat_model import ChatModel
 from refdir.model.hooks import DeviceCopies, Hook, hooked, map_input, map_sites, project_out
@@ -41,10 +42,11 @@ __all__ = [
     "layout_of",
 ]
 
-Kind = Literal["none", "ablate", "actadd"]
-KINDS: tuple[Kind, ...] = ("none", "ablate", "actadd")
+Kind = Literal["none", "ablate", "actadd", "edit"]
+KINDS: tuple[Kind, ...] = ("none", "ablate", "actadd", "edit")
 """``none``; ``ablate``: the direction projected out of everything written into the residual
-stream; ``actadd``: ``coeff`` x the direction added to one layer's input at every position."""
+stream; ``actadd``: ``coeff`` x the direction added to one layer's input at every position;
+``edit``: a weighted :class:`~refdir.interventions.edit.Edit` (what ``refdir optimize`` finds)."""
 
 M = TypeVar("M", ChatModel, nn.Module)
 
@@ -61,11 +63,14 @@ class Intervention:
     direction: Direction | torch.Tensor | None = None
     coeff: float = 1.0
     layer: int | None = None
+    edit: Edit | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise RefdirError(f"unknown intervention {self.kind!r}; use one of {', '.join(KINDS)}")
-        if self.kind != "none" and self.direction is None:
+        if (self.kind == "edit") != (self.edit is not None):
+            raise RefdirError("the edit intervention, and only it, takes an `edit`")
+        if self.kind not in ("none", "edit") and self.direction is None:
             raise RefdirError(f"the {self.kind} intervention needs a `direction`")
         if not math.isfinite(self.coeff):
             raise RefdirError(f"`coeff` must be a finite number, got {self.coeff}")
@@ -90,6 +95,11 @@ class Intervention:
     ) -> Intervention:
         """``coeff`` x the direction added to ``layer``'s input (default: the direction's)."""
         return cls("actadd", direction, coeff, layer)
+
+    @classmethod
+    def edited(cls, edit: Edit) -> Intervention:
+        """A weighted edit (:class:`~refdir.interventions.edit.Edit`)."""
+        return cls("edit", edit=edit)
 
     @property
     def at_layer(self) -> int:
@@ -120,6 +130,8 @@ class Intervention:
         """The hooks that carry out this intervention on ``model`` (none for ``none``)."""
         if self.kind == "none":
             return []
+        if self.edit is not None:
+            return self.edit.hooks(model)
         layout = layout_of(model)
         vector = self.vector(layout)
         if self.kind == "ablate":
@@ -147,7 +159,9 @@ class Intervention:
             yield model
 
     def describe(self) -> str:
-        """A short label: ``none``, ``ablate`` or ``actadd x1``."""
+        """A short label: ``none``, ``ablate``, ``actadd x1`` or ``edit``."""
+        if self.edit is not None:
+            return self.edit.describe()
         return f"actadd x{self.coeff:g}" if self.kind == "actadd" else self.kind
 
 

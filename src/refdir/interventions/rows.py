@@ -37,7 +37,15 @@ class RowConditions:
         self.cm = cm
         self.vector: torch.Tensor | None = None
         self.layer = 0
-        active = [c for c in conditions if c.kind != "none"]
+        self.edit: Intervention | None = None
+        edits = [c for c in conditions if c.kind == "edit"]
+        if edits:
+            if len(conditions) != 1:
+                raise RefdirError(
+                    "an edit decodes in batches of its own; evaluate it in a call of its own"
+                )
+            self.edit = edits[0]
+        active = [c for c in conditions if c.kind not in ("none", "edit")]
         if active:
             vectors = [c.vector(cm.layout) for c in active]  # a Direction is never zero
             if any(not torch.equal(v, vectors[0]) for v in vectors[1:]):
@@ -78,6 +86,8 @@ class RowConditions:
     def hooks(self) -> list[Hook]:
         """The hooks to register (none when no condition changes anything). Rows whose
         condition leaves a hook's tensor alone get it back untouched (``torch.where``)."""
+        if self.edit is not None:  # alone in its batches
+            return self.edit.hooks(self.cm)
         if self.vector is None:
             return []
         vector = self.vector

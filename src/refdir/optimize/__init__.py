@@ -1,0 +1,1 @@
+"""``refdir optimize``: edits searched on a refusals-versus-KL Pareto front."""

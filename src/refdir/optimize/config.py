@@ -1,0 +1,84 @@
+"""The options of ``refdir optimize`` (:class:`OptimizeConfig`): a run's options (the search
+starts from a run folder's candidates, selection and refusal tokens, made first when missing)
+and the search's own. Free of torch."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+
+from refdir.flags import Flag
+from refdir.study.config import RunConfig
+
+__all__ = ["METHOD_NAMES", "OptimizeConfig"]
+
+OPTIMIZE = "Optimize"
+METHOD_NAMES: tuple[str, ...] = ("weights", "projected", "norm", "subspace")
+
+
+class OptimizeConfig(RunConfig):
+    """Every option of ``refdir optimize``: the run's, then the search's."""
+
+    trials: Annotated[int, Flag(panel=OPTIMIZE)] = Field(
+        200,
+        ge=1,
+        description="completed trials the study should hold (other workers' and earlier "
+        "commands' count; a larger number adds trials)",
+    )
+    max_minutes: Annotated[float, Flag(panel=OPTIMIZE)] = Field(
+        0.0, ge=0.0, description="stop adding trials after this many minutes (0: no limit)"
+    )
+    storage: Annotated[str | None, Flag(panel=OPTIMIZE)] = Field(
+        None,
+        description="Optuna storage shared by workers: a database URL (sqlite:///x.db, "
+        "postgresql://...) or a journal file's path (default: a journal file in the folder)",
+    )
+    methods: Annotated[tuple[str, ...], Flag(panel=OPTIMIZE, items=True, empty="none")] = Field(
+        METHOD_NAMES,
+        description="edit methods searched besides the direction: weights (per-layer kernels), "
+        "projected, norm (norm-preserving), subspace; none: the direction alone",
+    )
+    max_kl: Annotated[float | None, Flag(panel=OPTIMIZE)] = Field(
+        None, ge=0.0, description="export the front point with fewest refusals at this KL or less"
+    )
+    max_refusal: Annotated[float | None, Flag(panel=OPTIMIZE)] = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="export the front point with least KL at this generated refusal rate or less "
+        "(default rule, without either: the knee of the front)",
+    )
+    n_front: Annotated[int, Flag(panel=OPTIMIZE)] = Field(
+        12, ge=1, description="front points confirmed by generation (spread along the front)"
+    )
+    n_subspace: Annotated[int, Flag(panel=OPTIMIZE)] = Field(
+        64, ge=2, description="harmful training prompts the subspace directions are taken from"
+    )
+    heldout: Annotated[bool, Flag(panel=OPTIMIZE)] = Field(
+        True,
+        description="evaluate the paper's edit and the exported one on the held-out sets",
+    )
+    long_tokens: Annotated[int | None, Flag(panel=OPTIMIZE, zero_is_none=True)] = Field(
+        256,
+        ge=1,
+        description="held-out harmful refusals also at this many new tokens (0: only at "
+        "max_new_tokens)",
+    )
+    export: Annotated[bool, Flag(panel=OPTIMIZE)] = Field(
+        True, description="export the chosen point's checkpoint to best/"
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for method in value:
+            if method not in METHOD_NAMES:
+                raise ValueError(
+                    f"unknown edit method {method!r}; use some of {', '.join(METHOD_NAMES)}"
+                )
+        return tuple(m for m in METHOD_NAMES if m in value)
+
+    def run_config(self) -> RunConfig:
+        """The options of the run the search starts from."""
+        return RunConfig.model_validate(self.model_dump(include=set(RunConfig.model_fields)))

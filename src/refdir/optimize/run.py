@@ -1,0 +1,176 @@
+"""``refdir optimize``: from a run folder's candidates (made first when missing), search edits
+on the refusals-versus-KL front, confirm the front by generation, pick and export a point.
+
+Files written into the folder, beside the run's: ``optuna-journal.log`` (the study, unless
+``--storage`` puts it elsewhere), ``pareto.json``, ``heldout.json``, ``optimize.md`` with
+``figures/pareto.png``, and ``best/`` (the chosen point's checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import statistics
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from refdir.artifacts.export import ExportManifest
+from refdir.artifacts.pareto import FrontPoint, HeldoutRecord, ParetoRecord
+from refdir.artifacts.run import PromptSets, RefusalTokensRecord
+from refdir.artifacts.selection import SelectionRecord
+from refdir.data import load_corpus
+from refdir.directions.candidates import Candidates
+from refdir.directions.direction import Direction
+from refdir.errors import RefdirError
+from refdir.evaluation.losses import ce_loss
+from refdir.interventions.edit import Edit
+from refdir.interventions.export import export_edit
+from refdir.interventions.intervention import NONE, Intervention
+from refdir.io import make_folder, write_bytes, write_text
+from refdir.model.chat_model import ChatModel
+from refdir.model.loading import load_model
+from refdir.optimize.config import OptimizeConfig
+from refdir.optimize.front import agreement, confirm, pick
+from refdir.optimize.heldout import heldout
+from refdir.optimize.scorer import Scores, TrialScorer
+from refdir.optimize.search import Search, front, open_study, run_trials, thin
+from refdir.optimize.sources import DirectionSources
+from refdir.optimize.space import edit_of, paper_params
+from refdir.report.figures import png_bytes
+from refdir.report.pareto import pareto_figure, pareto_markdown
+from refdir.study.folder import locked
+from refdir.study.run import run_pipeline
+
+__all__ = ["BEST", "optimize"]
+
+log = logging.getLogger(__name__)
+
+BEST = "best"
+
+
+def optimize(
+    config: OptimizeConfig,
+    out: str | Path,
+    progress: bool = True,
+    model: ChatModel | None = None,
+) -> ParetoRecord:
+    """Search, confirm, pick and export (see the module's doc); returns the front."""
+    out = Path(out)
+    if config.max_kl is not None and config.max_refusal is not None:
+        raise RefdirError("give `max_kl` or `max_refusal`, not both")
+    cm = model if model is not None else load_model(config)
+    run_pipeline(config.run_config(), out, until="select", progress=progress, model=cm)
+    with locked(out):
+        return _optimize(config, out, cm, progress)
+
+
+def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) -> ParetoRecord:
+    selection = SelectionRecord.read(out)
+    if selection.chosen is None:
+        raise RefdirError(
+            f"the run in {out} chose no direction ({selection.rule}); see its selection.json"
+        )
+    position, paper_layer = selection.chosen.position, selection.chosen.layer
+    prompts = PromptSets.read(out)
+    sources = DirectionSources(
+        Candidates.load(out),
+        position,
+        cm,
+        prompts.harmful_train[: config.n_subspace],
+        config.batch_size,
+    )
+    harmful = selection.validation.prompts.harmful_val
+    scorer = TrialScorer(
+        cm,
+        harmful,
+        selection.validation.prompts.harmless_val,
+        RefusalTokensRecord.read(out).ids,
+        config.batch_size,
+    )
+    search = Search(cm.name, config.methods, position, cm.n_layers, paper_layer)
+    study, storage = open_study(search, out, config.storage, config.seed)
+    seconds = run_trials(
+        study, search, scorer, sources, config.trials, config.max_minutes, progress
+    )
+    texts = load_corpus(n=config.n_ce)
+
+    def measured(edit: Edit, scores: Scores, trial: int | None, label: str) -> FrontPoint:
+        return confirm(
+            cm,
+            edit,
+            scores,
+            trial,
+            label,
+            harmful,
+            texts,
+            config.max_new_tokens,
+            config.gen_batch_size,
+        )
+
+    paper_edit = edit_of(paper_params(paper_layer, config.methods, cm.n_layers), sources)
+    paper = measured(paper_edit, scorer.score(paper_edit), None, "paper")
+    trials = thin(front(study), config.n_front)
+    if not trials:
+        raise RefdirError("no trial completed; run more trials (`trials`, `max_minutes`)")
+    points = []
+    for trial in tqdm(trials, desc="confirm the front", disable=not progress, unit="point"):
+        edit = edit_of(dict(trial.params), sources)
+        first = float(trial.user_attrs.get("refusal_first_token", float("nan")))
+        scores = Scores(trial.values[0], first, trial.values[1])
+        points.append(measured(edit, scores, trial.number, f"trial {trial.number}"))
+    chosen, rule = pick(points, config.max_kl, config.max_refusal)
+    ce_base = round(ce_loss(cm, texts, progress=False), 5) if texts else None
+    record = ParetoRecord(
+        model=cm.name,
+        methods=list(config.methods),
+        storage=storage,
+        study="refdir-optimize",
+        trials=len([t for t in study.trials if t.state.name == "COMPLETE"]),
+        search_seconds=round(sum(seconds), 2),
+        trial_seconds=round(statistics.median(seconds), 3) if seconds else 0.0,
+        position=position,
+        ce_baseline=ce_base,
+        paper=paper,
+        points=points,
+        agreement=agreement(points),
+        rule=rule,
+        chosen=chosen,
+    )
+    record.write(out)
+    best = edit_of(dict(trials[chosen].params), sources)
+    direction = _direction_of(out, best, position)
+    held: HeldoutRecord | None = None
+    if config.heldout:
+        conditions = {
+            "none": NONE,
+            "paper": Intervention.ablation(Direction.load(out)),
+            "chosen": Intervention.edited(best),
+        }
+        held = heldout(cm, config.run_config(), conditions, direction, config.long_tokens, progress)
+        held.write(out)
+    make_folder(out / "figures")
+    write_bytes(out / "figures" / "pareto.png", png_bytes(pareto_figure(record)))
+    write_text(out / "optimize.md", pareto_markdown(record, held, "figures/pareto.png"))
+    if config.export:
+        target = out / BEST
+        if (target / ExportManifest.FILE).exists():  # an earlier pick of this folder
+            shutil.rmtree(target)
+        export_edit(cm, best, direction, target)  # edits cm in place: the last step
+    return record
+
+
+def _direction_of(out: Path, edit: Edit, position: int) -> Direction:
+    """The edit's direction as a :class:`Direction` (for activation addition): its first basis
+    vector at the scale of the candidate at the nearest layer, recorded at that layer (one
+    below the last, where an addition can go)."""
+    candidates = Candidates.load(out)
+    index = float(edit.params.get("index", 0.0))
+    layer = min(round(index), candidates.n_layers - 1)
+    nearest = candidates.direction(position, layer)
+    vector = edit.basis[0].double() * nearest.norm
+    return dataclasses.replace(
+        nearest,
+        vector=vector.float(),
+        metadata={"source": "refdir optimize", "index": index},
+    )

@@ -1,0 +1,131 @@
+"""The search space of ``refdir optimize``: which edit methods are searched, their parameters,
+the per-layer kernel of the weights, and the edit a set of parameters stands for.
+
+Always searched: ``index``, the fractional layer of the direction (:mod:`.sources`). Each method
+adds its own parameters; without it, its part of the edit is the paper's:
+
+* ``weights``: per-layer weights for the attention and the MLP writes, each following a
+  kernel (:func:`kernel`), and a weight for the embedding (the paper: 1 everywhere);
+* ``projected``: whether the direction is made orthogonal to the harmless mean (no);
+* ``norm``: whether the edit is norm-preserving (no);
+* ``subspace``: how many directions are removed, 1 to 3 (one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from refdir.errors import RefdirError
+from refdir.interventions.edit import MAX_WEIGHT, Edit
+from refdir.optimize.config import METHOD_NAMES as METHODS
+from refdir.optimize.sources import DirectionSources
+
+__all__ = ["METHODS", "check_methods", "edit_of", "kernel", "paper_params", "suggest"]
+MAX_K = 3
+PEAK = 1.5
+"""The largest kernel peak searched (an edit's weights go up to :data:`MAX_WEIGHT`)."""
+
+
+class Trial(Protocol):
+    """The part of ``optuna.Trial`` the space uses."""
+
+    def suggest_float(self, name: str, low: float, high: float) -> float: ...
+    def suggest_int(self, name: str, low: int, high: int) -> int: ...
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
+
+
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """``methods``, once each is known; an empty list searches the direction alone."""
+    for method in methods:
+        if method not in METHODS:
+            raise RefdirError(f"unknown edit method {method!r}; use some of {', '.join(METHODS)}")
+    return [m for m in METHODS if m in methods]
+
+
+def kernel(
+    n_layers: int, peak: float, center: float, width: float, edge: float
+) -> tuple[float, ...]:
+    """Per-layer weights: ``peak`` at ``center``, falling linearly to ``edge`` x ``peak`` at
+    ``width`` layers away, and 0 beyond. A tent with a raised edge: a window of layers is
+    edited (the refusal direction is read and written in the middle layers), strongest at its
+    centre, with the strength at its edge free, so that a flat window (``edge`` = 1) and a
+    narrow peak (``edge`` = 0) are both in reach."""
+    if width <= 0:
+        raise RefdirError(f"kernel width must be positive, got {width}")
+    weights = []
+    for layer in range(n_layers):
+        distance = abs(layer - center)
+        if distance > width:
+            weights.append(0.0)
+        else:
+            w = peak * (1.0 - (1.0 - edge) * distance / width)
+            weights.append(min(max(w, 0.0), MAX_WEIGHT))
+    return tuple(weights)
+
+
+def suggest(trial: Trial, methods: Sequence[str], n_layers: int) -> dict[str, Any]:
+    """The parameters of one trial."""
+    params: dict[str, Any] = {"index": trial.suggest_float("index", 0.0, float(n_layers))}
+    if "weights" in methods:
+        for part in ("attn", "mlp"):
+            params[f"{part}_peak"] = trial.suggest_float(f"{part}_peak", 0.0, PEAK)
+            params[f"{part}_center"] = trial.suggest_float(f"{part}_center", 0.0, n_layers - 1.0)
+            params[f"{part}_width"] = trial.suggest_float(f"{part}_width", 1.0, float(n_layers))
+            params[f"{part}_edge"] = trial.suggest_float(f"{part}_edge", 0.0, 1.0)
+        params["embed"] = trial.suggest_float("embed", 0.0, 1.0)
+    if "projected" in methods:
+        params["projected"] = trial.suggest_categorical("projected", [False, True])
+    if "norm" in methods:
+        params["norm"] = trial.suggest_categorical("norm", [False, True])
+    if "subspace" in methods:
+        params["k"] = trial.suggest_int("k", 1, MAX_K)
+    return params
+
+
+def paper_params(layer: int, methods: Sequence[str], n_layers: int) -> dict[str, Any]:
+    """The parameters of the paper's edit (its direction, ablated at full strength everywhere)
+    in this space: a trial to start the search from."""
+    params: dict[str, Any] = {"index": float(layer)}
+    if "weights" in methods:
+        for part in ("attn", "mlp"):
+            params.update(
+                {
+                    f"{part}_peak": 1.0,
+                    f"{part}_center": 0.0,
+                    f"{part}_width": float(n_layers),
+                    f"{part}_edge": 1.0,
+                }
+            )
+        params["embed"] = 1.0
+    if "projected" in methods:
+        params["projected"] = False
+    if "norm" in methods:
+        params["norm"] = False
+    if "subspace" in methods:
+        params["k"] = 1
+    return params
+
+
+def edit_of(params: dict[str, Any], sources: DirectionSources) -> Edit:
+    """The edit ``params`` stand for (missing parameters take the paper's values)."""
+    n = sources.n_layers
+    if "attn_peak" in params:
+        attn = kernel(
+            n,
+            params["attn_peak"],
+            params["attn_center"],
+            params["attn_width"],
+            params["attn_edge"],
+        )
+        mlp = kernel(
+            n, params["mlp_peak"], params["mlp_center"], params["mlp_width"], params["mlp_edge"]
+        )
+        embed = float(params["embed"])
+    else:
+        attn = mlp = (1.0,) * n
+        embed = 1.0
+    basis = sources.basis(
+        float(params["index"]), bool(params.get("projected", False)), int(params.get("k", 1))
+    )
+    return Edit(basis, attn, mlp, embed, bool(params.get("norm", False)), dict(params))
