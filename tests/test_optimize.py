@@ -3,7 +3,6 @@ front and its pick rules, the kernel, the export's parity with the edit's hooks.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -76,8 +75,14 @@ def test_optimize_end_to_end(tmp_path: Path) -> None:
 
 def _point(kl: float, rate: float) -> FrontPoint:
     return FrontPoint(
-        trial=0, label="t", params={}, refusal_score=rate, refusal_first_token=rate, kl=kl,
-        refusal_generated=rate, ce_text=None,
+        trial=0,
+        label="t",
+        params={},
+        refusal_score=rate,
+        refusal_first_token=rate,
+        kl=kl,
+        refusal_generated=rate,
+        ce_text=None,
     )
 
 
@@ -88,7 +93,7 @@ def test_pick_rules() -> None:
     assert pick(points, 0.04, None)[0] == 1
     assert pick(points, None, 0.02)[0] == 2
     assert pick(points, None, 0.0)[0] == 3
-    with pytest.raises(RefdirError, match="no front point has KL <= 0.001"):
+    with pytest.raises(RefdirError, match=r"no front point has KL <= 0\.001"):
         pick(points, 0.001, None)
     with pytest.raises(RefdirError, match="not both"):
         pick(points, 0.1, 0.1)
