@@ -3,7 +3,11 @@ front and its pick rules, the kernel, the export's parity with the edit's hooks.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +22,16 @@ from refdir.optimize.front import knee, pick
 from refdir.optimize.run import optimize
 from refdir.optimize.space import kernel
 from tiny import TINY_RUN, tiny_chat_model
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(
+        p for p in (str(SRC), str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p
+    ),
+    "OMP_NUM_THREADS": "1",
+}
+CLI = [sys.executable, "-c", "from refdir.cli import entry; entry()"]
 
 CONFIG = OptimizeConfig.model_validate(
     {**TINY_RUN.model_dump(), "trials": 6, "n_front": 3, "n_subspace": 4, "long_tokens": 3}
@@ -97,3 +111,80 @@ def test_pick_rules() -> None:
         pick(points, 0.001, None)
     with pytest.raises(RefdirError, match="not both"):
         pick(points, 0.1, 0.1)
+
+
+OPTIONS = [
+    *("--refusal-tokens", "5,6", "--no-filter", "--seed", "1", "--n-train", "6", "--n-val", "6"),
+    *("--fallback-kl", "1,1e9", "--induce-min=-1e9", "--max-new-tokens", "2", "--n-ce", "2"),
+    *("--n-front", "2", "--n-subspace", "4", "--no-heldout", "--no-export"),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny import tiny_model, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_model("qwen2").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _study(storage: Path) -> Any:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(
+        study_name="refdir-optimize", storage=JournalStorage(JournalFileBackend(str(storage)))
+    )
+
+
+def _complete(storage: Path) -> list[Any]:
+    from optuna.trial import TrialState
+
+    return _study(storage).get_trials(states=(TrialState.COMPLETE,))
+
+
+def test_two_workers_share_one_study_and_a_later_command_adds_to_it(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    storage = tmp_path / "shared-journal.log"
+    args = lambda out, n: [  # noqa: E731
+        *CLI, "optimize", "--model", str(model_dir), "--out", str(out), "--trials", str(n),
+        "--storage", str(storage), *OPTIONS,
+    ]
+    workers = [
+        subprocess.Popen(args(tmp_path / name, 16), env=ENV, stderr=subprocess.PIPE, text=True)
+        for name in ("a", "b")
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err
+    trials = _complete(storage)
+    assert 16 <= len(trials) <= 17  # each worker stops once the study holds 16
+    by_worker = {t.user_attrs["worker"] for t in trials}
+    assert len(by_worker) == 2, by_worker  # both workers ran trials of the one study
+    assert ParetoRecord.read(tmp_path / "a").trials >= 16
+    # the same command again adds nothing; a larger --trials adds the difference
+    again = subprocess.run(args(tmp_path / "a", 16), env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert len(_complete(storage)) == len(trials)
+    assert ParetoRecord.read(tmp_path / "a").search_seconds == 0.0
+    more = subprocess.run(args(tmp_path / "a", len(trials) + 3), env=ENV, capture_output=True, text=True)
+    assert more.returncode == 0, more.stderr
+    assert len(_complete(storage)) == len(trials) + 3
+
+
+def test_a_study_of_another_search_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from refdir.cli import app
+
+    base = ["optimize", "--model", str(model_dir), "--out", str(tmp_path / "o"), "--trials", "2"]
+    first = CliRunner().invoke(app, [*base, *OPTIONS])
+    assert first.exit_code == 0, first.output
+    assert len(_complete(tmp_path / "o" / "optuna-journal.log")) == 2
+    other = CliRunner().invoke(app, [*base, *OPTIONS, "--methods", "weights"])
+    assert other.exit_code == 2
+    assert "searches something else (methods=" in other.stderr

@@ -16,6 +16,7 @@ from refdir.artifacts.base import Artifact
 from refdir.artifacts.direction import DirectionRecord
 from refdir.artifacts.export import ExportManifest
 from refdir.artifacts.metrics import MetricsRecord
+from refdir.artifacts.pareto import HeldoutRecord, ParetoRecord
 from refdir.artifacts.run import (
     BenchmarksRecord,
     ConfigRecord,
@@ -44,6 +45,8 @@ ARTIFACTS: tuple[type[Artifact], ...] = (
     SuffixHistory,
     SuffixAnalysis,
     ExportManifest,
+    ParetoRecord,
+    HeldoutRecord,
 )
 """Every typed file, in the order a run writes them."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import statistics
 import time
 from collections.abc import Sequence
@@ -127,6 +128,7 @@ def run_trials(
         params = suggest(trial, search.methods, search.n_layers)
         scores = scorer.score(edit_of(params, sources))
         trial.set_user_attr("refusal_first_token", scores.refusal_first_token)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         seconds.append(time.perf_counter() - start)
         return scores.refusal_score, scores.kl
 
