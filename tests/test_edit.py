@@ -152,3 +152,21 @@ def test_bad_edits_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "edit.safetensors").write_bytes(b"nope")
     with pytest.raises(RefdirError, match="is not an edit written by refdir"):
         Edit.load(tmp_path)
+
+
+def test_an_edit_is_an_intervention_of_its_own() -> None:
+    from refdir.evaluation.refusal import Job, evaluate_jobs, evaluate_refusal
+    from refdir.interventions.intervention import NONE, Intervention
+    from refdir.model.generation import generate
+
+    cm = tiny_chat_model("llama")
+    edit = _edit(cm, k=1)
+    with pytest.raises(RefdirError, match="only it, takes an `edit`"):
+        Intervention("edit")
+    result = evaluate_refusal(cm, PROMPTS, "p", Intervention.edited(edit), 4, progress=False)
+    with edit.apply(cm):
+        alone = generate(cm, PROMPTS, 4, progress=False)
+    assert [c.completion for c in result.completions] == alone
+    assert result.intervention == "edit"
+    with pytest.raises(RefdirError, match="decodes in batches of its own"):
+        evaluate_jobs(cm, [Job("a", PROMPTS, NONE), Job("b", PROMPTS, Intervention.edited(edit))])

@@ -151,8 +151,17 @@ def test_two_workers_share_one_study_and_a_later_command_adds_to_it(
 ) -> None:
     storage = tmp_path / "shared-journal.log"
     args = lambda out, n: [  # noqa: E731
-        *CLI, "optimize", "--model", str(model_dir), "--out", str(out), "--trials", str(n),
-        "--storage", str(storage), *OPTIONS,
+        *CLI,
+        "optimize",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--trials",
+        str(n),
+        "--storage",
+        str(storage),
+        *OPTIONS,
     ]
     workers = [
         subprocess.Popen(args(tmp_path / name, 16), env=ENV, stderr=subprocess.PIPE, text=True)
@@ -171,7 +180,9 @@ def test_two_workers_share_one_study_and_a_later_command_adds_to_it(
     assert again.returncode == 0, again.stderr
     assert len(_complete(storage)) == len(trials)
     assert ParetoRecord.read(tmp_path / "a").search_seconds == 0.0
-    more = subprocess.run(args(tmp_path / "a", len(trials) + 3), env=ENV, capture_output=True, text=True)
+    more = subprocess.run(
+        args(tmp_path / "a", len(trials) + 3), env=ENV, capture_output=True, text=True
+    )
     assert more.returncode == 0, more.stderr
     assert len(_complete(storage)) == len(trials) + 3
 
