@@ -199,3 +199,26 @@ def test_a_study_of_another_search_is_refused(model_dir: Path, tmp_path: Path) -
     other = CliRunner().invoke(app, [*base, *OPTIONS, "--methods", "weights"])
     assert other.exit_code == 2
     assert "searches something else (methods=" in other.stderr
+
+
+def test_directions_start_at_the_first_layer_whose_candidate_is_not_zero() -> None:
+    from refdir.directions.candidates import Candidates
+    from refdir.optimize.sources import DirectionSources
+
+    g = torch.Generator().manual_seed(0)
+    harmful = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    harmless = torch.randn(2, 5, 8, generator=g, dtype=torch.float64)
+    harmless[:, 0] = harmful[:, 0]  # the first layer's input: the same token for every prompt
+    sources = DirectionSources(Candidates(harmful, harmless, "m"), -1)
+    assert sources.first_layer == 1
+    with pytest.raises(RefdirError, match=r"outside 1\.\.4"):
+        sources.direction(0.5)
+    d = harmful[-1] - harmless[-1]
+    mid = sources.direction(1.25)
+    unit = [v / v.norm() for v in (d[1], d[2])]
+    expected = 0.75 * unit[0] + 0.25 * unit[1]
+    torch.testing.assert_close(mid, expected / expected.norm())
+    projected = sources.direction(2.0, projected=True)
+    assert float(projected @ harmless[-1, 2]) == pytest.approx(0.0, abs=1e-9)
+    basis = sources.basis(2.0, k=1)
+    assert basis.shape == (1, 8)

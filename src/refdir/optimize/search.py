@@ -125,7 +125,7 @@ def run_trials(
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         start = time.perf_counter()
-        params = suggest(trial, search.methods, search.n_layers)
+        params = suggest(trial, search.methods, search.n_layers, sources.first_layer)
         scores = scorer.score(edit_of(params, sources))
         trial.set_user_attr("refusal_first_token", scores.refusal_first_token)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")

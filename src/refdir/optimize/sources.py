@@ -53,10 +53,23 @@ class DirectionSources:
     def n_layers(self) -> int:
         return int(self.diffs.shape[0]) - 1
 
+    @property
+    def first_layer(self) -> int:
+        """The first layer whose candidate is not zero (at the last position, the first
+        layer's input is the same token for every prompt: its difference of means is 0)."""
+        norms = self.diffs.norm(dim=-1)
+        nonzero = (norms > 1e-9 * norms.max()).nonzero()
+        if nonzero.numel() == 0:
+            raise RefdirError("every candidate at this position is zero; choose another position")
+        return int(nonzero[0])
+
     def _at(self, table: torch.Tensor, index: float) -> torch.Tensor:
         """Unit vectors of ``table`` at the two layers around ``index``, interpolated."""
-        if not 0.0 <= index <= self.n_layers:
-            raise RefdirError(f"direction index {index} is outside 0..{self.n_layers}")
+        if not self.first_layer <= index <= self.n_layers:
+            raise RefdirError(
+                f"direction index {index} is outside {self.first_layer}..{self.n_layers} (the "
+                "layers with a candidate that is not zero)"
+            )
         low = math.floor(index)
         high = min(low + 1, self.n_layers)
         frac = index - low
@@ -83,6 +96,8 @@ class DirectionSources:
         layer = round(index)
         diffs = self.rows()[:, layer] - self.harmless[layer]
         diffs = diffs - (diffs @ r).unsqueeze(-1) * r
+        if not torch.isfinite(diffs).all():
+            raise RefdirError(f"the per-prompt differences at layer {layer} are not finite")
         if diffs.shape[0] < k - 1:
             raise RefdirError(
                 f"a subspace of {k} directions needs at least {k - 1} harmful prompts"

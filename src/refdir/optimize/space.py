@@ -64,9 +64,13 @@ def kernel(
     return tuple(weights)
 
 
-def suggest(trial: Trial, methods: Sequence[str], n_layers: int) -> dict[str, Any]:
-    """The parameters of one trial."""
-    params: dict[str, Any] = {"index": trial.suggest_float("index", 0.0, float(n_layers))}
+def suggest(
+    trial: Trial, methods: Sequence[str], n_layers: int, first_layer: int = 0
+) -> dict[str, Any]:
+    """The parameters of one trial (the direction's index from ``first_layer`` on)."""
+    params: dict[str, Any] = {
+        "index": trial.suggest_float("index", float(first_layer), float(n_layers))
+    }
     if "weights" in methods:
         for part in ("attn", "mlp"):
             params[f"{part}_peak"] = trial.suggest_float(f"{part}_peak", 0.0, PEAK)
