@@ -30,7 +30,13 @@ from typer.testing import CliRunner
 
 from refdir.cli import app
 from refdir.directions.direction import Direction
-from tiny import LAYOUTS, tiny_model, tiny_tokenizer  # tests/ is on the path, as a script too
+from tiny import (  # tests/ is on the path, as a script too
+    CHATML_SYSTEM,
+    LAYOUTS,
+    VOCAB,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "docs" / "reliability.md"
@@ -124,7 +130,9 @@ class Outcome:
 
 def build_bench(root: Path) -> None:
     """The tiny model, a direction extracted from it, another model of the same width, a model
-    whose folder asks to run its own code, and a model with damaged weights."""
+    whose folder asks to run its own code, a model with damaged weights, and two that a
+    reference for the KL cannot be: one of another vocabulary, one whose chat template adds a
+    system prompt."""
     model = root / "model"
     tiny_model("qwen2").save_pretrained(model)
     tiny_tokenizer().save_pretrained(model)
@@ -152,6 +160,12 @@ def build_bench(root: Path) -> None:
     tiny_model("nemotron_h").save_pretrained(nemotron)
     tiny_tokenizer().save_pretrained(nemotron)
     (root / "layout.json").write_text(json.dumps(LAYOUTS["nemotron_h"]))
+    wide = root / "wide"
+    tiny_model("qwen2", vocab_size=VOCAB + 8).save_pretrained(wide)
+    tiny_tokenizer().save_pretrained(wide)
+    system = root / "system"
+    tiny_model("qwen2").save_pretrained(system)
+    tiny_tokenizer(CHATML_SYSTEM).save_pretrained(system)
 
 
 # --------------------------------------------------------------------------- setups
@@ -456,6 +470,26 @@ CASES: dict[str, Case] = {
         ],
         "longer than the model's context of 256",
         also="test_generation.py::test_a_prompt_longer_than_the_context_is_refused_at_once",
+    ),
+    "missing-reference": Case(
+        MODELS,
+        "a reference for the KL that does not exist",
+        lambda b: ["evaluate", *b.model, "--reference", b.path("missing"), "--n", "1"],
+        "--reference: no such model folder or file",
+    ),
+    "reference-other-vocabulary": Case(
+        MODELS,
+        "a reference for the KL with another vocabulary",
+        lambda b: ["evaluate", *b.model, "--reference", str(b.root / "wide"), "--n", "1"],
+        "the KL needs one vocabulary",
+        also="test_reference.py::test_a_reference_of_another_vocabulary_is_one_line",
+    ),
+    "reference-other-tokens": Case(
+        MODELS,
+        "a reference for the KL whose chat template gives the prompts other tokens",
+        lambda b: ["evaluate", *b.model, "--reference", str(b.root / "system"), "--n", "1"],
+        "the KL needs the same tokens",
+        also="test_reference.py::test_a_reference_of_another_vocabulary_is_one_line",
     ),
     # ----- directions
     "missing-direction": Case(

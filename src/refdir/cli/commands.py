@@ -78,6 +78,7 @@ for _name, _flag in (
     ("max_minutes", "--max-minutes"),
     ("n_eval", "--n-eval"),
     ("n_steps", "--steps"),
+    ("reference", "--reference"),
 ):
     register(_name, _flag)
 register("any_model", "--any-model", boolean=True)
@@ -348,8 +349,16 @@ def evaluate(
     ] = None,
     seed: SeedOpt = 0,
     any_model: AnyModelOpt = False,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="Also report KL(reference || model) at the last prompt position against this "
+            "model (a hub id, folder, .gguf or organism; loaded with the model options).",
+        ),
+    ] = None,
 ) -> None:
-    """Greedy completions on a prompt set, scored for refusal by markers."""
+    """Greedy completions on a prompt set, scored for refusal by markers; with --reference, the
+    model's KL against another one."""
     if completions is not None and completions.is_dir():
         raise RefdirError(f"--completions {completions} is a folder; give a .jsonl file path")
     if intervention not in ("none", "ablate", "actadd"):
@@ -362,6 +371,8 @@ def evaluate(
         )
     if not math.isfinite(coeff):
         raise RefdirError(f"--coeff must be a finite number, got {coeff}")
+    if reference is not None and not reference.strip():
+        raise RefdirError("--reference is empty; give a hub id, a folder, a .gguf file or organism")
     _work("generate").evaluate(
         options,
         prompts,
@@ -375,6 +386,7 @@ def evaluate(
         completions,
         seed,
         any_model,
+        reference,
     )
 
 

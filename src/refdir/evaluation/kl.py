@@ -1,10 +1,12 @@
 """The KL score: KL(baseline || intervened) of the next-token distribution at the last prompt
 position, per prompt and on average; how it is spread over prompts; and the same for random
-directions, a reference for what removing any one direction costs the model."""
+directions, a reference for what removing any one direction costs the model; and the KL of a
+model against another checkpoint of it (:func:`kl_against_reference`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -12,13 +14,15 @@ from tqdm.auto import tqdm
 from refdir.artifacts.metrics import Group, KlReference, KlSpread
 from refdir.directions.scoring import candidate_logits
 from refdir.errors import RefdirError
-from refdir.interventions.intervention import Intervention
+from refdir.interventions.intervention import NONE, Intervention
 from refdir.measures import kl_divergence
 from refdir.model.chat_model import ChatModel
 from refdir.model.generation import last_position_logits
 
 __all__ = [
+    "Reference",
     "check_baseline",
+    "kl_against_reference",
     "kl_by_prompt",
     "kl_last_position",
     "kl_summary",
@@ -53,7 +57,7 @@ def kl_by_prompt(
         baseline = last_position_logits(cm, prompts, batch_size)
     with intervention.apply(cm):
         intervened = last_position_logits(cm, prompts, batch_size)
-    return kl_divergence(baseline, intervened)
+    return kl_divergence(baseline.to(intervened.device), intervened)
 
 
 def kl_summary(kl: torch.Tensor, refused: Sequence[bool]) -> KlSpread:
@@ -145,3 +149,85 @@ def random_direction_kl(
 
 _RANDOM_GROUP = 8
 """Random directions scored together: their logits [8, N, vocab] are held at once."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What :func:`kl_against_reference` needs of a reference model, kept once the model is
+    freed: its next-token logits at the last prompt position (``logits``, [N, vocab] float32,
+    on the CPU) and the token ids its chat format gives the prompts (``token_ids``; None: not
+    checked), which the model compared with it must share."""
+
+    name: str
+    logits: torch.Tensor
+    token_ids: list[list[int]] | None = None
+
+    @classmethod
+    def of(cls, cm: ChatModel, prompts: Sequence[str], batch_size: int = 32) -> Reference:
+        """The reference ``cm`` on ``prompts``: one pass, no intervention."""
+        check_baseline(None, prompts)
+        ids = [cm.chat.token_ids(text) for text in prompts]
+        logits = last_position_logits(cm, prompts, batch_size).float().cpu()
+        return cls(cm.name, logits, ids)
+
+
+def kl_against_reference(
+    cm: ChatModel,
+    prompts: Sequence[str],
+    reference: Reference | torch.Tensor,
+    intervention: Intervention = NONE,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """KL(reference || model) of the next-token distribution at the last prompt position for
+    each prompt, float64 [N]: ``cm`` under ``intervention`` against another model's logits on
+    the same ``prompts`` (a :class:`Reference`, or its logits [N, vocab] alone). Two checkpoints
+    compare this way, an orthogonalized export against its original included. A reference whose
+    vocabulary differs (another number of logits, or other token ids for the prompts) is
+    refused: the two distributions would not be over the same tokens."""
+    ref = reference if isinstance(reference, Reference) else Reference("", reference)
+    check_baseline(ref.logits, prompts)
+    width = _logit_width(cm, prompts)
+    if width != ref.logits.shape[1]:
+        raise RefdirError(
+            f"{_named(ref)} gives {ref.logits.shape[1]} logits per position and {cm.name!r} "
+            f"{width}: the KL needs one vocabulary; give a `reference` with the tokenizer of "
+            f"{cm.name!r} (another checkpoint of the same model, such as its original or an export)"
+        )
+    if ref.token_ids is not None:
+        _check_tokens(cm, prompts, ref, ref.token_ids)
+    return kl_by_prompt(cm, prompts, intervention, ref.logits, batch_size)
+
+
+def _named(ref: Reference) -> str:
+    return f"the reference {ref.name!r}" if ref.name else "the reference"
+
+
+def _logit_width(cm: ChatModel, prompts: Sequence[str]) -> int:
+    """How many logits ``cm`` gives per position: its unembedding's rows, or one prompt's."""
+    unembed = cm.layout.unembed
+    weight = getattr(unembed, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    return int(last_position_logits(cm, prompts[:1], 1).shape[-1])
+
+
+def _check_tokens(
+    cm: ChatModel, prompts: Sequence[str], ref: Reference, ids: Sequence[Sequence[int]]
+) -> None:
+    """Raise unless ``cm``'s chat format gives each prompt the token ids (``ids``) that the
+    reference's gave it."""
+    if len(ids) != len(prompts):
+        raise RefdirError(
+            f"{_named(ref)} holds token ids for {len(ids)} prompts; expected {len(prompts)}"
+        )
+    for i, (text, theirs) in enumerate(zip(prompts, ids, strict=True)):
+        ours = cm.chat.token_ids(text)
+        if ours != list(theirs):
+            pairs = zip(ours, theirs, strict=False)
+            at = next((k for k, (a, b) in enumerate(pairs) if a != b), min(len(ours), len(theirs)))
+            raise RefdirError(
+                f"{_named(ref)} and {cm.name!r} turn prompt {i + 1} into different tokens (their "
+                f"tokenizers and chat templates give {len(theirs)} and {len(ours)} tokens, the "
+                f"first difference at token {at}): the KL needs the same tokens; give a "
+                f"`reference` with the tokenizer of {cm.name!r}, or one `chat_template` for both"
+            )

@@ -1,17 +1,22 @@
 """`refdir ablate`, `refdir add` and `refdir evaluate`: greedy completions under an
-intervention, and their refusal rate."""
+intervention, and their refusal rate; with `--reference`, the KL against another model."""
 
 from __future__ import annotations
 
+import gc
 import json
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
+import torch
 import typer
 
 from refdir.cli.text import printable
 from refdir.data import sample_prompts
 from refdir.directions.direction import Direction
+from refdir.errors import RefdirError
+from refdir.evaluation.kl import Reference, kl_against_reference
 from refdir.evaluation.refusal import check_generation, evaluate_refusal
 from refdir.interventions.intervention import NONE, Intervention
 from refdir.io import check_room, output_folder, write_jsonl
@@ -77,6 +82,7 @@ def evaluate(
     completions: Path | None,
     seed: int,
     any_model: bool,
+    reference: str | None = None,
 ) -> None:
     check_generation(max_new_tokens, batch_size)
     # the completions' folder is made and checked now, not after the generation
@@ -87,16 +93,45 @@ def evaluate(
         instructions = sample_prompts(prompts, n or None, seed)  # 0: all
         if completions is not None:  # a full disk: now, not after the generation
             check_room(completions, completions_bytes(instructions, max_new_tokens))
+        # the reference first, then freed: one model in memory at a time
+        against = _reference(options, reference, instructions, batch_size) if reference else None
         cm = load_model(options)
         _checked(cm, chosen)
+        kl = None  # before the generation: a reference of another vocabulary is refused at once
+        if against is not None:
+            kl = kl_against_reference(cm, instructions, against, intervention, batch_size)
         result = evaluate_refusal(
             cm, instructions, prompts, intervention, max_new_tokens, batch_size
         )
         if completions is not None:
             write_jsonl(completions, [r.model_dump() for r in result.completions])
     summary = result.summary()
+    if against is not None and kl is not None:
+        summary |= {
+            "reference": against.name,
+            "kl_reference": float(kl.mean()),
+            "kl_reference_median": float(kl.quantile(0.5)),
+            "kl_reference_max": float(kl.max()),
+        }
     if as_json:
         typer.echo(json.dumps(summary))
     else:
         for key, value in summary.items():
             typer.echo(printable(f"{key:16s} {value}"))  # the model's name, the file's
+
+
+def _reference(
+    options: ModelOptions, reference: str, instructions: Sequence[str], batch_size: int
+) -> Reference:
+    """The reference model's last-position logits on the prompts, loaded with the model's own
+    options (dtype, device, system prompt, chat template, layout), then freed."""
+    try:
+        ref_cm = load_model(options.model_copy(update={"model": reference, "gguf_file": None}))
+        against = Reference.of(ref_cm, instructions, batch_size)
+    except RefdirError as exc:  # which of the two models it is about
+        raise RefdirError(f"`reference`: {exc}") from None
+    del ref_cm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return against
