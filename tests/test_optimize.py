@@ -3,6 +3,7 @@ front and its pick rules, the kernel, the export's parity with the edit's hooks.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny import tiny_model, tiny_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-model")
-    tiny_model("qwen2").save_pretrained(path)
+    tiny_model("qwen2", initializer_range=0.2).save_pretrained(path)  # edits that move it
     tiny_tokenizer().save_pretrained(path)
     return path
 
@@ -222,3 +223,48 @@ def test_directions_start_at_the_first_layer_whose_candidate_is_not_zero() -> No
     assert float(projected @ harmless[-1, 2]) == pytest.approx(0.0, abs=1e-9)
     basis = sources.basis(2.0, k=1)
     assert basis.shape == (1, 8)
+
+
+def test_the_export_and_its_edit_by_hooks_agree_through_evaluate(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from refdir.cli import app
+
+    out = tmp_path / "o"
+    options = [o for o in OPTIONS if o != "--no-export"]
+    made = CliRunner().invoke(
+        app, ["optimize", "--model", str(model_dir), "--out", str(out), "--trials", "3", *options]
+    )
+    assert made.exit_code == 0, made.output
+    best = out / "best"
+
+    def evaluate(*args: str) -> dict[str, Any]:
+        common = ["--prompts", "harmless_test", "--n", "4", "--max-new-tokens", "2", "--json"]
+        result = CliRunner().invoke(app, ["evaluate", *args, *common])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    hooks = evaluate("--model", str(model_dir), "--edit", str(best), "--reference", str(model_dir))
+    weights = evaluate("--model", str(best), "--reference", str(model_dir))
+    same = evaluate("--model", str(model_dir), "--edit", str(best), "--reference", str(best))
+    assert hooks["intervention"] == "edit"
+    assert hooks["kl_reference"] == pytest.approx(weights["kl_reference"], rel=1e-3, abs=1e-7)
+    assert weights["kl_reference"] > 1e-5  # the edit changes the model
+    assert same["kl_reference"] < 1e-6  # the edit by hooks is the exported model
+    both = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(model_dir),
+            "--edit",
+            str(best),
+            "--intervention",
+            "ablate",
+            "--direction",
+            str(best),
+        ],
+    )
+    assert both.exit_code == 2 and "are two interventions; give one of them" in both.stderr

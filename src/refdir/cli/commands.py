@@ -356,6 +356,13 @@ def evaluate(
             "model (a hub id, folder, .gguf or organism; loaded with the model options).",
         ),
     ] = None,
+    edit: Annotated[
+        Path | None,
+        typer.Option(
+            help="Apply an edit of refdir optimize by hooks (edit.safetensors, or its folder: "
+            "an optimize export's best/)."
+        ),
+    ] = None,
 ) -> None:
     """Greedy completions on a prompt set, scored for refusal by markers; with --reference, the
     model's KL against another one."""
@@ -371,6 +378,10 @@ def evaluate(
         )
     if not math.isfinite(coeff):
         raise RefdirError(f"--coeff must be a finite number, got {coeff}")
+    if edit is not None and intervention != "none":
+        raise RefdirError(
+            f"--edit and --intervention {intervention} are two interventions; give one of them"
+        )
     if reference is not None and not reference.strip():
         raise RefdirError("--reference is empty; give a hub id, a folder, a .gguf file or organism")
     _work("generate").evaluate(
@@ -387,6 +398,7 @@ def evaluate(
         seed,
         any_model,
         reference,
+        edit,
     )
 
 

@@ -37,7 +37,6 @@ from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
 from refdir.interventions.projection import (
     column_scale,
-    edited_copy,
     layout_of,
     orthonormal,
     write_basis,
@@ -140,7 +139,7 @@ class Edit:
                 for write in layer.writes:
                     for weight in write.weights:
                         if weight.param.dim() != 2:
-                            column_scale(weight.param, weight.axis, weight.param)  # the error
+                            column_scale(weight.param, weight.axis, self.basis, 1.0)  # the error
 
     def sites(self, layout: ModelLayout) -> Iterator[tuple[int, Write, float]]:
         """Each (layer, write, weight) with a weight above zero."""
@@ -203,9 +202,8 @@ class Edit:
         self, layout: ModelLayout, write: Write, weight: OutputWeight, w: float
     ) -> torch.Tensor:
         """The per-feature scale that keeps ``weight``'s columns at their length once edited."""
-        param = weight.param.detach()
         basis = write_basis(layout, write, self.basis)
-        return column_scale(param, weight.axis, edited_copy(param, weight.axis, basis, w))
+        return column_scale(weight.param, weight.axis, basis, w)
 
     @contextmanager
     def apply(self, model: M) -> Iterator[M]:

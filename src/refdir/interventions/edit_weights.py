@@ -67,7 +67,7 @@ def edit_weights(cm: ChatModel, edit: Edit) -> OrthogonalizeReport:
                 param = weight.param
                 new = edited_copy(param, weight.axis, basis, w)
                 if edit.norm_preserving:
-                    scale = column_scale(param, weight.axis, new).to(new.device)
+                    scale = column_scale(param, weight.axis, basis, w).to(new.device)
                     new = new * (scale.unsqueeze(0) if weight.axis == -2 else scale.unsqueeze(1))
                 param.data.copy_(new.to(param.dtype))
                 edited += 1

@@ -62,16 +62,23 @@ def edited_copy(weight: torch.Tensor, axis: int, basis: torch.Tensor, w: float) 
     return flat.reshape(x.shape).movedim(-1, axis)
 
 
-def column_scale(weight: torch.Tensor, axis: int, edited: torch.Tensor) -> torch.Tensor:
-    """Per input feature (a slice across the residual ``axis``), ``|W_j| / |W'_j|``: the factor
-    that gives the edited weight ``edited`` each feature's original length (1 where a feature
-    wrote nothing, or nothing but the subspace). Float32 [features]."""
+def column_scale(weight: torch.Tensor, axis: int, basis: torch.Tensor, w: float) -> torch.Tensor:
+    """Per input feature (a slice across the residual ``axis``), ``|W_j| / |W'_j|`` for
+    ``W' = W - w Q^T Q W``: the factor that gives the edited weight each feature's original
+    length (1 where a feature wrote nothing, or nothing but the subspace). Float32 [features].
+
+    With ``Q``'s rows orthonormal, ``|W'_j|^2 = |W_j|^2 - (2w - w^2) |Q W_j|^2``, so only the
+    subspace's share of each column is computed, in float64."""
     if weight.dim() != 2:
         raise RefdirError(
             f"a norm-preserving edit needs 2-D output weights, got shape {list(weight.shape)} "
             "(fused experts); use norm_preserving=False"
         )
-    before = weight.double().norm(dim=axis)
-    after = edited.double().norm(dim=axis)
-    ok = (before > 0) & (after > 1e-6 * before)
-    return torch.where(ok, before / after.clamp_min(1e-300), torch.ones_like(before)).float()
+    x = weight.detach().double().movedim(axis, -1)  # [features, d]
+    q = basis.to(device=weight.device, dtype=torch.float64)
+    before = (x * x).sum(-1)
+    along = ((x @ q.T) ** 2).sum(-1)
+    after = (before - (2 * w - w * w) * along).clamp_min(0.0)
+    ok = (before > 0) & (after > 1e-12 * before)
+    scale = torch.where(ok, (before / after.clamp_min(1e-300)).sqrt(), torch.ones_like(before))
+    return scale.float()

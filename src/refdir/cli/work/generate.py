@@ -18,6 +18,7 @@ from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
 from refdir.evaluation.kl import Reference, kl_against_reference
 from refdir.evaluation.refusal import check_generation, evaluate_refusal
+from refdir.interventions.edit import Edit
 from refdir.interventions.intervention import NONE, Intervention
 from refdir.io import check_room, output_folder, write_jsonl
 from refdir.model.chat_model import ChatModel
@@ -83,6 +84,7 @@ def evaluate(
     seed: int,
     any_model: bool,
     reference: str | None = None,
+    edit: Path | None = None,
 ) -> None:
     check_generation(max_new_tokens, batch_size)
     # the completions' folder is made and checked now, not after the generation
@@ -90,6 +92,8 @@ def evaluate(
     with folder:
         chosen = Direction.load(direction, any_model=any_model) if direction is not None else None
         intervention = _intervention(kind, chosen, coeff)
+        if edit is not None:
+            intervention = Intervention.edited(Edit.load(edit))
         instructions = sample_prompts(prompts, n or None, seed)  # 0: all
         if completions is not None:  # a full disk: now, not after the generation
             check_room(completions, completions_bytes(instructions, max_new_tokens))
@@ -97,6 +101,8 @@ def evaluate(
         against = _reference(options, reference, instructions, batch_size) if reference else None
         cm = load_model(options)
         _checked(cm, chosen)
+        if intervention.edit is not None:
+            intervention.edit.check(cm.layout)
         kl = None  # before the generation: a reference of another vocabulary is refused at once
         if against is not None:
             kl = kl_against_reference(cm, instructions, against, intervention, batch_size)
