@@ -844,6 +844,15 @@ FAULTS: dict[str, Fault] = {
         "test_faults.py::test_a_signal_a_reader_reports_as_damage_still_exits_as_the_signal",
         "exits 143 (130 for Ctrl-C) without claiming the file is damaged",
     ),
+    "signal-at-temporary-birth": Fault(
+        MACHINE,
+        "SIGTERM or Ctrl-C just after a temporary file or folder is made, before it is recorded",
+        "a command in a child process, the signal right after mkstemp/mkdtemp",
+        143,
+        None,
+        "test_faults.py::test_a_signal_as_a_temporary_is_born_leaves_nothing",
+        "the signal waits until the temporary is recorded; exits 143 (130), nothing is left",
+    ),
     "killed-export": Fault(
         MACHINE,
         "an export killed (SIGKILL) with its temporary folder on disk",

@@ -628,6 +628,64 @@ def test_a_signal_a_reader_reports_as_damage_still_exits_as_the_signal(
     assert "Traceback" not in stderr, stderr
 
 
+AT_BIRTH = textwrap.dedent(
+    """
+    import sys, tempfile, time
+    from pathlib import Path
+    from refdir.cli.commands import app, entry
+    from refdir.io import atomic_folder, atomic_path
+
+    real = {"file": tempfile.mkstemp, "folder": tempfile.mkdtemp}
+
+    def slow(kind):
+        def made(*args, **kwargs):  # the signal lands right after the temporary is made
+            out = real[kind](*args, **kwargs)
+            print("made", flush=True)
+            time.sleep(2)
+            return out
+        return made
+
+    tempfile.mkstemp, tempfile.mkdtemp = slow("file"), slow("folder")
+
+    @app.command("write-one")
+    def write_one(out: str, kind: str) -> None:
+        if kind == "file":
+            with atomic_path(Path(out) / "x.json") as tmp:
+                tmp.write_text("{}")
+        else:
+            with atomic_folder(Path(out) / "x") as tmp:
+                (tmp / "a").write_text("a")
+
+    sys.argv = ["refdir", "write-one", sys.argv[1], sys.argv[2]]
+    entry()
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+@pytest.mark.parametrize(("name", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_as_a_temporary_is_born_leaves_nothing(
+    tmp_path: Path, kind: str, name: str, code: int
+) -> None:
+    """A signal between the making of a temporary file or folder and its recording (CI met a
+    `.timings.json` temporary left by a signalled run) waits until it is recorded: the
+    process still ends as the signal, and nothing is left."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", AT_BIRTH, str(tmp_path), kind],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "made"
+    child.send_signal(getattr(signal, name))
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == code, stderr
+    assert "Traceback" not in stderr, stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 DIES_MID_SWAP = textwrap.dedent(
     """
     import os, sys

@@ -17,7 +17,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,14 @@ __all__ = [
     "atomic_folder",
     "atomic_path",
     "check_room",
+    "defer_signal",
     "file_mode",
     "file_size_limit",
     "full_disk_error",
     "make_folder",
     "output_folder",
     "remove_stale",
+    "signals_held",
     "writable_folder",
     "write_bytes",
     "write_json",
@@ -246,21 +248,52 @@ def output_folder(path: Path) -> Iterator[Path]:
         raise
 
 
+_HELD = [0]
+_PENDING: list[Callable[[], None]] = []
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """A block that a signal does not cut: the command line's SIGINT and SIGTERM handlers
+    (:func:`defer_signal`) wait until it ends, so that a temporary file made and recorded, or
+    removed, in the block cannot be left behind by a signal that lands between the two."""
+    _HELD[0] += 1
+    try:
+        yield
+    finally:
+        _HELD[0] -= 1
+        if _HELD[0] == 0 and _PENDING:
+            action = _PENDING[0]
+            _PENDING.clear()
+            action()
+
+
+def defer_signal(action: Callable[[], None]) -> bool:
+    """For a signal handler: inside :func:`signals_held`, keep ``action`` (what the handler
+    would do: raise) for the block's end and return True; outside, return False."""
+    if _HELD[0] > 0:
+        _PENDING.append(action)
+        return True
+    return False
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it over ``target`` only on success.
     A full disk or the file-size limit, met while writing it, is a one-line error."""
     make_folder(target.parent)
     remove_stale(target)
+    tmp_path: Path | None = None
     try:
-        fd, tmp = tempfile.mkstemp(
-            dir=target.parent, prefix=_temporary_prefix(target), suffix=".tmp"
-        )
-    except OSError as exc:
-        raise _cannot_write(target.parent, exc) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+        with signals_held():  # made and recorded, or not made: never made and forgotten
+            try:
+                fd, tmp = tempfile.mkstemp(
+                    dir=target.parent, prefix=_temporary_prefix(target), suffix=".tmp"
+                )
+            except OSError as exc:
+                raise _cannot_write(target.parent, exc) from None
+            tmp_path = Path(tmp)
+            os.close(fd)
         try:
             yield tmp_path
         except Exception as exc:
@@ -272,8 +305,9 @@ def atomic_path(target: Path) -> Iterator[Path]:
             tmp_path.chmod(file_mode())
         os.replace(tmp_path, target)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with signals_held():
+            if tmp_path is not None:
+                tmp_path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -285,11 +319,13 @@ def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
     limit, met while writing into it, is a one-line error."""
     make_folder(target.parent)
     remove_stale(target)
+    tmp: Path | None = None
     try:
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temporary_prefix(target)))
-    except OSError as exc:
-        raise _cannot_write(target.parent, exc) from None
-    try:
+        with signals_held():
+            try:
+                tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temporary_prefix(target)))
+            except OSError as exc:
+                raise _cannot_write(target.parent, exc) from None
         try:
             yield tmp
         except Exception as exc:
@@ -307,7 +343,9 @@ def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals_held():
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -21,6 +21,7 @@ from typer.exceptions import TyperException  # typer's own click: its usage erro
 from refdir.cli.allocator import keep_freed_memory
 from refdir.cli.options import flags_in, register, with_options
 from refdir.errors import RefdirError
+from refdir.io import defer_signal
 from refdir.model.options import ModelOptions
 from refdir.optimize.config import OptimizeConfig
 from refdir.study.config import RunConfig, read_config
@@ -477,19 +478,29 @@ def suffix(
     )
 
 
+def _exit(code: int) -> None:
+    raise SystemExit(code)
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
 def _terminated(signum: int, frame: object) -> None:
     """SIGTERM (``kill``, a cluster's scheduler, a container stopping): leave as Ctrl-C does,
     through every ``finally`` that removes temporary files, with the shell's code for it
     (128 + 15). A second SIGTERM while that runs ends the process at once."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _SIGNALLED.append(128 + signum)
-    raise SystemExit(128 + signum)
+    if not defer_signal(functools.partial(_exit, 128 + signum)):  # not inside a temp file's birth
+        raise SystemExit(128 + signum)
 
 
 def _interrupted(signum: int, frame: object) -> None:
     """Ctrl-C: Python's own KeyboardInterrupt, remembered (see :data:`_SIGNALLED`)."""
     _SIGNALLED.append(130)
-    raise KeyboardInterrupt
+    if not defer_signal(_interrupt):
+        raise KeyboardInterrupt
 
 
 def entry() -> None:
