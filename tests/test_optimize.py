@@ -71,6 +71,12 @@ def test_optimize_end_to_end(tmp_path: Path) -> None:
     assert held.results[0].kl_mean == pytest.approx(0.0, abs=1e-9)
     assert (out / "figures" / "pareto.png").stat().st_size > 1000
     assert "| paper |" in (out / "optimize.md").read_text()
+    fronts = sorted(p.name for p in (out / "front").iterdir())
+    assert fronts == [*(f"{i:02d}" for i in range(len(record.points))), "paper"]
+    assert (
+        Edit.load(out / "front" / f"{record.chosen:02d}").params
+        == record.points[record.chosen].params
+    )
     # the export equals the chosen edit by hooks
     manifest = ExportManifest.read(out / "best")
     assert manifest.exact and manifest.parity_max_abs_logit_delta < 1e-4

@@ -3,7 +3,8 @@ on the refusals-versus-KL front, confirm the front by generation, pick and expor
 
 Files written into the folder, beside the run's: ``optuna-journal.log`` (the study, unless
 ``--storage`` puts it elsewhere), ``pareto.json``, ``heldout.json``, ``optimize.md`` with
-``figures/pareto.png``, and ``best/`` (the chosen point's checkpoint)."""
+``figures/pareto.png``, ``front/`` (each front point's edit) and ``best/`` (the chosen point's
+checkpoint)."""
 
 from __future__ import annotations
 
@@ -42,11 +43,14 @@ from refdir.report.pareto import pareto_figure, pareto_markdown
 from refdir.study.folder import locked
 from refdir.study.run import run_pipeline
 
-__all__ = ["BEST", "optimize"]
+__all__ = ["BEST", "FRONT", "optimize"]
 
 log = logging.getLogger(__name__)
 
 BEST = "best"
+FRONT = "front"
+"""The edit of every front point (``front/NN/edit.safetensors``, NN its index in pareto.json)
+and the paper's (``front/paper/``), to apply by hooks (``refdir evaluate --edit``)."""
 
 
 def optimize(
@@ -114,8 +118,13 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
     if not trials:
         raise RefdirError("no trial completed; run more trials (`trials`, `max_minutes`)")
     points = []
-    for trial in tqdm(trials, desc="confirm the front", disable=not progress, unit="point"):
+    shutil.rmtree(out / FRONT, ignore_errors=True)  # an earlier command's front
+    paper_edit.save(out / FRONT / "paper")
+    for i, trial in enumerate(
+        tqdm(trials, desc="confirm the front", disable=not progress, unit="point")
+    ):
         edit = edit_of(dict(trial.params), sources)
+        edit.save(out / FRONT / f"{i:02d}")
         first = float(trial.user_attrs.get("refusal_first_token", float("nan")))
         scores = Scores(trial.values[0], first, trial.values[1])
         points.append(measured(edit, scores, trial.number, f"trial {trial.number}"))
