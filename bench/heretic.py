@@ -524,7 +524,12 @@ def refdir_points(args: argparse.Namespace, work: Path) -> tuple[list[Row], dict
     if args.refdir is None:
         return [], {}
     src = Path(args.refdir)
-    edits = sorted(src.rglob("edit.safetensors"))
+    edits = sorted(src.glob("front/*/edit.safetensors"))  # the front, and the paper's edit
+    if args.refdir_points and len(edits) > args.refdir_points:
+        points = [e for e in edits if e.parent.name != "paper"]
+        step = (len(points) - 1) / max(args.refdir_points - 2, 1)
+        keep = {points[round(i * step)] for i in range(args.refdir_points - 1)}
+        edits = [e for e in edits if e in keep or e.parent.name == "paper"]
     if not (src / "pareto.json").is_file() or not edits:
         print(f"--refdir {src}: no pareto.json or no edit.safetensors; skipped")
         return [], {}
@@ -545,7 +550,7 @@ def refdir_points(args: argparse.Namespace, work: Path) -> tuple[list[Row], dict
             cm.model.save_pretrained(model)
             cm.tokenizer.save_pretrained(model)
         rows.append(Row("refdir", label, str(model)))
-    tool = {k: meta[k] for k in ("wall_s", "trials", "n_trials", "elapsed_s") if k in meta}
+    tool = {k: meta[k] for k in ("trials", "search_seconds", "trial_seconds") if k in meta}
     return rows, tool
 
 
@@ -557,6 +562,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=15.0, help="heretic's search budget")
     p.add_argument("--trials", type=int, default=10000, help="heretic's n_trials (a cap)")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    p.add_argument(
+        "--refdir-points",
+        type=int,
+        default=0,
+        help="score at most this many of --refdir's front points, spread along it, and the "
+        "paper's edit (0: all)",
+    )
     p.add_argument("--heretic", type=Path, default=DEFAULT_HERETIC, help="heretic's executable")
     p.add_argument("--heretic-arg", action="append", default=[], help="a flag for heretic")
     p.add_argument("--heretic-batch-size", type=int, default=32)
