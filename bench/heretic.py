@@ -760,7 +760,28 @@ def report(result: dict[str, Any], rows: list[Row]) -> None:
     print("refusals: refdir's markers on harmful_test ∪ jailbreakbench (by set: harmful_test +")
     print("jailbreakbench); KL: refdir's, on harmless_test; own: the tool's scores on its own")
     print("prompts; KL check: refdir's KL on heretic's own KL prompts (should equal own KL)")
+    scored = [r for r in rows if r.refusals is not None and r.kl is not None]
+    ours = [r for r in scored if r.tool == "refdir"]
+    theirs = [r for r in scored if r.tool == "heretic"]
+    if ours and theirs:
+        beaten = [
+            h.trial
+            for h in theirs
+            if any(o.refusals <= h.refusals and o.kl <= h.kl for o in ours)  # type: ignore[operator]
+        ]
+        print(
+            f"refdir's points dominate {len(beaten)} of heretic's {len(theirs)} scored trials "
+            "(no more refusals and no more KL)"
+        )
+        result["dominated"] = {"heretic_trials": len(theirs), "dominated": beaten}
+        figure(result, scored)
     for name, tool in result["tools"].items():
+        if name == "refdir" and tool:
+            print(
+                f"refdir: search {fmt(tool.get('search_seconds'), '.0f')} s, trials "
+                f"{tool.get('trials', '?')} (median {fmt(tool.get('trial_seconds'), '.2f')} s)"
+            )
+            continue
         if tool:
             extra = ", ".join(
                 f"{k} {fmt(tool[k], '.0f')} s" for k in ("setup_s", "export_s") if k in tool
@@ -769,6 +790,37 @@ def report(result: dict[str, Any], rows: list[Row]) -> None:
                 f"{name}: wall {fmt(tool.get('wall_s'), '.0f')} s, trials completed "
                 f"{tool.get('trials', '?')}" + (f" ({extra})" if extra else "")
             )
+
+
+def figure(result: dict[str, Any], rows: list[Row]) -> None:
+    """Both tools' scored points, held-out refusals against harmless KL, as ``fronts.png``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    styles = {"refdir": ("o", "#1f77b4"), "heretic": ("^", "#ff7f0e"), "none": ("s", "#7f7f7f")}
+    for tool, (marker, color) in styles.items():
+        mine = [r for r in rows if r.tool == tool]
+        if mine:
+            ax.plot(
+                [r.kl for r in mine],
+                [r.refusals / r.n_harmful for r in mine],  # type: ignore[operator]
+                marker,
+                color=color,
+                linestyle="none",
+                label=f"{tool} ({len(mine)})",
+            )
+    for r in rows:
+        if r.tool == "refdir" and r.trial.endswith("paper"):
+            ax.annotate("paper", (r.kl, r.refusals / r.n_harmful), fontsize=7)  # type: ignore[arg-type, operator]
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("KL on 100 harmless_test prompts (last position)")
+    ax.set_ylabel("refusal rate, harmful_test + jailbreakbench")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    out = Path(result["args"]["work"]) / "fronts.png"
+    fig.savefig(out, dpi=150)
+    print(f"figure: {out}")
 
 
 if __name__ == "__main__":
