@@ -35,7 +35,15 @@ from refdir.optimize.config import OptimizeConfig
 from refdir.optimize.front import agreement, confirm, pick
 from refdir.optimize.heldout import heldout
 from refdir.optimize.scorer import Scores, TrialScorer
-from refdir.optimize.search import Search, front, open_study, run_trials, thin
+from refdir.optimize.search import (
+    STUDY_NAME,
+    Search,
+    completed,
+    front,
+    open_study,
+    run_trials,
+    thin,
+)
 from refdir.optimize.sources import DirectionSources
 from refdir.optimize.space import edit_of, paper_params
 from refdir.report.figures import png_bytes
@@ -125,8 +133,12 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
     ):
         edit = edit_of(dict(trial.params), sources)
         edit.save(out / FRONT / f"{i:02d}")
-        first = float(trial.user_attrs.get("refusal_first_token", float("nan")))
-        scores = Scores(trial.values[0], first, trial.values[1])
+        first = trial.user_attrs.get("refusal_first_token")
+        scores = (
+            Scores(trial.values[0], float(first), trial.values[1])
+            if isinstance(first, float | int)
+            else scorer.score(edit)  # a trial recorded without it
+        )
         points.append(measured(edit, scores, trial.number, f"trial {trial.number}"))
     chosen, rule = pick(points, config.max_kl, config.max_refusal)
     ce_base = round(ce_loss(cm, texts, progress=False), 5) if texts else None
@@ -134,8 +146,8 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
         model=cm.name,
         methods=list(config.methods),
         storage=storage,
-        study="refdir-optimize",
-        trials=len([t for t in study.trials if t.state.name == "COMPLETE"]),
+        study=STUDY_NAME,
+        trials=len(completed(study)),
         search_seconds=round(sum(seconds), 2),
         trial_seconds=round(statistics.median(seconds), 3) if seconds else 0.0,
         position=position,

@@ -27,7 +27,16 @@ from refdir.optimize.scorer import TrialScorer
 from refdir.optimize.sources import DirectionSources
 from refdir.optimize.space import edit_of, paper_params, suggest
 
-__all__ = ["JOURNAL_FILE", "STUDY_NAME", "Search", "open_study", "run_trials"]
+__all__ = [
+    "JOURNAL_FILE",
+    "STUDY_NAME",
+    "Search",
+    "completed",
+    "front",
+    "open_study",
+    "run_trials",
+    "thin",
+]
 
 log = logging.getLogger(__name__)
 
