@@ -134,6 +134,9 @@ class Dialog:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # our Ctrl+C is not its Ctrl+C
+            # a bench started in the background (nohup, `&`) ignores SIGINT, and a child
+            # inherits that: heretic would never see the deadline's SIGINT
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),
         )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -591,6 +594,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--refdir", type=Path, default=None, help="a refdir optimize result folder")
     p.add_argument("--threads", type=int, default=None, help="torch threads (all by default)")
     p.add_argument("--skip-search", action="store_true", help="reuse the study in --work")
+    p.add_argument(
+        "--front-only",
+        action="store_true",
+        help="save and score only heretic's own Pareto front (its refusals and KL) of the "
+        "trials completed within --minutes, spread to --max-export",
+    )
     p.add_argument("--skip-export", action="store_true", help="score only models saved before")
     p.add_argument("--no-eval", action="store_true", help="stop after the exports")
     return p.parse_args(argv)
@@ -634,6 +643,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     complete = [t for t in trials if t["state"] == "COMPLETE"]
     complete.sort(key=lambda t: t["user_attrs"]["index"])
     print(f"heretic: {len(complete)} completed trials of {len(trials)} started")
+    if run.get("started") is not None:  # a trial that ended past the budget does not count
+        deadline = run["started"] + args.minutes * 60
+        late = [t for t in complete if t["complete"] and t["complete"] > deadline]
+        complete = [t for t in complete if t not in late]
+        print(
+            f"heretic: {len(complete)} completed within {args.minutes} minutes ({len(late)} later)"
+        )
+    if args.front_only:  # heretic's own Pareto front (its refusals and KL), spread
+        own = [(t["user_attrs"]["refusals"], t["user_attrs"]["kl_divergence"]) for t in complete]
+        front = [
+            t
+            for t, (r, k) in zip(complete, own, strict=True)
+            if not any((r2 <= r and k2 <= k) and (r2, k2) != (r, k) for r2, k2 in own)
+        ]
+        front.sort(key=lambda t: t["user_attrs"]["kl_divergence"])
+        if args.max_export and len(front) > args.max_export:
+            step = (len(front) - 1) / max(args.max_export - 1, 1)
+            front = [front[round(i * step)] for i in range(args.max_export)]
+        print(
+            f"heretic: its front, {len(front)} trials: {[t['user_attrs']['index'] for t in front]}"
+        )
+        trials_in_budget = len(complete)
+        complete = front
     for t in complete:
         a = t["user_attrs"]
         took = t["complete"] - t["start"] if t["start"] and t["complete"] else None
@@ -648,7 +680,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for n, t in enumerate(complete):  # every trial has a row, with its own scores
         a = t["user_attrs"]
         start = time.monotonic()
-        due = not args.skip_export and (args.max_export is None or n < args.max_export)
+        due = not args.skip_export and (
+            args.front_only or args.max_export is None or n < args.max_export
+        )
         model = export_trial(args, work, t, settings) if due else None
         export_s += time.monotonic() - start
         path = work / "trials" / f"trial-{a['index']:03d}" / "model"
@@ -668,7 +702,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     result["tools"] = {
         "heretic": {
             "wall_s": run.get("wall_s"),
-            "trials": len(complete),
+            "trials": trials_in_budget if args.front_only else len(complete),
             "started": len(trials),
             "rc": run.get("rc"),
             "export_s": export_s,
