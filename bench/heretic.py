@@ -368,7 +368,9 @@ def read_trials(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, An
         check=True,
     )
     rows = json.loads(out.stdout)
-    attrs = next((r["study_user_attrs"] for r in rows if "study_user_attrs" in r), {})
+    attrs: dict[str, Any] = next(
+        (r["study_user_attrs"] for r in rows if "study_user_attrs" in r), {}
+    )
     return [r for r in rows if "number" in r], attrs
 
 
@@ -651,11 +653,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"heretic: {len(complete)} completed within {args.minutes} minutes ({len(late)} later)"
         )
     if args.front_only:  # heretic's own Pareto front (its refusals and KL), spread
-        own = [(t["user_attrs"]["refusals"], t["user_attrs"]["kl_divergence"]) for t in complete]
+        scores = [(t["user_attrs"]["refusals"], t["user_attrs"]["kl_divergence"]) for t in complete]
         front = [
             t
-            for t, (r, k) in zip(complete, own, strict=True)
-            if not any((r2 <= r and k2 <= k) and (r2, k2) != (r, k) for r2, k2 in own)
+            for t, (r, k) in zip(complete, scores, strict=True)
+            if not any((r2 <= r and k2 <= k) and (r2, k2) != (r, k) for r2, k2 in scores)
         ]
         front.sort(key=lambda t: t["user_attrs"]["kl_divergence"])
         if args.max_export and len(front) > args.max_export:
@@ -837,8 +839,8 @@ def figure(result: dict[str, Any], rows: list[Row]) -> None:
         mine = [r for r in rows if r.tool == tool]
         if mine:
             ax.plot(
-                [r.kl for r in mine],
-                [r.refusals / r.n_harmful for r in mine],  # type: ignore[operator]
+                [float(r.kl or 0.0) for r in mine],
+                [(r.refusals or 0) / (r.n_harmful or 1) for r in mine],
                 marker,
                 color=color,
                 linestyle="none",
@@ -846,7 +848,7 @@ def figure(result: dict[str, Any], rows: list[Row]) -> None:
             )
     for r in rows:
         if r.tool == "refdir" and r.trial.endswith("paper"):
-            ax.annotate("paper", (r.kl, r.refusals / r.n_harmful), fontsize=7)  # type: ignore[arg-type, operator]
+            ax.annotate("paper", (r.kl or 0.0, (r.refusals or 0) / (r.n_harmful or 1)), fontsize=7)
     ax.set_xscale("symlog", linthresh=0.01)
     ax.set_xlabel("KL on 100 harmless_test prompts (last position)")
     ax.set_ylabel("refusal rate, harmful_test + jailbreakbench")

@@ -17,6 +17,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from refdir.artifacts.pareto import FrontPoint, ParetoRecord
 from refdir.model.loading import load_model
@@ -63,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     base = OptimizeConfig.model_validate(read_config(args.run / "config.toml"))
     cm = load_model(base)
-    rows = []
+    rows: list[dict[str, Any]] = []
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]
     for name, methods in SEARCHES.items():
         if wanted and name not in wanted:
@@ -86,6 +87,7 @@ def main() -> None:
             }
         )
         start = time.perf_counter()
+        record: ParetoRecord | None
         try:
             record = optimize(config, folder, model=cm)
         except Exception as exc:  # a search with no point under the target still counts
@@ -116,10 +118,10 @@ def main() -> None:
     )
     for r in rows:
         ratio = r["paper_kl"] / r["best_kl"] if r["best_kl"] else float("nan")
-        best = f"{r['best_kl']:.4f}" if r["best_kl"] is not None else "-"
+        best_kl = f"{r['best_kl']:.4f}" if r["best_kl"] is not None else "-"
         refusal = f"{r['best_refusal']:.3f}" if r["best_refusal"] is not None else "-"
         print(
-            f"{r['search']:18s} {r['trials']:6d} {r['wall_s']:7.0f} {best:>8s} {refusal:>8s} "
+            f"{r['search']:18s} {r['trials']:6d} {r['wall_s']:7.0f} {best_kl:>8s} {refusal:>8s} "
             f"{r['paper_kl']:8.4f} {ratio:10.2f}"
         )
     (args.out / "methods.json").write_text(json.dumps(rows, indent=1) + "\n")
