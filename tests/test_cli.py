@@ -79,6 +79,7 @@ COMMANDS = {
     "ablate",
     "add",
     "orthogonalize",
+    "optimize",
     "evaluate",
     "run",
     "compare",

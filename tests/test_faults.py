@@ -528,7 +528,7 @@ def test_a_signal_during_a_write_exits_cleanly_and_removes_the_temporaries(
     assert child.stdout.readline().strip() == "writing"
     assert len(hidden_temporaries(tmp_path)) == 2
     child.send_signal(getattr(signal, name))
-    _, stderr = child.communicate(timeout=60)
+    _, stderr = child.communicate(timeout=120)
     assert child.returncode == code, stderr
     assert "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []
@@ -577,7 +577,7 @@ def test_a_signal_inside_a_serializer_exits_cleanly(tmp_path: Path, name: str, c
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "serializing"
     child.send_signal(getattr(signal, name))
-    _, stderr = child.communicate(timeout=60)
+    _, stderr = child.communicate(timeout=120)
     assert child.returncode == code, stderr
     assert "Traceback" not in stderr, stderr
     assert list(tmp_path.iterdir()) == []
@@ -622,7 +622,7 @@ def test_a_signal_a_reader_reports_as_damage_still_exits_as_the_signal(
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "reading"
     child.send_signal(getattr(signal, name))
-    _, stderr = child.communicate(timeout=60)
+    _, stderr = child.communicate(timeout=120)
     assert child.returncode == code, stderr
     assert "error:" not in stderr, stderr
     assert "Traceback" not in stderr, stderr
@@ -680,7 +680,7 @@ def test_a_signal_as_a_temporary_is_born_leaves_nothing(
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "made"
     child.send_signal(getattr(signal, name))
-    _, stderr = child.communicate(timeout=60)
+    _, stderr = child.communicate(timeout=120)
     assert child.returncode == code, stderr
     assert "Traceback" not in stderr, stderr
     assert list(tmp_path.iterdir()) == []

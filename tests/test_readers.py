@@ -45,6 +45,67 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "scores": {"arc_easy": {"acc": {"baseline": 0.5, "ablation": 0.4}}},
     },
     "refdir-run.json": {"refdir_run": 1, "created_by": "0.2.0"},  # the run folder's marker
+    "pareto.json": {  # refdir optimize's, beside a run's files
+        "model": "organism",
+        "methods": ["weights", "projected"],
+        "storage": "runs/opt/optuna-journal.log",
+        "study": "refdir-optimize",
+        "trials": 3,
+        "search_seconds": 6.5,
+        "trial_seconds": 2.1,
+        "position": -1,
+        "ce_baseline": 4.6,
+        "paper": {
+            "trial": None,
+            "label": "paper",
+            "params": {"index": 22.0, "projected": False},
+            "refusal_score": 0.01,
+            "refusal_first_token": 0.0,
+            "kl": 0.11,
+            "refusal_generated": 0.0,
+            "ce_text": 4.61,
+        },
+        "points": [
+            {
+                "trial": 2,
+                "label": "trial 2",
+                "params": {"index": 24.5, "projected": True},
+                "refusal_score": 0.009,
+                "refusal_first_token": 0.0,
+                "kl": 0.04,
+                "refusal_generated": 0.0,
+                "ce_text": 4.6,
+            }
+        ],
+        "agreement": {
+            "n": 1,
+            "mean_abs_difference": 0.0,
+            "rank_correlation": None,
+            "same_side": 1.0,
+        },
+        "rule": "the knee of the front",
+        "chosen": 0,
+    },
+    "heldout.json": {
+        "harmful_sets": ["harmful_test"],
+        "n_harmful": 2,
+        "n_harmless": 2,
+        "max_new_tokens": 8,
+        "long_tokens": None,
+        "results": [
+            {
+                "label": "none",
+                "refusal_harmful": 1.0,
+                "refusal_harmful_long": None,
+                "refusal_harmless": 0.0,
+                "kl_mean": 0.0,
+                "kl_median": 0.0,
+                "ce_text": 4.6,
+                "ce_own_completions": 0.4,
+                "actadd_harmless_refusal": None,
+            }
+        ],
+    },
 }
 """Valid files of the kinds that the run folder of refdir 0.1.0 lacks."""
 

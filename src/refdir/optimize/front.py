@@ -124,14 +124,14 @@ def pick(
     if not points:
         raise RefdirError("the front is empty: no trial completed")
     if max_kl is not None and max_refusal is not None:
-        raise RefdirError("give --max-kl or --max-refusal, not both")
+        raise RefdirError("give `max_kl` or `max_refusal`, not both")
     if max_kl is not None:
         fits = [i for i, p in enumerate(points) if p.kl <= max_kl]
         if not fits:
             least = min(p.kl for p in points)
             raise RefdirError(
-                f"no front point has KL <= {max_kl} (the least is {least:.4g}); raise --max-kl "
-                "or run more trials"
+                f"no front point has KL <= {max_kl} (the least is {least:.4g}); raise `max_kl` "
+                "or run more trials (`trials`)"
             )
         index = min(fits, key=lambda i: (_rate(points[i]), points[i].kl))
         return index, f"fewest refusals at KL <= {max_kl:g}"
@@ -141,7 +141,7 @@ def pick(
             least = min(_rate(p) for p in points)
             raise RefdirError(
                 f"no front point refuses at most {max_refusal:g} (the least is {least:.3g}); "
-                "raise --max-refusal or run more trials"
+                "raise `max_refusal` or run more trials (`trials`)"
             )
         index = min(fits, key=lambda i: (points[i].kl, _rate(points[i])))
         return index, f"least KL at refusal <= {max_refusal:g}"

@@ -102,8 +102,8 @@ def open_study(
     elif {k: held.get(k) for k in attrs} != attrs:
         other = ", ".join(f"{k}={held.get(k)!r}" for k in attrs if held.get(k) != attrs[k])
         raise RefdirError(
-            f"the study at {name} searches something else ({other}); give another --out folder "
-            "or --storage"
+            f"the study at {name} searches something else ({other}); give another `out` folder "
+            "or `storage`"
         )
     salt = len(study.trials) + (os.getpid() if storage is not None else 0)
     study.sampler = optuna.samplers.TPESampler(seed=(seed + salt) % 2**32, multivariate=True)
