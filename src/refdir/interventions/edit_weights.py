@@ -16,7 +16,6 @@ before (the per-feature scale) a weight, folded into it. Sandwich families stay 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 
@@ -26,6 +25,8 @@ from refdir.interventions.orthogonalization import (
     OrthogonalizeReport,
     check_editable,
     last_logits,
+    logit_delta,
+    measured_exactness,
     untie_embeddings,
 )
 from refdir.interventions.projection import column_scale, edited_copy, write_basis
@@ -98,16 +99,9 @@ def edit_parity(
         hooked_logits = last_logits(cm, prompts)
     report = edit_weights(cm, edit)
     edited_logits = last_logits(cm, prompts)
-    mask = cm.chat.encode(list(prompts)).attention_mask.bool().to(hooked_logits.device)
-    delta = float((hooked_logits - edited_logits).abs()[mask].max())
-    scale = float(hooked_logits[mask].abs().max())
+    mask = cm.chat.encode(list(prompts)).attention_mask
+    delta, scale = logit_delta(mask, hooked_logits, edited_logits)
     if not torch.isfinite(torch.tensor(delta)):
         raise RefdirError("the edited model's logits are not finite; the edit is too strong")
     dtype = cm.layout.embed.weight.dtype
-    if report.exact and dtype in (torch.float32, torch.float64) and delta > 1e-4 * scale:
-        note = (
-            f"approximate (measured): the edited weights differ from the edit's hooks by up to "
-            f"{delta:.3g} in the logits (largest logit {scale:.3g})"
-        )
-        report = replace(report, exact=False, note=note)
-    return report, delta
+    return measured_exactness(report, dtype, delta, scale, "the edit's hooks"), delta

@@ -11,7 +11,7 @@ from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
 from refdir.interventions.edit import Edit
 from refdir.interventions.edit_weights import edit_parity
-from refdir.interventions.orthogonalization import parity
+from refdir.interventions.orthogonalization import OrthogonalizeReport, parity
 from refdir.io import atomic_folder, check_room, writable_folder
 from refdir.model.chat_model import ChatModel
 from refdir.model.layout_check import rounding_limit
@@ -59,6 +59,19 @@ def export_orthogonalized(cm: ChatModel, direction: Direction, out: str | Path) 
             f"cannot export an orthogonalized {cm.name} (its weights in memory are edited; "
             f"load it again to use it): {report.note}"
         )
+    return _write_export(cm, report, delta, direction, out)
+
+
+def _write_export(
+    cm: ChatModel,
+    report: OrthogonalizeReport,
+    delta: float,
+    direction: Direction,
+    out: Path,
+    edit: Edit | None = None,
+) -> ExportManifest:
+    """Write the edited ``cm`` with its tokenizer, ``direction``, ``edit`` (when there is one)
+    and the manifest of ``report`` to ``out``, through a temporary folder renamed at the end."""
     manifest = ExportManifest(
         source_model=cm.name,
         source_revision=cm.revision,
@@ -72,10 +85,19 @@ def export_orthogonalized(cm: ChatModel, direction: Direction, out: str | Path) 
         residual_left=report.residual_left,
         parity_max_abs_logit_delta=delta,
         parity_dtype=str(cm.layout.embed.weight.dtype).removeprefix("torch."),
+        edit=None
+        if edit is None
+        else {
+            **{k: v for k, v in edit.params.items() if isinstance(v, float | int | bool | str)},
+            "k": edit.k,
+            "norm_preserving": edit.norm_preserving,
+        },
     )
     with atomic_folder(out) as tmp:
         cm.model.save_pretrained(tmp, safe_serialization=True)
         cm.tokenizer.save_pretrained(tmp)
+        if edit is not None:
+            edit.save(tmp)
         direction.save(tmp)
         manifest.write(tmp)
     return manifest
@@ -88,29 +110,4 @@ def export_edit(cm: ChatModel, edit: Edit, direction: Direction, out: str | Path
     out = check_export_folder(Path(out))
     check_export_room(cm, out)
     report, delta = edit_parity(cm, edit)
-    manifest = ExportManifest(
-        source_model=cm.name,
-        source_revision=cm.revision,
-        direction=ManifestDirection(
-            layer=direction.layer, position=direction.position, norm=direction.norm
-        ),
-        exact=report.exact,
-        untied_embeddings=report.untied_embeddings,
-        edited_tensors=report.edited_tensors,
-        note=report.note,
-        residual_left=None,
-        parity_max_abs_logit_delta=delta,
-        parity_dtype=str(cm.layout.embed.weight.dtype).removeprefix("torch."),
-        edit={
-            **{k: v for k, v in edit.params.items() if isinstance(v, float | int | bool | str)},
-            "k": edit.k,
-            "norm_preserving": edit.norm_preserving,
-        },
-    )
-    with atomic_folder(out) as tmp:
-        cm.model.save_pretrained(tmp, safe_serialization=True)
-        cm.tokenizer.save_pretrained(tmp)
-        edit.save(tmp)
-        direction.save(tmp)
-        manifest.write(tmp)
-    return manifest
+    return _write_export(cm, report, delta, direction, out, edit)

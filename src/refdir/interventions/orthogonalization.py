@@ -37,6 +37,8 @@ __all__ = [
     "OrthogonalizeReport",
     "check_editable",
     "last_logits",
+    "logit_delta",
+    "measured_exactness",
     "orthogonalize",
     "parity",
     "untie_embeddings",
@@ -180,9 +182,7 @@ def parity(
     edited_logits = last_logits(cm, prompts)
     left = leftover(residuals(cm, batch), unit, base)
     report = replace(report, residual_left=max(left))
-    mask = batch.attention_mask.bool().to(hooked_logits.device)
-    delta = float((hooked_logits - edited_logits).abs()[mask].max())
-    scale = float(hooked_logits[mask].abs().max())
+    delta, scale = logit_delta(batch.attention_mask, hooked_logits, edited_logits)
     dtype = cm.layout.embed.weight.dtype
     if max(left) > rounding_limit(dtype):
         site = next(i for i, share in enumerate(left) if share > rounding_limit(dtype))
@@ -193,10 +193,30 @@ def parity(
             "through a part refdir does not edit"
         )
         report = replace(report, exact=False, note=note)
-    elif report.exact and dtype in (torch.float32, torch.float64) and delta > 1e-4 * scale:
+    else:
+        report = measured_exactness(report, dtype, delta, scale, "hook ablation")
+    return report, delta
+
+
+def logit_delta(
+    attention_mask: torch.Tensor, hooked: torch.Tensor, edited: torch.Tensor
+) -> tuple[float, float]:
+    """The largest |logit difference| between hooks and edited weights over the real (unpadded)
+    positions, and the largest hooked logit there, its scale."""
+    mask = attention_mask.bool().to(hooked.device)
+    return float((hooked - edited).abs()[mask].max()), float(hooked[mask].abs().max())
+
+
+def measured_exactness(
+    report: OrthogonalizeReport, dtype: torch.dtype, delta: float, scale: float, against: str
+) -> OrthogonalizeReport:
+    """``report``, made approximate when a float32 (or float64) edit the layout says is exact
+    differs from ``against`` by more than rounding (1e-4 of the largest logit); in 16-bit types
+    the difference is only recorded."""
+    if report.exact and dtype in (torch.float32, torch.float64) and delta > 1e-4 * scale:
         note = (
-            f"approximate (measured): the edited weights differ from hook ablation by up to "
+            f"approximate (measured): the edited weights differ from {against} by up to "
             f"{delta:.3g} in the logits (largest logit {scale:.3g})"
         )
-        report = replace(report, exact=False, note=note)
-    return report, delta
+        return replace(report, exact=False, note=note)
+    return report
