@@ -168,9 +168,10 @@ class Edit:
         if self.embed > 0:
             hooks += self._embedding_hooks(layout)
         for _, write, w in self.sites(layout):
-            if self.norm_preserving:
+            if self.norm_preserving:  # each column back at its length once edited
+                basis = write_basis(layout, write, self.basis)
                 hooks += [
-                    _scale_input(weight, self._scale(layout, write, weight, w))
+                    _scale_input(weight, column_scale(weight.param, weight.axis, basis, w))
                     for weight in write.weights
                 ]
             hooks.append((write.module, "output", map_output(self.projector(w))))
@@ -197,13 +198,6 @@ class Edit:
             return torch.where(ok, edited * (before / after.clamp_min(1e-30)), edited).to(x.dtype)
 
         return [(embedding, "output", map_output(keep_length)) for embedding in layout.embeddings]
-
-    def _scale(
-        self, layout: ModelLayout, write: Write, weight: OutputWeight, w: float
-    ) -> torch.Tensor:
-        """The per-feature scale that keeps ``weight``'s columns at their length once edited."""
-        basis = write_basis(layout, write, self.basis)
-        return column_scale(weight.param, weight.axis, basis, w)
 
     @contextmanager
     def apply(self, model: M) -> Iterator[M]:

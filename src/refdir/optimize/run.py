@@ -85,8 +85,9 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
         )
     position, paper_layer = selection.chosen.position, selection.chosen.layer
     prompts = PromptSets.read(out)
+    candidates = Candidates.load(out)
     sources = DirectionSources(
-        Candidates.load(out),
+        candidates,
         position,
         cm,
         prompts.harmful_train[: config.n_subspace],
@@ -125,7 +126,7 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
     trials = thin(front(study), config.n_front)
     if not trials:
         raise RefdirError("no trial completed; run more trials (`trials`, `max_minutes`)")
-    points = []
+    points, edits = [], []
     shutil.rmtree(out / FRONT, ignore_errors=True)  # an earlier command's front
     paper_edit.save(out / FRONT / "paper")
     for i, trial in enumerate(
@@ -133,6 +134,7 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
     ):
         edit = edit_of(dict(trial.params), sources)
         edit.save(out / FRONT / f"{i:02d}")
+        edits.append(edit)
         first = trial.user_attrs.get("refusal_first_token")
         scores = (
             Scores(trial.values[0], float(first), trial.values[1])
@@ -159,8 +161,8 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
         chosen=chosen,
     )
     record.write(out)
-    best = edit_of(dict(trials[chosen].params), sources)
-    direction = _direction_of(out, best, position)
+    best = edits[chosen]
+    direction = _direction_of(candidates, best, position)
     held: HeldoutRecord | None = None
     if config.heldout:
         conditions = {
@@ -181,11 +183,10 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
     return record
 
 
-def _direction_of(out: Path, edit: Edit, position: int) -> Direction:
+def _direction_of(candidates: Candidates, edit: Edit, position: int) -> Direction:
     """The edit's direction as a :class:`Direction` (for activation addition): its first basis
     vector at the scale of the candidate at the nearest layer, recorded at that layer (one
     below the last, where an addition can go)."""
-    candidates = Candidates.load(out)
     index = float(edit.params.get("index", 0.0))
     layer = min(round(index), candidates.n_layers - 1)
     nearest = candidates.direction(position, layer)

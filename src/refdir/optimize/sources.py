@@ -42,6 +42,13 @@ class DirectionSources:
                 f"{candidates.positions}"
             )
         self.diffs = candidates.diffs[position]  # [L+1, d]
+        norms = self.diffs.norm(dim=-1)
+        nonzero = (norms > 1e-9 * norms.max()).nonzero()
+        if nonzero.numel() == 0:
+            raise RefdirError("every candidate at this position is zero; choose another position")
+        self.first_layer = int(nonzero[0])
+        """The first layer whose candidate is not zero (at the last position, the first
+        layer's input is the same token for every prompt: its difference of means is 0)."""
         self.harmless = candidates.harmless_mean[position]
         self.position = position
         self.cm = cm
@@ -52,16 +59,6 @@ class DirectionSources:
     @property
     def n_layers(self) -> int:
         return int(self.diffs.shape[0]) - 1
-
-    @property
-    def first_layer(self) -> int:
-        """The first layer whose candidate is not zero (at the last position, the first
-        layer's input is the same token for every prompt: its difference of means is 0)."""
-        norms = self.diffs.norm(dim=-1)
-        nonzero = (norms > 1e-9 * norms.max()).nonzero()
-        if nonzero.numel() == 0:
-            raise RefdirError("every candidate at this position is zero; choose another position")
-        return int(nonzero[0])
 
     def _at(self, table: torch.Tensor, index: float) -> torch.Tensor:
         """Unit vectors of ``table`` at the two layers around ``index``, interpolated."""
