@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
@@ -21,7 +20,7 @@ from refdir.interventions.intervention import Intervention
 from refdir.measures import kl_divergence
 from refdir.model.generation import last_position_logits
 from refdir.model.loading import load_model
-from tiny import CHATML, SPECIALS, VOCAB, tiny_chat_model, tiny_model, tiny_tokenizer
+from tiny import VOCAB, tiny_chat_model, tiny_model, tiny_tokenizer
 
 runner = CliRunner()
 
@@ -39,26 +38,6 @@ def _save(
     return path
 
 
-def _reordered_tokenizer() -> PreTrainedTokenizerFast:
-    """tiny_tokenizer's vocabulary (the same size) with its byte tokens in reverse order: the
-    same texts, other token ids."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet(), reverse=True):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<|pad|>",
-        bos_token="<|bos|>",
-        eos_token="<|eos|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    fast.chat_template = CHATML
-    return fast
-
-
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An original model, another of its family, one of another vocabulary, one whose tokenizer
@@ -67,7 +46,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _save(root / "original")
     _save(root / "other", seed=1)
     _save(root / "wide", vocab_size=VOCAB + 8)
-    _save(root / "reordered", tokenizer=_reordered_tokenizer())
+    _save(root / "reordered", tokenizer=tiny_tokenizer(reversed_bytes=True))
     Direction(torch.randn(32, generator=torch.Generator().manual_seed(3)), 1, -1, "tiny").save(
         root / "direction"
     )

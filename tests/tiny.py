@@ -28,11 +28,14 @@ CHATML_SYSTEM = (
 """ChatML that adds a default system prompt, as SmolLM2's template does."""
 
 
-def tiny_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer: 5 special tokens then one token per byte, no merges."""
+def tiny_tokenizer(
+    chat_template: str | None = CHATML, reversed_bytes: bool = False
+) -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: 5 special tokens then one token per byte, no merges;
+    ``reversed_bytes``: the byte tokens in reverse order (the same texts, other token ids)."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for ch in sorted(alphabet):
+    for ch in sorted(alphabet, reverse=reversed_bytes):
         vocab[ch] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
