@@ -248,6 +248,19 @@ def output_folder(path: Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def _full_disk_in_one_line(target: Path) -> Iterator[None]:
+    """A full disk or the file-size limit, met in the block while writing ``target``, as a
+    one-line error."""
+    try:
+        yield
+    except Exception as exc:
+        full = full_disk_error(target, exc)
+        if full is not None:
+            raise full from None
+        raise
+
+
 _HELD = [0]
 _PENDING: list[Callable[[], None]] = []
 
@@ -294,13 +307,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
                 raise _cannot_write(target.parent, exc) from None
             tmp_path = Path(tmp)
             os.close(fd)
-        try:
+        with _full_disk_in_one_line(target):
             yield tmp_path
-        except Exception as exc:
-            full = full_disk_error(target, exc)
-            if full is not None:
-                raise full from None
-            raise
         if tmp_path.exists():  # mkstemp makes it 0600: give the usual permissions
             tmp_path.chmod(file_mode())
         os.replace(tmp_path, target)
@@ -326,13 +334,8 @@ def atomic_folder(target: Path, replace: bool = False) -> Iterator[Path]:
                 tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=_temporary_prefix(target)))
             except OSError as exc:
                 raise _cannot_write(target.parent, exc) from None
-        try:
+        with _full_disk_in_one_line(target):
             yield tmp
-        except Exception as exc:
-            full = full_disk_error(target, exc)
-            if full is not None:
-                raise full from None
-            raise
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and some writers make 0700 / 0600
             path.chmod(folder_mode() if path.is_dir() else file_mode())
         old = target.parent / f"{_temporary_prefix(target, 'old')}{os.urandom(4).hex()}"
