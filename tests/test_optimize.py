@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -170,10 +172,38 @@ def test_two_workers_share_one_study_and_a_later_command_adds_to_it(
         str(storage),
         *OPTIONS,
     ]
-    workers = [
-        subprocess.Popen(args(tmp_path / name, 16), env=ENV, stderr=subprocess.PIPE, text=True)
-        for name in ("a", "b")
-    ]
+
+    def start(name: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            args(tmp_path / name, 16), env=ENV, stderr=subprocess.PIPE, text=True
+        )
+
+    def trials_of(worker: subprocess.Popen[str]) -> int:
+        if not storage.exists():
+            return 0
+        try:
+            return sum(
+                t.user_attrs["worker"].endswith(f":{worker.pid}") for t in _complete(storage)
+            )
+        except KeyError:  # the study is being made
+            return 0
+
+    def until(condition: Any) -> None:
+        deadline = time.monotonic() + 240
+        while not condition():
+            assert time.monotonic() < deadline, "the workers made no progress"
+            time.sleep(0.2)
+
+    # both take part whatever the machine's load: a is held once it has a trial, until b has one
+    first = start("a")
+    until(lambda: trials_of(first) > 0)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = start("b")
+        until(lambda: trials_of(second) > 0)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    workers = [first, second]
     for worker in workers:
         _, err = worker.communicate(timeout=300)
         assert worker.returncode == 0, err
