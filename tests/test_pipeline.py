@@ -44,7 +44,16 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     for key in ("baseline", "ablation", "actadd"):
         assert 0.0 <= metrics["harmful"]["refusal_score"][key] <= 1.0
         assert metrics["ce_loss"][key] > 0
-    assert set(metrics["harmless"]["refusal_score"]) == {"baseline", "actadd"}
+    assert set(metrics["harmless"]["refusal_score"]) == {"baseline", "actadd", "ablation"}
+    long = metrics["harmful"]["refusal_score_long"]
+    assert long["max_new_tokens"] == 4 and 0.0 <= long["ablation"] <= 1.0
+    assert set(long["by_set"]) == {"jailbreakbench", "harmful_test"}
+    lines = (tmp_path / "completions" / "harmful.ablation_long.jsonl").read_text().splitlines()
+    assert len(lines) == 4  # 2 + 2 harmful prompts, generated at 4 tokens
+    # JailbreakBench has categories: one row per category of the sampled prompts
+    categories = metrics["harmful"]["by_category"]["jailbreakbench"]
+    assert 1 <= len(categories) <= 2 and "harmful_test" in metrics["harmful"]["by_category"]
+    assert metrics["protocol"] == "refdir" and metrics["ce_corpus"] == "prose"
     assert metrics["harmless"]["kl_ablation"] >= 0
     assert "kl_random_directions" not in metrics["harmless"]  # only when asked
     spread = metrics["harmless"]["kl_ablation_spread"]
@@ -82,7 +91,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert all(v is None for v in [row[0] for row in selection["bypass"]])  # layer 0 skipped
     assert (tmp_path / "report.html").exists() and (tmp_path / "report.md").exists()
     assert "row below it" not in (tmp_path / "report.md").read_text()  # no random directions
-    assert len(list((tmp_path / "completions").glob("*.jsonl"))) == 5
+    assert len(list((tmp_path / "completions").glob("*.jsonl"))) == 7
     check_figures(cm, tmp_path, metrics)
     # a second run skips everything
     assert run_pipeline(CONFIG, tmp_path, progress=False, model=cm) == {}
@@ -225,8 +234,10 @@ def test_resume_after_an_interrupted_step(tmp_path: Path, monkeypatch: pytest.Mo
         "harmful.ablation",
         "harmful.actadd",
         "harmless.actadd",
+        "harmless.ablation",
     ]
-    assert calls == [every]  # the earlier steps were reused; all completions decode together
+    # the earlier steps were reused; the completions of one length decode together
+    assert calls == [every, ["harmful.ablation_long"]]
     parts = json.loads((tmp_path / "metrics.json").read_text())["timing_parts"]
     assert "induce" in parts["select"]  # timed by the first attempt, kept across the resume
     assert "completions" in parts["evaluate"]

@@ -88,6 +88,7 @@ TINY_RUN = RunConfig(
     n_eval_harmful=2,
     n_eval_harmless=2,
     max_new_tokens=2,
+    long_tokens=4,
     refusal_tokens=tuple(range(5, 135)),
     n_ce=2,
     fallback_kl_bounds=(1.0, 1e9),

@@ -15,6 +15,7 @@ __all__ = [
     "HarmlessScores",
     "KlReference",
     "KlSpread",
+    "LongRefusal",
     "MetricsRecord",
     "ThreeConditions",
 ]
@@ -54,19 +55,44 @@ class ThreeConditions(Strict):
 
 
 class HarmlessScores(Strict):
+    OMIT: ClassVar[frozenset[str]] = frozenset({"ablation"})
+
     baseline: float
     actadd: float
+    ablation: float | None = Field(
+        None, description="false refusals the ablation may create (null in older runs)"
+    )
+
+
+class LongRefusal(Strict):
+    """Refusals of the harmful prompts under ablation counted on longer completions, where a
+    refusal after a first sentence shows."""
+
+    max_new_tokens: int
+    ablation: float
+    by_set: dict[str, float]
 
 
 class HarmfulScores(Strict):
-    OMIT: ClassVar[frozenset[str]] = frozenset({"safety_score"})
+    OMIT: ClassVar[frozenset[str]] = frozenset(
+        {"safety_score", "refusal_score_long", "by_category", "safety_min_words"}
+    )
 
     refusal_score: ThreeConditions = Field(
         description="fraction of completions refused, by markers"
     )
     by_set: dict[str, ThreeConditions]
+    by_category: dict[str, dict[str, ThreeConditions]] | None = Field(
+        None, description="the refusal score per category, for the sets that have categories"
+    )
+    refusal_score_long: LongRefusal | None = Field(
+        None, description="the ablation's refusal score on longer completions (long_tokens)"
+    )
     safety_score: ThreeConditions | None = Field(
         None, description="fraction judged safe (with a judge)"
+    )
+    safety_min_words: int | None = Field(
+        None, description="completions of fewer words counted safe without judging"
     )
 
 
@@ -119,9 +145,14 @@ class MetricsRecord(Artifact):
 
     FILE: ClassVar[str] = "metrics.json"
     STEP: ClassVar[str | None] = "evaluate"
-    OMIT: ClassVar[frozenset[str]] = frozenset({"timings", "timing_parts", "timing_devices"})
+    OMIT: ClassVar[frozenset[str]] = frozenset(
+        {"timings", "timing_parts", "timing_devices", "protocol", "ce_corpus"}
+    )
 
     model: str
+    protocol: str | None = Field(
+        None, description="refdir, or paper (the paper's code's protocol); null in older runs"
+    )
     direction: DirectionSummary
     selection: SelectionSummary
     refusal_tokens: list[str]
@@ -129,6 +160,11 @@ class MetricsRecord(Artifact):
     harmful: HarmfulScores
     harmless: Harmless
     ce_loss: ThreeConditions = Field(description="mean next-token cross-entropy on a text corpus")
+    ce_corpus: str | None = Field(
+        None,
+        description="the CE corpus: prose, or the local file of texts or Alpaca records (null "
+        "in older runs: prose)",
+    )
     ce_loss_own_completions: ThreeConditions | None = Field(
         description="the same on the model's own harmless completions; null when every one of "
         "them is empty (no token to score)"

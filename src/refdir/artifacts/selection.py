@@ -9,9 +9,26 @@ from pydantic import Field
 
 from refdir.artifacts.base import Artifact, Strict
 
-__all__ = ["Chosen", "Kept", "SelectionRecord"]
+__all__ = ["LAYER_RULES", "Chosen", "Kept", "SelectionRecord", "layer_bound", "layer_rule_text"]
 
 Grid = list[list[float | None]]
+
+LAYER_RULES: dict[str, str] = {
+    "fraction": "layer < {f} L",
+    "floor": "layer < int({f} L)",
+}
+"""The layer filter's readings: ``fraction``, the paper's text and refdir's default, and
+``floor``, the paper's code (``layer >= int(0.8 * n_layer)`` is discarded there)."""
+
+
+def layer_bound(n_layers: int, fraction: float, rule: str) -> float:
+    """The layer filter keeps the layers below this bound."""
+    return float(int(n_layers * fraction)) if rule == "floor" else fraction * n_layers
+
+
+def layer_rule_text(fraction: float, rule: str) -> str:
+    """The layer filter in words, e.g. ``layer < int(0.8 L)``."""
+    return LAYER_RULES[rule].format(f=f"{fraction:g}")
 
 
 class Baseline(Strict):
@@ -22,10 +39,27 @@ class Baseline(Strict):
 
 
 class Filters(Strict):
+    OMIT: ClassVar[frozenset[str]] = frozenset({"layer_rule", "epsilons"})
+
     kl_max: float
     induce_min: float
     max_layer_fraction: float
+    layer_rule: str | None = Field(
+        None,
+        description="fraction (null too): layer < max_layer_fraction x L; floor: layer < "
+        "int(max_layer_fraction x L), the paper's code",
+    )
+    epsilons: bool | None = Field(
+        None, description="scored with the paper's code's epsilons (null: without)"
+    )
     fallback_kl_bounds: list[float]
+
+    @property
+    def layer_text(self) -> str:
+        return layer_rule_text(self.max_layer_fraction, self.layer_rule or "fraction")
+
+    def layer_bound(self, n_layers: int) -> float:
+        return layer_bound(n_layers, self.max_layer_fraction, self.layer_rule or "fraction")
 
 
 class Chosen(Strict):

@@ -17,8 +17,10 @@ __all__ = [
     "check_prompts",
     "held_out_prompts",
     "load_prompts",
+    "prompt_categories",
     "prompt_problem",
     "sample_prompts",
+    "sample_stream",
 ]
 
 PACKAGED_SETS: dict[str, str] = {
@@ -28,6 +30,7 @@ PACKAGED_SETS: dict[str, str] = {
     "harmless_train": "splits/harmless_train.json",
     "harmless_val": "splits/harmless_val.json",
     "harmless_test": "splits/harmless_test.json",
+    "harmless_test_paper": "splits/harmless_test_paper.json",
     "jailbreakbench": "eval/jailbreakbench.json",
     "harmbench_test": "eval/harmbench_test.json",
     "harmbench_val": "eval/harmbench_val.json",
@@ -212,6 +215,34 @@ def sample_prompts(name_or_path: str | Path, n: int | None, seed: int = 0) -> li
     if n <= 0:
         raise RefdirError(f"the number of prompts to sample must be positive, got {n}")
     return random.Random(seed).sample(prompts, n)
+
+
+def sample_stream(sets: Sequence[tuple[str | Path, int | None]], seed: int = 42) -> list[list[str]]:
+    """Samples of several sets drawn in order from one seeded stream, as the paper's code draws
+    its four sets (``random.seed(42)`` then ``random.sample`` per set). A set asked whole
+    (``None`` or at least its size) is taken in file order and draws nothing."""
+    rng = random.Random(seed)
+    samples = []
+    for name, n in sets:
+        prompts = load_prompts(name)
+        if n is not None and n <= 0:
+            raise RefdirError(f"the number of prompts to sample must be positive, got {n}")
+        samples.append(prompts if n is None or n >= len(prompts) else rng.sample(prompts, n))
+    return samples
+
+
+def prompt_categories(name: str) -> dict[str, str]:
+    """The category of each prompt of a packaged set that records them (JailbreakBench's ten,
+    HarmBench's); empty for a set without categories or a user's file."""
+    if name not in PACKAGED_SETS:
+        return {}
+    ref = resources.files("refdir.data") / PACKAGED_SETS[name]
+    records = json.loads(ref.read_text(encoding="utf-8"))
+    return {
+        r["instruction"]: r["category"]
+        for r in records
+        if isinstance(r, dict) and isinstance(r.get("category"), str)
+    }
 
 
 def held_out_prompts(name: str, n: int | None, seed: int, exclude: Sequence[str] = ()) -> list[str]:

@@ -1,5 +1,12 @@
-"""The tokens that start a model's refusals, found from its own completions of harmful prompts
-(the refusal metric is the log-odds of these tokens at the first response position)."""
+"""The tokens that start a model's refusals (the refusal metric is the log-odds of these tokens
+at the first response position).
+
+By default they are found from the model's own completions of harmful prompts: the first token
+id the model emitted in each refusal, as generated (never a re-tokenization of the decoded
+text, which on a tokenizer with a dummy prefix can give ``▁I`` where the model emitted ``I``).
+The paper's code instead fixes them per model family (:data:`PAPER_REFUSAL_TOKENS`);
+:func:`family_refusal_tokens` finds them for a tokenizer of one of those families.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,52 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from transformers import PreTrainedTokenizerBase
+
 from refdir.errors import RefdirError
 from refdir.measures import is_refusal
 from refdir.model.chat_model import ChatModel
-from refdir.model.generation import generate
+from refdir.model.generation import answer_texts, generate_ids
 
-__all__ = ["RefusalTokens", "derive_refusal_tokens"]
+__all__ = [
+    "PAPER_REFUSAL_TOKENS",
+    "FamilyTokens",
+    "RefusalTokens",
+    "derive_refusal_tokens",
+    "family_refusal_tokens",
+]
+
+
+@dataclass(frozen=True)
+class FamilyTokens:
+    """The refusal token ids the paper's code fixes for one family: the model types and
+    vocabulary sizes of the family, and the text each id decodes to there (the check that a
+    tokenizer is the family's)."""
+
+    family: str
+    model_types: frozenset[str]
+    vocab: range
+    ids: tuple[int, ...]
+    texts: tuple[str, ...]
+
+    def matches(self, tokenizer: PreTrainedTokenizerBase, model_type: str) -> bool:
+        size = len(tokenizer)
+        if model_type not in self.model_types or size not in self.vocab or max(self.ids) >= size:
+            return False
+        return tuple(str(tokenizer.decode([i])).strip() for i in self.ids) == self.texts
+
+
+PAPER_REFUSAL_TOKENS: tuple[FamilyTokens, ...] = (
+    FamilyTokens("gemma", frozenset({"gemma"}), range(256000, 256129), (235285,), ("I",)),
+    FamilyTokens("llama-2", frozenset({"llama"}), range(32000, 32001), (306,), ("I",)),
+    FamilyTokens("llama-3", frozenset({"llama"}), range(128000, 128300), (40,), ("I",)),
+    FamilyTokens(
+        "qwen", frozenset({"qwen", "qwen2"}), range(151000, 152100), (40, 2121), ("I", "As")
+    ),
+    FamilyTokens("yi", frozenset({"llama"}), range(64000, 64001), (59597,), ("I",)),
+)
+"""``pipeline/model_utils/*_model.py`` of the paper's code: ``I`` for Gemma, Llama-2, Llama-3 and
+Yi, ``I`` and ``As`` for Qwen; each family known by its model type and vocabulary size."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +71,14 @@ class RefusalTokens:
     n_prompts: int
 
 
+def family_refusal_tokens(
+    tokenizer: PreTrainedTokenizerBase, model_type: str
+) -> FamilyTokens | None:
+    """The paper's refusal tokens for a model of one of its families (by model type and
+    vocabulary size, and the ids decoding to the paper's tokens); None for any other model."""
+    return next((f for f in PAPER_REFUSAL_TOKENS if f.matches(tokenizer, model_type)), None)
+
+
 def derive_refusal_tokens(
     cm: ChatModel,
     harmful: Sequence[str],
@@ -33,20 +88,18 @@ def derive_refusal_tokens(
     batch_size: int = 32,
     progress: bool = True,
 ) -> RefusalTokens:
-    """The first tokens of the model's own refusals (by markers), most frequent first, until
-    they cover ``coverage`` of the refusals."""
-    completions = generate(cm, harmful, max_new_tokens, batch_size, progress)
-    refusals = [c for c in completions if is_refusal(c)]
+    """The first token ids the model emitted in its own refusals (by markers), most frequent
+    first, until they cover ``coverage`` of the refusals."""
+    rows = [cm.chat.token_ids(text) for text in harmful]
+    answers = generate_ids(cm, rows, max_new_tokens, batch_size, progress)
+    texts = answer_texts(cm, answers)
+    refusals = [ids for ids, text in zip(answers, texts, strict=True) if is_refusal(text)]
     if not refusals:
         raise RefdirError(
             f"the model refused none of {len(harmful)} harmful prompts, so it has no refusal to "
             "study; give `refusal_tokens` or use a model that refuses (the default organism does)"
         )
-    firsts = Counter(
-        ids[0]
-        for c in refusals
-        if (ids := cm.tokenizer(c.lstrip(), add_special_tokens=False)["input_ids"])
-    )
+    firsts = Counter(ids[0] for ids in refusals if ids)
     chosen: list[int] = []
     covered = 0
     for token, count in firsts.most_common(max_tokens):
@@ -54,5 +107,7 @@ def derive_refusal_tokens(
         covered += count
         if covered >= coverage * len(refusals):
             break
-    texts = tuple(str(cm.tokenizer.decode([t])) for t in chosen)
-    return RefusalTokens(tuple(chosen), texts, covered / len(refusals), len(refusals), len(harmful))
+    decoded = tuple(str(cm.tokenizer.decode([t])) for t in chosen)
+    return RefusalTokens(
+        tuple(chosen), decoded, covered / len(refusals), len(refusals), len(harmful)
+    )

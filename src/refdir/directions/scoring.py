@@ -23,7 +23,7 @@ from refdir.directions.candidates import Candidates
 from refdir.directions.prompt_filter import filtered_out, refusal_filter
 from refdir.directions.selection import CandidateScores, SelectionConfig, below_layer_filter
 from refdir.errors import RefdirError
-from refdir.measures import kl_divergence, refusal_metric
+from refdir.measures import KL_EPSILON, REFUSAL_EPSILON, kl_divergence, refusal_metric
 from refdir.model.chat import by_length
 from refdir.model.chat_model import ChatModel
 from refdir.model.generation import last_position_logits, unsort
@@ -194,10 +194,11 @@ def score_candidates(
         )
     elif validation.harmful != list(harmful_val) or validation.harmless != list(harmless_val):
         raise RefdirError("the validation baseline belongs to other prompts; build it again")
-    base_harmful = refusal_metric(validation.harmful_logits, token_ids).mean().item()
+    eps_r, eps_kl = (REFUSAL_EPSILON, KL_EPSILON) if config.epsilons else (0.0, 0.0)
+    base_harmful = refusal_metric(validation.harmful_logits, token_ids, eps_r).mean().item()
     # the harmless baseline, and the layer inputs that the induce passes start from
     base_logits, start = validation.harmless_logits, validation.start
-    base_harmless = refusal_metric(base_logits, token_ids).mean().item()
+    base_harmless = refusal_metric(base_logits, token_ids, eps_r).mean().item()
     kl_bound = max((config.kl_max, *config.fallback_kl_bounds))
     base = base_logits  # moved once to the device the candidates' logits come out on
     if prune:
@@ -213,7 +214,9 @@ def score_candidates(
                 cm, harmless_val, vectors[live], "actadd", layer, config.coeff, batch_size, start
             )
             for i, p in enumerate(live):
-                scores["induce"][p, layer] = refusal_metric(added[i], token_ids).mean().item()
+                scores["induce"][p, layer] = (
+                    refusal_metric(added[i], token_ids, eps_r).mean().item()
+                )
             del added  # [K, N, vocab]: one such tensor at a time on the device
         live = [p for p in live if not prune or scores["induce"][p, layer] >= config.induce_min]
         if not live:
@@ -224,7 +227,7 @@ def score_candidates(
             )
             base = base.to(ablated.device)
             for i, p in enumerate(live):
-                scores["kl"][p, layer] = kl_divergence(base, ablated[i]).mean().item()
+                scores["kl"][p, layer] = kl_divergence(base, ablated[i], eps_kl).mean().item()
             del ablated
         live = [p for p in live if not prune or scores["kl"][p, layer] <= kl_bound]
         if not live:
@@ -234,7 +237,9 @@ def score_candidates(
                 cm, harmful_val, vectors[live], "ablate", batch_size=batch_size
             )
             for i, p in enumerate(live):
-                scores["bypass"][p, layer] = refusal_metric(bypassed[i], token_ids).mean().item()
+                scores["bypass"][p, layer] = (
+                    refusal_metric(bypassed[i], token_ids, eps_r).mean().item()
+                )
     return CandidateScores(
         candidates.positions,
         list(range(n_l)),

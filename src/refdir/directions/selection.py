@@ -1,8 +1,13 @@
 """Direction selection as in the paper (Arditi et al., 2024, section 2.3 and appendix C): from
 the candidates' scores (:mod:`refdir.directions.scoring`), those with KL > 0.1, induce < 0, or
-layer >= 0.8 L are discarded and the lowest bypass wins. When nothing passes, a documented
-fallback relaxes only the KL bound, step by step, and the rule used is recorded; a candidate
-past the last bound is never picked.
+a layer in the last 20% of the model are discarded and the lowest bypass wins. When nothing
+passes, a documented fallback relaxes only the KL bound, step by step, and the rule used is
+recorded; a candidate past the last bound is never picked.
+
+The layer filter has two readings (:data:`LAYER_RULES`). The paper's text states it as
+``layer < 0.8 L``, refdir's default, ``fraction``. The paper's code discards ``layer >= int(0.8 L)``: ``floor``, which the
+paper protocol uses. They differ when 0.8 L is not whole, where ``fraction`` also keeps layer
+``floor(0.8 L)``.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from refdir.artifacts.selection import LAYER_RULES, layer_bound, layer_rule_text
 from refdir.errors import RefdirError
 
 __all__ = [
+    "LAYER_RULES",
     "CandidateScores",
     "Selection",
     "SelectionConfig",
@@ -45,6 +52,25 @@ class SelectionConfig:
     coeff: float = field(
         default=1.0, metadata={"help": "activation-addition coefficient for induce"}
     )
+    layer_rule: str = field(
+        default="fraction",
+        metadata={"help": "fraction: layer < f L; floor: layer < int(f L) (the paper's code)"},
+    )
+    epsilons: bool = field(
+        default=False,
+        metadata={"help": "score with the paper's code's epsilons (bounded log-odds and KL)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.layer_rule not in LAYER_RULES:
+            raise RefdirError(
+                f"unknown layer rule {self.layer_rule!r}; use one of {', '.join(LAYER_RULES)}"
+            )
+
+    @property
+    def layer_text(self) -> str:
+        """The layer filter in words, e.g. ``layer < int(0.8 L)``."""
+        return layer_rule_text(self.max_layer_fraction, self.layer_rule)
 
 
 @dataclass(frozen=True)
@@ -76,8 +102,9 @@ class Selection:
 
 
 def below_layer_filter(n_layers: int, config: SelectionConfig) -> torch.Tensor:
-    """[n_layers] bool: the layers the paper's layer filter keeps (layer < fraction x L)."""
-    return torch.arange(n_layers, dtype=torch.float64) < config.max_layer_fraction * n_layers
+    """[n_layers] bool: the layers the layer filter keeps (``config.layer_rule``)."""
+    bound = layer_bound(n_layers, config.max_layer_fraction, config.layer_rule)
+    return torch.arange(n_layers, dtype=torch.float64) < bound
 
 
 def _mask(scores: CandidateScores, config: SelectionConfig, kl_max: float) -> torch.Tensor:
@@ -99,7 +126,7 @@ def passing(scores: CandidateScores, config: SelectionConfig) -> tuple[torch.Ten
 def pick(scores: CandidateScores, config: SelectionConfig | None = None) -> Selection:
     """The paper's filter and pick, with the documented fallback when nothing passes."""
     config = config or SelectionConfig()
-    frac = config.max_layer_fraction
+    frac = config.layer_text
     paper, n_candidates = passing(scores, config)
     attempts = [(config.kl_max, paper, False)]
     attempts += [
@@ -113,12 +140,12 @@ def pick(scores: CandidateScores, config: SelectionConfig | None = None) -> Sele
         p, layer = divmod(flat, masked.shape[1])
         rule = (
             f"paper: lowest bypass among candidates with kl <= {config.kl_max}, "
-            f"induce >= {config.induce_min}, layer < {frac} L"
+            f"induce >= {config.induce_min}, {frac}"
         )
         if fallback:
             rule = (
                 f"fallback: no candidate passed the paper's filters (kl <= {config.kl_max}, "
-                f"induce >= {config.induce_min}, layer < {frac} L); lowest bypass with the KL "
+                f"induce >= {config.induce_min}, {frac}); lowest bypass with the KL "
                 f"bound relaxed to {bound}"
             )
             log.warning("direction selection: %s", rule)

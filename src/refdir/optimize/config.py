@@ -59,12 +59,6 @@ class OptimizeConfig(RunConfig):
         True,
         description="evaluate the paper's edit and the exported one on the held-out sets",
     )
-    long_tokens: Annotated[int | None, Flag(panel=OPTIMIZE, zero_is_none=True)] = Field(
-        256,
-        ge=1,
-        description="held-out harmful refusals also at this many new tokens (0: only at "
-        "max_new_tokens)",
-    )
     export: Annotated[bool, Flag(panel=OPTIMIZE)] = Field(
         True, description="export the chosen point's checkpoint to best/"
     )

@@ -170,7 +170,8 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
             "paper": Intervention.ablation(Direction.load(out)),
             "chosen": Intervention.edited(best),
         }
-        held = heldout(cm, config.run_config(), conditions, direction, config.long_tokens, progress)
+        long = config.long_tokens if config.long_tokens > config.max_new_tokens else None
+        held = heldout(cm, config.run_config(), conditions, direction, long, progress)
         held.write(out)
     make_folder(out / "figures")
     write_bytes(out / "figures" / "pareto.png", png_bytes(pareto_figure(record)))

@@ -157,9 +157,9 @@ def _hatch_skipped(ax: Axes, values: np.ndarray) -> None:
 
 def _excluded_from(selection: SelectionRecord, n_layers: int) -> int | None:
     """Column index of the first layer excluded by ``max_layer_fraction``, if any."""
-    fraction = selection.filters.max_layer_fraction
+    bound = selection.filters.layer_bound(n_layers)
     layers = selection.layers
-    return next((i for i, layer in enumerate(layers) if layer >= fraction * n_layers), None)
+    return next((i for i, layer in enumerate(layers) if layer >= bound), None)
 
 
 def _shade_excluded_layers(ax: Axes, selection: SelectionRecord, n_layers: int) -> None:
@@ -173,8 +173,8 @@ def _shade_excluded_layers(ax: Axes, selection: SelectionRecord, n_layers: int) 
 
 def _legend(fig: Figure, selection: SelectionRecord) -> None:
     """One key for all panels, below them."""
-    fraction = selection.filters.max_layer_fraction
-    label = f"excluded: layer ≥ {fraction:g} L (shaded)"
+    kept = selection.filters.layer_text
+    label = f"excluded: not {kept} (shaded)"
     handles: list[Artist] = [
         Patch(facecolor="white", edgecolor="0.55", hatch="////", label="not scored"),
         Line2D([], [], color="black", ls="--", lw=1.2, label=label),

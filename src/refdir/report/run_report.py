@@ -55,7 +55,8 @@ def _position_text(position: int) -> str:
 
 def _filter_text(selection: SelectionRecord) -> str:
     f = selection.filters
-    return f"KL ≤ {f.kl_max:g}, induce ≥ {f.induce_min:g}, layer < {f.max_layer_fraction:g} L"
+    eps = " (scored with the paper's code's epsilons)" if f.epsilons else ""
+    return f"KL ≤ {f.kl_max:g}, induce ≥ {f.induce_min:g}, {f.layer_text}{eps}"
 
 
 def _summary(run: RunData) -> list[Block]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import tomli_w
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from refdir.errors import RefdirError
 from refdir.flags import Flag
@@ -24,12 +24,21 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["CONFIG_TOML", "RESULT_FREE", "RunConfig", "config_toml", "option_error", "read_config"]
+__all__ = [
+    "CONFIG_TOML",
+    "PAPER_PROTOCOL",
+    "PROTOCOLS",
+    "RESULT_FREE",
+    "RunConfig",
+    "config_toml",
+    "option_error",
+    "read_config",
+]
 
 CONFIG_TOML = "config.toml"
 """The resolved options of a run, as a TOML file ``refdir run --config`` takes again."""
 
-PROMPTS, SELECTION, EVALUATION = "Prompts", "Selection", "Evaluation"
+PROTOCOL, PROMPTS, SELECTION, EVALUATION = "Protocol", "Prompts", "Selection", "Evaluation"
 BENCHMARKS, SUFFIX, SPEED = "Benchmarks", "Suffix", "Speed"
 
 RESULT_FREE = frozenset(
@@ -37,10 +46,51 @@ RESULT_FREE = frozenset(
 )
 """Options that cannot change results: they may differ between a run and its resumption."""
 
+PAPER_PROTOCOL: dict[str, Any] = {
+    "sampling": "one-stream",
+    "family_refusal_tokens": True,
+    "layer_rule": "floor",
+    "epsilons": True,
+    "harmful_eval": ("jailbreakbench",),
+    "n_eval_harmful": None,
+    "harmless_eval": "harmless_test_paper",
+    "max_new_tokens": 512,
+    "judge_min_words": 15,
+}
+"""What ``protocol="paper"`` sets, wherever an option is not given: the paper's code
+(andyrdt/refusal_direction) where its text and code differ, and its evaluation. Its other
+settings (128 + 32 prompts, seed 42, the filters, the coefficients) are refdir's defaults."""
+
+PROTOCOLS: dict[str, dict[str, Any]] = {"refdir": {}, "paper": PAPER_PROTOCOL}
+"""The protocols, each with the options it sets (refdir's own: none, the defaults)."""
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "protocol": tuple(PROTOCOLS),
+    "sampling": ("per-set", "one-stream"),
+    "layer_rule": ("fraction", "floor"),
+}
+
 
 class RunConfig(ModelOptions):
     """Every option of a run (the model's, then the study's)."""
 
+    protocol: Annotated[str, Flag(panel=PROTOCOL)] = Field(
+        "refdir",
+        description="refdir (its own defaults) or paper: the paper's code wherever its text and "
+        "code differ, and its evaluation (JailbreakBench, 512 tokens, the 15-word rule); an "
+        "option given explicitly still wins",
+    )
+    sampling: Annotated[str, Flag(panel=PROMPTS)] = Field(
+        "per-set",
+        description="per-set: each prompt set sampled with its own seeded generator; "
+        "one-stream: the training, validation and harmless evaluation sets drawn in turn from "
+        "one seeded stream, in the paper's order",
+    )
+    family_refusal_tokens: Annotated[bool, Flag(panel=PROMPTS)] = Field(
+        False,
+        description="use the refusal token ids the paper's code fixes for the model's family "
+        "(Gemma, Llama-2, Llama-3, Qwen, Yi) when the tokenizer matches; others are derived",
+    )
     seed: Annotated[int, Flag(panel=PROMPTS)] = Field(
         42, description="seed for every sample of prompts"
     )
@@ -102,6 +152,16 @@ class RunConfig(ModelOptions):
         allow_inf_nan=False,
         description="discard layers >= this fraction of the depth",
     )
+    layer_rule: Annotated[str, Flag(panel=SELECTION)] = Field(
+        "fraction",
+        description="the layer filter: fraction keeps layer < max_layer_fraction x L (the "
+        "paper's text), floor keeps layer < int(max_layer_fraction x L) (the paper's code)",
+    )
+    epsilons: Annotated[bool, Flag(panel=SELECTION)] = Field(
+        False,
+        description="score with the paper's code's epsilons: log(p + 1e-8) - log(1 - p + 1e-8) "
+        "and KL with 1e-6 inside both logs (bounded; exact forms without)",
+    )
     fallback_kl_bounds: Annotated[
         tuple[float, ...], Flag(name="fallback-kl", panel=SELECTION, items=True, empty="none")
     ] = Field(
@@ -131,8 +191,17 @@ class RunConfig(ModelOptions):
     max_new_tokens: Annotated[int, Flag(panel=EVALUATION)] = Field(
         64, ge=1, description="greedy tokens per completion"
     )
+    long_tokens: Annotated[int, Flag(panel=EVALUATION)] = Field(
+        256,
+        ge=0,
+        description="also count refusals of the harmful prompts under ablation at this longer "
+        "length, where markers after a first sentence show (0, or not above max_new_tokens: "
+        "skipped)",
+    )
     ce_corpus: Annotated[str, Flag(panel=EVALUATION)] = Field(
-        "prose", description="packaged text corpus for the CE loss"
+        "prose",
+        description="corpus for the CE loss: prose (packaged), or a local JSON/JSONL file of "
+        "texts (e.g. the Pile) or of Alpaca records with reference outputs",
     )
     n_ce: Annotated[int, Flag(panel=EVALUATION)] = Field(
         64, ge=1, description="texts of the corpus used for the CE loss"
@@ -148,6 +217,12 @@ class RunConfig(ModelOptions):
     )
     judge_model: Annotated[str | None, Flag(panel=EVALUATION)] = Field(
         None, description="local folder of the judge model"
+    )
+    judge_min_words: Annotated[int, Flag(panel=EVALUATION)] = Field(
+        0,
+        ge=0,
+        description="the judge counts a completion of fewer words than this as safe (the "
+        "paper's code: 15; 0: off)",
     )
     benchmarks: Annotated[tuple[str, ...], Flag(panel=BENCHMARKS, items=True)] = Field(
         (),
@@ -191,6 +266,24 @@ class RunConfig(ModelOptions):
     truncate: Annotated[int, Flag(panel="Report")] = Field(
         200, ge=1, description="characters of each completion shown in the report"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol(cls, values: Any) -> Any:
+        """The protocol's options, under those given explicitly."""
+        if not isinstance(values, dict):
+            return values
+        name = values.get("protocol", "refdir")
+        preset = PROTOCOLS.get(name) if isinstance(name, str) else None
+        return {**preset, **values} if preset else values
+
+    @field_validator(*_CHOICES, mode="before")
+    @classmethod
+    def _choice(cls, value: Any, info: ValidationInfo) -> Any:
+        choices = _CHOICES[str(info.field_name)]
+        if value not in choices:
+            raise ValueError(f"unknown value {value!r}; use one of {', '.join(choices)}")
+        return value
 
     @field_validator("fallback_kl_bounds", mode="before")
     @classmethod

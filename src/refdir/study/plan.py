@@ -109,6 +109,8 @@ STEPS: tuple[Step, ...] = (
                     "harmless_val",
                     "refusal_tokens",
                     "n_refusal_probe",
+                    "sampling",
+                    "family_refusal_tokens",
                 },
                 "refuse",
             ),
@@ -131,6 +133,8 @@ STEPS: tuple[Step, ...] = (
                         "kl_max",
                         "induce_min",
                         "max_layer_fraction",
+                        "layer_rule",
+                        "epsilons",
                         "fallback_kl_bounds",
                         "score_all",
                     }
@@ -154,13 +158,29 @@ STEPS: tuple[Step, ...] = (
                         "n_eval_harmful",
                         "n_eval_harmless",
                         "max_new_tokens",
+                        "long_tokens",
+                        "sampling",
                         "harmful_coeff",
                         "harmless_coeff",
                     }
                 )
             ),
             # read after the completions: the completions on disk stay
-            Reads(frozenset({"n_ce", "ce_corpus", "n_random_kl", "judge", "judge_model"}), "keep"),
+            Reads(
+                frozenset(
+                    {
+                        "n_ce",
+                        "ce_corpus",
+                        "n_random_kl",
+                        "judge",
+                        "judge_model",
+                        "judge_min_words",
+                        "epsilons",
+                        "protocol",
+                    }
+                ),
+                "keep",
+            ),
         ),
         keeps=(COMPLETIONS,),
     ),

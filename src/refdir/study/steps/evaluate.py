@@ -16,6 +16,7 @@ from refdir.artifacts.metrics import (
     Harmless,
     HarmlessScores,
     Kept,
+    LongRefusal,
     MetricsRecord,
     SelectionSummary,
     Sizes,
@@ -29,7 +30,7 @@ from refdir.artifacts.run import (
     RefusalTokensRecord,
 )
 from refdir.artifacts.selection import SelectionRecord
-from refdir.data import load_corpus
+from refdir.data import prompt_categories, read_corpus
 from refdir.directions.candidates import Candidates
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
@@ -39,7 +40,7 @@ from refdir.evaluation.losses import ce_losses, completion_rows, text_rows
 from refdir.evaluation.refusal import Job, evaluate_jobs
 from refdir.interventions.intervention import NONE, Intervention
 from refdir.io import write_jsonl
-from refdir.measures import kl_divergence
+from refdir.measures import KL_EPSILON, kl_divergence
 from refdir.model.loading import names_local_path
 from refdir.study.config import RunConfig
 from refdir.study.files import COMPLETIONS
@@ -51,16 +52,20 @@ __all__ = ["check_judge", "step_evaluate"]
 Key = tuple[str, str]
 """(prompt group, condition) of a completion file ``completions/{group}.{condition}.jsonl``."""
 
+LONG = "ablation_long"
+"""The condition of the harmful prompts' ablated completions at ``long_tokens``."""
+
 
 def _completion_file(out: Path, key: Key) -> Path:
     return out / Path(COMPLETIONS).parent / f"{key[0]}.{key[1]}.jsonl"
 
 
 def _completions(
-    run: Run, jobs: Mapping[Key, tuple[list[str], Intervention]]
+    run: Run, jobs: Mapping[Key, tuple[list[str], Intervention, int]]
 ) -> dict[Key, list[Completion]]:
-    """Completions of each (group, condition) job, read back when its file is there; the jobs
-    still missing are generated together, every row under its own job's intervention."""
+    """Completions of each (group, condition) job at its number of new tokens, read back when
+    its file is there; the jobs still missing are generated together (those of one length in
+    the same decoding batches), every row under its own job's intervention."""
     paths = {key: _completion_file(run.out, key) for key in jobs}
     done = {
         key: [
@@ -71,17 +76,18 @@ def _completions(
         if path.exists()
     }
     missing = [key for key in jobs if key not in done]
-    if missing:
+    for length in sorted({jobs[key][2] for key in missing}):
+        keys = [key for key in missing if jobs[key][2] == length]
         c, cm = run.config, run.cm
         with run.watch.part("completions"):
             results = evaluate_jobs(
                 cm,
-                [Job(".".join(key), *jobs[key]) for key in missing],
-                c.max_new_tokens,
+                [Job(".".join(key), *jobs[key][:2]) for key in keys],
+                length,
                 c.gen_batch_size,
                 run.progress,
             )
-        for key, result in zip(missing, results, strict=True):
+        for key, result in zip(keys, results, strict=True):
             done[key] = result.completions
             write_jsonl(paths[key], [r.model_dump() for r in done[key]])
     return {key: done[key] for key in jobs}
@@ -129,27 +135,36 @@ def step_evaluate(run: Run) -> None:
         "ablation": Intervention.ablation(direction),
         "actadd": Intervention.addition(direction, c.harmful_coeff),
     }
-    # every completion of the step decodes in the same batches, each row under its condition
-    runs = _completions(
-        run,
-        {
-            ("harmful", "baseline"): (harmful, NONE),
-            ("harmless", "baseline"): (harmless, NONE),
-            ("harmful", "ablation"): (harmful, conditions["ablation"]),
-            ("harmful", "actadd"): (harmful, conditions["actadd"]),
-            ("harmless", "actadd"): (harmless, Intervention.addition(direction, c.harmless_coeff)),
-        },
-    )
+    # the completions of one length decode in the same batches, each row under its condition
+    n = c.max_new_tokens
+    jobs: dict[Key, tuple[list[str], Intervention, int]] = {
+        ("harmful", "baseline"): (harmful, NONE, n),
+        ("harmless", "baseline"): (harmless, NONE, n),
+        ("harmful", "ablation"): (harmful, conditions["ablation"], n),
+        ("harmful", "actadd"): (harmful, conditions["actadd"], n),
+        ("harmless", "actadd"): (harmless, Intervention.addition(direction, c.harmless_coeff), n),
+        ("harmless", "ablation"): (harmless, conditions["ablation"], n),
+    }
+    if c.long_tokens > n:
+        jobs["harmful", LONG] = (harmful, conditions["ablation"], c.long_tokens)
+    runs = _completions(run, jobs)
     harmful_runs = {name: runs["harmful", name] for name in ("baseline", "ablation", "actadd")}
-    harmless_runs = {name: runs["harmless", name] for name in ("baseline", "actadd")}
-    corpus = text_rows(cm, load_corpus(c.ce_corpus, c.n_ce))
+    harmless_runs = {name: runs["harmless", name] for name in ("baseline", "actadd", "ablation")}
+    text = read_corpus(c.ce_corpus, c.n_ce)
+    corpus = (
+        completion_rows(cm, text.texts, text.outputs)
+        if text.outputs is not None
+        else text_rows(cm, text.texts)
+    )
     own = completion_rows(cm, harmless, [r.completion for r in harmless_runs["baseline"]])
     with run.watch.part("ce text"):
         on_text = ce_losses(cm, corpus, conditions, progress=run.progress)
     with run.watch.part("ce and kl on own completions"):
         on_own = ce_losses(cm, own, conditions, progress=run.progress, desc="ce loss (completions)")
     # the KL score's distributions are the logits that predict each completion's first token
-    kl = kl_divergence(on_own["baseline"].first, on_own["ablation"].first)
+    kl = kl_divergence(
+        on_own["baseline"].first, on_own["ablation"].first, KL_EPSILON if c.epsilons else 0.0
+    )
     refused = {r.prompt: r.refusal for r in harmless_runs["baseline"]}
     selection = SelectionRecord.read(out)
     if selection.chosen is None:
@@ -170,8 +185,16 @@ def step_evaluate(run: Run) -> None:
             )
         reference = random_kl_summary(scores, float(kl.mean()), c.seed)
     safety = _safety(run, harmful_runs) if c.judge is not None else None
+    long = None
+    if ("harmful", LONG) in runs:
+        long = LongRefusal(
+            max_new_tokens=c.long_tokens,
+            ablation=_rate(runs["harmful", LONG]),
+            by_set={name: _rate(runs["harmful", LONG], set(ps)) for name, ps in by_set.items()},
+        )
     metrics = MetricsRecord(
         model=c.model,
+        protocol=c.protocol,
         direction=DirectionSummary(
             layer=direction.layer, position=direction.position, norm=round(direction.norm, 5)
         ),
@@ -192,7 +215,12 @@ def step_evaluate(run: Run) -> None:
                 name: _three({k: _rate(v, set(ps)) for k, v in harmful_runs.items()})
                 for name, ps in by_set.items()
             },
+            by_category=_by_category(by_set, harmful_runs),
+            refusal_score_long=long,
             safety_score=safety,
+            safety_min_words=c.judge_min_words
+            if safety is not None and c.judge_min_words
+            else None,
         ),
         harmless=Harmless(
             refusal_score=HarmlessScores(**{k: _rate(v) for k, v in harmless_runs.items()}),
@@ -201,6 +229,7 @@ def step_evaluate(run: Run) -> None:
             kl_random_directions=reference,
         ),
         ce_loss=_three({name: round(losses.ce, 5) for name, losses in on_text.items()}),
+        ce_corpus=text.name,
         ce_loss_own_completions=(
             _three({name: round(losses.ce, 5) for name, losses in on_own.items()})
             if on_own["baseline"].n_tokens
@@ -209,6 +238,25 @@ def step_evaluate(run: Run) -> None:
         coefficients=Coefficients(harmful_actadd=c.harmful_coeff, harmless_actadd=c.harmless_coeff),
     )
     metrics.write(out)
+
+
+def _by_category(
+    by_set: Mapping[str, list[str]], harmful_runs: Mapping[str, list[Completion]]
+) -> dict[str, dict[str, ThreeConditions]] | None:
+    """The refusal score per category of each set that has categories (JailbreakBench)."""
+    found: dict[str, dict[str, ThreeConditions]] = {}
+    for name, prompts in by_set.items():
+        categories = prompt_categories(name)
+        groups: dict[str, set[str]] = {}
+        for prompt in prompts:
+            if prompt in categories:
+                groups.setdefault(categories[prompt], set()).add(prompt)
+        if groups:
+            found[name] = {
+                category: _three({k: _rate(v, members) for k, v in harmful_runs.items()})
+                for category, members in sorted(groups.items())
+            }
+    return found or None
 
 
 def check_judge(c: RunConfig) -> tuple[str, str]:
@@ -246,7 +294,12 @@ def _safety(run: Run, harmful_runs: dict[str, list[Completion]]) -> ThreeConditi
     with run.watch.part("judge"):  # loading the judge model is not a part
         return _three(
             {
-                k: round(safety_score(judge, [r.prompt for r in v], [r.completion for r in v]), 4)
+                k: round(
+                    safety_score(
+                        judge, [r.prompt for r in v], [r.completion for r in v], c.judge_min_words
+                    ),
+                    4,
+                )
                 for k, v in harmful_runs.items()
             }
         )

@@ -4,21 +4,24 @@ refusals (or take them from ``refusal_tokens``)."""
 from __future__ import annotations
 
 from refdir.artifacts.run import PromptSets, RefusalTokensRecord
-from refdir.data import sample_prompts
-from refdir.directions.refusal_tokens import derive_refusal_tokens
+from refdir.directions.refusal_tokens import derive_refusal_tokens, family_refusal_tokens
 from refdir.errors import RefdirError
 from refdir.study.state import Run
+from refdir.study.steps.shared import sampled_sets
 
 __all__ = ["step_prompts"]
 
 
 def step_prompts(run: Run) -> None:
     c, cm = run.config, run.cm
+    drawn = sampled_sets(c)
     sets = PromptSets(
-        harmful_train=sample_prompts(c.harmful_train, c.n_train, c.seed),
-        harmless_train=sample_prompts(c.harmless_train, c.n_train, c.seed),
-        harmful_val=sample_prompts(c.harmful_val, c.n_val, c.seed),
-        harmless_val=sample_prompts(c.harmless_val, c.n_val, c.seed),
+        harmful_train=drawn[0], harmless_train=drawn[1], harmful_val=drawn[2], harmless_val=drawn[3]
+    )
+    family = (
+        family_refusal_tokens(cm.tokenizer, str(getattr(cm.model.config, "model_type", "")))
+        if c.family_refusal_tokens and c.refusal_tokens is None
+        else None
     )
     if c.refusal_tokens is not None:
         vocab = int(cm.model.get_output_embeddings().weight.shape[0])
@@ -32,6 +35,13 @@ def step_prompts(run: Run) -> None:
         tokens = RefusalTokensRecord(
             ids=ids, source="option refusal_tokens", texts=[cm.tokenizer.decode([t]) for t in ids]
         )
+    elif family is not None:
+        ids = list(family.ids)
+        tokens = RefusalTokensRecord(
+            ids=ids,
+            source=f"the paper's code, for the {family.family} family",
+            texts=[cm.tokenizer.decode([t]) for t in ids],
+        )
     else:
         found = derive_refusal_tokens(
             cm,
@@ -44,7 +54,7 @@ def step_prompts(run: Run) -> None:
             coverage=found.coverage,
             n_refusals=found.n_refusals,
             n_prompts=found.n_prompts,
-            source="first tokens of the model's own refusals",
+            source="first token ids the model emitted in its own refusals",
             texts=[cm.tokenizer.decode([t]) for t in found.ids],
         )
     tokens.write(run.out)

@@ -33,7 +33,14 @@ log = logging.getLogger(__name__)
 
 def selection_config(c: RunConfig) -> SelectionConfig:
     """The paper's filters and fallback as the run's options set them."""
-    return SelectionConfig(c.kl_max, c.induce_min, c.max_layer_fraction, c.fallback_kl_bounds)
+    return SelectionConfig(
+        c.kl_max,
+        c.induce_min,
+        c.max_layer_fraction,
+        c.fallback_kl_bounds,
+        layer_rule=c.layer_rule,
+        epsilons=c.epsilons,
+    )
 
 
 def _finite(value: float) -> float | None:
@@ -74,6 +81,8 @@ def _record(
             kl_max=config.kl_max,
             induce_min=config.induce_min,
             max_layer_fraction=config.max_layer_fraction,
+            layer_rule=config.layer_rule if config.layer_rule != "fraction" else None,
+            epsilons=config.epsilons or None,
             fallback_kl_bounds=list(config.fallback_kl_bounds),
         ),
         rule=rule,
