@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
-from refdir.data import load_corpus
+from refdir.data import Corpus, load_corpus, read_corpus
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
 from refdir.evaluation.kl import kl_by_prompt, kl_last_position, kl_summary
@@ -336,3 +339,31 @@ def test_ce_losses_start_the_actadd_pass_at_the_layer(
     monkeypatch.setattr(LayerInputs, "start_at", spy)
     ce_losses(cm, text_rows(cm, TEXTS), _conditions(direction), batch_size=2, progress=False)
     assert entered == [direction.layer]
+
+
+def test_a_local_corpus_of_texts_or_alpaca_records(tmp_path: Path) -> None:
+    texts = tmp_path / "pile.jsonl"
+    texts.write_text('{"text": "one text"}\n{"text": "another text"}\n', encoding="utf-8")
+    assert read_corpus(str(texts)) == Corpus(str(texts), ["one text", "another text"])
+    assert load_corpus(str(texts), 1) == ["one text"]
+    records = [
+        {"instruction": f"do {i}", "input": "ctx" if i % 3 == 0 else "", "output": f"done {i}"}
+        for i in range(12)
+    ]
+    alpaca = tmp_path / "alpaca_data.json"
+    alpaca.write_text(json.dumps(records), encoding="utf-8")
+    corpus = read_corpus(str(alpaca))
+    # the paper's order: numpy's default_rng(42) permutation (datasets' shuffle(seed=42)),
+    # then the records without an input
+    order = [i for i in np.random.default_rng(42).permutation(12) if i % 3 != 0]
+    assert corpus.texts == [f"do {i}" for i in order]
+    assert corpus.outputs == [f"done {i}" for i in order]
+    assert read_corpus(str(alpaca), 2).outputs == corpus.outputs[:2]
+    with pytest.raises(RefdirError, match="instructions with outputs, not plain texts"):
+        load_corpus(str(alpaca))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"texts": 1}', encoding="utf-8")
+    with pytest.raises(RefdirError, match="expected a JSON list"):
+        read_corpus(str(bad))
+    with pytest.raises(RefdirError, match=r"unknown corpus 'nowhere.json'; use one of prose"):
+        read_corpus("nowhere.json")

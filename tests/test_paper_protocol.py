@@ -7,15 +7,23 @@ import json
 import math
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
 
 from refdir.data import load_prompts, sample_prompts, sample_stream
+from refdir.directions import refusal_tokens
+from refdir.directions.refusal_tokens import family_refusal_tokens
 from refdir.directions.selection import CandidateScores, SelectionConfig, below_layer_filter, pick
 from refdir.errors import RefdirError
 from refdir.measures import KL_EPSILON, REFUSAL_EPSILON, kl_divergence, refusal_metric
+from refdir.model.chat import ChatFormat
 from refdir.study.config import PAPER_PROTOCOL, RunConfig
+from refdir.study.run import run_pipeline
+from tiny import LLAMA2_TEMPLATE, TINY_RUN, sentencepiece_tokenizer, tiny_chat_model
 
 PUBLISHED = Path(__file__).parent / "data" / "paper_selections"
 RUNS = sorted(p.stem for p in PUBLISHED.glob("*-*.json"))
@@ -176,3 +184,110 @@ def test_the_paper_protocol_preset() -> None:
     d = RunConfig()
     assert d.protocol == "refdir" and d.layer_rule == "fraction" and not d.epsilons
     assert d.max_new_tokens == 64 and d.harmful_eval == ("harmful_test", "jailbreakbench")
+
+
+def _vocab_tokenizer(size: int, at: dict[int, str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of ``size`` tokens with the given tokens at the given ids, which
+    decodes ``▁`` as a space (as SentencePiece vocabularies do)."""
+    vocab = {f"t{i}": i for i in range(size)}
+    for i, token in at.items():
+        del vocab[f"t{i}"]
+        vocab[token] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
+
+
+@pytest.mark.parametrize(
+    ("model_type", "size", "at", "family", "ids"),
+    [
+        ("llama", 32000, {306: "▁I"}, "llama-2", (306,)),
+        ("llama", 128256, {40: "I"}, "llama-3", (40,)),
+        ("qwen2", 151936, {40: "I", 2121: "As"}, "qwen", (40, 2121)),
+        ("qwen", 151851, {40: "I", 2121: "As"}, "qwen", (40, 2121)),
+        ("gemma", 256000, {235285: "I"}, "gemma", (235285,)),
+        ("llama", 64000, {59597: "I"}, "yi", (59597,)),
+    ],
+)
+def test_the_papers_refusal_tokens_by_family(
+    model_type: str, size: int, at: dict[int, str], family: str, ids: tuple[int, ...]
+) -> None:
+    found = family_refusal_tokens(_vocab_tokenizer(size, at), model_type)
+    assert found is not None and found.family == family and found.ids == ids
+
+
+@pytest.mark.parametrize(
+    ("model_type", "size", "at"),
+    [
+        ("llama", 49152, {40: "I"}),  # SmolLM2's vocabulary size: not a family of the paper
+        ("llama", 32000, {306: "▁the"}),  # Llama-2's size, but 306 is not "I"
+        ("mistral", 32000, {306: "▁I"}),  # Mistral's ids are not fixed by the paper's code
+        ("qwen2", 151936, {40: "I", 2121: "So"}),
+    ],
+)
+def test_other_models_have_no_fixed_refusal_tokens(
+    model_type: str, size: int, at: dict[int, str]
+) -> None:
+    assert family_refusal_tokens(_vocab_tokenizer(size, at), model_type) is None
+
+
+def test_refusal_tokens_are_the_ids_the_model_emitted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a dummy-prefix tokenizer, a refusal that starts with the token ``I`` decodes to
+    "I cannot ..."; tokenizing that text again gives ``▁I``, another id. The derived refusal
+    token is the id the model emitted."""
+    tokenizer = sentencepiece_tokenizer(LLAMA2_TEMPLATE)
+    vocab = tokenizer.get_vocab()
+    emitted = [vocab["I"], vocab["▁c"], vocab["an"], vocab["n"], vocab["o"], vocab["t"]]
+    answer = [vocab["▁c"], vocab["an"]]  # " can": no refusal
+    cm = SimpleNamespace(
+        tokenizer=tokenizer, chat=ChatFormat.from_tokenizer(tokenizer), model=SimpleNamespace()
+    )
+
+    def scripted(
+        _cm: object, rows: list[list[int]], *args: object, **kw: object
+    ) -> list[list[int]]:
+        return [emitted if i % 4 else answer for i in range(len(rows))]
+
+    monkeypatch.setattr(refusal_tokens, "generate_ids", scripted)
+    found = refusal_tokens.derive_refusal_tokens(cm, ["a", "b", "c", "d", "e"], progress=False)  # type: ignore[arg-type]
+    assert tokenizer.decode(emitted) == "I cannot"
+    assert found.ids == (vocab["I"],) and found.n_refusals == 3 and found.coverage == 1.0
+    retokenized = tokenizer("I cannot", add_special_tokens=False)["input_ids"][0]
+    assert retokenized == vocab["▁I"] != vocab["I"]  # what reading the decoded text would give
+
+
+def test_a_run_under_the_paper_protocol(tmp_path: Path) -> None:
+    """A whole run on a tiny model with ``protocol="paper"``: one-stream samples, the code's
+    layer filter and epsilons in selection.json, JailbreakBench alone with its categories, and
+    the protocol named in metrics.json and the report."""
+    given = {k: v for k, v in TINY_RUN.model_dump().items() if k not in PAPER_PROTOCOL}
+    config = RunConfig(**{**given, "protocol": "paper", "n_eval_harmful": 3, "max_new_tokens": 2})
+    assert config.layer_rule == "floor" and config.harmful_eval == ("jailbreakbench",)
+    run_pipeline(config, tmp_path, progress=False, model=tiny_chat_model("llama"))
+    prompts = json.loads((tmp_path / "prompts.json").read_text())
+    stream = sample_stream(
+        [
+            (config.harmful_train, config.n_train),
+            (config.harmless_train, config.n_train),
+            (config.harmful_val, config.n_val),
+            (config.harmless_val, config.n_val),
+            (config.harmless_eval, config.n_eval_harmless),
+            ("jailbreakbench", 3),
+        ],
+        config.seed,
+    )
+    assert [
+        prompts[k] for k in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
+    ] == stream[:4]
+    harmless = (tmp_path / "completions" / "harmless.baseline.jsonl").read_text().splitlines()
+    assert [json.loads(line)["prompt"] for line in harmless] == stream[4]
+    filters = json.loads((tmp_path / "selection.json").read_text())["filters"]
+    assert filters["layer_rule"] == "floor" and filters["epsilons"] is True
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["protocol"] == "paper"
+    assert metrics["sizes"]["harmful_eval"] == {"jailbreakbench": 3}
+    assert set(metrics["harmful"]["by_category"]) == {"jailbreakbench"}
+    long = metrics["harmful"]["refusal_score_long"]  # TINY_RUN's long_tokens, 4 > 2
+    assert long["max_new_tokens"] == 4 and set(long["by_set"]) == {"jailbreakbench"}
+    report = (tmp_path / "report.md").read_text()
+    assert "the paper protocol" in report and "int(0.8 L)" in report

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from refdir.artifacts.metrics import HarmlessScores, MetricsRecord, ThreeConditions
+from refdir.artifacts.metrics import HarmlessScores, LongRefusal, MetricsRecord, ThreeConditions
 from refdir.artifacts.run import Completion, ConfigRecord
 from refdir.artifacts.selection import SelectionRecord
 from refdir.artifacts.suffix import SuffixAnalysis, SuffixRates, SuffixRecord
@@ -67,10 +67,13 @@ def test_report_shows_the_run_s_numbers(run_copy: Path) -> None:
                 sets[0]: ThreeConditions(baseline=0.8125, ablation=0.0625, actadd=1.0),
                 sets[1]: ThreeConditions(baseline=0.9375, ablation=0.1875, actadd=0.875),
             },
+            "refusal_score_long": LongRefusal(
+                max_new_tokens=4, ablation=0.5, by_set={sets[0]: 0.4375, sets[1]: 0.5625}
+            ),
         }
     )
     harmless = metrics.harmless.model_copy(
-        update={"refusal_score": HarmlessScores(baseline=0.25, actadd=0.75)}
+        update={"refusal_score": HarmlessScores(baseline=0.25, actadd=0.75, ablation=0.3125)}
     )
     metrics = metrics.model_copy(update={"harmful": harmful, "harmless": harmless})
     metrics.write(run_copy)
@@ -78,9 +81,14 @@ def test_report_shows_the_run_s_numbers(run_copy: Path) -> None:
     selection = SelectionRecord.read(run_copy)
     direction = Direction.load(run_copy)
     n_layers = Candidates.load(run_copy).n_layers
-    # the summary: harmful baseline -> ablation, harmless baseline -> actadd, in that order
+    # the summary: harmful baseline -> ablation, harmless baseline -> actadd, then the
+    # ablation's refusals on longer completions and its false refusals of harmless prompts
     summary = md.split("\n\n")[1]
-    assert re.findall(r"\b\d\.\d{3}\b", summary) == ["0.875", "0.125", "0.250", "0.750"]
+    found = re.findall(r"\b\d\.\d{3}\b", summary)
+    assert found == ["0.875", "0.125", "0.250", "0.750", "0.500", "0.312"]
+    assert "Counted on 4-token completions" in summary
+    assert "| harmful_test | 0.938 | 0.188 | 0.875 | 0.562 |" in md.replace("\\_", "_")
+    assert "| ablation | 0.312 |" in md
     assert f"layer {direction.layer}, position {direction.position}" in summary
     assert f"{selection.n_candidates} candidates" in summary
     chosen = page.split('id="chosen"')[1].split("</table>")[0]

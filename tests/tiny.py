@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 import transformers as T
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from refdir.model.chat_model import ChatModel
@@ -46,6 +46,83 @@ def tiny_tokenizer(
         bos_token="<|bos|>",
         eos_token="<|eos|>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = chat_template
+    return fast
+
+
+LLAMA2_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+    " [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST]{{ m['content'] }}"
+    "[/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant'"
+    " else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def sentencepiece_tokenizer(chat_template: str, merges: bool = True) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style tokenizer with a dummy prefix (``▁`` before every text, as
+    Llama-2's and Mistral's, whose fast tokenizers normalize the same way: prepend ``▁``, then
+    spaces to ``▁``): characters plus a few merges such as ``▁I``."""
+    specials = ["<unk>", "<s>", "</s>", "<start_of_turn>", "<end_of_turn>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in ["▁", "\n", *(chr(c) for c in range(33, 127))]:
+        vocab[ch] = len(vocab)
+    pairs = [("▁", "I"), ("▁", "["), ("▁", "c"), ("a", "n")] if merges else []
+    for a, b in pairs:
+        vocab[a + b] = len(vocab)
+    model = models.BPE(vocab=vocab, merges=pairs, unk_token="<unk>")
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<unk>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
+    fast.chat_template = chat_template
+    return fast
+
+
+def byte_tokenizer_with(specials: list[str], chat_template: str) -> PreTrainedTokenizerFast:
+    """The byte-level tokenizer with other special tokens (a Llama-3-style vocabulary)."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    merges = [("Ġ", "I"), ("Ċ", "Ċ")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=specials[0],
+        eos_token=specials[1],
+        pad_token=specials[1],
+        additional_special_tokens=specials[2:],
     )
     fast.chat_template = chat_template
     return fast

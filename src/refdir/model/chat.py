@@ -2,12 +2,17 @@
 
 A marker instruction is rendered through the template; the text before it is the prefix, the
 text after it (end of the user's turn, start of the assistant's) is the post-instruction
-suffix. Prompts are tokenised as ``tokens(prefix + instruction) + tokens(suffix)`` and padded
-on the left, so the post-instruction tokens are the last ``n_post`` positions of every row.
+suffix. A prompt's ids are the tokenizer's own tokenization of the whole rendered text
+(``prefix + instruction + suffix``), as the model sees it; the post-instruction ids are the
+suffix's tokens as they come out inside a rendered prompt, not tokenized alone (a tokenizer
+with a dummy prefix, as Llama-2's and Mistral's SentencePiece ones, adds a ``▁`` to a text that
+starts alone). Rows are padded on the left, so the post-instruction tokens are the last
+``n_post`` positions of every row.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +25,10 @@ from refdir.errors import RefdirError
 __all__ = ["ChatFormat", "PromptBatch", "by_length", "pad_left"]
 
 _MARKER = "\x00REFDIR_INSTRUCTION\x00"
+_PLAIN = "Hello"
+"""An ordinary instruction, in which the suffix's in-context tokens are read."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,7 @@ class ChatFormat:
                 "the chat template adds nothing after the instruction, so there are no "
                 "post-instruction tokens; use a template with an assistant turn"
             )
-        suffix_ids = tuple(tokenizer(suffix, add_special_tokens=False)["input_ids"])
+        suffix_ids = _suffix_ids(tokenizer, prefix, suffix)
         kwargs.pop("chat_template", None)
         return cls(tokenizer, prefix, suffix, suffix_ids, system, kwargs, max_tokens)
 
@@ -108,9 +117,18 @@ class ChatFormat:
         return self.prefix + instruction + self.suffix
 
     def token_ids(self, instruction: str, extra: str = "") -> list[int]:
-        """Token ids of one prompt; ``extra`` is appended to the instruction (a suffix attack)."""
-        head = self.tokenizer(self.prefix + instruction + extra, add_special_tokens=False)
-        ids = list(head["input_ids"]) + list(self.suffix_ids)
+        """Token ids of one prompt, the tokenizer's own tokenization of the rendered text;
+        ``extra`` is appended to the instruction (a suffix attack)."""
+        text = self.format(instruction + extra)
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if tuple(ids[-self.n_post :]) != self.suffix_ids:
+            # the instruction's last characters merged with the template's: keep the rendered
+            # text's tokens, and say that the post-instruction positions shift for this prompt
+            log.warning(
+                "the end of an instruction merges with the chat template's tokens (%r...); its "
+                "post-instruction positions differ from the other prompts'",
+                instruction[-20:],
+            )
         if self.max_tokens is not None and len(ids) > self.max_tokens:
             start = " ".join(instruction.split())[:40]
             raise RefdirError(
@@ -134,6 +152,17 @@ class ChatFormat:
                 "the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token"
             )
         return int(pad if not isinstance(pad, list) else pad[0])
+
+
+def _suffix_ids(tokenizer: PreTrainedTokenizerBase, prefix: str, suffix: str) -> tuple[int, ...]:
+    """The suffix's tokens inside a rendered prompt: the tokenization of ``prefix + plain +
+    suffix`` past that of ``prefix + plain``; the suffix tokenized alone where the two do not
+    line up."""
+    head = list(tokenizer(prefix + _PLAIN, add_special_tokens=False)["input_ids"])
+    whole = list(tokenizer(prefix + _PLAIN + suffix, add_special_tokens=False)["input_ids"])
+    if whole[: len(head)] == head and len(whole) > len(head):
+        return tuple(whole[len(head) :])
+    return tuple(tokenizer(suffix, add_special_tokens=False)["input_ids"])
 
 
 def by_length(rows: Sequence[Sized], size: int) -> list[list[int]]:

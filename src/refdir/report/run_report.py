@@ -76,6 +76,19 @@ def _summary(run: RunData) -> list[Block]:
         f"refusal score on harmless prompts from {fmt(harmless.baseline)} to "
         f"{fmt(harmless.actadd)}."
     )
+    long = run.metrics.harmful.refusal_score_long
+    if long is not None:
+        text += (
+            f" Counted on {long.max_new_tokens}-token completions, the ablation leaves a "
+            f"refusal score of {fmt(long.ablation)} on harmful prompts."
+        )
+    if harmless.ablation is not None:
+        text += f" Under ablation, harmless prompts are refused at {fmt(harmless.ablation)}."
+    if run.metrics.protocol == "paper":
+        text += (
+            " Run under the paper protocol: the paper's code wherever its text and code differ "
+            "(see the run's configuration)."
+        )
     return [Para(text, id="summary")]
 
 
@@ -171,9 +184,41 @@ def _refusal_section(run: RunData) -> list[Block]:
         [name, *(fmt(getattr(scores, c)) for c in CONDITIONS)]
         for name, scores in run.metrics.harmful.by_set.items()
     ]
-    blocks.append(
-        Table(["harmful set", *CONDITIONS], rows, "Refusal score per harmful evaluation set.")
-    )
+    long = run.metrics.harmful.refusal_score_long
+    caption = "Refusal score per harmful evaluation set."
+    header = ["harmful set", *CONDITIONS]
+    if long is not None:
+        header.append(f"ablation, {long.max_new_tokens} tokens")
+        rows = [[*row, fmt(long.by_set.get(row[0]))] for row in rows]
+        caption += (
+            f" The last column counts the ablation's refusals on completions of "
+            f"{long.max_new_tokens} tokens, where a refusal after a first sentence shows; "
+            "markers can miss those on short completions."
+        )
+    blocks.append(Table(header, rows, caption))
+    harmless = run.metrics.harmless.refusal_score
+    if harmless.ablation is not None:
+        rows = [[c, fmt(getattr(harmless, c))] for c in ("baseline", "ablation", "actadd")]
+        blocks.append(
+            Table(
+                ["harmless prompts", "refusal score"],
+                rows,
+                "Refusal score on harmless prompts: at baseline, with the direction ablated "
+                "(false refusals the ablation may create) and with activation addition.",
+            )
+        )
+    for name, categories in (run.metrics.harmful.by_category or {}).items():
+        rows = [
+            [category, *(fmt(getattr(scores, c)) for c in CONDITIONS)]
+            for category, scores in categories.items()
+        ]
+        blocks.append(
+            Table(
+                [f"{name}: category", *CONDITIONS],
+                rows,
+                f"Refusal score per category of {name} (as the paper's code reports it).",
+            )
+        )
     return blocks
 
 
