@@ -194,10 +194,21 @@ def test_two_workers_share_one_study_and_a_later_command_adds_to_it(
             assert time.monotonic() < deadline, "the workers made no progress"
             time.sleep(0.2)
 
+    def hold(worker: subprocess.Popen[str]) -> None:
+        """Stop ``worker`` at a moment it does not hold the journal's lock (stopped while
+        holding it, the other worker would wait for it and then break it)."""
+        lock = storage.with_name(storage.name + ".lock")
+        while True:
+            worker.send_signal(signal.SIGSTOP)
+            if not lock.exists():
+                return
+            worker.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+
     # both take part whatever the machine's load: a is held once it has a trial, until b has one
     first = start("a")
     until(lambda: trials_of(first) > 0)
-    first.send_signal(signal.SIGSTOP)
+    hold(first)
     try:
         second = start("b")
         until(lambda: trials_of(second) > 0)

@@ -13,14 +13,13 @@ from huggingface_hub import try_to_load_from_cache
 
 from refdir.artifacts.metrics import MetricsRecord
 from refdir.artifacts.run import CANDIDATES, REPORT_HTML
-from refdir.data import sample_prompts
 from refdir.io import check_room
 from refdir.model.chat_model import ChatModel
 from refdir.model.loading import names_local_path
 from refdir.study.config import RunConfig
 from refdir.study.files import COMPLETIONS
 from refdir.study.plan import STEP_NAMES
-from refdir.study.steps.shared import eval_prompts
+from refdir.study.steps.shared import eval_prompts, sampled_sets
 
 __all__ = [
     "candidates_bytes",
@@ -105,21 +104,21 @@ def run_sizes(
     sizes: dict[str, int] = {}
     dims = _model_dims(config, model) if due("extract") else None
     if dims is not None and not (out / CANDIDATES.FILE).exists():
-        prompts = [
-            *sample_prompts(config.harmful_train, config.n_train, config.seed),
-            *sample_prompts(config.harmless_train, config.n_train, config.seed),
-        ]
-        sizes[CANDIDATES.FILE] = candidates_bytes(*dims, prompts)
+        drawn = sampled_sets(config)
+        sizes[CANDIDATES.FILE] = candidates_bytes(*dims, [*drawn[0], *drawn[1]])
     if due("evaluate") and not (out / MetricsRecord.FILE).exists():
         _, harmful, harmless = eval_prompts(config)
+        n, long = config.max_new_tokens, config.long_tokens
         for name, conditions, prompts in (
             ("harmful", ("baseline", "ablation", "actadd"), harmful),
-            ("harmless", ("baseline", "actadd"), harmless),
+            ("harmless", ("baseline", "actadd", "ablation"), harmless),
+            ("harmful", ("ablation_long",) if long > n else (), harmful),
         ):
             for condition in conditions:
                 file = f"{Path(COMPLETIONS).parent}/{name}.{condition}.jsonl"
+                tokens = long if condition == "ablation_long" else n
                 if not (out / file).exists():
-                    sizes[file] = completions_bytes(prompts, config.max_new_tokens)
+                    sizes[file] = completions_bytes(prompts, tokens)
     if due("report") and not (out / REPORT_HTML.FILE).exists():
         sizes[REPORT_HTML.FILE] = REPORT_BYTES
     return sizes
