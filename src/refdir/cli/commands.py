@@ -236,9 +236,17 @@ def orthogonalize(
     out: Annotated[Path, typer.Option(help="New folder for the edited checkpoint.")],
     options: ModelOptions,
     any_model: AnyModelOpt = False,
+    stream: Annotated[
+        bool | None,
+        typer.Option(
+            "--stream/--no-stream",
+            help="Edit the safetensors checkpoint of a local folder shard by shard, without "
+            "loading the model (default: when the folder holds a sharded checkpoint).",
+        ),
+    ] = None,
 ) -> None:
     """Edit the weights so nothing writes along the direction; export a safetensors checkpoint."""
-    _work("orthogonalize").orthogonalize(direction, out, options, any_model)
+    _work("orthogonalize").orthogonalize(direction, out, options, any_model, stream)
 
 
 @organism_app.command("build")
