@@ -17,11 +17,13 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from refdir.artifacts.export import ExportManifest
 from refdir.cli.commands import app
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
 from refdir.interventions.edit import Edit
 from refdir.interventions.export import export_edit, export_orthogonalized
+from refdir.interventions.orthogonalization import edit_output, unit_vector
 from refdir.interventions.projection import orthonormal
 from refdir.interventions.streamed import (
     INDEX_FILE,
@@ -66,6 +68,18 @@ def _tensors(folder: Path) -> dict[str, tuple[str, list[int], bytes]]:
     return found
 
 
+def _same_manifest(streamed: ExportManifest, in_memory: ExportManifest) -> None:
+    """Equal, but for the rounding the parity passes measure, which runs from disk (one module
+    at a time) in the streamed export and may round apart by a few parts in 1e5."""
+    rounding = {"residual_left", "parity_max_abs_logit_delta"}
+    assert streamed.model_dump(exclude=rounding) == in_memory.model_dump(exclude=rounding)
+    for key in rounding:
+        got, want = getattr(streamed, key), getattr(in_memory, key)
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert got == pytest.approx(want, rel=1e-3, abs=1e-9)
+
+
 def _in_memory(folder: Path, dtype: torch.dtype) -> ChatModel:
     return load_model(str(folder), dtype=dtype)
 
@@ -89,7 +103,7 @@ def test_streamed_export_equals_the_in_memory_one_byte_for_byte(
     direction = _direction(cm)
     streamed = stream_orthogonalized(ModelOptions(model=str(source)), direction, tmp_path / "s")
     in_memory = export_orthogonalized(cm, direction, tmp_path / "m")
-    assert streamed == in_memory
+    _same_manifest(streamed, in_memory)
     assert streamed.edited_tensors > 3
     got, want = _tensors(tmp_path / "s"), _tensors(tmp_path / "m")
     assert got.keys() == want.keys()
@@ -125,7 +139,8 @@ def test_a_streamed_edit_equals_the_in_memory_one(tmp_path: Path) -> None:
     direction = _direction(cm)
     streamed = stream_edit(ModelOptions(model=str(source)), edit, direction, tmp_path / "s")
     in_memory = export_edit(cm, edit, direction, tmp_path / "m")
-    assert streamed == in_memory and streamed.edit is not None
+    _same_manifest(streamed, in_memory)
+    assert streamed.edit is not None
     assert _tensors(tmp_path / "s") == _tensors(tmp_path / "m")
     assert Edit.load(tmp_path / "s").attn == edit.attn
 
@@ -179,15 +194,16 @@ KILLED_MIDWAY = textwrap.dedent(
     from refdir.model.options import ModelOptions
 
     written = []
-    save = streamed.save_file
+    write = streamed._write_shard
 
-    def save_then_die(tensors, path, metadata=None):
-        save(tensors, path, metadata=metadata)
-        written.append(path)
+    def write_then_die(*args):
+        sizes = write(*args)
+        written.append(sizes)
         if len(written) == 3:  # three shards written, the rest to come
             os.kill(os.getpid(), signal.SIGKILL)
+        return sizes
 
-    streamed.save_file = save_then_die
+    streamed._write_shard = write_then_die
     direction = Direction(torch.ones(32), 1, -1, "tiny")
     streamed.stream_orthogonalized(ModelOptions(model=sys.argv[1]), direction, sys.argv[2])
     """
@@ -210,3 +226,17 @@ def test_a_killed_streamed_export_leaves_nothing_that_looks_finished(tmp_path: P
     )
     assert (out / "refdir_manifest.json").is_file()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".export")] == []
+
+
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_an_edit_rounds_alike_wherever_the_weight_lies_in_memory(axis: int) -> None:
+    """A weight mapped from a file may start anywhere; the edit's rounding must not follow."""
+    torch.manual_seed(0)
+    weight = torch.randn(300, 64) if axis == -1 else torch.randn(64, 300)
+    u = unit_vector(torch.randn(64))
+    aligned = weight.clone()
+    unaligned = torch.empty(weight.numel() + 1)[1:].view(weight.shape)  # 4 bytes off
+    unaligned.copy_(weight)
+    edit_output(aligned, u, axis)
+    edit_output(unaligned, u, axis)
+    assert torch.equal(aligned, unaligned) and not torch.equal(aligned, weight)

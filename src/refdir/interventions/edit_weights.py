@@ -44,7 +44,7 @@ def edit_embedding(weight: torch.Tensor, basis: torch.Tensor, w: float, keep: bo
     """Rows [V, d]: E - w (E Q^T) Q, each row back at its length when ``keep``."""
     edited = edited_copy(weight, -1, basis, w)
     if keep:
-        before = weight.detach().float().norm(dim=-1, keepdim=True)
+        before = weight.detach().to(torch.float32, copy=True).norm(dim=-1, keepdim=True)
         after = edited.norm(dim=-1, keepdim=True)
         ok = after > 1e-12 * before
         edited = torch.where(ok, edited * (before / after.clamp_min(1e-30)), edited)

@@ -20,7 +20,7 @@ Arithmetic is float32, cast back once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,6 +34,7 @@ from refdir.model.layout import effective_norm_scale
 from refdir.model.layout_check import leftover, residuals, rounding_limit
 
 __all__ = [
+    "BLOCK_VALUES",
     "OrthogonalizeReport",
     "check_editable",
     "edit_bias",
@@ -68,23 +69,43 @@ class OrthogonalizeReport:
     correct edit."""
 
 
+BLOCK_VALUES = 2**22
+"""The most float32 values a weight edit computes at once (16 MB): a weight is edited in blocks
+of rows, so the edit needs little memory beyond the weight itself. Each block is computed on
+a fresh float32 copy: the blocks depend on the weight's shape only and their memory is aligned
+(a weight mapped from a file may not be, and BLAS rounds unaligned data differently), so an
+edit in memory and a streamed one round alike."""
+
+
+def _row_blocks(w: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Views [n, d] of ``w`` [..., d] that cover it, each of at most :data:`BLOCK_VALUES`
+    values (one row at least)."""
+    if w.dim() > 2:
+        for part in w:
+            yield from _row_blocks(part)
+        return
+    rows = max(1, BLOCK_VALUES // max(1, w.shape[-1]))
+    for start in range(0, w.shape[0], rows):
+        yield w[start : start + rows]
+
+
 def edit_rows(weight: torch.Tensor, r: torch.Tensor) -> None:
-    """Embedding [V, d]: W - (W r) r^T."""
-    w = weight.data.float()
-    weight.data.copy_((w - torch.outer(w @ r, r)).to(weight.dtype))
+    """Embedding [V, d]: W - (W r) r^T, in float32, cast back."""
+    edit_output(weight, r, -1)
 
 
 def edit_output(weight: torch.Tensor, u: torch.Tensor, axis: int) -> None:
     """A weight whose ``axis`` is the residual stream (Linear [d, in], Conv1D [in, d], fused
-    experts [E, d, in] or [E, in, d]): W - u (u^T W) along that axis."""
-    w = weight.data.float().movedim(axis, -1)
-    w = w - torch.outer(w.reshape(-1, w.shape[-1]) @ u, u).reshape(w.shape)
-    weight.data.copy_(w.movedim(-1, axis).to(weight.dtype))
+    experts [E, d, in] or [E, in, d]): W - u (u^T W) along that axis, in float32, cast back,
+    a block of rows at a time."""
+    for block in _row_blocks(weight.data.movedim(axis, -1)):
+        w = block.to(torch.float32, copy=True)
+        block.copy_((w - torch.outer(w @ u, u)).to(block.dtype))
 
 
 def edit_bias(bias: torch.Tensor, u: torch.Tensor) -> None:
     """A bias [d] or fused experts' biases [E, d]: b - (b . u) u."""
-    b = bias.data.float()
+    b = bias.data.to(torch.float32, copy=True)
     bias.data.copy_((b - (b @ u).unsqueeze(-1) * u).to(bias.dtype))
 
 

@@ -1,11 +1,13 @@
 """Edit a safetensors checkpoint on disk, one shard at a time, without loading the model.
 
 The layout comes from the model built on the ``meta`` device from its config (no weights), the
-tensors to edit from its parameter names. Each shard is then read, its tensors edited with the
-functions the in-memory edit uses (float32, one cast back to the stored dtype) and written
-under the same name, so the output's tensors are byte for byte those of the in-memory export
-of the model loaded in its stored dtype. Memory: one shard, plus the float32 temporaries of its
-largest edited tensor, plus the direction.
+tensors to edit from its parameter names. Each shard is then written under its own name one
+tensor at a time: read, edited with the functions the in-memory edit uses (float32 in blocks of
+rows, one cast back to the stored dtype), written, let go. The output's tensors are byte for
+byte those of the in-memory export of the model loaded in its stored dtype. Memory: the largest
+tensor, the float32 blocks of its edit (:data:`~refdir.interventions.orthogonalization.BLOCK_VALUES`),
+the direction; never the model. A weighted :class:`~refdir.interventions.edit.Edit` computes
+each edited tensor's float32 copy whole, as its in-memory export does.
 
 The parity with hook ablation is measured as the in-memory export measures it, on the probe
 prompts, with the source and the edited checkpoint each run from disk (accelerate's disk
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -29,7 +32,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -314,32 +316,121 @@ def _edit_plan(cm: ChatModel, edit: Edit) -> tuple[_Plan, OrthogonalizeReport]:
     return plan, OrthogonalizeReport(exact, untie is not None, len(edits), note)
 
 
+_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F64": torch.float64,
+}
+"""The safetensors dtypes refdir streams, as torch's."""
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """A safetensors file's header: each tensor's dtype name, shape and byte range (from the
+    start of the data), and its metadata."""
+
+    path: Path
+    data_start: int
+    tensors: dict[str, tuple[str, list[int], int, int]]
+    metadata: dict[str, str] | None
+
+    @classmethod
+    def read(cls, path: Path) -> _Shard:
+        try:
+            with path.open("rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            metadata = header.pop("__metadata__", None)
+            tensors = {
+                str(name): (
+                    str(e["dtype"]),
+                    [int(n) for n in e["shape"]],
+                    int(e["data_offsets"][0]),
+                    int(e["data_offsets"][1]),
+                )
+                for name, e in header.items()
+            }
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            raise RefdirError(f"{path} is not a readable safetensors file ({exc})") from None
+        return cls(path, 8 + size, tensors, metadata)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read with plain reads (not mapped: only the tensor is resident)."""
+        dtype, shape, begin, end = self.tensors[name]
+        if dtype not in _DTYPES:
+            raise RefdirError(f"{self.path} holds {name} as {dtype}, which refdir cannot stream")
+        data = torch.empty(end - begin, dtype=torch.uint8)
+        with self.path.open("rb") as f:
+            f.seek(self.data_start + begin)
+            if f.readinto(data.numpy().data) != end - begin:
+                raise RefdirError(f"{self.path} ends inside {name}; copy the checkpoint again")
+        return data.view(_DTYPES[dtype]).reshape(shape)
+
+
+def _write_shard(source: Path, names: Sequence[str], plan: _Plan, target: Path) -> dict[str, int]:
+    """The shard ``source``, its tensors edited by ``plan`` (and the untied read-out before
+    the embedding), written to ``target`` one tensor at a time: the safetensors header first,
+    from ``source``'s, then each tensor as it is read and edited, so that one tensor is in
+    memory at a time. Returns each written tensor's size in bytes."""
+    shard = _Shard.read(source)
+    order = [(name, name) for name in names]
+    if plan.untie_as is not None and plan.embed_name in names:
+        order.insert(names.index(plan.embed_name), (plan.untie_as, plan.embed_name))
+    header: dict[str, Any] = {}
+    sizes: dict[str, int] = {}
+    offset = 0
+    for name, origin in order:
+        dtype, shape, begin, end = shard.tensors[origin]
+        sizes[name] = end - begin
+        header[name] = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [offset, offset + sizes[name]],
+        }
+        offset += sizes[name]
+    if shard.metadata:
+        header["__metadata__"] = shard.metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with target.open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, origin in order:
+            tensor = shard.get(origin)
+            edit = plan.edits.get(origin) if name == origin else None
+            if edit is not None:
+                with torch.no_grad():
+                    edit(tensor)
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+    return sizes
+
+
 def _write_shards(ckpt: Checkpoint, plan: _Plan, tmp: Path) -> None:
     """Each shard of ``ckpt``, its tensors edited by ``plan``, under its own name in ``tmp``,
     with the index (the untied read-out beside the embedding)."""
     weight_map: dict[str, str] = {}
     total = 0
     for shard, names in ckpt.shards.items():
-        tensors: dict[str, torch.Tensor] = {}
-        with _reading(ckpt.folder / shard) as f:
-            metadata = f.metadata()
-            for name in names:
-                tensor = f.get_tensor(name)
-                if name == plan.embed_name and plan.untie_as is not None:
-                    tensors[plan.untie_as] = tensor.clone()
-                edit = plan.edits.get(name)
-                if edit is not None:
-                    with torch.no_grad():
-                        edit(tensor)
-                tensors[name] = tensor
-        save_file(tensors, str(tmp / shard), metadata=metadata)
-        weight_map |= dict.fromkeys(tensors, shard)
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors
+        sizes = _write_shard(ckpt.folder / shard, names, plan, tmp / shard)
+        weight_map |= dict.fromkeys(sizes, shard)
+        total += sum(sizes.values())
+    if list(ckpt.shards) == [SINGLE_FILE]:
+        return  # one file, as it came
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    if len(ckpt.shards) == 1 and SINGLE_FILE in ckpt.shards:
-        (tmp / INDEX_FILE).unlink()  # one file, as it came
 
 
 def _write_beside(cm: ChatModel, ckpt: Checkpoint, plan: _Plan, tmp: Path) -> None:
