@@ -60,6 +60,10 @@ CHILD = textwrap.dedent(
 )
 
 
+TENSOR = 32000 * 1024 * 4
+"""The largest tensor's bytes: the embedding (and the read-out), float32."""
+
+
 def _model() -> T.PreTrainedModel:
     torch.manual_seed(0)
     config = T.LlamaConfig(
@@ -133,6 +137,7 @@ def main() -> None:
         work_streamed = streamed["peak"] - streamed["floor"]
         print(f"work memory, streamed / in-memory: {work_streamed / work_memory:.2f}")
         print(f"work memory, streamed / largest shard: {work_streamed / largest:.2f}")
+        print(f"work memory, streamed / largest tensor: {work_streamed / TENSOR:.2f}")
         print(f"work memory, in-memory / checkpoint: {work_memory / total:.2f}")
         print(f"tensors byte for byte equal: {same}")
 
