@@ -180,6 +180,15 @@ def test_orthogonalize_streams_a_sharded_folder_unless_told(tmp_path: Path) -> N
     assert loaded.exit_code == 0, loaded.output
     assert (tmp_path / "m" / "model.safetensors").is_file()  # save_pretrained's one file
     assert _tensors(tmp_path / "s") == _tensors(tmp_path / "m")
+    single = tmp_path / "single"  # one model.safetensors: streamed when asked
+    cm.model.save_pretrained(single)
+    cm.tokenizer.save_pretrained(single)
+    assert not streams_by_default(str(single))
+    one = ["orthogonalize", "--model", str(single), "--direction", str(tmp_path / "direction")]
+    asked = runner.invoke(app, [*one, "--out", str(tmp_path / "one"), "--stream"])
+    assert asked.exit_code == 0, asked.output
+    assert not (tmp_path / "one" / INDEX_FILE).exists()
+    assert _tensors(tmp_path / "one") == _tensors(tmp_path / "m")
     refused = runner.invoke(app, [*base, "--out", str(tmp_path / "x"), "--device", "cuda"])
     assert refused.exit_code == 2
     assert "error:" in refused.output and "Traceback" not in refused.output

@@ -23,15 +23,13 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -108,8 +106,7 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, read from its shard."""
-        with safe_open(str(self.folder / self.where[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        return _Shard.read(self.folder / self.where[name]).get(name)
 
     @property
     def nbytes(self) -> int:
@@ -131,8 +128,7 @@ def read_checkpoint(folder: Path) -> Checkpoint:
                 f"{index} is not a safetensors index ({exc}); save the model again"
             ) from None
     elif (folder / SINGLE_FILE).is_file():
-        with _reading(folder / SINGLE_FILE) as f:
-            shards = {SINGLE_FILE: list(f.keys())}
+        shards = {SINGLE_FILE: list(_Shard.read(folder / SINGLE_FILE).tensors)}
     else:
         raise RefdirError(
             f"{folder} holds no safetensors checkpoint ({INDEX_FILE} or {SINGLE_FILE}); "
@@ -142,17 +138,6 @@ def read_checkpoint(folder: Path) -> Checkpoint:
         if Path(shard).name != shard or not (folder / shard).is_file():
             raise RefdirError(f"{folder} lacks the shard {shard} its index names; copy it again")
     return Checkpoint(folder, shards)
-
-
-@contextmanager
-def _reading(path: Path) -> Iterator[Any]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            yield f
-    except RefdirError:
-        raise
-    except Exception as exc:  # safetensors' own errors, quoting the header
-        raise RefdirError(f"{path} is not a readable safetensors file ({exc})") from None
 
 
 def _meta_model(options: ModelOptions) -> ChatModel:
