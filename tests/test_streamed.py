@@ -148,10 +148,10 @@ def test_a_streamed_edit_equals_the_in_memory_one(tmp_path: Path) -> None:
 def test_what_cannot_stream_is_refused_in_one_line(tmp_path: Path) -> None:
     source = _sharded(tmp_path, "qwen3_moe")  # per-expert tensors, fused while loading
     direction = _direction(tiny_chat_model("qwen3_moe"))
-    with pytest.raises(RefdirError, match=r"other names.*--no-stream"):
+    with pytest.raises(RefdirError, match=r"other names.*`stream=False`"):
         stream_orthogonalized(ModelOptions(model=str(source)), direction, tmp_path / "a")
     llama = _sharded(tmp_path, "llama")
-    with pytest.raises(RefdirError, match=r"stored dtype.*--no-stream"):
+    with pytest.raises(RefdirError, match=r"stored dtype, not `dtype='bf16'`.*`stream=False`"):
         stream_orthogonalized(
             ModelOptions(model=str(llama), dtype="bf16"), direction, tmp_path / "d"
         )
@@ -190,8 +190,8 @@ def test_orthogonalize_streams_a_sharded_folder_unless_told(tmp_path: Path) -> N
     assert not (tmp_path / "one" / INDEX_FILE).exists()
     assert _tensors(tmp_path / "one") == _tensors(tmp_path / "m")
     refused = runner.invoke(app, [*base, "--out", str(tmp_path / "x"), "--device", "cuda"])
-    assert refused.exit_code == 2
-    assert "error:" in refused.output and "Traceback" not in refused.output
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "not --device cuda; use --device cpu, or edit in memory (--no-stream)" in refused.output
 
 
 KILLED_MIDWAY = textwrap.dedent(

@@ -83,6 +83,7 @@ for _name, _flag in (
 ):
     register(_name, _flag)
 register("any_model", "--any-model", boolean=True)
+register("stream", "--stream", boolean=True)
 
 
 def _work(command: str) -> ModuleType:

@@ -185,7 +185,7 @@ def _check_names(cm: ChatModel, ckpt: Checkpoint) -> None:
         raise RefdirError(
             f"{ckpt.folder} stores its tensors under other names than {type(cm.model).__name__} "
             f"has (no {missing[0]}; transformers converts them while loading), which streamed "
-            "editing cannot follow; edit it in memory (--no-stream)"
+            "editing cannot follow; edit it in memory (`stream=False`)"
         )
 
 
@@ -464,23 +464,23 @@ def _on_disk(folder: Path, like: ChatModel, offload: Path, remote: bool) -> Chat
 def _check_streamable(options: ModelOptions) -> None:
     if options.dtype != "auto":
         raise RefdirError(
-            f"streamed editing writes each tensor in its stored dtype, not --dtype {options.dtype}; "
-            "drop --dtype, or edit in memory (--no-stream)"
+            "streamed editing writes each tensor in its stored dtype, not "
+            f"`dtype='{options.dtype}'`; leave `dtype='auto'`, or edit in memory (`stream=False`)"
         )
     if options.device != "cpu":
         raise RefdirError(
-            f"streamed editing runs on the CPU, not --device {options.device}; drop --device, "
-            "or edit in memory (--no-stream)"
+            f"streamed editing runs on the CPU, not `device='{options.device}'`; use "
+            "`device='cpu'`, or edit in memory (`stream=False`)"
         )
     if options.gguf_file is not None or Path(options.model).suffix == ".gguf":
         raise RefdirError(
             "streamed editing reads safetensors checkpoints, not GGUF; edit it in memory "
-            "(--no-stream)"
+            "(`stream=False`)"
         )
     if not Path(options.model).expanduser().is_dir():
         raise RefdirError(
             f"streamed editing needs a local model folder, not {options.model!r}; download it "
-            "(hf download) and give its folder, or edit it in memory (--no-stream)"
+            "(hf download) and give its folder, or edit it in memory (`stream=False`)"
         )
 
 
