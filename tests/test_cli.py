@@ -85,6 +85,7 @@ COMMANDS = {
     "compare",
     "suffix",
     "organism",
+    "chat",
 }
 
 

@@ -83,6 +83,7 @@ for _name, _flag in (
 ):
     register(_name, _flag)
 register("any_model", "--any-model", boolean=True)
+register("stream", "--stream", boolean=True)
 
 
 def _work(command: str) -> ModuleType:
@@ -236,9 +237,46 @@ def orthogonalize(
     out: Annotated[Path, typer.Option(help="New folder for the edited checkpoint.")],
     options: ModelOptions,
     any_model: AnyModelOpt = False,
+    stream: Annotated[
+        bool | None,
+        typer.Option(
+            "--stream/--no-stream",
+            help="Edit the safetensors checkpoint of a local folder shard by shard, without "
+            "loading the model (default: when the folder holds a sharded checkpoint).",
+        ),
+    ] = None,
 ) -> None:
     """Edit the weights so nothing writes along the direction; export a safetensors checkpoint."""
-    _work("orthogonalize").orthogonalize(direction, out, options, any_model)
+    _work("orthogonalize").orthogonalize(direction, out, options, any_model, stream)
+
+
+@app.command()
+@_errors
+@with_options(ModelOptions)
+def chat(
+    options: ModelOptions,
+    direction: Annotated[
+        Path | None,
+        typer.Option(
+            help="direction.safetensors / direction.json / its folder, or a run folder "
+            "(default on the organism: its refusal direction, extracted at start)."
+        ),
+    ] = None,
+    intervention: Annotated[
+        str, typer.Option(help="The first answers' intervention: none, ablate or add.")
+    ] = "none",
+    coeff: Annotated[float, typer.Option(help="Coefficient of /add without one.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 128,
+    any_model: AnyModelOpt = False,
+) -> None:
+    """Chat with the model on stdin, switching the intervention between turns (/help)."""
+    if intervention not in ("none", "ablate", "add"):
+        raise RefdirError(f"unknown intervention {intervention!r}; use one of none, ablate, add")
+    if not math.isfinite(coeff):
+        raise RefdirError(f"--coeff must be a finite number, got {coeff}")
+    if max_new_tokens < 1:
+        raise RefdirError(f"--max-new-tokens must be 1 or more, got {max_new_tokens}")
+    _work("chat").chat(options, direction, intervention, coeff, max_new_tokens, any_model)
 
 
 @organism_app.command("build")

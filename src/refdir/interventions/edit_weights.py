@@ -32,7 +32,7 @@ from refdir.interventions.orthogonalization import (
 from refdir.interventions.projection import column_scale, edited_copy, write_basis
 from refdir.model.chat_model import ChatModel
 
-__all__ = ["edit_parity", "edit_weights"]
+__all__ = ["edit_embedding", "edit_output_weight", "edit_parity", "edit_weights"]
 
 _PROBES = (
     "Write a short poem about the sea.",
@@ -40,15 +40,27 @@ _PROBES = (
 )
 
 
-def _edit_embedding(weight: torch.Tensor, basis: torch.Tensor, w: float, keep: bool) -> None:
+def edit_embedding(weight: torch.Tensor, basis: torch.Tensor, w: float, keep: bool) -> None:
     """Rows [V, d]: E - w (E Q^T) Q, each row back at its length when ``keep``."""
     edited = edited_copy(weight, -1, basis, w)
     if keep:
-        before = weight.detach().float().norm(dim=-1, keepdim=True)
+        before = weight.detach().to(torch.float32, copy=True).norm(dim=-1, keepdim=True)
         after = edited.norm(dim=-1, keepdim=True)
         ok = after > 1e-12 * before
         edited = torch.where(ok, edited * (before / after.clamp_min(1e-30)), edited)
     weight.data.copy_(edited.to(weight.dtype))
+
+
+def edit_output_weight(
+    param: torch.Tensor, axis: int, basis: torch.Tensor, w: float, keep: bool
+) -> None:
+    """An output weight whose ``axis`` is the residual stream: W - w Q^T Q W, each input
+    feature's column back at its length when ``keep``."""
+    new = edited_copy(param, axis, basis, w)
+    if keep:
+        scale = column_scale(param, axis, basis, w).to(new.device)
+        new = new * (scale.unsqueeze(0) if axis == -2 else scale.unsqueeze(1))
+    param.data.copy_(new.to(param.dtype))
 
 
 def edit_weights(cm: ChatModel, edit: Edit) -> OrthogonalizeReport:
@@ -60,17 +72,12 @@ def edit_weights(cm: ChatModel, edit: Edit) -> OrthogonalizeReport:
     with torch.no_grad():
         if edit.embed > 0:
             for embedding in cm.layout.embeddings:
-                _edit_embedding(embedding.weight, edit.basis, edit.embed, edit.norm_preserving)
+                edit_embedding(embedding.weight, edit.basis, edit.embed, edit.norm_preserving)
                 edited += 1
         for _, write, w in edit.sites(cm.layout):
             basis = write_basis(cm.layout, write, edit.basis)
             for weight in write.weights:
-                param = weight.param
-                new = edited_copy(param, weight.axis, basis, w)
-                if edit.norm_preserving:
-                    scale = column_scale(param, weight.axis, basis, w).to(new.device)
-                    new = new * (scale.unsqueeze(0) if weight.axis == -2 else scale.unsqueeze(1))
-                param.data.copy_(new.to(param.dtype))
+                edit_output_weight(weight.param, weight.axis, basis, w, edit.norm_preserving)
                 edited += 1
                 if weight.bias is not None:
                     bias = getattr(weight.module, weight.bias)

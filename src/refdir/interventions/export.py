@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from refdir.artifacts.export import ExportManifest, ManifestDirection
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
@@ -16,7 +18,13 @@ from refdir.io import atomic_folder, check_room, writable_folder
 from refdir.model.chat_model import ChatModel
 from refdir.model.layout_check import rounding_limit
 
-__all__ = ["check_export_folder", "check_export_room", "export_edit", "export_orthogonalized"]
+__all__ = [
+    "check_export_folder",
+    "check_export_room",
+    "export_edit",
+    "export_manifest",
+    "export_orthogonalized",
+]
 
 SHARD_BYTES = 50 * 10**9
 """``save_pretrained``'s default largest shard (transformers 5: "50GB")."""
@@ -62,6 +70,40 @@ def export_orthogonalized(cm: ChatModel, direction: Direction, out: str | Path) 
     return _write_export(cm, report, delta, direction, out)
 
 
+def export_manifest(
+    source: str,
+    revision: str | None,
+    report: OrthogonalizeReport,
+    delta: float,
+    dtype: torch.dtype,
+    direction: Direction,
+    edit: Edit | None = None,
+) -> ExportManifest:
+    """The manifest of an export of ``source`` edited as ``report`` says, its parity ``delta``
+    measured in ``dtype``."""
+    return ExportManifest(
+        source_model=source,
+        source_revision=revision,
+        direction=ManifestDirection(
+            layer=direction.layer, position=direction.position, norm=direction.norm
+        ),
+        exact=report.exact,
+        untied_embeddings=report.untied_embeddings,
+        edited_tensors=report.edited_tensors,
+        note=report.note,
+        residual_left=report.residual_left,
+        parity_max_abs_logit_delta=delta,
+        parity_dtype=str(dtype).removeprefix("torch."),
+        edit=None
+        if edit is None
+        else {
+            **{k: v for k, v in edit.params.items() if isinstance(v, float | int | bool | str)},
+            "k": edit.k,
+            "norm_preserving": edit.norm_preserving,
+        },
+    )
+
+
 def _write_export(
     cm: ChatModel,
     report: OrthogonalizeReport,
@@ -72,27 +114,8 @@ def _write_export(
 ) -> ExportManifest:
     """Write the edited ``cm`` with its tokenizer, ``direction``, ``edit`` (when there is one)
     and the manifest of ``report`` to ``out``, through a temporary folder renamed at the end."""
-    manifest = ExportManifest(
-        source_model=cm.name,
-        source_revision=cm.revision,
-        direction=ManifestDirection(
-            layer=direction.layer, position=direction.position, norm=direction.norm
-        ),
-        exact=report.exact,
-        untied_embeddings=report.untied_embeddings,
-        edited_tensors=report.edited_tensors,
-        note=report.note,
-        residual_left=report.residual_left,
-        parity_max_abs_logit_delta=delta,
-        parity_dtype=str(cm.layout.embed.weight.dtype).removeprefix("torch."),
-        edit=None
-        if edit is None
-        else {
-            **{k: v for k, v in edit.params.items() if isinstance(v, float | int | bool | str)},
-            "k": edit.k,
-            "norm_preserving": edit.norm_preserving,
-        },
-    )
+    dtype = cm.layout.embed.weight.dtype
+    manifest = export_manifest(cm.name, cm.revision, report, delta, dtype, direction, edit)
     with atomic_folder(out) as tmp:
         cm.model.save_pretrained(tmp, safe_serialization=True)
         cm.tokenizer.save_pretrained(tmp)

@@ -20,7 +20,7 @@ Arithmetic is float32, cast back once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,14 +34,21 @@ from refdir.model.layout import effective_norm_scale
 from refdir.model.layout_check import leftover, residuals, rounding_limit
 
 __all__ = [
+    "BLOCK_VALUES",
     "OrthogonalizeReport",
     "check_editable",
+    "edit_bias",
+    "edit_output",
+    "edit_rows",
+    "judged",
     "last_logits",
     "logit_delta",
     "measured_exactness",
     "orthogonalize",
     "parity",
+    "unit_vector",
     "untie_embeddings",
+    "write_direction",
 ]
 
 _PROBES = (
@@ -62,23 +69,43 @@ class OrthogonalizeReport:
     correct edit."""
 
 
-def _edit_rows(weight: torch.Tensor, r: torch.Tensor) -> None:
-    """Embedding [V, d]: W - (W r) r^T."""
-    w = weight.data.float()
-    weight.data.copy_((w - torch.outer(w @ r, r)).to(weight.dtype))
+BLOCK_VALUES = 2**22
+"""The most float32 values a weight edit computes at once (16 MB): a weight is edited in blocks
+of rows, so the edit needs little memory beyond the weight itself. Each block is computed on
+a fresh float32 copy: the blocks depend on the weight's shape only and their memory is aligned
+(a weight mapped from a file may not be, and BLAS rounds unaligned data differently), so an
+edit in memory and a streamed one round alike."""
 
 
-def _edit_output(weight: torch.Tensor, u: torch.Tensor, axis: int) -> None:
+def _row_blocks(w: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Views [n, d] of ``w`` [..., d] that cover it, each of at most :data:`BLOCK_VALUES`
+    values (one row at least)."""
+    if w.dim() > 2:
+        for part in w:
+            yield from _row_blocks(part)
+        return
+    rows = max(1, BLOCK_VALUES // max(1, w.shape[-1]))
+    for start in range(0, w.shape[0], rows):
+        yield w[start : start + rows]
+
+
+def edit_rows(weight: torch.Tensor, r: torch.Tensor) -> None:
+    """Embedding [V, d]: W - (W r) r^T, in float32, cast back."""
+    edit_output(weight, r, -1)
+
+
+def edit_output(weight: torch.Tensor, u: torch.Tensor, axis: int) -> None:
     """A weight whose ``axis`` is the residual stream (Linear [d, in], Conv1D [in, d], fused
-    experts [E, d, in] or [E, in, d]): W - u (u^T W) along that axis."""
-    w = weight.data.float().movedim(axis, -1)
-    w = w - torch.outer(w.reshape(-1, w.shape[-1]) @ u, u).reshape(w.shape)
-    weight.data.copy_(w.movedim(-1, axis).to(weight.dtype))
+    experts [E, d, in] or [E, in, d]): W - u (u^T W) along that axis, in float32, cast back,
+    a block of rows at a time."""
+    for block in _row_blocks(weight.data.movedim(axis, -1)):
+        w = block.to(torch.float32, copy=True)
+        block.copy_((w - torch.outer(w @ u, u)).to(block.dtype))
 
 
-def _edit_bias(bias: torch.Tensor, u: torch.Tensor) -> None:
+def edit_bias(bias: torch.Tensor, u: torch.Tensor) -> None:
     """A bias [d] or fused experts' biases [E, d]: b - (b . u) u."""
-    b = bias.data.float()
+    b = bias.data.to(torch.float32, copy=True)
     bias.data.copy_((b - (b @ u).unsqueeze(-1) * u).to(bias.dtype))
 
 
@@ -113,24 +140,23 @@ def orthogonalize(cm: ChatModel, direction: Direction | torch.Tensor) -> Orthogo
         direction.fits(cm.layout)
     elif vector.shape != (cm.d_model,):
         raise RefdirError(f"direction has shape {tuple(vector.shape)}, expected ({cm.d_model},)")
-    r = vector.detach().double()
-    r = (r / r.norm()).float()
+    r = unit_vector(vector)
     check_editable(cm)
     untied = untie_embeddings(cm)
     device_r = r.to(cm.layout.embed.weight.device)
     with torch.no_grad():
         for embedding in cm.layout.embeddings:
-            _edit_rows(embedding.weight, device_r.to(embedding.weight.device))
+            edit_rows(embedding.weight, device_r.to(embedding.weight.device))
         edited = len(cm.layout.embeddings)
         for layer in cm.layout.per_layer:
             for write in layer.writes:
-                u = _write_direction(cm, write.norm, r)
+                u = write_direction(cm, write.norm, r)
                 for weight in write.weights:
                     param = weight.param
-                    _edit_output(param, u.to(param.device), weight.axis)
+                    edit_output(param, u.to(param.device), weight.axis)
                     edited += 1
                     if weight.bias is not None:
-                        _edit_bias(getattr(weight.module, weight.bias), u.to(param.device))
+                        edit_bias(getattr(weight.module, weight.bias), u.to(param.device))
                         edited += 1
     exact = not cm.layout.sandwich
     note = (
@@ -142,7 +168,13 @@ def orthogonalize(cm: ChatModel, direction: Direction | torch.Tensor) -> Orthogo
     return OrthogonalizeReport(exact, untied, edited, note)
 
 
-def _write_direction(cm: ChatModel, norm: nn.Module | None, r: torch.Tensor) -> torch.Tensor:
+def unit_vector(vector: torch.Tensor) -> torch.Tensor:
+    """``vector`` at length 1: normalised in float64, float32."""
+    r = vector.detach().double()
+    return (r / r.norm()).float()
+
+
+def write_direction(cm: ChatModel, norm: nn.Module | None, r: torch.Tensor) -> torch.Tensor:
     """The direction to remove from a write's weights: ``r``, or ``g * r`` normalised when a
     norm with elementwise scale ``g`` sits between the weights and the residual stream."""
     if norm is None:
@@ -181,21 +213,33 @@ def parity(
     report = orthogonalize(cm, direction)
     edited_logits = last_logits(cm, prompts)
     left = leftover(residuals(cm, batch), unit, base)
-    report = replace(report, residual_left=max(left))
     delta, scale = logit_delta(batch.attention_mask, hooked_logits, edited_logits)
     dtype = cm.layout.embed.weight.dtype
+    return judged(report, left, delta, scale, dtype, type(cm.model).__name__), delta
+
+
+def judged(
+    report: OrthogonalizeReport,
+    left: Sequence[float],
+    delta: float,
+    scale: float,
+    dtype: torch.dtype,
+    family: str,
+) -> OrthogonalizeReport:
+    """``report`` with what :func:`parity` measured: ``left`` (:func:`leftover` per site) as
+    its ``residual_left``, made not orthogonal when that is more than rounding, else judged
+    exact or approximate by the logit difference ``delta`` (largest logit ``scale``)."""
+    report = replace(report, residual_left=max(left))
     if max(left) > rounding_limit(dtype):
         site = next(i for i, share in enumerate(left) if share > rounding_limit(dtype))
         place = f"layer {site - 1}" if site > 0 else "the embedding"
         note = (
             f"not orthogonal: the edited weights still write {max(left):.2g} of the direction "
-            f"into the residual stream, first at {place}: {type(cm.model).__name__} writes "
+            f"into the residual stream, first at {place}: {family} writes "
             "through a part refdir does not edit"
         )
-        report = replace(report, exact=False, note=note)
-    else:
-        report = measured_exactness(report, dtype, delta, scale, "hook ablation")
-    return report, delta
+        return replace(report, exact=False, note=note)
+    return measured_exactness(report, dtype, delta, scale, "hook ablation")
 
 
 def logit_delta(

@@ -56,7 +56,7 @@ def edited_copy(weight: torch.Tensor, axis: int, basis: torch.Tensor, w: float) 
     """``weight`` (any dtype) with the fraction ``w`` of its residual ``axis`` along the
     orthonormal rows of ``basis`` removed, float32: W - w Q^T (Q W) along that axis."""
     q = basis.to(device=weight.device, dtype=torch.float32)
-    x = weight.detach().float().movedim(axis, -1)
+    x = weight.detach().to(torch.float32, copy=True).movedim(axis, -1)  # aligned memory
     flat = x.reshape(-1, x.shape[-1])
     flat = flat - w * ((flat @ q.T) @ q)
     return flat.reshape(x.shape).movedim(-1, axis)
@@ -74,7 +74,7 @@ def column_scale(weight: torch.Tensor, axis: int, basis: torch.Tensor, w: float)
             f"a norm-preserving edit needs 2-D output weights, got shape {list(weight.shape)} "
             "(fused experts); use norm_preserving=False"
         )
-    x = weight.detach().double().movedim(axis, -1)  # [features, d]
+    x = weight.detach().to(torch.float64, copy=True).movedim(axis, -1)  # [features, d]
     q = basis.to(device=weight.device, dtype=torch.float64)
     before = (x * x).sum(-1)
     along = ((x @ q.T) ** 2).sum(-1)
