@@ -239,3 +239,16 @@ def test_any_runconfig_field_can_be_a_grid_axis(tmp_path: Path) -> None:
         "seed-3",
     ]
     assert spec.runs[1].config.kl_max == 0.2 and spec.runs[2].config.seed == 3
+
+
+def test_compare_leaves_out_the_cross_evaluation_when_asked(
+    first: tuple[Path, SweepResult, list[str]], tmp_path: Path
+) -> None:
+    out, _, _ = first
+    args = ["compare", *(str(out / n) for n in RUNS), "--out", str(tmp_path / "c")]
+    result = runner.invoke(app, [*args, "--no-cross-eval", "--labels", ",".join(RUNS)])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "c" / "comparison.md").read_text()
+    assert "| cosine | seed-1 | seed-2 |" in text
+    assert "Each direction on the others' prompts: not measured." in text
+    assert "none (baseline)" not in text
