@@ -83,6 +83,7 @@ COMMANDS = {
     "evaluate",
     "run",
     "compare",
+    "sweep",
     "suffix",
     "organism",
     "chat",

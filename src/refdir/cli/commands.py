@@ -80,10 +80,15 @@ for _name, _flag in (
     ("n_eval", "--n-eval"),
     ("n_steps", "--steps"),
     ("reference", "--reference"),
+    ("address", "--address"),
+    ("retries", "--retries"),
+    ("cpus_per_run", "--cpus-per-run"),
+    ("gpus_per_run", "--gpus-per-run"),
 ):
     register(_name, _flag)
 register("any_model", "--any-model", boolean=True)
 register("stream", "--stream", boolean=True)
+register("cross_eval", "--cross-eval", boolean=True)
 
 
 def _work(command: str) -> ModuleType:
@@ -363,9 +368,47 @@ def compare(
         str | None,
         typer.Option(help="Comma-separated names of the runs (default: each run's model)."),
     ] = None,
+    cross_eval: Annotated[
+        bool,
+        typer.Option(
+            help="For runs of one model that differ only by seed or n_train: load the model "
+            "and score each run's direction on the others' held-out prompts."
+        ),
+    ] = True,
 ) -> None:
     """Several runs side by side: refusal, safety, chosen direction, KL and CE per model."""
-    _work("compare").compare(runs, out, _items(labels) if labels is not None else None)
+    _work("compare").compare(runs, out, _items(labels) if labels is not None else None, cross_eval)
+
+
+@app.command()
+@_errors
+def sweep(
+    spec: Annotated[
+        Path,
+        typer.Argument(help="A TOML file of runs: [base] options, [[grid]]s of their values."),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder of the runs, one folder each by name.")],
+    address: Annotated[
+        str | None,
+        typer.Option(help="A Ray cluster to join (e.g. auto, or HOST:6379); none: a local Ray."),
+    ] = None,
+    cpus: Annotated[
+        int | None, typer.Option(help="CPUs of the local Ray (none: every core).", min=1)
+    ] = None,
+    retries: Annotated[
+        int | None, typer.Option(help="Times a failed run is tried again (spec's, else 1).", min=0)
+    ] = None,
+    cpus_per_run: Annotated[
+        float | None,
+        typer.Option(help="CPUs per run (none: the cluster's split between the runs).", min=0),
+    ] = None,
+    gpus_per_run: Annotated[
+        float | None,
+        typer.Option(help="GPUs per run (none: 1 where the runs use cuda, else 0).", min=0),
+    ] = None,
+) -> None:
+    """Many runs as Ray tasks (a local Ray or a cluster), resumable, then one comparison."""
+    _work("sweep").sweep(spec, out, address, cpus, retries, cpus_per_run, gpus_per_run)
 
 
 @app.command()

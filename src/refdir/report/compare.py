@@ -39,6 +39,12 @@ from refdir.report.blocks import (
 )
 from refdir.report.render import write_document
 from refdir.report.run_report import picked_by
+from refdir.report.stability import (
+    StabilityGroup,
+    measure_group,
+    stability_blocks,
+    stability_groups,
+)
 
 __all__ = ["RunSummary", "comparison_blocks", "comparison_rows", "load_summary", "write_comparison"]
 
@@ -364,8 +370,11 @@ def _summary_text(rows: Sequence[dict[str, Any]]) -> str:
     return text
 
 
-def comparison_blocks(summaries: Sequence[RunSummary]) -> list[Block]:
-    """Every section of the comparison, in order."""
+def comparison_blocks(
+    summaries: Sequence[RunSummary], stability: Sequence[StabilityGroup] = ()
+) -> list[Block]:
+    """Every section of the comparison, in order (``stability``: the measured groups of runs
+    that differ only by seed or n_train)."""
     rows = comparison_rows(summaries)
     fig = figures.comparison_bars([(s.label, s.metrics) for s in summaries])
     caption = (
@@ -382,6 +391,7 @@ def comparison_blocks(summaries: Sequence[RunSummary]) -> list[Block]:
         _refusal_table(rows),
         Heading("Chosen directions"),
         _direction_table(summaries, rows),
+        *stability_blocks(stability),
         Heading("Loss and KL"),
         _loss_table(rows),
         *_benchmark_blocks(summaries),
@@ -421,9 +431,12 @@ def write_comparison(
     out: str | Path,
     labels: Sequence[str] | None = None,
     title: str = "refdir: comparison of runs",
+    cross_eval: bool = True,
 ) -> tuple[Path, Path, Path]:
     """Compare finished runs; write ``out/comparison.{html,md,csv}`` and return their paths.
-    ``labels`` name the runs (default: each run's model, with its folder where two share one)."""
+    ``labels`` name the runs (default: each run's model, with its folder where two share one).
+    Runs of one model that differ only by seed or n_train get a stability section; with
+    ``cross_eval`` it loads their model to score each direction on the others' prompts."""
     if not run_dirs:
         raise RefdirError("give at least one run folder to compare")
     resolved = [Path(d).resolve() for d in run_dirs]
@@ -442,7 +455,8 @@ def write_comparison(
         load_summary(d, labels[i] if labels is not None else None) for i, d in enumerate(run_dirs)
     ]
     summaries = _labelled(summaries)
-    blocks = comparison_blocks(summaries)
+    groups = [measure_group(g, cross_eval) for g in stability_groups(summaries)]
+    blocks = comparison_blocks(summaries, groups)
     out_dir = Path(out)
     make_folder(out_dir)
     csv_path = out_dir / "comparison.csv"

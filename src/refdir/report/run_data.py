@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from refdir.directions.candidates import Candidates
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
 
-__all__ = ["COMPLETIONS", "SUFFIX", "RunData", "SuffixData", "load_run"]
+__all__ = ["COMPLETIONS", "SUFFIX", "RunData", "SuffixData", "held_out_prompts", "load_run"]
 
 COMPLETIONS = "completions"
 """The folder of a run's completion files, ``{set}.{condition}.jsonl``."""
@@ -87,6 +88,15 @@ def _completions(run_dir: Path) -> dict[tuple[str, str], list[Completion]]:
         if name and condition:
             found[(name, condition)] = _read_jsonl(path, SAMPLES_PER_CONDITION)
     return found
+
+
+def held_out_prompts(run_dir: Path, group: str) -> list[str]:
+    """The held-out prompts of a run's ``group`` (harmful, harmless), in its order: those of its
+    baseline completions."""
+    path = run_dir / COMPLETIONS / f"{group}.baseline.jsonl"
+    if not path.is_file():
+        raise RefdirError(f"{run_dir} has no {COMPLETIONS}/{path.name}; {_redo('evaluate')}")
+    return [row.prompt for row in _read_jsonl(path, sys.maxsize)]
 
 
 def load_run(run_dir: str | Path) -> RunData:
