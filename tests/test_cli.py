@@ -84,6 +84,7 @@ COMMANDS = {
     "run",
     "compare",
     "suffix",
+    "monitor",
     "organism",
 }
 

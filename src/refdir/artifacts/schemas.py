@@ -16,6 +16,7 @@ from refdir.artifacts.base import Artifact
 from refdir.artifacts.direction import DirectionRecord
 from refdir.artifacts.export import ExportManifest
 from refdir.artifacts.metrics import MetricsRecord
+from refdir.artifacts.monitor import MonitorRecord
 from refdir.artifacts.pareto import HeldoutRecord, ParetoRecord
 from refdir.artifacts.run import (
     BenchmarksRecord,
@@ -44,6 +45,7 @@ ARTIFACTS: tuple[type[Artifact], ...] = (
     SuffixRecord,
     SuffixHistory,
     SuffixAnalysis,
+    MonitorRecord,
     ExportManifest,
     ParetoRecord,
     HeldoutRecord,

@@ -287,7 +287,7 @@ def run_cmd(
         str | None,
         typer.Option(
             help="Redo this step and the later ones: prompts, extract, select, evaluate, "
-            "benchmarks, suffix, report."
+            "benchmarks, suffix, monitor, report."
         ),
     ] = None,
     until: Annotated[str | None, typer.Option(help="Stop after this step.")] = None,
@@ -474,6 +474,98 @@ def suffix(
         max_new_tokens,
         keep_completions,
         seed,
+        any_model,
+    )
+
+
+@app.command(name="monitor")
+@_errors
+@with_options(ModelOptions)
+def monitor_cmd(
+    direction: DirectionOpt,
+    options: ModelOptions,
+    harmful: Annotated[str, typer.Option(help="Held-out harmful set.")] = "harmful_test",
+    harmless: Annotated[str, typer.Option(help="Held-out harmless set.")] = "harmless_test",
+    n: Annotated[
+        int, typer.Option("--n", help="Held-out prompts per set (seeded sample); 0: all.")
+    ] = 100,
+    train_harmful: Annotated[
+        str, typer.Option(help="Harmful set the probe is trained on.")
+    ] = "harmful_train",
+    train_harmless: Annotated[
+        str, typer.Option(help="Harmless set the probe is trained on.")
+    ] = "harmless_train",
+    n_train: Annotated[int, typer.Option(help="Training prompts per set.")] = 128,
+    val_harmful: Annotated[
+        str, typer.Option(help="Harmful set the layer and position are chosen on.")
+    ] = "harmful_val",
+    val_harmless: Annotated[
+        str, typer.Option(help="Harmless set the layer and position are chosen on.")
+    ] = "harmless_val",
+    n_val: Annotated[int, typer.Option(help="Validation prompts per set.")] = 32,
+    layer: Annotated[
+        int | None,
+        typer.Option(help="Layer the monitor reads (default: best AUROC on the validation sets)."),
+    ] = None,
+    position: Annotated[
+        int | None,
+        typer.Option(
+            help="Post-instruction position it reads (default: best on the validation sets)."
+        ),
+    ] = None,
+    suffix: Annotated[
+        Path | None,
+        typer.Option(
+            help="The --out folder of `refdir suffix` (or a run's suffix/): its adversarial "
+            "suffix, and its random one, are appended to the held-out harmful prompts."
+        ),
+    ] = None,
+    random_suffix: Annotated[
+        bool, typer.Option(help="Also measure with a random suffix appended.")
+    ] = True,
+    bootstrap: Annotated[
+        int, typer.Option(help="Bootstrap resamples of the confidence intervals (0: none).")
+    ] = 1000,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 32,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write monitor.json and the figures here.")
+    ] = None,
+    as_json: JsonOpt = False,
+    any_model: AnyModelOpt = False,
+) -> None:
+    """Score prompts by their projection onto the direction: AUROC and TPR at 1% FPR against a
+    logistic probe, plain and under an adversarial and a random suffix, and per layer."""
+    for name, value in (("--n-train", n_train), ("--n-val", n_val), ("--batch-size", batch_size)):
+        if value < 1:
+            raise RefdirError(f"{name} must be 1 or more, got {value}")
+    if n < 0:
+        raise RefdirError(f"--n must be 0 (all) or more, got {n}")
+    if bootstrap < 0:
+        raise RefdirError(f"--bootstrap must be 0 (no intervals) or more, got {bootstrap}")
+    if harmful == harmless:
+        raise RefdirError("--harmful and --harmless name the same set; give two sets")
+    _work("monitor").monitor(
+        options,
+        direction,
+        harmful,
+        harmless,
+        n or None,
+        train_harmful,
+        train_harmless,
+        n_train,
+        val_harmful,
+        val_harmless,
+        n_val,
+        layer,
+        position,
+        suffix,
+        random_suffix,
+        bootstrap,
+        seed,
+        batch_size,
+        out,
+        as_json,
         any_model,
     )
 
