@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from refdir.artifacts.base import Artifact
+from refdir.artifacts.comparison import DirectionComparison
 from refdir.artifacts.direction import DirectionRecord
 from refdir.artifacts.export import ExportManifest
 from refdir.artifacts.metrics import MetricsRecord
@@ -49,6 +50,7 @@ ARTIFACTS: tuple[type[Artifact], ...] = (
     ExportManifest,
     ParetoRecord,
     HeldoutRecord,
+    DirectionComparison,
 )
 """Every typed file, in the order a run writes them."""
 

@@ -16,10 +16,11 @@ from types import ModuleType
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from typer.exceptions import TyperException  # typer's own click: its usage errors
 
 from refdir.cli.allocator import keep_freed_memory
-from refdir.cli.options import flags_in, register, with_options
+from refdir.cli.options import flags_in, option_error, register, with_options
 from refdir.errors import RefdirError
 from refdir.io import defer_signal
 from refdir.model.options import ModelOptions
@@ -567,6 +568,80 @@ def monitor_cmd(
         out,
         as_json,
         any_model,
+    )
+
+
+_MODEL_FIELDS = ModelOptions.model_fields
+
+
+@app.command(name="compare-directions")
+@_errors
+def compare_directions_cmd(
+    a: Annotated[Path, typer.Argument(help="A run folder, an extract folder or a direction file.")],
+    b: Annotated[Path, typer.Argument(help="Another, of a model of the same width.")],
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated names of A and B (default: each direction's model)."),
+    ] = None,
+    model_a: Annotated[
+        str | None,
+        typer.Option(help="The model of A (default: the model its direction records)."),
+    ] = None,
+    model_b: Annotated[
+        str | None,
+        typer.Option(help="The model of B (default: the model its direction records)."),
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help=str(_MODEL_FIELDS["device"].description) + ".")
+    ] = "cpu",
+    dtype: Annotated[
+        str, typer.Option(help=str(_MODEL_FIELDS["dtype"].description) + ".")
+    ] = "auto",
+    harmful: Annotated[str, typer.Option(help="Held-out harmful set.")] = "harmful_test",
+    harmless: Annotated[str, typer.Option(help="Held-out harmless set.")] = "harmless_test",
+    n: Annotated[
+        int, typer.Option("--n", help="Held-out prompts per set (seeded sample); 0: all.")
+    ] = 32,
+    max_new_tokens: TokensOpt = 64,
+    batch_size: BatchOpt = 32,
+    seed: SeedOpt = 0,
+    measure: Annotated[
+        bool,
+        typer.Option(
+            help="Load both models for the projections and the cross-ablation and "
+            "cross-addition refusal rates (--no-measure: the cosines alone)."
+        ),
+    ] = True,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write directions.json and directions.png here.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Two models' refusal directions: cosine per layer, projections onto each other's
+    direction, and each model's refusal with the other's direction ablated or added."""
+    try:
+        ModelOptions(device=device, dtype=dtype)
+    except ValidationError as exc:
+        raise option_error(exc, ModelOptions) from None
+    if n < 0:
+        raise RefdirError(f"--n must be 0 (all) or more, got {n}")
+    _work("compare_directions").compare_directions(
+        a,
+        b,
+        _items(labels) if labels is not None else None,
+        model_a,
+        model_b,
+        device,
+        dtype,
+        harmful,
+        harmless,
+        n or None,
+        max_new_tokens,
+        batch_size,
+        seed,
+        measure,
+        out,
+        as_json,
     )
 
 
