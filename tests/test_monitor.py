@@ -178,3 +178,20 @@ def test_the_run_measures_the_monitor_under_its_suffix(finished_run: Path) -> No
     md = (finished_run / "report.md").read_text()
     assert "The direction as a monitor" in md and f"figures/suffix_{ROC_PNG}" in md
     assert (finished_run / "figures" / f"suffix_{LAYERS_PNG}").is_file()
+
+
+def test_a_run_folder_without_the_monitor_gets_it_and_its_report_again(run_copy: Path) -> None:
+    """A folder written before the monitor step existed: a resumption runs the step, then the
+    report that reads it, and nothing else."""
+    from refdir.artifacts.run import ConfigRecord
+    from refdir.study.config import RunConfig
+    from refdir.study.run import run_pipeline
+    from tiny import tiny_chat_model
+
+    (run_copy / "suffix" / MonitorRecord.FILE).unlink()
+    md = run_copy / "report.md"
+    md.write_text(md.read_text().replace("The direction as a monitor", "(old report)"))
+    config = RunConfig(**ConfigRecord.read(run_copy).run)
+    done = run_pipeline(config, run_copy, progress=False, model=tiny_chat_model("llama"))
+    assert sorted(done) == ["monitor", "report"]
+    assert "The direction as a monitor" in md.read_text()
