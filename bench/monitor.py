@@ -32,8 +32,10 @@ from refdir.model.loading import load_model
 from refdir.model.prefix import SharedPrefix
 
 
-def _timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
+def _timed(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> float:
+    """The best of ``repeats`` timed calls (after one untimed call, with ``warm_up``)."""
+    if warm_up:
+        fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -75,7 +77,7 @@ def main() -> None:
     n = len(prompts)
     monitor_s = _timed(lambda: scorer(prompts), args.repeats)
     full_s = _timed(full_pass, args.repeats)
-    gen_s = _timed(generation, 1)
+    gen_s = _timed(generation, 1, warm_up=False)  # the model is warm by now
     print(f"{cm.name}: {cm.n_layers} layers, d={cm.d_model}; {n} prompts, batch {args.batch_size}")
     print(f"monitor at layer {layer}:     {1000 * monitor_s / n:8.2f} ms/prompt")
     print(
