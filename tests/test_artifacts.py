@@ -46,13 +46,22 @@ def test_the_published_schemas_are_current() -> None:
         )
 
 
-# 0.1.0 wrote no benchmarks in that run, no marker (0.2.0 adds it), and had no optimize
+# 0.1.0 wrote no benchmarks in that run, no marker (0.2.0 adds it), and had no optimize,
+# monitor or compare-directions
 @pytest.mark.parametrize(
     "artifact",
     [
         a
         for a in ARTIFACTS
-        if a.FILE not in ("benchmarks.json", "refdir-run.json", "pareto.json", "heldout.json")
+        if a.FILE
+        not in (
+            "benchmarks.json",
+            "refdir-run.json",
+            "pareto.json",
+            "heldout.json",
+            "monitor.json",
+            "directions.json",
+        )
     ],
 )
 def test_files_of_refdir_0_1_0_load_and_write_back_the_same(artifact: type[Artifact]) -> None:

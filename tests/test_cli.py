@@ -85,6 +85,8 @@ COMMANDS = {
     "compare",
     "sweep",
     "suffix",
+    "monitor",
+    "compare-directions",
     "organism",
     "chat",
 }
@@ -93,7 +95,7 @@ COMMANDS = {
 def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    listed = re.findall(r"^[│|]? {1,2}([a-z]+) {2,}\S", result.output, re.M)
+    listed = re.findall(r"^[│|]? {1,2}([a-z][a-z-]*) {2,}\S", result.output, re.M)
     assert sorted(listed) == sorted(COMMANDS)  # each once, as a command of its own row
     for command in COMMANDS:
         help_text = runner.invoke(app, [command, "--help"])

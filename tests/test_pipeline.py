@@ -357,7 +357,7 @@ def test_suffix_step_adds_a_section_to_the_report(tmp_path: Path) -> None:
     )
     # adding the suffix step to a finished run redoes only that step and the report
     done = run_pipeline(config, tmp_path, progress=False, model=cm)
-    assert sorted(done) == ["report", "suffix"]
+    assert sorted(done) == ["monitor", "report", "suffix"]
     data = json.loads((tmp_path / "suffix" / "suffix.json").read_text())
     assert set(data["refusal_rate"]) >= {"without", "with", "random"}
     html = (tmp_path / "report.html").read_text()

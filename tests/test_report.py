@@ -47,7 +47,7 @@ def report(finished_run: Path) -> tuple[Path, str, str]:
 def test_report_is_self_contained(report: tuple[Path, str, str]) -> None:
     run_dir, page, md = report
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 7  # heatmaps, bars, cosine, projection; the suffix's three
+    assert len(images) == 9  # heatmaps, bars, cosine, projection; 3 of the suffix, 2 monitor
     assert all(base64.b64decode(data).startswith(b"\x89PNG") for data in images)
     assert 'src="figures/' not in page and "<script" not in page and "<link" not in page
     refs = re.findall(r"\]\((figures/[^)]+\.png)\)", md)
@@ -116,7 +116,15 @@ def test_report_shows_the_run_s_numbers(run_copy: Path) -> None:
     for text in (fmt(spread.median), fmt(spread.p90), fmt(spread.max), fmt(reference.p10)):
         assert text in page and text in md
     timings = metrics.timings or {}
-    assert set(timings) == {"prompts", "extract", "select", "evaluate", "suffix", "report"}
+    assert set(timings) == {
+        "prompts",
+        "extract",
+        "select",
+        "evaluate",
+        "suffix",
+        "monitor",
+        "report",
+    }
     assert "· induce" in page and "· search" in md
     for h2 in ("Chosen direction", "Selection", "Loss and KL", "Completions", "Adversarial suffix"):
         assert "<h2 id=" in page and f">{h2}</h2>" in page and f"## {h2}" in md

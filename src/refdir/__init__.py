@@ -9,7 +9,7 @@ The public API, by stage of the paper's flow (each name lives in the folder of i
   :func:`score_candidates`, :func:`pick`, :class:`SelectionConfig`
 * interventions: :class:`Intervention`, :func:`ablate`, :func:`add`, :func:`orthogonalize`,
   :func:`export_orthogonalized`
-* evaluation: :func:`evaluate_refusal`
+* evaluation: :func:`evaluate_refusal`, :func:`monitor` (the direction as a monitor of prompts)
 * the whole study: :class:`RunConfig`, :func:`run_pipeline`, :func:`write_report`,
   :func:`write_comparison`
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from refdir.directions.scoring import score_candidates
     from refdir.directions.selection import SelectionConfig, pick
     from refdir.errors import RefdirError
+    from refdir.evaluation.monitor import monitor
     from refdir.evaluation.refusal import evaluate_refusal
     from refdir.interventions.export import export_orthogonalized
     from refdir.interventions.intervention import Intervention, ablate, add
@@ -67,6 +68,7 @@ _SOURCES = {
     "orthogonalize": "refdir.interventions.orthogonalization",
     "export_orthogonalized": "refdir.interventions.export",
     "evaluate_refusal": "refdir.evaluation.refusal",
+    "monitor": "refdir.evaluation.monitor",
     "RunConfig": "refdir.study.config",
     "run_pipeline": "refdir.study.run",
     "write_report": "refdir.report.run_report",
@@ -93,6 +95,7 @@ __all__ = [
     "last_position_logits",
     "load_model",
     "load_prompts",
+    "monitor",
     "orthogonalize",
     "pick",
     "run_pipeline",

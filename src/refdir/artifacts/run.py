@@ -147,7 +147,7 @@ class TimingsRecord(Artifact):
 
     FILE: ClassVar[str] = "timings.json"
     OMIT: ClassVar[frozenset[str]] = frozenset(
-        {"prompts", "extract", "select", "evaluate", "benchmarks", "suffix", "report"}
+        {"prompts", "extract", "select", "evaluate", "benchmarks", "suffix", "monitor", "report"}
     )
 
     prompts: float | None = None
@@ -156,6 +156,7 @@ class TimingsRecord(Artifact):
     evaluate: float | None = None
     benchmarks: float | None = None
     suffix: float | None = None
+    monitor: float | None = None
     report: float | None = None
     parts: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="{step: {part: seconds}}"

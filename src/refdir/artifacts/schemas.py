@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from refdir.artifacts.base import Artifact
+from refdir.artifacts.comparison import DirectionComparison
 from refdir.artifacts.direction import DirectionRecord
 from refdir.artifacts.export import ExportManifest
 from refdir.artifacts.metrics import MetricsRecord
+from refdir.artifacts.monitor import MonitorRecord
 from refdir.artifacts.pareto import HeldoutRecord, ParetoRecord
 from refdir.artifacts.run import (
     BenchmarksRecord,
@@ -44,9 +46,11 @@ ARTIFACTS: tuple[type[Artifact], ...] = (
     SuffixRecord,
     SuffixHistory,
     SuffixAnalysis,
+    MonitorRecord,
     ExportManifest,
     ParetoRecord,
     HeldoutRecord,
+    DirectionComparison,
 )
 """Every typed file, in the order a run writes them."""
 

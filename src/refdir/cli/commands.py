@@ -16,10 +16,11 @@ from types import ModuleType
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from typer.exceptions import TyperException  # typer's own click: its usage errors
 
 from refdir.cli.allocator import keep_freed_memory
-from refdir.cli.options import flags_in, register, with_options
+from refdir.cli.options import flags_in, option_error, register, with_options
 from refdir.errors import RefdirError
 from refdir.io import defer_signal
 from refdir.model.options import ModelOptions
@@ -330,7 +331,7 @@ def run_cmd(
         str | None,
         typer.Option(
             help="Redo this step and the later ones: prompts, extract, select, evaluate, "
-            "benchmarks, suffix, report."
+            "benchmarks, suffix, monitor, report."
         ),
     ] = None,
     until: Annotated[str | None, typer.Option(help="Stop after this step.")] = None,
@@ -556,6 +557,172 @@ def suffix(
         keep_completions,
         seed,
         any_model,
+    )
+
+
+@app.command(name="monitor")
+@_errors
+@with_options(ModelOptions)
+def monitor_cmd(
+    direction: DirectionOpt,
+    options: ModelOptions,
+    harmful: Annotated[str, typer.Option(help="Held-out harmful set.")] = "harmful_test",
+    harmless: Annotated[str, typer.Option(help="Held-out harmless set.")] = "harmless_test",
+    n: Annotated[
+        int, typer.Option("--n", help="Held-out prompts per set (seeded sample); 0: all.")
+    ] = 100,
+    train_harmful: Annotated[
+        str, typer.Option(help="Harmful set the probe is trained on.")
+    ] = "harmful_train",
+    train_harmless: Annotated[
+        str, typer.Option(help="Harmless set the probe is trained on.")
+    ] = "harmless_train",
+    n_train: Annotated[int, typer.Option(help="Training prompts per set.")] = 128,
+    val_harmful: Annotated[
+        str, typer.Option(help="Harmful set the layer and position are chosen on.")
+    ] = "harmful_val",
+    val_harmless: Annotated[
+        str, typer.Option(help="Harmless set the layer and position are chosen on.")
+    ] = "harmless_val",
+    n_val: Annotated[int, typer.Option(help="Validation prompts per set.")] = 32,
+    layer: Annotated[
+        int | None,
+        typer.Option(help="Layer the monitor reads (default: best AUROC on the validation sets)."),
+    ] = None,
+    position: Annotated[
+        int | None,
+        typer.Option(
+            help="Post-instruction position it reads (default: best on the validation sets)."
+        ),
+    ] = None,
+    suffix: Annotated[
+        Path | None,
+        typer.Option(
+            help="The --out folder of `refdir suffix` (or a run's suffix/): its adversarial "
+            "suffix, and its random one, are appended to the held-out harmful prompts."
+        ),
+    ] = None,
+    random_suffix: Annotated[
+        bool, typer.Option(help="Also measure with a random suffix appended.")
+    ] = True,
+    bootstrap: Annotated[
+        int, typer.Option(help="Bootstrap resamples of the confidence intervals (0: none).")
+    ] = 1000,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 32,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write monitor.json and the figures here.")
+    ] = None,
+    as_json: JsonOpt = False,
+    any_model: AnyModelOpt = False,
+) -> None:
+    """Score prompts by their projection onto the direction: AUROC and TPR at 1% FPR against a
+    logistic probe, plain and under an adversarial and a random suffix, and per layer."""
+    for name, value in (("--n-train", n_train), ("--n-val", n_val), ("--batch-size", batch_size)):
+        if value < 1:
+            raise RefdirError(f"{name} must be 1 or more, got {value}")
+    if n < 0:
+        raise RefdirError(f"--n must be 0 (all) or more, got {n}")
+    if bootstrap < 0:
+        raise RefdirError(f"--bootstrap must be 0 (no intervals) or more, got {bootstrap}")
+    if harmful == harmless:
+        raise RefdirError("--harmful and --harmless name the same set; give two sets")
+    _work("monitor").monitor(
+        options,
+        direction,
+        harmful,
+        harmless,
+        n or None,
+        train_harmful,
+        train_harmless,
+        n_train,
+        val_harmful,
+        val_harmless,
+        n_val,
+        layer,
+        position,
+        suffix,
+        random_suffix,
+        bootstrap,
+        seed,
+        batch_size,
+        out,
+        as_json,
+        any_model,
+    )
+
+
+_MODEL_FIELDS = ModelOptions.model_fields
+
+
+@app.command(name="compare-directions")
+@_errors
+def compare_directions_cmd(
+    a: Annotated[Path, typer.Argument(help="A run folder, an extract folder or a direction file.")],
+    b: Annotated[Path, typer.Argument(help="Another, of a model of the same width.")],
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated names of A and B (default: each direction's model)."),
+    ] = None,
+    model_a: Annotated[
+        str | None,
+        typer.Option(help="The model of A (default: the model its direction records)."),
+    ] = None,
+    model_b: Annotated[
+        str | None,
+        typer.Option(help="The model of B (default: the model its direction records)."),
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help=str(_MODEL_FIELDS["device"].description) + ".")
+    ] = "cpu",
+    dtype: Annotated[
+        str, typer.Option(help=str(_MODEL_FIELDS["dtype"].description) + ".")
+    ] = "auto",
+    harmful: Annotated[str, typer.Option(help="Held-out harmful set.")] = "harmful_test",
+    harmless: Annotated[str, typer.Option(help="Held-out harmless set.")] = "harmless_test",
+    n: Annotated[
+        int, typer.Option("--n", help="Held-out prompts per set (seeded sample); 0: all.")
+    ] = 32,
+    max_new_tokens: TokensOpt = 64,
+    batch_size: BatchOpt = 32,
+    seed: SeedOpt = 0,
+    measure: Annotated[
+        bool,
+        typer.Option(
+            help="Load both models for the projections and the cross-ablation and "
+            "cross-addition refusal rates (--no-measure: the cosines alone)."
+        ),
+    ] = True,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write directions.json and directions.png here.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Two models' refusal directions: cosine per layer, projections onto each other's
+    direction, and each model's refusal with the other's direction ablated or added."""
+    try:
+        ModelOptions(device=device, dtype=dtype)
+    except ValidationError as exc:
+        raise option_error(exc, ModelOptions) from None
+    if n < 0:
+        raise RefdirError(f"--n must be 0 (all) or more, got {n}")
+    _work("compare_directions").compare_directions(
+        a,
+        b,
+        _items(labels) if labels is not None else None,
+        model_a,
+        model_b,
+        device,
+        dtype,
+        harmful,
+        harmless,
+        n or None,
+        max_new_tokens,
+        batch_size,
+        seed,
+        measure,
+        out,
+        as_json,
     )
 
 

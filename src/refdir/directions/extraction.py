@@ -10,6 +10,7 @@ prompt prefix that every prompt shares runs once; its keys/values serve every ba
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ __all__ = [
     "FilteredMeans",
     "extract_candidates",
     "filtered_means",
+    "post_instruction_rows",
     "residual_means",
     "residual_rows",
 ]
@@ -104,6 +106,70 @@ def residual_means(
     return filtered_means(cm, instructions, None, batch_size, progress, desc).mean
 
 
+class _Enough(Exception):
+    """Raised by a hook once the last layer asked for is read: the rest of the pass is skipped."""
+
+
+def post_instruction_rows(
+    cm: ChatModel,
+    instructions: Sequence[str],
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    extra: str = "",
+    batch_size: int = 32,
+    progress: bool = True,
+    desc: str = "activations",
+) -> torch.Tensor:
+    """Each prompt's residual stream at post-instruction ``positions`` (negative, default every
+    one) and at the input of ``layers`` (``n_layers``: the last layer's output; default every
+    one), ``extra`` appended to each instruction (a suffix attack): float64 [N, P, L, d] on CPU,
+    in the prompts' and the arguments' order. The pass stops once the deepest layer asked for
+    is read, so one early layer costs a fraction of a forward pass."""
+    instructions = check_prompts(instructions, "`instructions`")
+    if not instructions:
+        raise RefdirError("no prompts to take activations from")
+    n_post = cm.chat.n_post
+    wanted_positions = list(range(-n_post, 0)) if positions is None else list(positions)
+    wanted_layers = list(range(cm.n_layers + 1)) if layers is None else list(layers)
+    for position in wanted_positions:
+        if not -n_post <= position <= -1:
+            raise RefdirError(
+                f"position {position} is not a post-instruction position (-{n_post}..-1)"
+            )
+    for layer in wanted_layers:
+        if not 0 <= layer <= cm.n_layers:
+            raise RefdirError(f"layer {layer} is outside 0..{cm.n_layers} for this model")
+    if not wanted_positions or not wanted_layers:
+        raise RefdirError("no layer or position to take activations at")
+    slot = {layer: i for i, layer in enumerate(wanted_layers)}
+    deepest = max(wanted_layers)
+    at = torch.tensor(wanted_positions)
+    rows = [cm.chat.token_ids(text, extra) for text in instructions]
+    out = torch.zeros(
+        len(rows), len(wanted_positions), len(wanted_layers), cm.d_model, dtype=torch.float64
+    )
+    current: list[int] = []
+
+    def hold(index: int, hidden: torch.Tensor) -> None:
+        if index in slot:
+            picked = hidden[:, at.to(hidden.device)].detach().to("cpu", torch.float64)
+            out[current, :, slot[index]] = picked
+        if index == deepest:
+            raise _Enough
+
+    short = min(len(r) for r in rows) - n_post
+    with torch.inference_mode():
+        prefix = SharedPrefix.build(cm, rows, at_most=short)
+        with hooked(residual_stream(cm.layout.layers, hold)):
+            for chunk in tqdm(
+                by_length(rows, batch_size), desc=desc, disable=not progress, unit="batch"
+            ):
+                current[:] = list(chunk)
+                with contextlib.suppress(_Enough):
+                    prefix.logits(cm, [rows[i] for i in chunk])
+    return out
+
+
 def residual_rows(
     cm: ChatModel,
     instructions: Sequence[str],
@@ -114,30 +180,8 @@ def residual_rows(
 ) -> torch.Tensor:
     """Each prompt's residual stream at one post-instruction ``position``, at every layer's input
     and the last layer's output: float64 [N, L+1, d] on CPU, in the prompts' order."""
-    instructions = check_prompts(instructions, "`instructions`")
-    if not instructions:
-        raise RefdirError("no prompts to take activations from")
-    if not -cm.chat.n_post <= position <= -1:
-        raise RefdirError(
-            f"position {position} is not a post-instruction position (-{cm.chat.n_post}..-1)"
-        )
-    rows = [cm.chat.token_ids(text) for text in instructions]
-    out = torch.zeros(len(rows), cm.n_layers + 1, cm.d_model, dtype=torch.float64)
-    current: list[int] = []
-
-    def hold(index: int, hidden: torch.Tensor) -> None:
-        out[current, index] = hidden[:, position].detach().to("cpu", torch.float64)
-
-    short = min(len(r) for r in rows) - cm.chat.n_post
-    with torch.inference_mode():
-        prefix = SharedPrefix.build(cm, rows, at_most=short)
-        with hooked(residual_stream(cm.layout.layers, hold)):
-            for chunk in tqdm(
-                by_length(rows, batch_size), desc=desc, disable=not progress, unit="batch"
-            ):
-                current[:] = list(chunk)
-                prefix.logits(cm, [rows[i] for i in chunk])
-    return out
+    rows = post_instruction_rows(cm, instructions, None, [position], "", batch_size, progress, desc)
+    return rows[:, 0]
 
 
 def extract_candidates(

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from refdir.artifacts.metrics import MetricsRecord
+from refdir.artifacts.monitor import MonitorRecord
 from refdir.artifacts.run import (
     CANDIDATES,
     DIRECTION_TENSOR,
@@ -40,6 +41,8 @@ class SuffixData:
     folder: Path
     record: SuffixRecord
     analysis: SuffixAnalysis
+    monitor: MonitorRecord | None = None
+    """The direction as a monitor under the suffix (the ``monitor`` step), when it ran."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,10 @@ def load_run(run_dir: str | Path) -> RunData:
     suffix = None
     if (suffix_dir / SuffixRecord.FILE).exists():
         suffix = SuffixData(
-            suffix_dir, SuffixRecord.read(suffix_dir), SuffixAnalysis.read(suffix_dir)
+            suffix_dir,
+            SuffixRecord.read(suffix_dir),
+            SuffixAnalysis.read(suffix_dir),
+            MonitorRecord.read(suffix_dir) if (suffix_dir / MonitorRecord.FILE).exists() else None,
         )
     return RunData(
         run_dir=run_dir,

@@ -4,6 +4,7 @@ refusal rates, the projection onto the direction layer by layer, and the top hea
 from __future__ import annotations
 
 from refdir.report.blocks import Block, Heading, Image, Para, Table
+from refdir.report.monitor_section import monitor_section
 from refdir.report.run_data import SuffixData
 from refdir.suffix.figures import ATTENTION_PNG, OBJECTIVE_PNG, PROJECTION_PNG
 
@@ -73,4 +74,6 @@ def suffix_section(data: SuffixData) -> list[Block]:
         path = data.folder / name
         if path.is_file():
             blocks.append(Image(f"suffix_{name}", caption, path.read_bytes(), caption))
+    if data.monitor is not None:
+        blocks.extend(monitor_section(data.monitor))
     return blocks

@@ -6,6 +6,7 @@ from __future__ import annotations
 from refdir.artifacts.base import Artifact, RunFile
 from refdir.artifacts.direction import DirectionRecord
 from refdir.artifacts.metrics import MetricsRecord
+from refdir.artifacts.monitor import MonitorRecord
 from refdir.artifacts.run import (
     CANDIDATES,
     DIRECTION_TENSOR,
@@ -34,6 +35,7 @@ RUN_FILES: tuple[type[Artifact] | RunFile, ...] = (
     MetricsRecord,
     BenchmarksRecord,
     RunFile(f"{SUFFIX_FOLDER}/{SuffixRecord.FILE}", "suffix"),
+    RunFile(f"{SUFFIX_FOLDER}/{MonitorRecord.FILE}", "monitor"),
     REPORT_HTML,
     REPORT_MD,
 )

@@ -30,6 +30,7 @@ from refdir.study.state import Run, versions
 from refdir.study.steps.benchmarks import step_benchmarks
 from refdir.study.steps.evaluate import step_evaluate
 from refdir.study.steps.extract import step_extract
+from refdir.study.steps.monitor import step_monitor
 from refdir.study.steps.prompts import step_prompts
 from refdir.study.steps.report import step_report
 from refdir.study.steps.select import step_select
@@ -214,9 +215,22 @@ STEPS: tuple[Step, ...] = (
         enabled=lambda c: c.suffix,
     ),
     Step(
+        "monitor",
+        step_monitor,
+        needs=("prompts", "extract", "select", "suffix"),
+        reads=(
+            Reads(
+                frozenset(
+                    {"suffix", "harmful_eval", "harmless_eval", "n_eval_harmful", "n_eval_harmless"}
+                )
+            ),
+        ),
+        enabled=lambda c: c.suffix,
+    ),
+    Step(
         "report",
         step_report,
-        needs=("prompts", "extract", "select", "evaluate", "benchmarks", "suffix"),
+        needs=("prompts", "extract", "select", "evaluate", "benchmarks", "suffix", "monitor"),
     ),
 )
 

@@ -121,7 +121,9 @@ def _run_steps(
     done: dict[str, float],
 ) -> None:
     """The steps in order, each skipped when its files are there (but the forced ones, whose
-    files, and those of every later step, go first); ``done`` gets each step's time as it ends."""
+    files, and those of every later step, go first, and those that read the files of a step
+    that ran just now: a folder written before a step existed gets that step, then its report
+    again); ``done`` gets each step's time as it ends."""
     config, out = run.config, run.out
     run.benchmark_tasks = tasks
     for step in STEPS[force_from:]:  # a forced step that fails leaves no later results behind
@@ -130,7 +132,8 @@ def _run_steps(
     for i, step in enumerate(STEPS[: last + 1]):
         if not step.enabled(config):
             continue
-        if step.done(out) and i < force_from:
+        fed = any(name in done for name in step.needs)  # what it read was just rewritten
+        if step.done(out) and i < force_from and not fed:
             log.info("step %s: results present, skipped", step.name)
             continue
         log.info("step %s", step.name)
