@@ -211,7 +211,7 @@ def test_a_whole_run_on_a_hybrid_moe_model(tmp_path: Path) -> None:
     done = run_pipeline(CONFIG, tmp_path, progress=False, model=cm)
     assert list(done) == ["prompts", "extract", "select", "evaluate", "report"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert len(list((tmp_path / "completions").glob("*.jsonl"))) == 5
+    assert len(list((tmp_path / "completions").glob("*.jsonl"))) == 7
     check_figures(cm, tmp_path, metrics)  # recomputed with scoped hooks on the hybrid model
 
 

@@ -129,4 +129,4 @@ def test_refdir_run_on_cuda_in_bfloat16(tmp_path: Path, monkeypatch: pytest.Monk
         and metrics["harmless"]["kl_ablation"] >= 0
     )
     assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
-    assert len(list((tmp_path / "run" / "completions").glob("*.jsonl"))) == 5
+    assert len(list((tmp_path / "run" / "completions").glob("*.jsonl"))) == 7

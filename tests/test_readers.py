@@ -39,6 +39,50 @@ work tree: the crashes found are kept below as explicit examples."""
 OLD_RUN = Path(__file__).parent / "data" / "run-0.1.0"
 SUFFIX_FILES = {"suffix.json", "history.json", "analysis.json"}
 SAMPLES: dict[str, dict[str, Any]] = {
+    # the monitor step's, as a tiny run with --suffix writes it
+    "monitor.json": json.loads((Path(__file__).parent / "data/samples/monitor.json").read_text()),
+    "directions.json": {  # refdir compare-directions'
+        "a": {
+            "label": "organism",
+            "source": "runs/organism",
+            "model": "organism",
+            "layer": 22,
+            "position": -1,
+            "norm": 103.0,
+            "projections": {
+                "harmful_own": [0.0, 72.8],
+                "harmless_own": [0.0, -10.2],
+                "harmful_other": [0.0, 99.5],
+                "harmless_other": [0.0, 44.9],
+            },
+            "rates": {
+                "harmful_baseline": 1.0,
+                "harmful_ablate_own": 0.0,
+                "harmful_ablate_other": 0.0,
+                "harmless_baseline": 0.0625,
+                "harmless_add_own": 1.0,
+                "harmless_add_other": 0.3125,
+            },
+        },
+        "b": {
+            "label": "base",
+            "source": "runs/base",
+            "model": "base.gguf",
+            "layer": 22,
+            "position": -1,
+            "norm": 54.0,
+        },
+        "d_model": 576,
+        "cosine": 0.573,
+        "position": -1,
+        "cosine_by_layer": [None, 1.0],
+        "harmful": "harmful_test",
+        "harmless": "harmless_test",
+        "n_harmful": 16,
+        "n_harmless": 16,
+        "max_new_tokens": 32,
+        "seconds": 1814.0,
+    },
     "benchmarks.json": {
         "tasks": ["arc_easy"],
         "limit": 10,
