@@ -22,9 +22,18 @@ class ExportManifest(Artifact):
     """The manifest of an exported, orthogonalized checkpoint."""
 
     FILE: ClassVar[str] = "refdir_manifest.json"
-    OMIT: ClassVar[frozenset[str]] = frozenset({"edit"})
+    OMIT: ClassVar[frozenset[str]] = frozenset({"edit", "gguf_type", "rank"})
 
     refdir_manifest: Literal[1] = Field(1, description="the manifest's format")
+    format: Literal["safetensors", "lora", "gguf"] = Field(
+        "safetensors",
+        description="safetensors: the edited checkpoint; lora: a PEFT adapter on the unedited "
+        "base; gguf: the edited model as one GGUF file",
+    )
+    rank: int | None = Field(None, description="for a LoRA adapter: its rank (the edit's k)")
+    gguf_type: str | None = Field(
+        None, description="for GGUF: the tensor type written (F32, F16, Q8_0, ... or source)"
+    )
     source_model: str = Field(description="the model that was edited")
     source_revision: str | None = Field(description="its revision, where known")
     direction: ManifestDirection = Field(description="the direction removed from the weights")
