@@ -144,7 +144,7 @@ def _manifest(
     rank: int | None = None,
 ) -> ExportManifest:
     return ExportManifest(
-        format=options.format,
+        format=None if options.format == "safetensors" else options.format,
         rank=rank,
         gguf_type=check_gguf_type(options.gguf_type) if options.format == "gguf" else None,
         source_model=cm.name,

@@ -100,11 +100,11 @@ def model_card(
 ) -> str:
     """The card's text. ``files``: the export's model files (the first is named in the usage);
     ``run``: the run folder the direction came from (its selection and metrics are quoted)."""
-    tags = ["refdir", "abliterated", "refusal-direction", manifest.format]
+    tags = ["refdir", "abliterated", "refusal-direction", manifest.kind]
     front = [f"base_model: {json.dumps(base_model)}"] if base_model else []
-    if manifest.format == "lora":
+    if manifest.kind == "lora":
         front.append("library_name: peft")
-    elif manifest.format == "safetensors":
+    elif manifest.kind == "safetensors":
         front.append("library_name: transformers")
     if license_id:
         front.append(f"license: {json.dumps(license_id)}")
@@ -119,7 +119,7 @@ def model_card(
         "safetensors": "the edited checkpoint (safetensors)",
         "lora": f"a PEFT LoRA adapter of rank {manifest.rank} on the unedited base",
         "gguf": f"the edited model as GGUF ({manifest.gguf_type})",
-    }[manifest.format]
+    }[manifest.kind]
     lines = [
         "---",
         *front,
@@ -184,7 +184,7 @@ def model_card(
         "",
         "## Use",
         "",
-        _USAGE[manifest.format].format(
+        _USAGE[manifest.kind].format(
             folder=".",
             base=base_model or manifest.source_model,
             file=files[0] if files else "",

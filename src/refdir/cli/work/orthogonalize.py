@@ -51,6 +51,6 @@ def orthogonalize(
     manifest = export_orthogonalized(load_model(options), chosen, out, export)
     kind = "exact" if manifest.exact else "approximate"
     typer.echo(
-        f"wrote {out} ({manifest.format}, {kind}; max |logit delta| vs hook ablation = "
+        f"wrote {out} ({manifest.kind}, {kind}; max |logit delta| vs hook ablation = "
         f"{manifest.parity_max_abs_logit_delta:.2e})"
     )
