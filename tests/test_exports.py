@@ -17,6 +17,7 @@ import pytest
 import torch
 from gguf import GGUFReader, GGUFValueType
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -64,6 +65,8 @@ def test_lora_adapter_equals_hook_ablation_and_the_merged_export(arch: str, tmp_
     torch.testing.assert_close(last_position_logits(cm, PROMPTS), before, atol=1e-6, rtol=0)
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert config["r"] == 1 and config["lora_alpha"] == 1
+    saved = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert saved and all("lora_" in k or k.endswith(".bias") for k in saved)  # no base weights
     export_orthogonalized(cm, direction, tmp_path / "merged")  # safetensors, edits cm
     merged = ChatModel(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), cm.tokenizer)
     merged_logits = last_position_logits(merged, PROMPTS)
@@ -132,10 +135,31 @@ def test_lora_of_a_sandwich_family_is_recorded_as_approximate(tmp_path: Path) ->
     assert saved["exact"] is False and saved["format"] == "lora"
 
 
+def test_model_card_quotes_the_run_the_direction_came_from(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    from refdir.artifacts.metrics import MetricsRecord
+
+    cm = tiny_chat_model("llama")
+    direction = Direction.load(finished_run)
+    options = ExportOptions("lora", run=finished_run)
+    manifest = export_orthogonalized(cm, direction, tmp_path / "a", options)
+    card = (tmp_path / "a" / "README.md").read_text()
+    metrics = MetricsRecord.read(finished_run)
+    assert f"| layer (residual input) | {direction.layer} |" in card
+    assert f"| run | `{finished_run.name}` |" in card
+    refusal = metrics.harmful.refusal_score
+    assert f"| harmful refusal score | {refusal.baseline:.3f} | {refusal.ablation:.3f} |" in card
+    assert f"{metrics.harmless.kl_ablation:.4f}" in card
+    assert f"{manifest.parity_max_abs_logit_delta:.3g}" in card
+    assert "base_model" not in _front_matter(card)  # a local tiny model has no hub id
+
+
 _KILLED = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from peft import PeftModel
+from safetensors.torch import load_file
 from refdir.interventions.export import ExportOptions, export_orthogonalized
 from tiny import tiny_chat_model
 import torch

@@ -25,6 +25,7 @@ from torch import nn
 
 from refdir.errors import RefdirError
 from refdir.interventions.edit import Edit
+from refdir.interventions.model_card import base_model_id
 from refdir.interventions.orthogonalization import (
     OrthogonalizeReport,
     check_editable,
@@ -168,8 +169,8 @@ def _config(factors: LoraFactors, cm: ChatModel) -> Any:
         target_parameters=list(factors.parameters) or None,
         bias="lora_only" if factors.biases else "none",
         fan_in_fan_out=factors.conv1d,
-        init_lora_weights=False,
-        base_model_name_or_path=cm.name,
+        init_lora_weights=True,  # B = 0: a module without saved weights is left alone
+        base_model_name_or_path=base_model_id(cm.name) or cm.name,
         task_type="CAUSAL_LM",
     )
 
@@ -182,7 +183,7 @@ def _install(cm: ChatModel, factors: LoraFactors) -> Any:
     if len(set(factors.modules) & {n.rsplit(".", 1)[0] for n in factors.parameters}) > 0:
         raise RefdirError("a module is targeted both as a module and by its parameters")
     wrapped: Any = get_peft_model(cm.model, _config(factors, cm))
-    wrapped.peft_config[_ADAPTER].base_model_name_or_path = cm.name
+    wrapped.peft_config[_ADAPTER].base_model_name_or_path = base_model_id(cm.name) or cm.name
     inner: nn.Module = wrapped.base_model.model
     try:
         modules: dict[str, Any] = dict(inner.named_modules())
@@ -248,7 +249,8 @@ def adapter_parity(
         with torch.inference_mode():
             batch = cm.chat.encode(list(prompts)).to(cm.device)
             adapted = wrapped(**batch.inputs(), use_cache=False).logits.float()
-        wrapped.save_pretrained(str(folder))
+        # the adapter only: not a copy of the embedding it targets
+        wrapped.save_pretrained(str(folder), save_embedding_layers=False)
     finally:
         _restore(cm, wrapped, factors)
     mask = cm.chat.encode(list(prompts)).attention_mask

@@ -80,7 +80,7 @@ base = AutoModelForCausalLM.from_pretrained("{base}")
 model = PeftModel.from_pretrained(base, "{folder}")  # or .merge_and_unload()
 ```
 
-vLLM: `vllm serve {base} --enable-lora --lora-modules refdir={folder} --max-lora-rank {rank_up}`.""",
+vLLM: `vllm serve {base} --enable-lora --lora-modules refdir={folder}`.""",
     "gguf": """```sh
 llama-cli -m {folder}/{file} -cnv
 ```
@@ -178,7 +178,7 @@ def model_card(
         "",
         "## Parity with hook ablation",
         "",
-        f"{kind.capitalize()}: {manifest.note}. Max |logit difference| against hook ablation "
+        f"{kind.capitalize()} ({manifest.note}). Max |logit difference| against hook ablation "
         f"on probe prompts: {manifest.parity_max_abs_logit_delta:.3g} "
         f"({manifest.parity_dtype}).",
         "",
@@ -188,7 +188,6 @@ def model_card(
             folder=".",
             base=base_model or manifest.source_model,
             file=files[0] if files else "",
-            rank_up=max(8, manifest.rank or 1),
         ),
         "",
         "## Versions",
