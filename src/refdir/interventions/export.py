@@ -8,7 +8,7 @@ ablation and the measured difference, and a model card (``README.md``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -107,6 +107,20 @@ class ExportOptions:
                 raise RefdirError(f"GGUF file {self.gguf_source} does not exist")
 
 
+def _with_source(cm: ChatModel, options: ExportOptions | None) -> ExportOptions:
+    """``options``, with the GGUF a GGUF export keeps the metadata of filled in where ``cm``
+    names it: the organism's base, or a model loaded from a ``.gguf`` file."""
+    options = options or ExportOptions()
+    if options.format != "gguf" or options.gguf_source is not None:
+        return options
+    if cm.name == "organism":
+        folder, name = gguf_location()
+        return replace(options, gguf_source=folder / name)
+    if cm.name.endswith(".gguf") and Path(cm.name).expanduser().is_file():
+        return replace(options, gguf_source=Path(cm.name).expanduser())
+    return options
+
+
 def export_orthogonalized(
     cm: ChatModel,
     direction: Direction,
@@ -117,7 +131,7 @@ def export_orthogonalized(
     temporary folder renamed at the end) in ``options.format``, with the direction, a manifest
     and a model card. The safetensors and GGUF exports edit ``cm`` in place; the LoRA export
     leaves it as it was."""
-    options = options or ExportOptions()
+    options = _with_source(cm, options)
     options.check()
     out = check_export_folder(Path(out))  # fail now, not after the edit
     if options.format == "lora":
@@ -188,8 +202,9 @@ def _finish(
         if options.gguf_source is not None
         else card_license(Path(cm.name) if Path(cm.name).is_dir() else None)
     )
-    if license_id is None and cm.name == "organism":
-        license_id = gguf_license(gguf_location()[0] / gguf_location()[1])
+    if license_id is None and cm.name == "organism":  # its base's GGUF names the license
+        folder, name = gguf_location()
+        license_id = gguf_license(folder / name)
     card = model_card(
         manifest,
         direction,
@@ -258,7 +273,7 @@ def export_edit(
     """Fold ``edit`` into ``cm``'s weights in place (safetensors, GGUF) or write it as a LoRA
     adapter, with the edit (``edit.safetensors``), ``direction`` (the edit's direction with its
     layer and scale, for activation addition), a manifest and a card, to ``out`` atomically."""
-    options = options or ExportOptions()
+    options = _with_source(cm, options)
     options.check()
     out = check_export_folder(Path(out))
     if options.format == "lora":
