@@ -9,12 +9,13 @@ export is loaded back (the adapter with PEFT, unmerged; a GGUF with transformers
 * max |delta logit| over every position of 32 chat-formatted prompts (16 harmful_test, 16
   harmless_test), float32;
 * how many of the 32 prompts' greedy completions equal hook ablation's, token for token;
-* for the GGUF exports, the refusal rate (by markers) on ``--n-refusal`` harmful_test prompts
-  next to hook ablation's.
+* for the GGUF exports (``--refusal-formats``), the refusal rate (by markers) on
+  ``--n-refusal`` harmful_test prompts next to hook ablation's.
 
 Not a timing. Completions are compared, never printed.
 
     python bench/exports.py --direction runs/organism [--n-refusal 100] [--tokens 64]
+        [--formats "safetensors,lora,gguf F32"] [--refusal-formats "gguf F32"]
 """
 
 from __future__ import annotations
@@ -80,8 +81,21 @@ def main() -> None:
     parser.add_argument("--direction", type=Path, required=True)
     parser.add_argument("--n-refusal", type=int, default=100)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument(
+        "--formats",
+        default=",".join(label for label, _, _ in FORMATS),
+        help="labels of the formats to measure, comma-separated",
+    )
+    parser.add_argument(
+        "--refusal-formats",
+        default="gguf F32,gguf source (Q4_1, Q8_0)",
+        help="the formats whose refusal rate is measured (GGUF ones), comma-separated",
+    )
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    chosen = [f.strip() for f in args.formats.split(",")]
+    refusal_of = {f.strip() for f in args.refusal_formats.split(",")}
     direction = Direction.load(args.direction)
     probes = sample_prompts("harmful_test", 16, seed=0) + sample_prompts(
         "harmless_test", 16, seed=0
@@ -108,6 +122,8 @@ def main() -> None:
     source = gguf_source(ModelOptions())
     with tempfile.TemporaryDirectory() as tmp:
         for label, kind, gguf_type in FORMATS:
+            if label not in chosen:
+                continue
             folder = Path(tmp) / label.split()[0] / gguf_type
             folder.parent.mkdir(parents=True, exist_ok=True)
             cm = load_model("organism", dtype="float32")
@@ -125,7 +141,8 @@ def main() -> None:
             delta, _ = logit_delta(mask, hooked_logits, last_logits(loaded, probes))
             texts = generate(loaded, probes, args.tokens, batch_size=32, progress=False)
             same = sum(a == b for a, b in zip(texts, hooked_texts, strict=True))
-            refusal = f"{_refusal(loaded, harmful, args.tokens):.2f}" if kind == "gguf" else ""
+            measured = label in refusal_of
+            refusal = f"{_refusal(loaded, harmful, args.tokens):.2f}" if measured else ""
             print(
                 f"{label:26s} {_model_files(folder) / 1e6:10.2f}MB {seconds:9.1f} "
                 f"{delta:13.2e} {same:>9d}/32 {refusal:>8s}",
