@@ -89,6 +89,8 @@ COMMANDS = {
     "compare-directions",
     "organism",
     "chat",
+    "control-vector",
+    "push",
 }
 
 
@@ -228,6 +230,28 @@ def test_orthogonalize_exports(model_dir: Path, extracted: Path, tmp_path: Path)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_orthogonalize_as_lora_and_control_vector(
+    model_dir: Path, extracted: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "adapter"
+    args = ["--model", str(model_dir), "--direction", str(extracted)]
+    result = runner.invoke(app, ["orthogonalize", *args, "--out", str(out), "--format", "lora"])
+    assert result.exit_code == 0, result.output
+    assert "lora, exact" in result.output
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= {
+        p.name for p in out.iterdir()
+    }
+    result = runner.invoke(
+        app, ["orthogonalize", *args, "--out", str(tmp_path / "g"), "--format", "gguf"]
+    )
+    assert result.exit_code == 2 and "convert_hf_to_gguf" in result.output
+    assert not (tmp_path / "g").exists()
+    vector = tmp_path / "cv.gguf"
+    result = runner.invoke(app, ["control-vector", *args, "--out", str(vector), "--coeff", "-1"])
+    assert result.exit_code == 0, result.output
+    assert "direction." in result.output and vector.is_file()
 
 
 # The command line's one-line errors are the cases of tests/reliability.py (docs/reliability.md).

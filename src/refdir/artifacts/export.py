@@ -22,9 +22,18 @@ class ExportManifest(Artifact):
     """The manifest of an exported, orthogonalized checkpoint."""
 
     FILE: ClassVar[str] = "refdir_manifest.json"
-    OMIT: ClassVar[frozenset[str]] = frozenset({"edit"})
+    OMIT: ClassVar[frozenset[str]] = frozenset({"edit", "format", "gguf_type", "rank"})
 
     refdir_manifest: Literal[1] = Field(1, description="the manifest's format")
+    format: Literal["lora", "gguf"] | None = Field(
+        None,
+        description="lora: a PEFT adapter on the unedited base; gguf: the edited model as one "
+        "GGUF file; absent: the edited checkpoint as safetensors",
+    )
+    rank: int | None = Field(None, description="for a LoRA adapter: its rank (the edit's k)")
+    gguf_type: str | None = Field(
+        None, description="for GGUF: the tensor type written (F32, F16, Q8_0, ... or source)"
+    )
     source_model: str = Field(description="the model that was edited")
     source_revision: str | None = Field(description="its revision, where known")
     direction: ManifestDirection = Field(description="the direction removed from the weights")
@@ -49,3 +58,8 @@ class ExportManifest(Artifact):
         "norm-preserving; the direction is then its first basis vector (edit.safetensors holds "
         "the whole edit), and parity is against the edit's hooks",
     )
+
+    @property
+    def kind(self) -> Literal["safetensors", "lora", "gguf"]:
+        """The export's format, ``safetensors`` where the file names none."""
+        return self.format or "safetensors"

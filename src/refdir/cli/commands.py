@@ -248,12 +248,49 @@ def orthogonalize(
         typer.Option(
             "--stream/--no-stream",
             help="Edit the safetensors checkpoint of a local folder shard by shard, without "
-            "loading the model (default: when the folder holds a sharded checkpoint).",
+            "loading the model (default: when the folder holds a sharded checkpoint; "
+            "safetensors format only).",
         ),
     ] = None,
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="safetensors (the edited checkpoint), lora (a PEFT adapter on the unedited "
+            "base) or gguf (one GGUF file; for a model loaded from a GGUF, whose metadata and "
+            "tokenizer it keeps).",
+        ),
+    ] = "safetensors",
+    gguf_type: Annotated[
+        str,
+        typer.Option(
+            help="GGUF tensor type: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, or source "
+            "(each tensor's type in the input GGUF)."
+        ),
+    ] = "F16",
 ) -> None:
-    """Edit the weights so nothing writes along the direction; export a safetensors checkpoint."""
-    _work("orthogonalize").orthogonalize(direction, out, options, any_model, stream)
+    """Edit the weights so nothing writes along the direction; export the edited model
+    (safetensors, a LoRA adapter or GGUF) with its manifest and model card."""
+    _work("orthogonalize").orthogonalize(
+        direction, out, options, any_model, export_format, gguf_type, stream
+    )
+
+
+@app.command(name="control-vector")
+@_errors
+@with_options(ModelOptions)
+def control_vector(
+    direction: DirectionOpt,
+    out: Annotated[Path, typer.Option(help="New .gguf file for the control vector.")],
+    options: ModelOptions,
+    coeff: Annotated[
+        float,
+        typer.Option(help="Multiple of the direction added at its layer (negative: subtract)."),
+    ] = 1.0,
+    any_model: AnyModelOpt = False,
+) -> None:
+    """Write coeff x direction as a llama.cpp control vector (llama-cli --control-vector)."""
+    _work("control_vector").control_vector(direction, out, options, coeff, any_model)
 
 
 @app.command()
@@ -283,6 +320,23 @@ def chat(
     if max_new_tokens < 1:
         raise RefdirError(f"--max-new-tokens must be 1 or more, got {max_new_tokens}")
     _work("chat").chat(options, direction, intervention, coeff, max_new_tokens, any_model)
+
+
+@app.command()
+@_errors
+def push(
+    folder: Annotated[Path, typer.Argument(help="An export folder (refdir orthogonalize).")],
+    repo_id: Annotated[str, typer.Option(help="The hub repository, owner/name.")],
+    public: Annotated[
+        bool, typer.Option("--public", help="Make a new repository public (private by default).")
+    ] = False,
+    pr: Annotated[
+        bool, typer.Option("--pr", help="Open a pull request instead of committing.")
+    ] = False,
+) -> None:
+    """Upload an export folder to the Hugging Face hub (huggingface_hub; a token from
+    `hf auth login` or HF_TOKEN)."""
+    _work("push").push(folder, repo_id, not public, pr)
 
 
 @organism_app.command("build")

@@ -41,6 +41,7 @@ from refdir.interventions.edit import Edit
 from refdir.interventions.edit_weights import edit_embedding, edit_output_weight
 from refdir.interventions.export import check_export_folder, export_manifest
 from refdir.interventions.intervention import ablate
+from refdir.interventions.model_card import CARD_FILE, base_model_id, card_license, model_card
 from refdir.interventions.orthogonalization import (
     OrthogonalizeReport,
     check_editable,
@@ -55,7 +56,7 @@ from refdir.interventions.orthogonalization import (
     write_direction,
 )
 from refdir.interventions.projection import edited_copy, write_basis
-from refdir.io import atomic_folder, check_room
+from refdir.io import atomic_folder, check_room, write_text
 from refdir.model.chat_model import ChatModel
 from refdir.model.layout_check import leftover, residuals, rounding_limit
 from refdir.model.options import ModelOptions
@@ -538,7 +539,21 @@ def stream_orthogonalized(
         manifest = export_manifest(cm.name, None, report, delta, dtype, direction)
         direction.save(tmp)
         manifest.write(tmp)
+        _card(tmp, manifest, direction, ckpt)
     return manifest
+
+
+def _card(tmp: Path, manifest: ExportManifest, direction: Direction, ckpt: Checkpoint) -> None:
+    """The export's model card, as the in-memory export writes it."""
+    files = sorted(p.name for p in tmp.glob("*.safetensors"))
+    card = model_card(
+        manifest,
+        direction,
+        files,
+        base_model=base_model_id(str(ckpt.folder)),
+        license_id=card_license(ckpt.folder),
+    )
+    write_text(tmp / CARD_FILE, card)
 
 
 def stream_edit(
@@ -583,4 +598,5 @@ def stream_edit(
         edit.save(tmp)
         direction.save(tmp)
         manifest.write(tmp)
+        _card(tmp, manifest, direction, ckpt)
     return manifest
