@@ -31,6 +31,7 @@ from refdir.interventions.orthogonalization import (
 )
 from refdir.interventions.projection import column_scale, edited_copy, write_basis
 from refdir.model.chat_model import ChatModel
+from refdir.model.layout import ModelLayout
 
 __all__ = ["edit_embedding", "edit_output_weight", "edit_parity", "edit_weights"]
 
@@ -80,16 +81,9 @@ def edit_weights(cm: ChatModel, edit: Edit) -> OrthogonalizeReport:
                 edit_output_weight(weight.param, weight.axis, basis, w, edit.norm_preserving)
                 edited += 1
                 if weight.bias is not None:
-                    bias = getattr(weight.module, weight.bias)
-                    bias.data.copy_(edited_copy(bias, -1, basis, w).to(bias.dtype))
+                    edit_output_bias(getattr(weight.module, weight.bias).data, basis, w)
                     edited += 1
-    exact = not cm.layout.sandwich
-    note = (
-        "exact: projections write straight into the residual stream"
-        if exact
-        else "approximate: a norm after attention and after the MLP rescales their output; the "
-        "edit removes the subspace from the norm's output, but not as the hooks do"
-    )
+    exact, note = edit_exactness(cm.layout)
     return OrthogonalizeReport(exact, untied, edited, note)
 
 
@@ -112,3 +106,18 @@ def edit_parity(
         raise RefdirError("the edited model's logits are not finite; the edit is too strong")
     dtype = cm.layout.embed.weight.dtype
     return measured_exactness(report, dtype, delta, scale, "the edit's hooks"), delta
+
+
+def edit_output_bias(bias: torch.Tensor, basis: torch.Tensor, w: float) -> None:
+    """A writer's bias edited in place as its weight is (``w`` of the subspace removed)."""
+    bias.copy_(edited_copy(bias, -1, basis, w).to(bias.dtype))
+
+
+def edit_exactness(layout: ModelLayout) -> tuple[bool, str]:
+    """Whether a weighted edit folded into a model of ``layout`` equals its hooks, and why."""
+    if not layout.sandwich:
+        return True, "exact: projections write straight into the residual stream"
+    return False, (
+        "approximate: a norm after attention and after the MLP rescales their output; the "
+        "edit removes the subspace from the norm's output, but not as the hooks do"
+    )

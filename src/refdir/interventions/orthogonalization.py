@@ -30,7 +30,7 @@ from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
 from refdir.interventions.intervention import ablate
 from refdir.model.chat_model import ChatModel
-from refdir.model.layout import effective_norm_scale
+from refdir.model.layout import ModelLayout, effective_norm_scale
 from refdir.model.layout_check import leftover, residuals, rounding_limit
 
 __all__ = [
@@ -158,13 +158,7 @@ def orthogonalize(cm: ChatModel, direction: Direction | torch.Tensor) -> Orthogo
                     if weight.bias is not None:
                         edit_bias(getattr(weight.module, weight.bias), u.to(param.device))
                         edited += 1
-    exact = not cm.layout.sandwich
-    note = (
-        "exact: projections write straight into the residual stream"
-        if exact
-        else "approximate: a norm after attention and after the MLP rescales their output; the "
-        "edit keeps the norm's output orthogonal to the direction, but not equal to hook ablation"
-    )
+    exact, note = orthogonalized_exactness(cm.layout)
     return OrthogonalizeReport(exact, untied, edited, note)
 
 
@@ -264,3 +258,13 @@ def measured_exactness(
         )
         return replace(report, exact=False, note=note)
     return report
+
+
+def orthogonalized_exactness(layout: ModelLayout) -> tuple[bool, str]:
+    """Whether orthogonalizing a model of ``layout`` equals hook ablation, and why."""
+    if not layout.sandwich:
+        return True, "exact: projections write straight into the residual stream"
+    return False, (
+        "approximate: a norm after attention and after the MLP rescales their output; the "
+        "edit keeps the norm's output orthogonal to the direction, but not equal to hook ablation"
+    )

@@ -38,7 +38,12 @@ from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
 from refdir.hf import load_failure
 from refdir.interventions.edit import Edit
-from refdir.interventions.edit_weights import edit_embedding, edit_output_weight
+from refdir.interventions.edit_weights import (
+    edit_embedding,
+    edit_exactness,
+    edit_output_bias,
+    edit_output_weight,
+)
 from refdir.interventions.export import check_export_folder, export_manifest
 from refdir.interventions.intervention import ablate
 from refdir.interventions.model_card import CARD_FILE, base_model_id, card_license, model_card
@@ -52,10 +57,11 @@ from refdir.interventions.orthogonalization import (
     last_logits,
     logit_delta,
     measured_exactness,
+    orthogonalized_exactness,
     unit_vector,
     write_direction,
 )
-from refdir.interventions.projection import edited_copy, write_basis
+from refdir.interventions.projection import write_basis
 from refdir.io import atomic_folder, check_room, write_text
 from refdir.model.chat_model import ChatModel
 from refdir.model.layout_check import leftover, residuals, rounding_limit
@@ -256,19 +262,9 @@ def _orthogonalize_plan(cm: ChatModel, direction: Direction) -> tuple[_Plan, Ort
                 if weight.bias is not None:
                     edits[names[id(getattr(weight.module, weight.bias))]] = partial(edit_bias, u=u)
     untie = _untied_name(cm)
-    exact = not cm.layout.sandwich
-    note = (
-        "exact: projections write straight into the residual stream"
-        if exact
-        else "approximate: a norm after attention and after the MLP rescales their output; the "
-        "edit keeps the norm's output orthogonal to the direction, but not equal to hook ablation"
-    )
+    exact, note = orthogonalized_exactness(cm.layout)
     plan = _Plan(edits, untie, names[id(cm.layout.embed.weight)])
     return plan, OrthogonalizeReport(exact, untie is not None, len(edits), note)
-
-
-def _edit_bias(bias: torch.Tensor, basis: torch.Tensor, w: float) -> None:
-    bias.copy_(edited_copy(bias, -1, basis, w).to(bias.dtype))
 
 
 def _edit_plan(cm: ChatModel, edit: Edit) -> tuple[_Plan, OrthogonalizeReport]:
@@ -289,15 +285,9 @@ def _edit_plan(cm: ChatModel, edit: Edit) -> tuple[_Plan, OrthogonalizeReport]:
             )
             if weight.bias is not None:
                 bias = getattr(weight.module, weight.bias)
-                edits[names[id(bias)]] = partial(_edit_bias, basis=basis, w=w)
+                edits[names[id(bias)]] = partial(edit_output_bias, basis=basis, w=w)
     untie = _untied_name(cm) if edit.embed > 0 else None
-    exact = not cm.layout.sandwich
-    note = (
-        "exact: projections write straight into the residual stream"
-        if exact
-        else "approximate: a norm after attention and after the MLP rescales their output; the "
-        "edit removes the subspace from the norm's output, but not as the hooks do"
-    )
+    exact, note = edit_exactness(cm.layout)
     plan = _Plan(edits, untie, names[id(cm.layout.embed.weight)])
     return plan, OrthogonalizeReport(exact, untie is not None, len(edits), note)
 
