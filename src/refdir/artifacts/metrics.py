@@ -17,6 +17,7 @@ __all__ = [
     "KlSpread",
     "LongRefusal",
     "MetricsRecord",
+    "ReasoningScores",
     "ThreeConditions",
 ]
 
@@ -71,6 +72,25 @@ class LongRefusal(Strict):
     max_new_tokens: int
     ablation: float
     by_set: dict[str, float]
+
+
+class ReasoningScores(Strict):
+    """A reasoning model's completions (its chat template thinks): the budget they got, and
+    per prompt group and condition the completions cut off inside the think block and those
+    whose reasoning holds a refusal marker. Refusal rates elsewhere score the answers only."""
+
+    max_new_tokens: int = Field(description="greedy tokens per completion (reasoning_tokens)")
+    instead_of: int = Field(description="max_new_tokens, which a model without a think block gets")
+    opened_by_template: bool = Field(
+        description="the generation prompt opens the think block (else the model opens it)"
+    )
+    no_answer: dict[str, dict[str, float]] = Field(
+        description="{group: {condition: fraction cut off inside the reasoning}}"
+    )
+    reasoning_refusal: dict[str, dict[str, float | None]] = Field(
+        description="{group: {condition: fraction whose reasoning holds a refusal marker}} (null: "
+        "no completion had a think block)"
+    )
 
 
 class HarmfulScores(Strict):
@@ -146,7 +166,7 @@ class MetricsRecord(Artifact):
     FILE: ClassVar[str] = "metrics.json"
     STEP: ClassVar[str | None] = "evaluate"
     OMIT: ClassVar[frozenset[str]] = frozenset(
-        {"timings", "timing_parts", "timing_devices", "protocol", "ce_corpus"}
+        {"timings", "timing_parts", "timing_devices", "protocol", "ce_corpus", "reasoning"}
     )
 
     model: str
@@ -170,6 +190,10 @@ class MetricsRecord(Artifact):
         "them is empty (no token to score)"
     )
     coefficients: Coefficients
+    reasoning: ReasoningScores | None = Field(
+        None,
+        description="a reasoning model's think blocks (null: the chat template does not think)",
+    )
     timings: dict[str, float] | None = Field(
         None, description="wall time of each step whose results are in the folder"
     )

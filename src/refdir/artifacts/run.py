@@ -125,7 +125,15 @@ class Completion(Strict):
 
     prompt: str
     completion: str
-    refusal: bool = Field(description="refusal by markers")
+    refusal: bool = Field(
+        description="refusal by markers (a reasoning model's: in the answer after its think block)"
+    )
+    answered: bool = Field(
+        True, description="false: cut off inside a reasoning model's think block, no answer"
+    )
+    reasoning_refusal: bool | None = Field(
+        None, description="the think block holds a refusal marker (null: no think block)"
+    )
 
 
 class BenchmarksRecord(Artifact):

@@ -10,6 +10,7 @@ The paper's code instead fixes them per model family (:data:`PAPER_REFUSAL_TOKEN
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from refdir.errors import RefdirError
 from refdir.measures import is_refusal
 from refdir.model.chat_model import ChatModel
 from refdir.model.generation import answer_texts, generate_ids
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PAPER_REFUSAL_TOKENS",
@@ -90,6 +93,13 @@ def derive_refusal_tokens(
 ) -> RefusalTokens:
     """The first token ids the model emitted in its own refusals (by markers), most frequent
     first, until they cover ``coverage`` of the refusals."""
+    if cm.chat.thinks:
+        log.warning(
+            "the chat template thinks: the refusal tokens are the first tokens of the reasoning, "
+            "not of the answer, and the refusal metric scores those; for the paper's selection, "
+            "use the template with its think block closed (e.g. `template_kwargs="
+            "'enable_thinking=false'`)"
+        )
     rows = [cm.chat.token_ids(text) for text in harmful]
     answers = generate_ids(cm, rows, max_new_tokens, batch_size, progress)
     texts = answer_texts(cm, answers)

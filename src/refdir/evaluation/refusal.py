@@ -1,4 +1,5 @@
-"""The refusal score: greedy completions under an intervention, scored for refusal by markers."""
+"""The refusal score: greedy completions under an intervention, scored for refusal by markers
+(a reasoning model's on the answer after its think block, :mod:`refdir.model.thinking`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,19 @@ from refdir.artifacts.run import Completion
 from refdir.errors import RefdirError
 from refdir.interventions.intervention import NONE, Intervention
 from refdir.interventions.rows import RowConditions
-from refdir.measures import is_refusal
 from refdir.model.chat_model import ChatModel
 from refdir.model.generation import answer_texts, generate_ids
 from refdir.model.hooks import hooked
+from refdir.model.thinking import score_completion
 
-__all__ = ["Job", "RefusalEval", "check_generation", "evaluate_jobs", "evaluate_refusal"]
+__all__ = [
+    "Job",
+    "RefusalEval",
+    "check_generation",
+    "completion_record",
+    "evaluate_jobs",
+    "evaluate_refusal",
+]
 
 
 def check_generation(max_new_tokens: int, batch_size: int) -> None:
@@ -38,6 +46,17 @@ class RefusalEval:
     max_new_tokens: int
     completions: list[Completion] = field(repr=False)
 
+    @property
+    def no_answer_rate(self) -> float:
+        """Fraction cut off inside a reasoning model's think block (0 for other models)."""
+        return _fraction([not r.answered for r in self.completions])
+
+    @property
+    def reasoning_refusal_rate(self) -> float | None:
+        """Fraction whose think block holds a refusal marker (None: no completion has one)."""
+        marks = [r.reasoning_refusal for r in self.completions if r.reasoning_refusal is not None]
+        return _fraction(marks) if marks else None
+
     def summary(self) -> dict[str, object]:
         """Everything but the completions."""
         return {
@@ -48,7 +67,27 @@ class RefusalEval:
             "n": self.n,
             "refusal_rate": self.refusal_rate,
             "max_new_tokens": self.max_new_tokens,
+            "no_answer_rate": self.no_answer_rate,
+            "reasoning_refusal_rate": self.reasoning_refusal_rate,
         }
+
+
+def _fraction(flags: Sequence[bool]) -> float:
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+def completion_record(prompt: str, completion: str, opened: bool = False) -> Completion:
+    """One completion with its refusal scored on its answer
+    (:func:`~refdir.model.thinking.score_completion`); ``opened``: the generation prompt opened
+    a think block."""
+    scored = score_completion(completion, opened)
+    return Completion(
+        prompt=prompt,
+        completion=completion,
+        refusal=scored.refusal,
+        answered=scored.answered,
+        reasoning_refusal=scored.reasoning_refusal,
+    )
 
 
 @dataclass(frozen=True)
@@ -103,11 +142,11 @@ def evaluate_jobs(
     results, at = [], 0
     for job in jobs:
         records = [
-            Completion(prompt=p, completion=c, refusal=is_refusal(c))
+            completion_record(p, c, cm.chat.opens_reasoning)
             for p, c in zip(job.instructions, texts[at : at + len(job.instructions)], strict=True)
         ]
         at += len(job.instructions)
-        rate = sum(r.refusal for r in records) / len(records) if records else 0.0
+        rate = _fraction([r.refusal for r in records])
         kind = job.intervention.kind
         results.append(
             RefusalEval(

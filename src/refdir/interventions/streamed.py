@@ -165,6 +165,7 @@ def _meta_model(options: ModelOptions) -> ChatModel:
         name=options.model,
         system=options.system,
         chat_template=options.chat_template,
+        template_kwargs=options.template_options(),
         layout_spec=options.layout_spec(),
     )
 
@@ -448,6 +449,7 @@ def _on_disk(folder: Path, like: ChatModel, offload: Path, remote: bool) -> Chat
         name=like.name,
         system=like.system,
         chat_template=like.chat_template,
+        template_kwargs=like.template_kwargs,
         layout_spec=like.layout_spec,
     )
 

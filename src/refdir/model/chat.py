@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from refdir.errors import RefdirError
+from refdir.model.thinking import template_thinks
 
 __all__ = ["ChatFormat", "PromptBatch", "by_length", "pad_left"]
 
@@ -66,6 +67,10 @@ class ChatFormat:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     max_tokens: int | None = None
     """The model's context: a longer prompt is refused (None: no limit known)."""
+    thinks: bool = False
+    """The model reasons in a think block before it answers (:mod:`refdir.model.thinking`)."""
+    opens_reasoning: bool = False
+    """The generation prompt opens the think block: completions start inside it."""
 
     @classmethod
     def from_tokenizer(
@@ -105,8 +110,9 @@ class ChatFormat:
                 "post-instruction tokens; use a template with an assistant turn"
             )
         suffix_ids = _suffix_ids(tokenizer, prefix, suffix)
-        kwargs.pop("chat_template", None)
-        return cls(tokenizer, prefix, suffix, suffix_ids, system, kwargs, max_tokens)
+        template = kwargs.pop("chat_template", None) or getattr(tokenizer, "chat_template", None)
+        thinks, opens = template_thinks(template, suffix)
+        return cls(tokenizer, prefix, suffix, suffix_ids, system, kwargs, max_tokens, thinks, opens)
 
     @property
     def n_post(self) -> int:

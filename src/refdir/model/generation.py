@@ -7,11 +7,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from refdir.errors import RefdirError
 from refdir.model.chat import by_length
 from refdir.model.chat_model import ChatModel
 from refdir.model.prefix import SharedPrefix
+from refdir.model.thinking import THINK_CLOSE, THINK_OPEN
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,26 @@ def answer_texts(cm: ChatModel, answers: Sequence[Sequence[int]]) -> list[str]:
     (also when the stop token is an ordinary one, which decoding would otherwise keep)."""
     stops = stop_ids(cm)
     cut = [list(a[:-1]) if a and a[-1] in stops else list(a) for a in answers]
-    return list(cm.tokenizer.batch_decode(cut, skip_special_tokens=True))
+    if not cm.chat.thinks:
+        return list(cm.tokenizer.batch_decode(cut, skip_special_tokens=True))
+    # a reasoning model's think tags may be special tokens: keep them, drop the other ones
+    special = _special_ids(cm.tokenizer) - _tag_ids(cm.tokenizer)
+    kept = [[t for t in a if t not in special] for a in cut]
+    return list(cm.tokenizer.batch_decode(kept, skip_special_tokens=False))
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The ids that decoding with ``skip_special_tokens`` leaves out."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {int(i) for i, t in added.items() if getattr(t, "special", False)} | set(
+        tokenizer.all_special_ids
+    )
+
+
+def _tag_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The ids of the think tags, where the vocabulary has them as tokens."""
+    vocab = tokenizer.get_vocab()
+    return {vocab[tag] for tag in (THINK_OPEN, THINK_CLOSE) if tag in vocab}
 
 
 def unsort(parts: Sequence[torch.Tensor], chunks: Sequence[Sequence[int]]) -> torch.Tensor:

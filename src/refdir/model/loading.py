@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,7 @@ def load_model(
     trust_remote_code: bool = False,
     system: str | None = None,
     chat_template: str | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
     layout_spec: LayoutSpec | None = None,
 ) -> ChatModel:
     """Load ``spec``: ``organism`` (default), a local folder, a ``.gguf`` file or a hub id, or
@@ -134,6 +136,7 @@ def load_model(
             trust_remote_code=options.trust_remote_code,
             system=options.system,
             chat_template=options.chat_template,
+            template_kwargs=options.template_options(),
             layout_spec=options.layout_spec(),
         )
     device = resolve_device(device)
@@ -158,6 +161,7 @@ def load_model(
         revision=revision,
         system=system,
         chat_template=chat_template,
+        template_kwargs=dict(template_kwargs or {}),
         layout_spec=layout_spec,
     )
     return _verified(cm)

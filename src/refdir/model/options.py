@@ -14,7 +14,7 @@ from refdir.errors import RefdirError
 from refdir.flags import Flag
 from refdir.model.layout_spec import LayoutSpec
 
-__all__ = ["DTYPES", "ModelOptions"]
+__all__ = ["DTYPES", "ModelOptions", "TemplateValue", "template_option"]
 
 _PANEL = "Model"
 
@@ -27,6 +27,9 @@ DTYPES: dict[str, str] = {
     "fp16": "float16",
 }
 """The dtype names ``dtype`` takes besides ``auto``, each with torch's name for it."""
+
+TemplateValue = bool | int | float | str
+"""A chat template option's value."""
 
 _DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 
@@ -60,6 +63,13 @@ class ModelOptions(BaseModel):
         None,
         description="a Jinja chat template, for a model without one or to replace its own",
     )
+    template_kwargs: Annotated[
+        dict[str, TemplateValue] | None, Flag(name="template-kwarg", items=True, panel=_PANEL)
+    ] = Field(
+        None,
+        description="options for the chat template, as KEY=VALUE items (true, false and numbers "
+        "as such), e.g. enable_thinking=false",
+    )
     layout: Annotated[dict[str, str | None] | None, Flag(panel=_PANEL, from_file="json")] = Field(
         None,
         description='layout patterns (LayoutSpec fields, e.g. {"mlp": "feed_forward", '
@@ -80,6 +90,15 @@ class ModelOptions(BaseModel):
             raise ValueError(f"unknown device {value!r}; use cpu, cuda, cuda:N or auto")
         return value
 
+    @field_validator("template_kwargs", mode="before")
+    @classmethod
+    def _template_kwargs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(item for item in value.split(",") if item.strip())
+        if isinstance(value, (tuple, list)):  # KEY=VALUE items, as the command line gives them
+            return dict(template_option(item) for item in value)
+        return value
+
     @field_validator("layout", mode="before")
     @classmethod
     def _layout(cls, value: Any) -> Any:
@@ -95,6 +114,27 @@ class ModelOptions(BaseModel):
                 raise ValueError(str(exc)) from None
         return value
 
+    def template_options(self) -> dict[str, TemplateValue]:
+        """The chat template's options (none: an empty dict)."""
+        return dict(self.template_kwargs or {})
+
     def layout_spec(self) -> LayoutSpec | None:
         """The layout overrides as a :class:`LayoutSpec` (None: the defaults)."""
         return LayoutSpec.from_fields(self.layout) if self.layout else None
+
+
+def template_option(item: str) -> tuple[str, TemplateValue]:
+    """``KEY=VALUE`` as a chat template option: true and false as booleans, numbers as numbers,
+    anything else as text."""
+    key, sep, raw = str(item).partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key.isidentifier():
+        raise ValueError(f"{item!r} is not KEY=VALUE; give e.g. enable_thinking=false")
+    if raw.lower() in ("true", "false"):
+        return key, raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return key, kind(raw)
+        except ValueError:
+            pass
+    return key, raw

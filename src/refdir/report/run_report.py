@@ -84,12 +84,42 @@ def _summary(run: RunData) -> list[Block]:
         )
     if harmless.ablation is not None:
         text += f" Under ablation, harmless prompts are refused at {fmt(harmless.ablation)}."
+    thinking = run.metrics.reasoning
+    if thinking is not None:
+        text += (
+            f" The chat template thinks: completions got {thinking.max_new_tokens} new tokens "
+            f"instead of {thinking.instead_of}, refusal scores count the answers after the think "
+            "block, and a completion cut off inside it counts as no answer."
+        )
     if run.metrics.protocol == "paper":
         text += (
             " Run under the paper protocol: the paper's code wherever its text and code differ "
             "(see the run's configuration)."
         )
     return [Para(text, id="summary")]
+
+
+def _reasoning_table(run: RunData) -> list[Block]:
+    """A reasoning model's think blocks: no answers, and refusal markers in the reasoning."""
+    thinking = run.metrics.reasoning
+    if thinking is None:
+        return []
+    rows = [
+        [f"{group}, {condition}", fmt(rate), fmt(thinking.reasoning_refusal[group].get(condition))]
+        for group, conditions in thinking.no_answer.items()
+        for condition, rate in conditions.items()
+    ]
+    opened = "opens" if thinking.opened_by_template else "leaves the model to open"
+    return [
+        Table(
+            ["prompts, condition", "no answer", "refusal markers in the reasoning"],
+            rows,
+            f"The chat template {opened} a think block. No answer: the completion was cut off "
+            f"inside the reasoning at {thinking.max_new_tokens} tokens (counted neither as a "
+            "refusal nor as compliance). The reasoning's refusal markers are counted apart from "
+            "the answer's, which the refusal scores count.",
+        )
+    ]
 
 
 def _direction_section(run: RunData) -> list[Block]:
@@ -207,6 +237,7 @@ def _refusal_section(run: RunData) -> list[Block]:
                 "(false refusals the ablation may create) and with activation addition.",
             )
         )
+    blocks.extend(_reasoning_table(run))
     for name, categories in (run.metrics.harmful.by_category or {}).items():
         rows = [
             [category, *(fmt(getattr(scores, c)) for c in CONDITIONS)]

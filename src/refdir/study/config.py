@@ -198,6 +198,13 @@ class RunConfig(ModelOptions):
         "length, where markers after a first sentence show (0, or not above max_new_tokens: "
         "skipped)",
     )
+    reasoning_tokens: Annotated[int, Flag(panel=EVALUATION)] = Field(
+        1024,
+        ge=0,
+        description="greedy tokens per completion instead of max_new_tokens when the chat "
+        "template thinks (the model reasons in a think block before it answers; 0: "
+        "max_new_tokens still)",
+    )
     ce_corpus: Annotated[str, Flag(panel=EVALUATION)] = Field(
         "prose",
         description="corpus for the CE loss: prose (packaged), or a local JSON/JSONL file of "

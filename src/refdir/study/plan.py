@@ -91,7 +91,7 @@ class Step:
                     path.unlink()
 
 
-MODEL = frozenset({"model", "gguf_file", "system", "chat_template", "layout"})
+MODEL = frozenset({"model", "gguf_file", "system", "chat_template", "template_kwargs", "layout"})
 
 STEPS: tuple[Step, ...] = (
     Step(
@@ -160,6 +160,7 @@ STEPS: tuple[Step, ...] = (
                         "n_eval_harmless",
                         "max_new_tokens",
                         "long_tokens",
+                        "reasoning_tokens",
                         "sampling",
                         "harmful_coeff",
                         "harmless_coeff",

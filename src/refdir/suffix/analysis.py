@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 from refdir.artifacts.suffix import SuffixAnalysis
 from refdir.directions.direction import Direction
 from refdir.errors import RefdirError
-from refdir.measures import is_refusal
 from refdir.model.chat import by_length
 from refdir.model.chat_model import ChatModel
 from refdir.model.generation import generate, unsort
 from refdir.model.hooks import Hook, hooked, residual_stream
+from refdir.model.thinking import score_completion
 
 __all__ = [
     "CONDITIONS",
@@ -266,7 +266,8 @@ def _refusals(
     progress: bool,
 ) -> tuple[list[bool], list[str]]:
     completions = generate(cm, prompts, max_new_tokens, batch_size, progress, suffix=extra)
-    return [is_refusal(c) for c in completions], completions
+    opened = cm.chat.opens_reasoning
+    return [score_completion(c, opened).refusal for c in completions], completions
 
 
 def analyze_suffix(

@@ -18,6 +18,7 @@ from refdir.artifacts.metrics import (
     Kept,
     LongRefusal,
     MetricsRecord,
+    ReasoningScores,
     SelectionSummary,
     Sizes,
     ThreeConditions,
@@ -42,12 +43,13 @@ from refdir.interventions.intervention import NONE, Intervention
 from refdir.io import write_jsonl
 from refdir.measures import KL_EPSILON, kl_divergence
 from refdir.model.loading import names_local_path
+from refdir.model.thinking import score_completion
 from refdir.study.config import RunConfig
 from refdir.study.files import COMPLETIONS
 from refdir.study.state import Run
 from refdir.study.steps.shared import eval_prompts
 
-__all__ = ["check_judge", "step_evaluate"]
+__all__ = ["check_judge", "completion_tokens", "step_evaluate"]
 
 Key = tuple[str, str]
 """(prompt group, condition) of a completion file ``completions/{group}.{condition}.jsonl``."""
@@ -89,7 +91,7 @@ def _completions(
             )
         for key, result in zip(keys, results, strict=True):
             done[key] = result.completions
-            write_jsonl(paths[key], [r.model_dump() for r in done[key]])
+            write_jsonl(paths[key], [r.model_dump(exclude_defaults=True) for r in done[key]])
     return {key: done[key] for key in jobs}
 
 
@@ -136,7 +138,7 @@ def step_evaluate(run: Run) -> None:
         "actadd": Intervention.addition(direction, c.harmful_coeff),
     }
     # the completions of one length decode in the same batches, each row under its condition
-    n = c.max_new_tokens
+    n = completion_tokens(c, cm.chat.thinks)
     jobs: dict[Key, tuple[list[str], Intervention, int]] = {
         ("harmful", "baseline"): (harmful, NONE, n),
         ("harmless", "baseline"): (harmless, NONE, n),
@@ -236,8 +238,38 @@ def step_evaluate(run: Run) -> None:
             else None
         ),
         coefficients=Coefficients(harmful_actadd=c.harmful_coeff, harmless_actadd=c.harmless_coeff),
+        reasoning=_reasoning(run, n, runs) if cm.chat.thinks else None,
     )
     metrics.write(out)
+
+
+def completion_tokens(c: RunConfig, thinks: bool) -> int:
+    """New tokens per completion: ``reasoning_tokens`` when the chat template thinks (and it is
+    set above ``max_new_tokens``), else ``max_new_tokens``."""
+    return max(c.max_new_tokens, c.reasoning_tokens) if thinks else c.max_new_tokens
+
+
+def _reasoning(run: Run, n: int, runs: Mapping[Key, list[Completion]]) -> ReasoningScores:
+    """What the think blocks did, per (group, condition) completed at ``n`` tokens."""
+    no_answer: dict[str, dict[str, float]] = {}
+    marked: dict[str, dict[str, float | None]] = {}
+    for (group, condition), records in runs.items():
+        if condition == LONG:
+            continue
+        no_answer.setdefault(group, {})[condition] = (
+            round(sum(not r.answered for r in records) / len(records), 4) if records else 0.0
+        )
+        flags = [r.reasoning_refusal for r in records if r.reasoning_refusal is not None]
+        marked.setdefault(group, {})[condition] = (
+            round(sum(flags) / len(flags), 4) if flags else None
+        )
+    return ReasoningScores(
+        max_new_tokens=n,
+        instead_of=run.config.max_new_tokens,
+        opened_by_template=run.cm.chat.opens_reasoning,
+        no_answer=no_answer,
+        reasoning_refusal=marked,
+    )
 
 
 def _by_category(
@@ -291,12 +323,16 @@ def _safety(run: Run, harmful_runs: dict[str, list[Completion]]) -> ThreeConditi
         progress=run.progress,
         trust_remote_code=c.trust_remote_code,
     )
+    opened = run.cm.chat.opens_reasoning  # a reasoning model's answers, after its think blocks
     with run.watch.part("judge"):  # loading the judge model is not a part
         return _three(
             {
                 k: round(
                     safety_score(
-                        judge, [r.prompt for r in v], [r.completion for r in v], c.judge_min_words
+                        judge,
+                        [r.prompt for r in v],
+                        [score_completion(r.completion, opened).answer for r in v],
+                        c.judge_min_words,
                     ),
                     4,
                 )
