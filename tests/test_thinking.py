@@ -20,7 +20,7 @@ from refdir.model.chat_model import ChatModel
 from refdir.model.generation import answer_texts
 from refdir.model.options import ModelOptions
 from refdir.model.thinking import score_completion, split_reasoning, template_thinks
-from refdir.study.config import RunConfig
+from refdir.study.config import RunConfig, config_toml, read_config
 from refdir.study.run import run_pipeline
 from refdir.study.steps.evaluate import completion_tokens
 from tiny import CHATML, TINY_RUN, VOCAB, tiny_model, tiny_tokenizer
@@ -263,3 +263,12 @@ def test_template_options_on_the_command_line(tmp_path: Path) -> None:
     assert off.exit_code == 0, off.output
     summary = json.loads(off.output[off.output.index("{") :])
     assert summary["no_answer_rate"] == 0.0
+
+
+def test_template_options_round_trip_through_a_run_config_file(tmp_path: Path) -> None:
+    config = RunConfig(template_kwargs=("enable_thinking=false", "depth=2"), reasoning_tokens=64)
+    path = tmp_path / "config.toml"
+    path.write_text(config_toml(config))
+    again = RunConfig(**read_config(path))
+    assert again.template_kwargs == {"enable_thinking": False, "depth": 2}
+    assert again == config
