@@ -11,10 +11,13 @@ from pydantic import Field, field_validator
 from refdir.flags import Flag
 from refdir.study.config import RunConfig
 
-__all__ = ["METHOD_NAMES", "OptimizeConfig"]
+__all__ = ["DEFAULT_METHODS", "METHOD_NAMES", "OptimizeConfig"]
 
 OPTIMIZE = "Optimize"
-METHOD_NAMES: tuple[str, ...] = ("weights", "projected", "norm", "subspace")
+METHOD_NAMES: tuple[str, ...] = ("weights", "projected", "norm", "subspace", "cone")
+DEFAULT_METHODS: tuple[str, ...] = ("weights", "projected", "norm", "subspace")
+"""Searched unless ``methods`` says otherwise: every method but the cone, whose training costs
+minutes before the first trial."""
 
 
 class OptimizeConfig(RunConfig):
@@ -35,9 +38,16 @@ class OptimizeConfig(RunConfig):
         "postgresql://...) or a journal file's path (default: a journal file in the folder)",
     )
     methods: Annotated[tuple[str, ...], Flag(panel=OPTIMIZE, items=True, empty="none")] = Field(
-        METHOD_NAMES,
+        DEFAULT_METHODS,
         description="edit methods searched besides the direction: weights (per-layer kernels), "
-        "projected, norm (norm-preserving), subspace; none: the direction alone",
+        "projected, norm (norm-preserving), subspace, cone (the subspace trained by gradient; "
+        "not searched unless named); none: the direction alone",
+    )
+    cone_steps: Annotated[int, Flag(panel=OPTIMIZE)] = Field(
+        40, ge=1, description="gradient steps that train each cone (method cone)"
+    )
+    cone_kl_weight: Annotated[float, Flag(panel=OPTIMIZE)] = Field(
+        1.0, ge=0.0, description="the weight of harmless KL against refusal in a cone's loss"
     )
     max_kl: Annotated[float | None, Flag(panel=OPTIMIZE)] = Field(
         None, ge=0.0, description="export the front point with fewest refusals at this KL or less"

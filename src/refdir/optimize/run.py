@@ -31,6 +31,7 @@ from refdir.interventions.intervention import NONE, Intervention
 from refdir.io import make_folder, write_bytes, write_text
 from refdir.model.chat_model import ChatModel
 from refdir.model.loading import load_model
+from refdir.optimize.cone import ConeSource
 from refdir.optimize.config import OptimizeConfig
 from refdir.optimize.front import agreement, confirm, pick
 from refdir.optimize.heldout import heldout
@@ -93,12 +94,25 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
         prompts.harmful_train[: config.n_subspace],
         config.batch_size,
     )
+    tokens = RefusalTokensRecord.read(out).ids
+    if "cone" in config.methods:
+        sources.cone = ConeSource(
+            cm,
+            lambda k: sources.basis(float(paper_layer), False, k),
+            prompts.harmful_train,
+            prompts.harmless_train,
+            tokens,
+            steps=config.cone_steps,
+            kl_weight=config.cone_kl_weight,
+            seed=config.seed,
+            progress=progress,
+        )
     harmful = selection.validation.prompts.harmful_val
     scorer = TrialScorer(
         cm,
         harmful,
         selection.validation.prompts.harmless_val,
-        RefusalTokensRecord.read(out).ids,
+        tokens,
         config.batch_size,
     )
     search = Search(cm.name, config.methods, position, cm.n_layers, paper_layer)

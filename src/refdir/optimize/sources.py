@@ -1,12 +1,13 @@
 """Where an edit's directions come from: the difference-of-means candidates of a run at one
 post-instruction position, read at a fractional layer index (interpolated between the two
 neighbouring layers), optionally made orthogonal to the harmless mean there ("projected"), and
-optionally widened to a subspace by the top directions of the per-prompt differences."""
+optionally widened to a subspace by the top directions of the per-prompt differences; or a cone,
+a subspace trained by gradient (:mod:`.cone`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -55,6 +56,8 @@ class DirectionSources:
         self.harmful = list(harmful)
         self.batch_size = batch_size
         self._rows: torch.Tensor | None = None
+        self.cone: Callable[[int], torch.Tensor] | None = None
+        """Cones by size (:class:`~refdir.optimize.cone.ConeSource`), where the search has them."""
 
     @property
     def n_layers(self) -> int:
@@ -101,6 +104,12 @@ class DirectionSources:
             )
         _, _, vh = torch.linalg.svd(diffs, full_matrices=False)
         return orthonormal(torch.cat([r.unsqueeze(0), vh[: k - 1]]))
+
+    def cone_basis(self, k: int) -> torch.Tensor:
+        """The trained cone of ``k`` directions [k, d] (float32)."""
+        if self.cone is None:
+            raise RefdirError("this search trains no cone; add `cone` to `methods`")
+        return self.cone(k)
 
     def rows(self) -> torch.Tensor:
         """The harmful prompts' activations [N, L+1, d] at the position (taken once)."""

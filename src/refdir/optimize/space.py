@@ -8,7 +8,9 @@ adds its own parameters; without it, its part of the edit is the paper's:
   kernel (:func:`kernel`), and a weight for the embedding (the paper: 1 everywhere);
 * ``projected``: whether the direction is made orthogonal to the harmless mean (no);
 * ``norm``: whether the edit is norm-preserving (no);
-* ``subspace``: how many directions are removed, 1 to 3 (one).
+* ``subspace``: how many directions are removed, 1 to 3 (one);
+* ``cone``: whether the directions are the cone trained by gradient (:mod:`.cone`) of that many
+  directions, in place of the interpolated direction and its subspace (no).
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def suggest(
         params["norm"] = trial.suggest_categorical("norm", [False, True])
     if "subspace" in methods:
         params["k"] = trial.suggest_int("k", 1, MAX_K)
+    if "cone" in methods:
+        params["cone"] = trial.suggest_categorical("cone", [False, True])
     return params
 
 
@@ -108,6 +112,8 @@ def paper_params(layer: int, methods: Sequence[str], n_layers: int) -> dict[str,
         params["norm"] = False
     if "subspace" in methods:
         params["k"] = 1
+    if "cone" in methods:
+        params["cone"] = False
     return params
 
 
@@ -129,7 +135,9 @@ def edit_of(params: dict[str, Any], sources: DirectionSources) -> Edit:
     else:
         attn = mlp = (1.0,) * n
         embed = 1.0
-    basis = sources.basis(
-        float(params["index"]), bool(params.get("projected", False)), int(params.get("k", 1))
-    )
+    k = int(params.get("k", 1))
+    if params.get("cone", False):
+        basis = sources.cone_basis(k)
+    else:
+        basis = sources.basis(float(params["index"]), bool(params.get("projected", False)), k)
     return Edit(basis, attn, mlp, embed, bool(params.get("norm", False)), dict(params))
