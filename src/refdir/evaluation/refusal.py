@@ -22,6 +22,8 @@ __all__ = [
     "completion_record",
     "evaluate_jobs",
     "evaluate_refusal",
+    "no_answer_rate",
+    "reasoning_refusal_rate",
 ]
 
 
@@ -48,14 +50,11 @@ class RefusalEval:
 
     @property
     def no_answer_rate(self) -> float:
-        """Fraction cut off inside a reasoning model's think block (0 for other models)."""
-        return _fraction([not r.answered for r in self.completions])
+        return no_answer_rate(self.completions)
 
     @property
     def reasoning_refusal_rate(self) -> float | None:
-        """Fraction whose think block holds a refusal marker (None: no completion has one)."""
-        marks = [r.reasoning_refusal for r in self.completions if r.reasoning_refusal is not None]
-        return _fraction(marks) if marks else None
+        return reasoning_refusal_rate(self.completions)
 
     def summary(self) -> dict[str, object]:
         """Everything but the completions."""
@@ -74,6 +73,17 @@ class RefusalEval:
 
 def _fraction(flags: Sequence[bool]) -> float:
     return sum(flags) / len(flags) if flags else 0.0
+
+
+def no_answer_rate(records: Sequence[Completion]) -> float:
+    """Fraction cut off inside a reasoning model's think block (0 for other models)."""
+    return _fraction([not r.answered for r in records])
+
+
+def reasoning_refusal_rate(records: Sequence[Completion]) -> float | None:
+    """Fraction whose think block holds a refusal marker (None: no completion has one)."""
+    marks = [r.reasoning_refusal for r in records if r.reasoning_refusal is not None]
+    return _fraction(marks) if marks else None
 
 
 def completion_record(prompt: str, completion: str, opened: bool = False) -> Completion:

@@ -38,7 +38,12 @@ from refdir.errors import RefdirError
 from refdir.evaluation.judges import JUDGES, load_judge, safety_score
 from refdir.evaluation.kl import kl_summary, random_direction_kl, random_kl_summary
 from refdir.evaluation.losses import ce_losses, completion_rows, text_rows
-from refdir.evaluation.refusal import Job, evaluate_jobs
+from refdir.evaluation.refusal import (
+    Job,
+    evaluate_jobs,
+    no_answer_rate,
+    reasoning_refusal_rate,
+)
 from refdir.interventions.intervention import NONE, Intervention
 from refdir.io import write_jsonl
 from refdir.measures import KL_EPSILON, kl_divergence
@@ -256,13 +261,9 @@ def _reasoning(run: Run, n: int, runs: Mapping[Key, list[Completion]]) -> Reason
     for (group, condition), records in runs.items():
         if condition == LONG:
             continue
-        no_answer.setdefault(group, {})[condition] = (
-            round(sum(not r.answered for r in records) / len(records), 4) if records else 0.0
-        )
-        flags = [r.reasoning_refusal for r in records if r.reasoning_refusal is not None]
-        marked.setdefault(group, {})[condition] = (
-            round(sum(flags) / len(flags), 4) if flags else None
-        )
+        no_answer.setdefault(group, {})[condition] = round(no_answer_rate(records), 4)
+        marks = reasoning_refusal_rate(records)
+        marked.setdefault(group, {})[condition] = None if marks is None else round(marks, 4)
     return ReasoningScores(
         max_new_tokens=n,
         instead_of=run.config.max_new_tokens,
