@@ -124,3 +124,38 @@ def test_the_cone_is_searched_only_when_named(tmp_path: Path) -> None:
     )
     record = optimize(config, tmp_path / "opt", progress=False, model=tiny_chat_model("llama"))
     assert record.methods == ["subspace", "cone"] and record.trials == 6
+
+
+def test_a_kept_cone_is_read_back_and_only_with_the_same_settings(tmp_path: Path) -> None:
+    """With a folder, a trained cone is kept in ``cones/``; a later source with the same
+    settings reads it instead of training (the model is not run), one with other settings
+    trains again."""
+    cm = tiny_chat_model("llama", seed=4)
+
+    def source(steps: int) -> ConeSource:
+        return ConeSource(
+            cm,
+            lambda k: _init(cm.d_model, k, seed=k),
+            HARMFUL,
+            HARMLESS,
+            TOKENS,
+            steps=steps,
+            progress=False,
+            folder=tmp_path,
+        )
+
+    trained = source(3)(2)
+    assert (tmp_path / "cones" / "k2.safetensors").is_file()
+    again = source(3)
+    calls = []
+    handle = cm.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        kept = again(2)
+        assert not calls  # read, not trained
+        assert torch.equal(kept, trained) and len(again.losses[2]) == 3
+        other = source(4)(2)  # other settings: trained again
+        assert calls and not torch.equal(other, trained)
+    finally:
+        handle.remove()
+    (tmp_path / "cones" / "k2.safetensors").write_bytes(b"not a cone")
+    assert source(4)(2).shape == (2, cm.d_model)  # a broken file is trained over

@@ -315,3 +315,36 @@ def test_the_export_and_its_edit_by_hooks_agree_through_evaluate(
         ],
     )
     assert both.exit_code == 2 and "are two interventions; give one of them" in both.stderr
+
+
+def test_a_study_starts_from_the_paper_edit_and_its_partial_strengths(tmp_path: Path) -> None:
+    from refdir.optimize.search import Search, open_study
+    from refdir.optimize.space import STRENGTHS, edit_of, paper_params
+
+    search = Search("m", ("weights", "projected"), -1, 4, 2)
+    study, _ = open_study(search, tmp_path, None, 0)
+    queued = [t.system_attrs["fixed_params"] for t in study.trials]
+    assert queued[0] == paper_params(2, search.methods, 4)
+    assert [q["attn_peak"] for q in queued[1:]] == list(STRENGTHS)
+    for q, strength in zip(queued[1:], STRENGTHS, strict=True):
+        assert q["mlp_peak"] == q["embed"] == strength and q["index"] == 2.0
+        assert q["projected"] is False
+    # the partial strengths scale the paper's weights everywhere
+    from refdir.directions.candidates import Candidates
+    from refdir.optimize.sources import DirectionSources
+
+    g = torch.Generator().manual_seed(0)
+    cands = Candidates(
+        torch.randn(1, 5, 8, generator=g, dtype=torch.float64),
+        torch.randn(1, 5, 8, generator=g, dtype=torch.float64),
+        "m",
+    )
+    edit = edit_of(queued[2], DirectionSources(cands, -1))
+    assert edit.attn == edit.mlp == (0.5,) * 4 and edit.embed == 0.5
+    # a command that joins the study queues none of them again
+    again, _ = open_study(search, tmp_path, None, 0)
+    assert len(again.trials) == len(queued)
+    # without per-layer weights the paper's edit is the only start
+    (tmp_path / "b").mkdir()
+    alone, _ = open_study(Search("m", ("projected",), -1, 4, 2), tmp_path / "b", None, 0)
+    assert len(alone.trials) == 1

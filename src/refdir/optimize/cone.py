@@ -14,18 +14,29 @@ validation prompts the search scores trials on.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from refdir.errors import RefdirError
 from refdir.interventions.projection import orthonormal
+from refdir.io import atomic_path
 from refdir.model.chat_model import ChatModel
 from refdir.model.hooks import hooked, map_sites
 
-__all__ = ["ConeSource", "train_basis"]
+__all__ = ["CONES", "ConeSource", "train_basis"]
+
+CONES = "cones"
+"""The folder of trained cones in a run folder (``cones/kN.safetensors``), which a later command
+with the same settings reads instead of training again."""
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +126,8 @@ def train_basis(
 
 class ConeSource:
     """Cones of 1 to k directions, each trained once when first asked for (from the basis
-    ``start(k)`` gives), with the same prompts and settings."""
+    ``start(k)`` gives), with the same prompts and settings; with a ``folder``, kept there and
+    read back by a later source whose settings and start are the same."""
 
     def __init__(
         self,
@@ -128,8 +140,10 @@ class ConeSource:
         kl_weight: float = 1.0,
         seed: int = 0,
         progress: bool = True,
+        folder: Path | None = None,
     ) -> None:
         self.cm = cm
+        self.folder = folder
         self.start = start
         self.harmful = list(harmful)
         self.harmless = list(harmless)
@@ -141,11 +155,60 @@ class ConeSource:
         self._cones: dict[int, torch.Tensor] = {}
         self.losses: dict[int, list[float]] = {}
 
+    def _settings(self, k: int, start: torch.Tensor) -> dict[str, Any]:
+        """What a cone of ``k`` is trained from: a kept cone is reused only when these match."""
+        return {
+            "k": k,
+            "model": self.cm.name,
+            "steps": self.steps,
+            "kl_weight": self.kl_weight,
+            "seed": self.seed + k,
+            "n_harmful": len(self.harmful),
+            "n_harmless": len(self.harmless),
+            "refusal_tokens": self.tokens,
+            "start": hashlib.sha256(start.float().contiguous().numpy().tobytes()).hexdigest(),
+        }
+
+    def _kept(self, k: int, settings: dict[str, Any]) -> torch.Tensor | None:
+        if self.folder is None:
+            return None
+        path = self.folder / CONES / f"k{k}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                held = json.loads((f.metadata() or {})["refdir_cone"])
+                basis = f.get_tensor("basis")
+        except Exception as exc:  # safetensors and json raise errors of their own
+            log.warning("ignoring the kept cone %s (%s); training it again", path, exc)
+            return None
+        if held.get("settings") != settings:
+            log.info("the kept cone %s was trained otherwise; training it again", path)
+            return None
+        self.losses[k] = [float(x) for x in held.get("losses", [])]
+        log.info("cone of %d read from %s", k, path)
+        return basis
+
+    def _keep(self, k: int, basis: torch.Tensor, settings: dict[str, Any]) -> None:
+        if self.folder is None:
+            return
+        meta = {"settings": settings, "losses": self.losses[k]}
+        with atomic_path(self.folder / CONES / f"k{k}.safetensors") as tmp:
+            save_file(
+                {"basis": basis.contiguous()}, str(tmp), metadata={"refdir_cone": json.dumps(meta)}
+            )
+
     def __call__(self, k: int) -> torch.Tensor:
         if k not in self._cones:
+            start = self.start(k)
+            settings = self._settings(k, start)
+            kept = self._kept(k, settings)
+            if kept is not None:
+                self._cones[k] = kept
+                return kept
             basis, losses = train_basis(
                 self.cm,
-                self.start(k),
+                start,
                 self.harmful,
                 self.harmless,
                 self.tokens,
@@ -155,4 +218,5 @@ class ConeSource:
                 progress=self.progress,
             )
             self._cones[k], self.losses[k] = basis, losses
+            self._keep(k, basis, settings)
         return self._cones[k]

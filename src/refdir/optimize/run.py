@@ -3,8 +3,9 @@ on the refusals-versus-KL front, confirm the front by generation, pick and expor
 
 Files written into the folder, beside the run's: ``optuna-journal.log`` (the study, unless
 ``--storage`` puts it elsewhere), ``pareto.json``, ``heldout.json``, ``optimize.md`` with
-``figures/pareto.png``, ``front/`` (each front point's edit) and ``best/`` (the chosen point's
-checkpoint)."""
+``figures/pareto.png``, ``front/`` (each front point's edit), ``best/`` (the chosen point's
+checkpoint) and, when the cone is searched, ``cones/`` (each trained cone, reused by a later
+command)."""
 
 from __future__ import annotations
 
@@ -106,6 +107,7 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
             kl_weight=config.cone_kl_weight,
             seed=config.seed,
             progress=progress,
+            folder=out,
         )
     harmful = selection.validation.prompts.harmful_val
     scorer = TrialScorer(

@@ -1,7 +1,8 @@
 """The multi-objective search, in Optuna's own storage: a study in the output folder (a journal
 file) or at ``--storage URL``, which several workers on several machines can share and which a
-later command extends. Trials minimise the two objectives of :mod:`.scorer`; the paper's edit is
-the first trial of a new study."""
+later command extends. Trials minimise the two objectives of :mod:`.scorer`; the paper's edit, and
+with ``weights`` the same edit at partial strengths (:func:`~.space.start_params`), are the first
+trials of a study (queued for any of them it does not hold yet)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from refdir.errors import RefdirError
 from refdir.optimize.scorer import TrialScorer
 from refdir.optimize.sources import DirectionSources
-from refdir.optimize.space import edit_of, paper_params, suggest
+from refdir.optimize.space import edit_of, start_params, suggest
 
 __all__ = [
     "JOURNAL_FILE",
@@ -98,13 +99,14 @@ def open_study(
     if not held:
         for key, value in attrs.items():
             study.set_user_attr(key, value)
-        study.enqueue_trial(paper_params(search.paper_layer, search.methods, search.n_layers))
     elif {k: held.get(k) for k in attrs} != attrs:
         other = ", ".join(f"{k}={held.get(k)!r}" for k in attrs if held.get(k) != attrs[k])
         raise RefdirError(
             f"the study at {name} searches something else ({other}); give another `out` folder "
             "or `storage`"
         )
+    for params in start_params(search.paper_layer, search.methods, search.n_layers):
+        study.enqueue_trial(params, skip_if_exists=True)
     salt = len(study.trials) + (os.getpid() if storage is not None else 0)
     study.sampler = optuna.samplers.TPESampler(seed=(seed + salt) % 2**32, multivariate=True)
     return study, name

@@ -23,10 +23,23 @@ from refdir.interventions.edit import MAX_WEIGHT, Edit
 from refdir.optimize.config import METHOD_NAMES as METHODS
 from refdir.optimize.sources import DirectionSources
 
-__all__ = ["METHODS", "check_methods", "edit_of", "kernel", "paper_params", "suggest"]
+__all__ = [
+    "METHODS",
+    "STRENGTHS",
+    "check_methods",
+    "edit_of",
+    "kernel",
+    "paper_params",
+    "start_params",
+    "suggest",
+]
 MAX_K = 3
 PEAK = 1.5
 """The largest kernel peak searched (an edit's weights go up to :data:`MAX_WEIGHT`)."""
+STRENGTHS = (0.25, 0.5, 0.75)
+"""The paper's edit at these fractions of its strength starts a search with ``weights``, beside
+the paper's edit itself: they lay out the front's low-KL end, where a search that is drawn to
+few refusals would otherwise spend few trials."""
 
 
 class Trial(Protocol):
@@ -115,6 +128,19 @@ def paper_params(layer: int, methods: Sequence[str], n_layers: int) -> dict[str,
     if "cone" in methods:
         params["cone"] = False
     return params
+
+
+def start_params(layer: int, methods: Sequence[str], n_layers: int) -> list[dict[str, Any]]:
+    """The trials a search starts from: the paper's edit and, with ``weights``, the same edit
+    at each of :data:`STRENGTHS` (its weights everywhere scaled by it)."""
+    paper = paper_params(layer, methods, n_layers)
+    starts = [paper]
+    if "weights" in methods:
+        for strength in STRENGTHS:
+            scaled = dict(paper)
+            scaled.update({"attn_peak": strength, "mlp_peak": strength, "embed": strength})
+            starts.append(scaled)
+    return starts
 
 
 def edit_of(params: dict[str, Any], sources: DirectionSources) -> Edit:
