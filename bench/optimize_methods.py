@@ -1,6 +1,6 @@
-"""Which edit method buys the KL: ``refdir optimize`` with each method alone, all together, and
-none (the direction alone, at full strength: the best single direction), on one run's
-candidates, against the paper's selection measured the same way.
+"""Which edit method buys the KL: ``refdir optimize`` with each method alone, the default ones
+together, and none (the direction alone, at full strength: the best single direction), on one
+run's candidates, against the paper's selection measured the same way.
 
 Each search gets the same number of trials, starts from a copy of the same run folder (so no
 step is redone) and is confirmed on the same validation prompts by generation. The table gives,
@@ -21,7 +21,7 @@ from typing import Any
 
 from refdir.artifacts.pareto import FrontPoint, ParetoRecord
 from refdir.model.loading import load_model
-from refdir.optimize.config import METHOD_NAMES, OptimizeConfig
+from refdir.optimize.config import DEFAULT_METHODS, METHOD_NAMES, OptimizeConfig
 from refdir.optimize.run import optimize
 from refdir.study.config import read_config
 
@@ -40,8 +40,10 @@ RUN_FILES = (
 SEARCHES: dict[str, tuple[str, ...]] = {
     "direction only": (),
     **{f"{m} only": (m,) for m in METHOD_NAMES},
-    "all": METHOD_NAMES,
+    "all": DEFAULT_METHODS,
 }
+"""Each method alone (the cone included), and ``all``: the default methods together (every
+one but the cone)."""
 
 
 def _rate(p: FrontPoint) -> float:
