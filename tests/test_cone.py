@@ -159,3 +159,30 @@ def test_a_kept_cone_is_read_back_and_only_with_the_same_settings(tmp_path: Path
         handle.remove()
     (tmp_path / "cones" / "k2.safetensors").write_bytes(b"not a cone")
     assert source(4)(2).shape == (2, cm.d_model)  # a broken file is trained over
+
+
+def test_a_cone_points_actadd_at_the_paper_layer_and_the_candidate_side() -> None:
+    """The chosen edit's direction (for activation addition): a cone's sits at the paper's layer
+    whatever its unused ``index``, and a basis vector pointing away from the candidate is
+    turned round."""
+    from refdir.directions.candidates import Candidates
+    from refdir.interventions.edit import Edit
+    from refdir.optimize.run import _direction_of
+
+    g = torch.Generator().manual_seed(0)
+    cands = Candidates(
+        torch.randn(1, 5, 8, generator=g, dtype=torch.float64),
+        torch.randn(1, 5, 8, generator=g, dtype=torch.float64),
+        "m",
+    )
+    at_paper = cands.direction(-1, 2)
+    flipped = -(at_paper.vector / at_paper.vector.norm()).float().unsqueeze(0)
+    ones = (1.0,) * 4
+    cone = Edit(flipped, ones, ones, 1.0, False, {"index": 0.3, "cone": True})
+    direction = _direction_of(cands, cone, -1, paper_layer=2)
+    assert direction.layer == 2
+    torch.testing.assert_close(
+        direction.vector.double(), at_paper.vector.double(), rtol=1e-5, atol=1e-6
+    )
+    plain = Edit(flipped, ones, ones, 1.0, False, {"index": 3.2})
+    assert _direction_of(cands, plain, -1, paper_layer=2).layer == 3

@@ -178,7 +178,7 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
     )
     record.write(out)
     best = edits[chosen]
-    direction = _direction_of(candidates, best, position)
+    direction = _direction_of(candidates, best, position, paper_layer)
     held: HeldoutRecord | None = None
     if config.heldout:
         conditions = {
@@ -200,14 +200,19 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
     return record
 
 
-def _direction_of(candidates: Candidates, edit: Edit, position: int) -> Direction:
+def _direction_of(candidates: Candidates, edit: Edit, position: int, paper_layer: int) -> Direction:
     """The edit's direction as a :class:`Direction` (for activation addition): its first basis
     vector at the scale of the candidate at the nearest layer, recorded at that layer (one
-    below the last, where an addition can go)."""
-    index = float(edit.params.get("index", 0.0))
+    below the last, where an addition can go). A cone's layer is the paper's, where it starts
+    from (its ``index`` is not used by the edit). The vector points the way the candidate
+    does (a basis vector's sign is free)."""
+    index = float(paper_layer if edit.params.get("cone") else edit.params.get("index", 0.0))
     layer = min(round(index), candidates.n_layers - 1)
     nearest = candidates.direction(position, layer)
-    vector = edit.basis[0].double() * nearest.norm
+    unit = edit.basis[0].double()
+    if float(unit @ nearest.vector.double()) < 0:  # a subspace's sign is free: point it to refuse
+        unit = -unit
+    vector = unit * nearest.norm
     return dataclasses.replace(
         nearest,
         vector=vector.float(),
