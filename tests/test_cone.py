@@ -105,8 +105,8 @@ def test_a_cone_edit_as_weights_equals_its_hooks() -> None:
     torch.testing.assert_close(last_position_logits(cm, HARMLESS), hooked, atol=1e-4, rtol=0)
 
 
-def test_the_cone_is_searched_only_when_named(tmp_path: Path) -> None:
-    assert "cone" not in DEFAULT_METHODS and "cone" not in OptimizeConfig().methods
+def test_the_cone_is_searched_when_named_and_by_default(tmp_path: Path) -> None:
+    assert OptimizeConfig().methods == DEFAULT_METHODS == ("weights", "projected", "norm", "cone")
     assert paper_params(2, ("subspace", "cone"), 4) == {"index": 2.0, "k": 1, "cone": False}
     no_cone = _FixedBasis(torch.ones(1, 4))
     with pytest.raises(RefdirError, match="add `cone` to `methods`"):

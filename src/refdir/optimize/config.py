@@ -15,9 +15,11 @@ __all__ = ["DEFAULT_METHODS", "METHOD_NAMES", "OptimizeConfig"]
 
 OPTIMIZE = "Optimize"
 METHOD_NAMES: tuple[str, ...] = ("weights", "projected", "norm", "subspace", "cone")
-DEFAULT_METHODS: tuple[str, ...] = ("weights", "projected", "norm", "subspace")
-"""Searched unless ``methods`` says otherwise: every method but the cone, whose training costs
-minutes before the first trial."""
+DEFAULT_METHODS: tuple[str, ...] = ("weights", "projected", "norm", "cone")
+"""Searched unless ``methods`` says otherwise: every method but ``subspace``. One trained
+direction (the cone of one) buys more than the directions of the per-prompt differences, and
+costs one training before the first trials that ask for it; ``subspace`` with ``cone`` trains
+cones of two and three as well."""
 
 
 class OptimizeConfig(RunConfig):
@@ -40,8 +42,9 @@ class OptimizeConfig(RunConfig):
     methods: Annotated[tuple[str, ...], Flag(panel=OPTIMIZE, items=True, empty="none")] = Field(
         DEFAULT_METHODS,
         description="edit methods searched besides the direction: weights (per-layer kernels), "
-        "projected, norm (norm-preserving), subspace, cone (the subspace trained by gradient; "
-        "not searched unless named); none: the direction alone",
+        "projected, norm (norm-preserving), subspace (up to 3 directions; not searched unless "
+        "named), cone (the direction, or with subspace the subspace, trained by gradient); "
+        "none: the direction alone",
     )
     cone_steps: Annotated[int, Flag(panel=OPTIMIZE)] = Field(
         40, ge=1, description="gradient steps that train each cone (method cone)"
