@@ -348,3 +348,9 @@ def test_a_study_starts_from_the_paper_edit_and_its_partial_strengths(tmp_path: 
     (tmp_path / "b").mkdir()
     alone, _ = open_study(Search("m", ("projected",), -1, 4, 2), tmp_path / "b", None, 0)
     assert len(alone.trials) == 1
+    # with the cone, each start again with the cone of one in place of the direction
+    (tmp_path / "c").mkdir()
+    coned, _ = open_study(Search("m", ("weights", "cone"), -1, 4, 2), tmp_path / "c", None, 0)
+    starts = [t.system_attrs["fixed_params"] for t in coned.trials]
+    assert [s["cone"] for s in starts] == [False] * 4 + [True] * 4
+    assert [s["attn_peak"] for s in starts] == [1.0, *STRENGTHS] * 2

@@ -132,7 +132,9 @@ def paper_params(layer: int, methods: Sequence[str], n_layers: int) -> dict[str,
 
 def start_params(layer: int, methods: Sequence[str], n_layers: int) -> list[dict[str, Any]]:
     """The trials a search starts from: the paper's edit and, with ``weights``, the same edit
-    at each of :data:`STRENGTHS` (its weights everywhere scaled by it)."""
+    at each of :data:`STRENGTHS` (its weights everywhere scaled by it); with ``cone``, each of
+    these again with the cone of one in place of the direction (the cone at full strength is
+    what its training optimised)."""
     paper = paper_params(layer, methods, n_layers)
     starts = [paper]
     if "weights" in methods:
@@ -140,6 +142,8 @@ def start_params(layer: int, methods: Sequence[str], n_layers: int) -> list[dict
             scaled = dict(paper)
             scaled.update({"attn_peak": strength, "mlp_peak": strength, "embed": strength})
             starts.append(scaled)
+    if "cone" in methods:
+        starts += [{**start, "cone": True} for start in starts]
     return starts
 
 
