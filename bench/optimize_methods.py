@@ -3,7 +3,7 @@ together, and none (the direction alone, at full strength: the best single direc
 run's candidates, against the paper's selection measured the same way.
 
 Each search gets the same number of trials, starts from a copy of the same run folder (so no
-step is redone) and is confirmed on the same validation prompts by generation. The table gives,
+step is redone, and a cone trained there is read back) and is confirmed on the same validation prompts by generation. The table gives,
 per search, the least KL on its confirmed front at a generated refusal rate of at most
 ``--target`` (harmful_val), and the ratio of the paper's KL to it.
 
@@ -21,6 +21,7 @@ from typing import Any
 
 from refdir.artifacts.pareto import FrontPoint, ParetoRecord
 from refdir.model.loading import load_model
+from refdir.optimize.cone import CONES
 from refdir.optimize.config import DEFAULT_METHODS, METHOD_NAMES, OptimizeConfig
 from refdir.optimize.run import optimize
 from refdir.study.config import read_config
@@ -78,6 +79,8 @@ def main() -> None:
             for file in RUN_FILES:
                 if (args.run / file).exists():
                     shutil.copy2(args.run / file, folder / file)
+            if (args.run / CONES).is_dir():  # trained cones, read back when their settings match
+                shutil.copytree(args.run / CONES, folder / CONES)
         config = base.model_copy(
             update={
                 "methods": methods,
