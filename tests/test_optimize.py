@@ -21,7 +21,7 @@ from refdir.errors import RefdirError
 from refdir.interventions.edit import Edit
 from refdir.model.generation import last_position_logits
 from refdir.optimize.config import OptimizeConfig
-from refdir.optimize.front import knee, pick
+from refdir.optimize.front import knee, pick, refine_next
 from refdir.optimize.run import optimize
 from refdir.optimize.space import kernel
 from tiny import TINY_RUN, tiny_chat_model
@@ -107,6 +107,33 @@ def _point(kl: float, rate: float) -> FrontPoint:
         refusal_generated=rate,
         ce_text=None,
     )
+
+
+def test_the_rule_point_is_bisected_between_spread_points() -> None:
+    """With --max-refusal, the front points between the last spread point that misses the rate
+    and the first that meets it are bisected by KL until the least-KL point that meets it is
+    found; with --max-kl, the front point of largest KL within the bound is confirmed; the knee
+    needs none."""
+    kls = [0.01 * (i + 1) for i in range(20)]  # trial i at KL 0.01 (i + 1)
+    spots = list(enumerate(kls))
+    rate = [max(0.0, 0.5 - 0.05 * i) for i in range(20)]  # meets 0.02 from trial 10 on
+
+    def confirmed_as(numbers: list[int]) -> dict[int, FrontPoint]:
+        return {n: _point(kls[n], rate[n]) for n in numbers}
+
+    done = [0, 19]  # the spread: both ends
+    while (n := refine_next(spots, confirmed_as(done), None, 0.02)) is not None:
+        assert n not in done and kls[n] < min(kls[d] for d in done if rate[d] <= 0.02)
+        done.append(n)
+    assert len(done) - 2 <= 5  # bisection: about log2(18) confirmations
+    chosen, _ = pick(list(confirmed_as(sorted(done)).values()), None, 0.02)
+    assert sorted(done)[chosen] == 10  # the least-KL point that meets the rate
+    # no confirmed point meets the rate: nothing to bisect towards
+    assert refine_next(spots, confirmed_as([0, 5]), None, 0.02) is None
+    # --max-kl: the largest KL within the bound, once
+    assert refine_next(spots, confirmed_as([0, 19]), 0.075, None) == 6
+    assert refine_next(spots, confirmed_as([0, 6, 19]), 0.075, None) is None
+    assert refine_next(spots, confirmed_as([0, 19]), None, None) is None
 
 
 def test_pick_rules() -> None:

@@ -63,7 +63,10 @@ class OptimizeConfig(RunConfig):
         "(default rule, without either: the knee of the front)",
     )
     n_front: Annotated[int, Flag(panel=OPTIMIZE)] = Field(
-        12, ge=1, description="front points confirmed by generation (spread along the front)"
+        12,
+        ge=1,
+        description="front points confirmed by generation (spread along the front), and at "
+        "most as many more where the pick rule needs them",
     )
     n_subspace: Annotated[int, Flag(panel=OPTIMIZE)] = Field(
         64, ge=2, description="harmful training prompts the subspace directions are taken from"

@@ -1,9 +1,10 @@
 """The front, confirmed: each point's refusals counted by greedy generation and its CE on text,
-how well the cheap score agreed, and the point a rule picks for export."""
+the points the rule needs confirmed beyond the spread ones, how well the cheap score agreed, and
+the point a rule picks for export."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -16,7 +17,7 @@ from refdir.interventions.intervention import Intervention
 from refdir.model.chat_model import ChatModel
 from refdir.optimize.scorer import Scores
 
-__all__ = ["agreement", "confirm", "knee", "pick"]
+__all__ = ["agreement", "confirm", "knee", "pick", "refine_next"]
 
 TARGET = 0.02
 """The refusal rate the agreement's ``same_side`` is read against."""
@@ -146,3 +147,38 @@ def pick(
         index = min(fits, key=lambda i: (points[i].kl, _rate(points[i])))
         return index, f"least KL at refusal <= {max_refusal:g}"
     return knee(points), "the knee of the front"
+
+
+def refine_next(
+    front: Sequence[tuple[int, float]],
+    confirmed: Mapping[int, FrontPoint],
+    max_kl: float | None,
+    max_refusal: float | None,
+) -> int | None:
+    """The next front trial to confirm for the pick rule, or None when the rule's point is
+    settled. ``front``: every front trial (number, KL); ``confirmed``: the points confirmed so
+    far, by trial number.
+
+    The spread points can straddle the rule's point: with ``max_refusal``, the least-KL point
+    that meets the rate may lie between a confirmed point that misses it and the least-KL one
+    that meets it. Those in between are bisected by KL (the generated rate falls as KL rises
+    along the front), one confirmation per call. With ``max_kl``, the front point of largest KL
+    within the bound (the fewest refusals by the cheap score) is confirmed. The knee needs none.
+    """
+    todo = [(n, kl) for n, kl in front if n not in confirmed]
+    if not todo:
+        return None
+    if max_kl is not None:
+        within = [(n, kl) for n, kl in todo if kl <= max_kl]
+        best = max((p.kl for p in confirmed.values() if p.kl <= max_kl), default=-1.0)
+        top = max(within, key=lambda t: t[1], default=None)
+        return top[0] if top is not None and top[1] > best else None
+    if max_refusal is None:
+        return None
+    meets = [p.kl for p in confirmed.values() if _rate(p) <= max_refusal]
+    if not meets:
+        return None
+    upper = min(meets)
+    lower = max((p.kl for p in confirmed.values() if p.kl < upper), default=-1.0)
+    between = sorted((t for t in todo if lower < t[1] < upper), key=lambda t: t[1])
+    return between[len(between) // 2][0] if between else None

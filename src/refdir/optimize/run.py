@@ -15,6 +15,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+from optuna.trial import FrozenTrial
 from tqdm.auto import tqdm
 
 from refdir.artifacts.export import ExportManifest
@@ -34,7 +35,7 @@ from refdir.model.chat_model import ChatModel
 from refdir.model.loading import load_model
 from refdir.optimize.cone import ConeSource
 from refdir.optimize.config import OptimizeConfig
-from refdir.optimize.front import agreement, confirm, pick
+from refdir.optimize.front import agreement, confirm, pick, refine_next
 from refdir.optimize.heldout import heldout
 from refdir.optimize.scorer import Scores, TrialScorer
 from refdir.optimize.search import (
@@ -139,25 +140,47 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
 
     paper_edit = edit_of(paper_params(paper_layer, config.methods, cm.n_layers), sources)
     paper = measured(paper_edit, scorer.score(paper_edit), None, "paper")
-    trials = thin(front(study), config.n_front)
+    whole = front(study)
+    trials = thin(whole, config.n_front)
     if not trials:
         raise RefdirError("no trial completed; run more trials (`trials`, `max_minutes`)")
-    points, edits = [], []
     shutil.rmtree(out / FRONT, ignore_errors=True)  # an earlier command's front
     paper_edit.save(out / FRONT / "paper")
-    for i, trial in enumerate(
-        tqdm(trials, desc="confirm the front", disable=not progress, unit="point")
-    ):
+    confirmed: dict[int, tuple[FrontPoint, Edit]] = {}
+
+    def confirm_trial(trial: FrozenTrial) -> None:
         edit = edit_of(dict(trial.params), sources)
-        edit.save(out / FRONT / f"{i:02d}")
-        edits.append(edit)
         first = trial.user_attrs.get("refusal_first_token")
         scores = (
             Scores(trial.values[0], float(first), trial.values[1])
             if isinstance(first, float | int)
             else scorer.score(edit)  # a trial recorded without it
         )
-        points.append(measured(edit, scores, trial.number, f"trial {trial.number}"))
+        confirmed[trial.number] = (
+            measured(edit, scores, trial.number, f"trial {trial.number}"),
+            edit,
+        )
+
+    for trial in tqdm(trials, desc="confirm the front", disable=not progress, unit="point"):
+        confirm_trial(trial)
+    by_number = {t.number: t for t in whole}
+    spots = [(t.number, t.values[1]) for t in whole]
+    for _ in range(config.n_front):  # bisection needs far fewer; a bound all the same
+        number = refine_next(
+            spots,
+            {n: point for n, (point, _) in confirmed.items()},
+            config.max_kl,
+            config.max_refusal,
+        )
+        if number is None:
+            break
+        log.info("confirming trial %d as well, for the pick rule", number)
+        confirm_trial(by_number[number])
+    ordered = sorted(confirmed.values(), key=lambda pe: (pe[0].kl, pe[0].refusal_score))
+    points = [point for point, _ in ordered]
+    edits = [edit for _, edit in ordered]
+    for i, edit in enumerate(edits):
+        edit.save(out / FRONT / f"{i:02d}")
     chosen, rule = pick(points, config.max_kl, config.max_refusal)
     ce_base = round(ce_loss(cm, texts, progress=False), 5) if texts else None
     record = ParetoRecord(
