@@ -41,7 +41,7 @@ What the bench does, in ``--work`` (default ``.bench/heretic-run``):
     python bench/heretic.py --minutes 15 [--trials N] [--work DIR] [--refdir DIR]
         [--n-train 128] [--n-val 32] [--max-export N] [--n-eval-harmful 100]
         [--n-eval-harmless 100] [--max-new-tokens 64] [--heretic-arg=--max-response-length=64]
-        [--response-prefix ''] [--skip-search] [--skip-export] [--no-eval]
+        [--response-prefix ''] [--skip-search] [--skip-export] [--reuse] [--no-eval]
 
 Tiny smoke run (a few minutes on 2 cores)::
 
@@ -603,6 +603,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "trials completed within --minutes, spread to --max-export",
     )
     p.add_argument("--skip-export", action="store_true", help="score only models saved before")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take the scores of rows already in --work's bench.json (same tool, trial, model)",
+    )
     p.add_argument("--no-eval", action="store_true", help="stop after the exports")
     return p.parse_args(argv)
 
@@ -749,8 +754,18 @@ def evaluate(
         lines = own.read_text(encoding="utf-8").splitlines()
         sets["heretic_eval"] = [json.loads(line)["text"] for line in lines]
     scorer = KL(sets)
+    before: dict[tuple[str, str, str], dict[str, Any]] = {}
+    if args.reuse and (work / "bench.json").is_file():  # rows scored by an earlier invocation
+        earlier = json.loads((work / "bench.json").read_text(encoding="utf-8"))
+        before = {(r["tool"], r["trial"], r["model"]): r for r in earlier.get("rows", [])}
     for row in rows:
         if not row.model:
+            continue
+        held = before.get((row.tool, row.trial, row.model))
+        if held is not None and held.get("refusals") is not None and held.get("kl") is not None:
+            for key in ("refusals", "n_harmful", "by_set", "kl", "kl_check", "eval_s"):
+                setattr(row, key, held[key])
+            print(f"  {row.tool} {row.trial}: scored before, {row.refusals}/{row.n_harmful}")
             continue
         start = time.monotonic()
         out = work / "eval" / f"{row.tool}-{row.trial.replace('/', '_')}"
