@@ -3,9 +3,10 @@ together, and none (the direction alone, at full strength: the best single direc
 run's candidates, against the paper's selection measured the same way.
 
 Each search gets the same number of trials, starts from a copy of the same run folder (so no
-step is redone, and a cone trained there is read back) and is confirmed on the same validation prompts by generation. The table gives,
-per search, the least KL on its confirmed front at a generated refusal rate of at most
-``--target`` (harmful_val), and the ratio of the paper's KL to it.
+step is redone, and a cone trained there is read back) and is confirmed on the same validation
+prompts by generation. The table gives, per search, the least KL on its confirmed front at a
+generated refusal rate of at most ``--target`` (harmful_val), and the ratio of the paper's KL
+to it.
 
     python bench/optimize_methods.py --run runs/opt --trials 60 [--out runs/methods]
 """
@@ -43,8 +44,7 @@ SEARCHES: dict[str, tuple[str, ...]] = {
     **{f"{m} only": (m,) for m in METHOD_NAMES},
     "all": DEFAULT_METHODS,
 }
-"""Each method alone (the cone included), and ``all``: the default methods together (every
-one but the cone)."""
+"""Each method alone, and ``all``: the default methods together (every one but ``subspace``)."""
 
 
 def _rate(p: FrontPoint) -> float:

@@ -214,7 +214,7 @@ class ConeSource:
                 self.tokens,
                 steps=self.steps,
                 kl_weight=self.kl_weight,
-                seed=self.seed + k,
+                seed=settings["seed"],
                 progress=self.progress,
             )
             self._cones[k], self.losses[k] = basis, losses

@@ -1,7 +1,7 @@
 """The multi-objective search, in Optuna's own storage: a study in the output folder (a journal
 file) or at ``--storage URL``, which several workers on several machines can share and which a
-later command extends. Trials minimise the two objectives of :mod:`.scorer`; the paper's edit, and
-with ``weights`` the same edit at partial strengths (:func:`~.space.start_params`), are the first
+later command extends. Trials minimise the two objectives of :mod:`.scorer`; the starting edits
+of :func:`~.space.start_params` (the paper's, at partial strengths, with the cone) are the first
 trials of a study (queued for any of them it does not hold yet)."""
 
 from __future__ import annotations
