@@ -21,7 +21,7 @@ from refdir.errors import RefdirError
 from refdir.interventions.edit import Edit
 from refdir.model.generation import last_position_logits
 from refdir.optimize.config import OptimizeConfig
-from refdir.optimize.front import knee, pick, refine_next
+from refdir.optimize.front import fill_next, knee, pick, refine_next
 from refdir.optimize.run import optimize
 from refdir.optimize.space import kernel
 from tiny import TINY_RUN, tiny_chat_model
@@ -381,3 +381,27 @@ def test_a_study_starts_from_the_paper_edit_and_its_partial_strengths(tmp_path: 
     starts = [t.system_attrs["fixed_params"] for t in coned.trials]
     assert [s["cone"] for s in starts] == [False] * 4 + [True] * 4
     assert [s["attn_peak"] for s in starts] == [1.0, *STRENGTHS] * 2
+
+
+def test_the_steep_part_of_the_front_is_filled() -> None:
+    """Where neighbouring confirmed points' generated rates differ by more than the step, the
+    front trials between them are bisected by KL, the widest drop first, until every drop is
+    at most the step or has no trial between its points."""
+    kls = [0.01 * (i + 1) for i in range(21)]
+    spots = list(enumerate(kls))
+    rate = [1.0 if i < 8 else 0.0 if i > 12 else 1.0 - 0.2 * (i - 7) for i in range(21)]
+
+    def confirmed_as(numbers: list[int]) -> dict[int, FrontPoint]:
+        return {n: _point(kls[n], rate[n]) for n in numbers}
+
+    done = [0, 10, 20]  # a spread that jumps over the steep part (trials 8..12)
+    first = fill_next(spots, confirmed_as(done), 0.06)
+    assert first is not None and 0 < first < 10  # the drop 1.0 -> 0.6 is the wider one
+    while (n := fill_next(spots, confirmed_as(done), 0.06)) is not None:
+        assert n not in done
+        done.append(n)
+    assert set(range(8, 13)) <= set(done)  # each step of 0.2 on the steep part is confirmed
+    # the flat parts only as bisection passes through them (about log2 of their length)
+    assert len(set(done) & set(range(1, 7))) <= 3
+    assert len(set(done) & set(range(14, 20))) <= 3
+    assert fill_next(spots, confirmed_as([0, 20]), 1.0) is None  # no drop above the step

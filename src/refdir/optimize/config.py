@@ -65,8 +65,9 @@ class OptimizeConfig(RunConfig):
     n_front: Annotated[int, Flag(panel=OPTIMIZE)] = Field(
         12,
         ge=1,
-        description="front points confirmed by generation (spread along the front), and at "
-        "most as many more where the pick rule needs them",
+        description="front points confirmed by generation (spread along the front), at most "
+        "as many more where the pick rule needs them, and as many more where the generated "
+        "refusal rate falls steeply",
     )
     n_subspace: Annotated[int, Flag(panel=OPTIMIZE)] = Field(
         64, ge=2, description="harmful training prompts the subspace directions are taken from"

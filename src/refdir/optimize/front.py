@@ -5,6 +5,7 @@ the point a rule picks for export."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 
 import torch
 
@@ -17,7 +18,7 @@ from refdir.interventions.intervention import Intervention
 from refdir.model.chat_model import ChatModel
 from refdir.optimize.scorer import Scores
 
-__all__ = ["agreement", "confirm", "knee", "pick", "refine_next"]
+__all__ = ["agreement", "confirm", "fill_next", "knee", "pick", "refine_next"]
 
 TARGET = 0.02
 """The refusal rate the agreement's ``same_side`` is read against."""
@@ -182,3 +183,27 @@ def refine_next(
     lower = max((p.kl for p in confirmed.values() if p.kl < upper), default=-1.0)
     between = sorted((t for t in todo if lower < t[1] < upper), key=lambda t: t[1])
     return between[len(between) // 2][0] if between else None
+
+
+def fill_next(
+    front: Sequence[tuple[int, float]], confirmed: Mapping[int, FrontPoint], step: float
+) -> int | None:
+    """The next front trial to confirm where the generated refusal rate falls steeply, or None
+    when no two neighbouring confirmed points (by KL) differ by more than ``step`` with a front
+    trial between them. ``front`` and ``confirmed`` as for :func:`refine_next`.
+
+    The spread points are even along the front's trials, not along its refusal rate: where the
+    rate drops fast (a few hundredths of KL can take it from a quarter of the prompts to none),
+    neighbouring spread points can be far apart. The widest such drop is bisected by KL, one
+    confirmation per call, so the confirmed front shows its steep part as well as its ends."""
+    done = sorted(confirmed.values(), key=lambda p: p.kl)
+    todo = [(n, kl) for n, kl in front if n not in confirmed]
+    best: tuple[float, int] | None = None
+    for a, b in pairwise(done):
+        drop = _rate(a) - _rate(b)
+        if drop <= step:
+            continue
+        between = sorted((t for t in todo if a.kl < t[1] < b.kl), key=lambda t: t[1])
+        if between and (best is None or drop > best[0]):
+            best = (drop, between[len(between) // 2][0])
+    return None if best is None else best[1]

@@ -35,7 +35,7 @@ from refdir.model.chat_model import ChatModel
 from refdir.model.loading import load_model
 from refdir.optimize.cone import ConeSource
 from refdir.optimize.config import OptimizeConfig
-from refdir.optimize.front import agreement, confirm, pick, refine_next
+from refdir.optimize.front import agreement, confirm, fill_next, pick, refine_next
 from refdir.optimize.heldout import heldout
 from refdir.optimize.scorer import Scores, TrialScorer
 from refdir.optimize.search import (
@@ -175,6 +175,13 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
         if number is None:
             break
         log.info("confirming trial %d as well, for the pick rule", number)
+        confirm_trial(by_number[number])
+    step = 1.5 / len(harmful)  # more than one prompt apart
+    for _ in range(config.n_front):
+        number = fill_next(spots, {n: point for n, (point, _) in confirmed.items()}, step)
+        if number is None:
+            break
+        log.info("confirming trial %d as well, where the refusal rate falls", number)
         confirm_trial(by_number[number])
     ordered = sorted(confirmed.values(), key=lambda pe: (pe[0].kl, pe[0].refusal_score))
     points = [point for point, _ in ordered]
