@@ -556,7 +556,30 @@ def refdir_points(args: argparse.Namespace, work: Path) -> tuple[list[Row], dict
             cm.tokenizer.save_pretrained(model)
         rows.append(Row("refdir", label, str(model)))
     tool = {k: meta[k] for k in ("trials", "search_seconds", "trial_seconds") if k in meta}
+    if not tool.get("search_seconds") and meta.get("storage"):  # a command that added no trial
+        tool.update(study_seconds(str(meta["storage"]), str(meta.get("study", ""))))
     return rows, tool
+
+
+def study_seconds(storage: str, name: str) -> dict[str, float]:
+    """The search's time from its study when the folder's last command ran no trial (it
+    confirmed a finished study): the sum and the median of its completed trials' wall times."""
+    import statistics
+
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    backend = storage if "://" in storage else JournalStorage(JournalFileBackend(storage))
+    study = optuna.load_study(study_name=name, storage=backend)
+    took = [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE and t.datetime_start and t.datetime_complete
+    ]
+    if not took:
+        return {}
+    return {"search_seconds": sum(took), "trial_seconds": statistics.median(took)}
 
 
 # ---------------------------------------------------------------- main
