@@ -22,13 +22,24 @@ PROMPTS = ["other prompts than parity's own", "hi"]
 FUSED = {"qwen3_moe", "mixtral"}
 
 
-def _edit(cm: ChatModel, k: int = 2, norm_preserving: bool = False, seed: int = 1) -> Edit:
+def _edit(
+    cm: ChatModel,
+    k: int = 2,
+    norm_preserving: bool = False,
+    seed: int = 1,
+    per_layer: bool = False,
+) -> Edit:
     g = torch.Generator().manual_seed(seed)
     n = cm.layout.n_layers
     attn = tuple(float(x) for x in torch.rand(n, generator=g) * 1.5)
     mlp = tuple(float(x) for x in torch.rand(n, generator=g))
     basis = orthonormal(torch.randn(k, cm.d_model, generator=g))
-    return Edit(basis, attn, mlp, embed=0.7, norm_preserving=norm_preserving)
+    layers = (
+        torch.stack([orthonormal(torch.randn(k, cm.d_model, generator=g)) for _ in range(n)])
+        if per_layer
+        else None
+    )
+    return Edit(basis, attn, mlp, 0.7, norm_preserving, layer_basis=layers)
 
 
 def _np_ok(cm: ChatModel) -> bool:
@@ -37,15 +48,17 @@ def _np_ok(cm: ChatModel) -> bool:
     )
 
 
-@pytest.mark.parametrize("norm_preserving", [False, True])
+@pytest.mark.parametrize(
+    ("norm_preserving", "per_layer"), [(False, False), (True, False), (False, True), (True, True)]
+)
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_edit_weights_equal_its_hooks(arch: str, norm_preserving: bool) -> None:
+def test_edit_weights_equal_its_hooks(arch: str, norm_preserving: bool, per_layer: bool) -> None:
     cm = tiny_chat_model(arch)
     if norm_preserving and not _np_ok(cm):
         with pytest.raises(RefdirError, match="norm-preserving edit needs 2-D output weights"):
-            _edit(cm, norm_preserving=True).hooks(cm)
+            _edit(cm, norm_preserving=True, per_layer=per_layer).hooks(cm)
         return
-    edit = _edit(cm, norm_preserving=norm_preserving)
+    edit = _edit(cm, norm_preserving=norm_preserving, per_layer=per_layer)
     plain = last_position_logits(cm, PROMPTS)
     with edit.apply(cm):
         hooked = last_position_logits(cm, PROMPTS)
@@ -135,6 +148,40 @@ def test_an_edit_saves_and_loads(tmp_path: Path) -> None:
     assert torch.equal(back.basis, edit.basis)
     assert back.attn == edit.attn and back.mlp == edit.mlp and back.embed == edit.embed
     assert back.norm_preserving and back.params == {"kernel": "tent", "k": 2}
+    assert back.layer_basis is None
+    per = _edit(cm, k=1, per_layer=True)
+    again = Edit.load(per.save(tmp_path / "per"))
+    assert again.layer_basis is not None and per.layer_basis is not None
+    assert torch.equal(again.layer_basis, per.layer_basis)
+    assert "per-layer" in again.describe()
+
+
+def test_per_layer_directions_act_layer_by_layer() -> None:
+    """A per-layer edit removes layer l's own direction from layer l's writes: with every
+    layer's the edit's basis, it is the plain edit; with another direction at one layer only,
+    only that layer's write changes, and the change is that removal."""
+    cm = tiny_chat_model("llama")
+    plain = _edit(cm, k=1)
+    n = cm.layout.n_layers
+    same = torch.stack([plain.basis] * n)
+    copy = Edit(plain.basis, plain.attn, plain.mlp, plain.embed, layer_basis=same)
+    with plain.apply(cm):
+        a = last_position_logits(cm, PROMPTS)
+    with copy.apply(cm):
+        b = last_position_logits(cm, PROMPTS)
+    assert torch.equal(a, b)
+    other = same.clone()
+    other[n - 1] = orthonormal(
+        torch.randn(1, cm.d_model, generator=torch.Generator().manual_seed(9))
+    )
+    moved = Edit(plain.basis, plain.attn, plain.mlp, plain.embed, layer_basis=other)
+    with moved.apply(cm):
+        c = last_position_logits(cm, PROMPTS)
+    assert float((c - a).abs().max()) > 1e-4
+    with pytest.raises(RefdirError, match="per-layer bases are float32"):
+        Edit(plain.basis, plain.attn, plain.mlp, layer_basis=same[:-1])
+    with pytest.raises(RefdirError, match="orthonormal rows"):
+        Edit(plain.basis, plain.attn, plain.mlp, layer_basis=same * 2)
 
 
 def test_bad_edits_are_one_line_errors(tmp_path: Path) -> None:

@@ -117,6 +117,22 @@ def test_lora_of_a_weighted_rank_two_edit(tmp_path: Path) -> None:
     torch.testing.assert_close(last_position_logits(base, PROMPTS), hooked, atol=1e-4, rtol=0)
 
 
+def test_lora_of_a_per_layer_edit(tmp_path: Path) -> None:
+    cm = tiny_chat_model("llama")
+    g = torch.Generator().manual_seed(4)
+    n = cm.n_layers
+    layers = torch.stack([orthonormal(torch.randn(1, cm.d_model, generator=g)) for _ in range(n)])
+    basis = orthonormal(torch.randn(1, cm.d_model, generator=g))
+    edit = Edit(basis, (0.9,) * n, (1.2,) * n, 0.5, layer_basis=layers)
+    with edit.apply(cm):
+        hooked = last_position_logits(cm, PROMPTS)
+    manifest = export_edit(cm, edit, _direction(cm), tmp_path / "e", ExportOptions("lora"))
+    assert manifest.exact and manifest.edit is not None and manifest.edit["per_layer"] is True
+    base = tiny_chat_model("llama")
+    base.model = PeftModel.from_pretrained(base.model, tmp_path / "e")  # type: ignore[assignment]
+    torch.testing.assert_close(last_position_logits(base, PROMPTS), hooked, atol=1e-4, rtol=0)
+
+
 def test_lora_refuses_a_norm_preserving_edit(tmp_path: Path) -> None:
     cm = tiny_chat_model("llama")
     edit = Edit.ablation(_direction(cm), cm.n_layers)

@@ -381,6 +381,45 @@ def test_a_study_starts_from_the_paper_edit_and_its_partial_strengths(tmp_path: 
     starts = [t.system_attrs["fixed_params"] for t in coned.trials]
     assert [s["cone"] for s in starts] == [False] * 4 + [True] * 4
     assert [s["attn_peak"] for s in starts] == [1.0, *STRENGTHS] * 2
+    # with per-layer directions, each start again with them (cone starts after)
+    (tmp_path / "d").mkdir()
+    both, _ = open_study(
+        Search("m", ("weights", "layers", "cone"), -1, 4, 2), tmp_path / "d", None, 0
+    )
+    starts = [t.system_attrs["fixed_params"] for t in both.trials]
+    assert [s["layers"] for s in starts] == [False] * 4 + [True] * 4 + [False] * 4
+    assert [s["cone"] for s in starts] == [False] * 8 + [True] * 4
+
+
+def test_per_layer_directions_are_each_layers_candidate() -> None:
+    """With ``layers``, layer l's writes lose the candidate where they land (the residual after
+    layer l), projected off the harmless mean there when ``projected``; the edit's own basis
+    (the embedding's, and activation addition's) stays the direction at ``index``."""
+    from refdir.directions.candidates import Candidates
+    from refdir.optimize.sources import DirectionSources
+    from refdir.optimize.space import edit_of, paper_params
+
+    g = torch.Generator().manual_seed(0)
+    diffs = torch.randn(1, 5, 8, generator=g, dtype=torch.float64)
+    diffs[0, 0] = 0.0  # the first layer's input: the same token for every prompt
+    cands = Candidates(diffs, torch.randn(1, 5, 8, generator=g, dtype=torch.float64), "m")
+    sources = DirectionSources(cands, -1)
+    params = {**paper_params(2, ("weights", "projected", "layers"), 4), "layers": True}
+    for projected in (False, True):
+        edit = edit_of({**params, "projected": projected}, sources)
+        assert edit.layer_basis is not None and edit.layer_basis.shape == (4, 1, 8)
+        for layer in range(4):
+            want = sources.direction(float(layer + 1), projected).float()
+            torch.testing.assert_close(edit.layer_basis[layer, 0], want)
+            if projected:
+                mean = cands.harmless_mean[-1, layer + 1].float()
+                assert abs(float(edit.layer_basis[layer, 0] @ mean)) < 1e-4 * float(mean.norm())
+        torch.testing.assert_close(edit.basis[0], sources.direction(2.0, projected).float())
+    assert edit_of({**params, "layers": False}, sources).layer_basis is None
+    # the cone, where searched, takes the place of both
+    sources.cone = lambda k: edit.basis
+    coned = edit_of({**params, "cone": True}, sources)
+    assert coned.layer_basis is None
 
 
 def test_the_steep_part_of_the_front_is_filled() -> None:

@@ -124,17 +124,20 @@ def test_streamed_export_equals_the_in_memory_one_byte_for_byte(
     load_model(str(tmp_path / "s"), dtype=dtype)
 
 
-def test_a_streamed_edit_equals_the_in_memory_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_a_streamed_edit_equals_the_in_memory_one(tmp_path: Path, per_layer: bool) -> None:
     source = _sharded(tmp_path, "gemma")
     cm = _in_memory(source, torch.float32)
     g = torch.Generator().manual_seed(2)
     n = cm.n_layers
+    layers = torch.stack([orthonormal(torch.randn(2, cm.d_model, generator=g)) for _ in range(n)])
     edit = Edit(
         orthonormal(torch.randn(2, cm.d_model, generator=g)),
         tuple(float(x) for x in torch.rand(n, generator=g) * 1.5),
         tuple(float(x) for x in torch.rand(n, generator=g)),
         embed=0.7,
         params={"trial": 3},
+        layer_basis=layers if per_layer else None,
     )
     direction = _direction(cm)
     streamed = stream_edit(ModelOptions(model=str(source)), edit, direction, tmp_path / "s")

@@ -8,7 +8,9 @@ the paper's ablation; weight ``w`` removes the fraction ``w`` of the component a
 subspace (``x - w Q^T Q x``). Optionally the edit is *norm-preserving*: every input feature of
 an output projection (a column of ``o_proj``/``down_proj``), and every embedding row, keeps
 the length it had before its component along the subspace was removed, so the edit changes
-where the features write, not how strongly.
+where the features write, not how strongly. Optionally each layer removes a subspace of its own
+(``layer_basis``: the refusal direction read at that layer, as heretic's per-layer directions),
+the embedding still the edit's ``basis``.
 
 Each edit has two forms that agree wherever the paper's ablation and orthogonalization agree:
 
@@ -68,7 +70,8 @@ class Edit:
 
     ``basis``: [k, d] orthonormal rows, float32. ``attn`` and ``mlp``: one weight per layer;
     ``embed``: the embedding's weight. ``params``: how the edit was made (a search's parameters),
-    kept with it for provenance."""
+    kept with it for provenance. ``layer_basis``: [n_layers, k, d], each layer's own subspace,
+    removed from that layer's writes in place of ``basis`` (None: ``basis`` everywhere)."""
 
     basis: torch.Tensor
     attn: tuple[float, ...]
@@ -76,16 +79,23 @@ class Edit:
     embed: float = 1.0
     norm_preserving: bool = False
     params: dict[str, Any] = field(default_factory=dict)
+    layer_basis: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         b = self.basis
         if b.dim() != 2 or b.shape[0] < 1 or b.dtype != torch.float32:
             raise RefdirError(f"an edit's basis is float32 [k, d], got {b.dtype} {list(b.shape)}")
-        gram = b.double() @ b.double().T
-        if not torch.allclose(gram, torch.eye(b.shape[0], dtype=torch.float64), atol=1e-5):
-            raise RefdirError(
-                "an edit's basis must have orthonormal rows; build it with orthonormal()"
-            )
+        _check_orthonormal(b)
+        per = self.layer_basis
+        if per is not None:
+            want = [len(self.attn), *b.shape]
+            if per.dtype != torch.float32 or list(per.shape) != want:
+                raise RefdirError(
+                    f"an edit's per-layer bases are float32 {want} (layers, k, d), got "
+                    f"{per.dtype} {list(per.shape)}"
+                )
+            for layer_b in per:
+                _check_orthonormal(layer_b)
         if len(self.attn) != len(self.mlp):
             raise RefdirError(
                 f"an edit needs one attention and one MLP weight per layer, got {len(self.attn)} "
@@ -116,8 +126,16 @@ class Edit:
     def weight(self, layer: int, component: Component) -> float:
         return self.attn[layer] if component == "attn" else self.mlp[layer]
 
+    def basis_at(self, layer: int | None) -> torch.Tensor:
+        """The subspace removed from ``layer``'s writes (None: the embedding's)."""
+        if layer is None or self.layer_basis is None:
+            return self.basis
+        return self.layer_basis[layer]
+
     def describe(self) -> str:
         parts = [f"k={self.k}"] if self.k > 1 else []
+        if self.layer_basis is not None:
+            parts.append("per-layer directions")
         if self.norm_preserving:
             parts.append("norm-preserving")
         return "edit" + (f" ({', '.join(parts)})" if parts else "")
@@ -167,14 +185,15 @@ class Edit:
         hooks: list[Hook] = []
         if self.embed > 0:
             hooks += self._embedding_hooks(layout)
-        for _, write, w in self.sites(layout):
+        for index, write, w in self.sites(layout):
+            own = self.basis_at(index)
             if self.norm_preserving:  # each column back at its length once edited
-                basis = write_basis(layout, write, self.basis)
+                basis = write_basis(layout, write, own)
                 hooks += [
                     _scale_input(weight, column_scale(weight.param, weight.axis, basis, w))
                     for weight in write.weights
                 ]
-            hooks.append((write.module, "output", map_output(self.projector(w))))
+            hooks.append((write.module, "output", map_output(self.projector(w, own))))
         return hooks
 
     def _embedding_hooks(self, layout: ModelLayout) -> list[Hook]:
@@ -220,6 +239,8 @@ class Edit:
             "attn": torch.tensor(self.attn, dtype=torch.float64),
             "mlp": torch.tensor(self.mlp, dtype=torch.float64),
         }
+        if self.layer_basis is not None:
+            tensors["layer_basis"] = self.layer_basis.contiguous()
         target = folder / EDIT_FILE
         with atomic_path(target) as tmp:
             save_file(tensors, str(tmp), metadata={"refdir_edit": json.dumps(meta)})
@@ -239,6 +260,7 @@ class Edit:
                 basis = f.get_tensor("basis")
                 attn = tuple(float(x) for x in f.get_tensor("attn").tolist())
                 mlp = tuple(float(x) for x in f.get_tensor("mlp").tolist())
+                per = f.get_tensor("layer_basis") if "layer_basis" in f.keys() else None  # noqa: SIM118
             return cls(
                 basis,
                 attn,
@@ -246,6 +268,7 @@ class Edit:
                 float(meta["embed"]),
                 bool(meta["norm_preserving"]),
                 dict(meta["params"]),
+                per,
             )
         except RefdirError:
             raise
@@ -254,6 +277,12 @@ class Edit:
                 f"{target} is not an edit written by refdir ({exc}); make it again with "
                 "refdir optimize"
             ) from None
+
+
+def _check_orthonormal(basis: torch.Tensor) -> None:
+    gram = basis.double() @ basis.double().T
+    if not torch.allclose(gram, torch.eye(basis.shape[0], dtype=torch.float64), atol=1e-5):
+        raise RefdirError("an edit's basis must have orthonormal rows; build it with orthonormal()")
 
 
 def _scale_input(weight: OutputWeight, scale: torch.Tensor) -> Hook:

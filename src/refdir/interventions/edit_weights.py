@@ -75,8 +75,8 @@ def edit_weights(cm: ChatModel, edit: Edit) -> OrthogonalizeReport:
             for embedding in cm.layout.embeddings:
                 edit_embedding(embedding.weight, edit.basis, edit.embed, edit.norm_preserving)
                 edited += 1
-        for _, write, w in edit.sites(cm.layout):
-            basis = write_basis(cm.layout, write, edit.basis)
+        for index, write, w in edit.sites(cm.layout):
+            basis = write_basis(cm.layout, write, edit.basis_at(index))
             for weight in write.weights:
                 edit_output_weight(weight.param, weight.axis, basis, w, edit.norm_preserving)
                 edited += 1

@@ -187,6 +187,7 @@ def export_manifest(
             **{k: v for k, v in edit.params.items() if isinstance(v, float | int | bool | str)},
             "k": edit.k,
             "norm_preserving": edit.norm_preserving,
+            "per_layer": edit.layer_basis is not None,
         },
     )
 

@@ -93,8 +93,8 @@ def lora_factors(cm: ChatModel, edit: Edit) -> LoraFactors:
                 factors.pairs[name] = ((q @ e.T).contiguous(), (-edit.embed * q.T).contiguous())
                 factors.modules.append(name)
                 factors.deltas[name] = edited_copy(e, -1, q, edit.embed) - e
-        for _, write, w in edit.sites(cm.layout):
-            q = write_basis(cm.layout, write, edit.basis).float().cpu()
+        for index, write, w in edit.sites(cm.layout):
+            q = write_basis(cm.layout, write, edit.basis_at(index)).float().cpu()
             for weight in write.weights:
                 _weight_pair(factors, names, weight.module, weight.name, weight.axis, q, w)
                 if weight.bias is not None:

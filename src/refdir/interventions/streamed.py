@@ -278,8 +278,8 @@ def _edit_plan(cm: ChatModel, edit: Edit) -> tuple[_Plan, OrthogonalizeReport]:
             edits[names[id(embedding.weight)]] = partial(
                 edit_embedding, basis=edit.basis, w=edit.embed, keep=edit.norm_preserving
             )
-    for _, write, w in edit.sites(cm.layout):
-        basis = write_basis(cm.layout, write, edit.basis)
+    for index, write, w in edit.sites(cm.layout):
+        basis = write_basis(cm.layout, write, edit.basis_at(index))
         for weight in write.weights:
             edits[names[id(weight.param)]] = partial(
                 edit_output_weight, axis=weight.axis, basis=basis, w=w, keep=edit.norm_preserving

@@ -14,7 +14,7 @@ from refdir.study.config import RunConfig
 __all__ = ["DEFAULT_METHODS", "METHOD_NAMES", "OptimizeConfig"]
 
 OPTIMIZE = "Optimize"
-METHOD_NAMES: tuple[str, ...] = ("weights", "projected", "norm", "subspace", "cone")
+METHOD_NAMES: tuple[str, ...] = ("weights", "projected", "norm", "layers", "subspace", "cone")
 DEFAULT_METHODS: tuple[str, ...] = ("weights", "projected", "norm", "cone")
 """Searched unless ``methods`` says otherwise: every method but ``subspace``. One trained
 direction (the cone of one) buys more than the directions of the per-prompt differences, and
@@ -42,7 +42,8 @@ class OptimizeConfig(RunConfig):
     methods: Annotated[tuple[str, ...], Flag(panel=OPTIMIZE, items=True, empty="none")] = Field(
         DEFAULT_METHODS,
         description="edit methods searched besides the direction: weights (per-layer kernels), "
-        "projected, norm (norm-preserving), subspace (up to 3 directions; not searched unless "
+        "projected, norm (norm-preserving), layers (each layer's writes lose the direction read "
+        "at that layer), subspace (up to 3 directions; not searched unless "
         "named), cone (the direction, or with subspace the subspace, trained by gradient); "
         "none: the direction alone",
     )

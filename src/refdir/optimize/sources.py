@@ -1,8 +1,9 @@
 """Where an edit's directions come from: the difference-of-means candidates of a run at one
 post-instruction position, read at a fractional layer index (interpolated between the two
 neighbouring layers), optionally made orthogonal to the harmless mean there ("projected"), and
-optionally widened to a subspace by the top directions of the per-prompt differences; or a cone,
-a subspace trained by gradient (:mod:`.cone`)."""
+optionally widened to a subspace by the top directions of the per-prompt differences; or one
+direction per layer, each read at that layer; or a cone, a subspace trained by gradient
+(:mod:`.cone`)."""
 
 from __future__ import annotations
 
@@ -85,6 +86,17 @@ class DirectionSources:
             m = self._at(self.harmless, index)
             r = _unit(r - (r @ m) * m)
         return r
+
+    def layer_basis(self, projected: bool = False) -> torch.Tensor:
+        """One direction per layer [n_layers, 1, d] (float32): for layer ``l``'s writes, the
+        candidate read where they land, the residual stream after the layer (``l + 1``), or
+        at the first layer with a candidate that is not zero when that is later; ``projected``
+        as for :meth:`direction`."""
+        rows = [
+            self.direction(float(max(layer + 1, self.first_layer)), projected)
+            for layer in range(self.n_layers)
+        ]
+        return torch.stack([orthonormal(r.unsqueeze(0)) for r in rows])
 
     def basis(self, index: float, projected: bool = False, k: int = 1) -> torch.Tensor:
         """Orthonormal rows [k, d] (float32): the direction, then the top ``k - 1`` directions

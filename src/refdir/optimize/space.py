@@ -8,6 +8,9 @@ adds its own parameters; without it, its part of the edit is the paper's:
   kernel (:func:`kernel`), and a weight for the embedding (the paper: 1 everywhere);
 * ``projected``: whether the direction is made orthogonal to the harmless mean (no);
 * ``norm``: whether the edit is norm-preserving (no);
+* ``layers``: whether each layer's writes lose the direction read at that layer, in place of
+  the one at ``index`` (which stays the embedding's, and the one activation addition adds);
+  one direction, so with it ``subspace`` counts for nothing (no);
 * ``subspace``: how many directions are removed, 1 to 3 (one);
 * ``cone``: whether the directions are the cone trained by gradient (:mod:`.cone`) of that many
   directions, in place of the interpolated direction and its subspace (no).
@@ -97,6 +100,8 @@ def suggest(
         params["projected"] = trial.suggest_categorical("projected", [False, True])
     if "norm" in methods:
         params["norm"] = trial.suggest_categorical("norm", [False, True])
+    if "layers" in methods:
+        params["layers"] = trial.suggest_categorical("layers", [False, True])
     if "subspace" in methods:
         params["k"] = trial.suggest_int("k", 1, MAX_K)
     if "cone" in methods:
@@ -123,6 +128,8 @@ def paper_params(layer: int, methods: Sequence[str], n_layers: int) -> dict[str,
         params["projected"] = False
     if "norm" in methods:
         params["norm"] = False
+    if "layers" in methods:
+        params["layers"] = False
     if "subspace" in methods:
         params["k"] = 1
     if "cone" in methods:
@@ -132,9 +139,9 @@ def paper_params(layer: int, methods: Sequence[str], n_layers: int) -> dict[str,
 
 def start_params(layer: int, methods: Sequence[str], n_layers: int) -> list[dict[str, Any]]:
     """The trials a search starts from: the paper's edit and, with ``weights``, the same edit
-    at each of :data:`STRENGTHS` (its weights everywhere scaled by it); with ``cone``, each of
-    these again with the cone of one in place of the direction (the cone at full strength is
-    what its training optimised)."""
+    at each of :data:`STRENGTHS` (its weights everywhere scaled by it); with ``layers``, each
+    of these again with each layer's own direction, and with ``cone`` with the cone of one in
+    place of the direction (the cone at full strength is what its training optimised)."""
     paper = paper_params(layer, methods, n_layers)
     starts = [paper]
     if "weights" in methods:
@@ -142,9 +149,12 @@ def start_params(layer: int, methods: Sequence[str], n_layers: int) -> list[dict
             scaled = dict(paper)
             scaled.update({"attn_peak": strength, "mlp_peak": strength, "embed": strength})
             starts.append(scaled)
+    extra = []
+    if "layers" in methods:
+        extra += [{**start, "layers": True} for start in starts]
     if "cone" in methods:
-        starts += [{**start, "cone": True} for start in starts]
-    return starts
+        extra += [{**start, "cone": True} for start in starts]
+    return starts + extra
 
 
 def edit_of(params: dict[str, Any], sources: DirectionSources) -> Edit:
@@ -166,8 +176,14 @@ def edit_of(params: dict[str, Any], sources: DirectionSources) -> Edit:
         attn = mlp = (1.0,) * n
         embed = 1.0
     k = int(params.get("k", 1))
+    projected = bool(params.get("projected", False))
+    per_layer = None
     if params.get("cone", False):
         basis = sources.cone_basis(k)
+    elif params.get("layers", False):
+        basis = sources.basis(float(params["index"]), projected, 1)
+        per_layer = sources.layer_basis(projected)
     else:
-        basis = sources.basis(float(params["index"]), bool(params.get("projected", False)), k)
-    return Edit(basis, attn, mlp, embed, bool(params.get("norm", False)), dict(params))
+        basis = sources.basis(float(params["index"]), projected, k)
+    norm = bool(params.get("norm", False))
+    return Edit(basis, attn, mlp, embed, norm, dict(params), per_layer)
