@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 import torch
 
@@ -389,6 +390,29 @@ def test_a_study_starts_from_the_paper_edit_and_its_partial_strengths(tmp_path: 
     starts = [t.system_attrs["fixed_params"] for t in both.trials]
     assert [s["layers"] for s in starts] == [False] * 4 + [True] * 4 + [False] * 4
     assert [s["cone"] for s in starts] == [False] * 8 + [True] * 4
+
+
+def test_the_switches_are_drawn_at_random_after_the_starts(tmp_path: Path) -> None:
+    """The starting trials leave every switch but the cone off; the trials after them are
+    random for a while (the sampler's model would otherwise begin from the starts alone), so
+    each switch is tried both ways before the sampler narrows the search."""
+    from refdir.optimize.search import RANDOM_TRIALS, Search, open_study
+    from refdir.optimize.space import start_params, suggest
+
+    methods = ("weights", "projected", "norm", "layers", "cone")
+    search = Search("m", methods, -1, 4, 2)
+    study, _ = open_study(search, tmp_path, None, 0)
+    n_starts = len(start_params(2, methods, 4))
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        params = suggest(trial, methods, 4)
+        good = not params["projected"] and not params["layers"]  # what the starts favour
+        return (0.0, 0.0) if good else (1.0, 1.0)
+
+    study.optimize(objective, n_trials=n_starts + RANDOM_TRIALS)
+    drawn = [t.params for t in study.trials[n_starts:]]
+    for switch in ("projected", "norm", "layers", "cone"):
+        assert {p[switch] for p in drawn} == {False, True}, switch
 
 
 def test_per_layer_directions_are_each_layers_candidate() -> None:

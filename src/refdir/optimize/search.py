@@ -77,6 +77,13 @@ def _storage(storage: str | None, folder: Path) -> tuple[Any, str]:
     return JournalStorage(JournalFileBackend(storage)), storage
 
 
+RANDOM_TRIALS = 24
+"""Trials drawn at random after the starting ones, before the sampler models the study. The
+starts are queued trials, which the sampler counts as its random start: without these, its
+model would begin from the starts alone, where every switch (``projected``, ``norm``,
+``layers``, ``cone``) but one is off, and rarely turn one on."""
+
+
 def open_study(
     search: Search, folder: Path, storage: str | None, seed: int
 ) -> tuple[optuna.Study, str]:
@@ -105,10 +112,15 @@ def open_study(
             f"the study at {name} searches something else ({other}); give another `out` folder "
             "or `storage`"
         )
-    for params in start_params(search.paper_layer, search.methods, search.n_layers):
+    starts = start_params(search.paper_layer, search.methods, search.n_layers)
+    for params in starts:
         study.enqueue_trial(params, skip_if_exists=True)
     salt = len(study.trials) + (os.getpid() if storage is not None else 0)
-    study.sampler = optuna.samplers.TPESampler(seed=(seed + salt) % 2**32, multivariate=True)
+    study.sampler = optuna.samplers.TPESampler(
+        n_startup_trials=len(starts) + RANDOM_TRIALS,
+        seed=(seed + salt) % 2**32,
+        multivariate=True,
+    )
     return study, name
 
 
