@@ -567,10 +567,10 @@ def study_seconds(storage: str, name: str) -> dict[str, float]:
     import statistics
 
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
-    backend = storage if "://" in storage else JournalStorage(JournalFileBackend(storage))
+    from refdir.optimize.search import study_storage
+
+    backend, _ = study_storage(storage, Path(storage).parent)
     study = optuna.load_study(study_name=name, storage=backend)
     took = [
         (t.datetime_complete - t.datetime_start).total_seconds()

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import shutil
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 from optuna.trial import FrozenTrial
@@ -165,24 +166,18 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
         confirm_trial(trial)
     by_number = {t.number: t for t in whole}
     spots = [(t.number, t.values[1]) for t in whole]
-    for _ in range(config.n_front):  # bisection needs far fewer; a bound all the same
-        number = refine_next(
-            spots,
-            {n: point for n, (point, _) in confirmed.items()},
-            config.max_kl,
-            config.max_refusal,
-        )
-        if number is None:
-            break
-        log.info("confirming trial %d as well, for the pick rule", number)
-        confirm_trial(by_number[number])
     step = 1.5 / len(harmful)  # more than one prompt apart
-    for _ in range(config.n_front):
-        number = fill_next(spots, {n: point for n, (point, _) in confirmed.items()}, step)
-        if number is None:
-            break
-        log.info("confirming trial %d as well, where the refusal rate falls", number)
-        confirm_trial(by_number[number])
+    more: list[tuple[str, Callable[[dict[int, FrontPoint]], int | None]]] = [
+        ("for the pick rule", lambda c: refine_next(spots, c, config.max_kl, config.max_refusal)),
+        ("where the refusal rate falls", lambda c: fill_next(spots, c, step)),
+    ]
+    for why, next_trial in more:
+        for _ in range(config.n_front):  # each needs far fewer; a bound all the same
+            number = next_trial({n: point for n, (point, _) in confirmed.items()})
+            if number is None:
+                break
+            log.info("confirming trial %d as well, %s", number, why)
+            confirm_trial(by_number[number])
     ordered = sorted(confirmed.values(), key=lambda pe: (pe[0].kl, pe[0].refusal_score))
     points = [point for point, _ in ordered]
     edits = [edit for _, edit in ordered]

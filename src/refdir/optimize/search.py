@@ -36,6 +36,7 @@ __all__ = [
     "front",
     "open_study",
     "run_trials",
+    "study_storage",
     "thin",
 ]
 
@@ -66,7 +67,7 @@ class Search:
         }
 
 
-def _storage(storage: str | None, folder: Path) -> tuple[Any, str]:
+def study_storage(storage: str | None, folder: Path) -> tuple[Any, str]:
     """The storage object and how to name it: ``storage`` (a URL, or a journal file's path),
     else the journal file in ``folder``."""
     if storage is None:
@@ -91,7 +92,7 @@ def open_study(
     else (another model, methods or position) is refused. The sampler's seed is ``seed`` plus
     the trials the study already holds, plus the process id when ``storage`` is shared (so
     that workers started together do not draw the same trials)."""
-    backend, name = _storage(storage, folder)
+    backend, name = study_storage(storage, folder)
     try:
         study = optuna.create_study(
             storage=backend,

@@ -92,11 +92,12 @@ class DirectionSources:
         candidate read where they land, the residual stream after the layer (``l + 1``), or
         at the first layer with a candidate that is not zero when that is later; ``projected``
         as for :meth:`direction`."""
-        rows = [
-            self.direction(float(max(layer + 1, self.first_layer)), projected)
-            for layer in range(self.n_layers)
-        ]
-        return torch.stack([orthonormal(r.unsqueeze(0)) for r in rows])
+        return torch.stack(
+            [
+                self.basis(float(max(layer + 1, self.first_layer)), projected)
+                for layer in range(self.n_layers)
+            ]
+        )
 
     def basis(self, index: float, projected: bool = False, k: int = 1) -> torch.Tensor:
         """Orthonormal rows [k, d] (float32): the direction, then the top ``k - 1`` directions
