@@ -468,3 +468,62 @@ def test_the_steep_part_of_the_front_is_filled() -> None:
     assert len(set(done) & set(range(1, 7))) <= 3
     assert len(set(done) & set(range(14, 20))) <= 3
     assert fill_next(spots, confirmed_as([0, 20]), 1.0) is None  # no drop above the step
+
+
+def test_the_search_scores_the_forms_of_refusal_of_the_partly_edited_model(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every first token that starts at least MIN_COUNT refusals under the partial edits is
+    scored beside the run's tokens; the study keeps them, and a later command reads them
+    from it instead of finding them again."""
+    from collections import Counter
+
+    import refdir.optimize.tokens as tokens
+    from refdir.directions.candidates import Candidates
+    from refdir.model.generation import generate_ids
+    from refdir.optimize.search import Search, open_study
+    from refdir.optimize.sources import DirectionSources
+    from refdir.optimize.space import edit_of, start_params
+
+    cm = tiny_chat_model("llama")
+    g = torch.Generator().manual_seed(0)
+    d = cm.model.config.hidden_size
+    cands = Candidates(
+        torch.randn(1, cm.n_layers + 1, d, generator=g, dtype=torch.float64) * 3,
+        torch.zeros(1, cm.n_layers + 1, d, dtype=torch.float64),
+        "m",
+    )
+    sources = DirectionSources(cands, -1)
+    edits = [edit_of(p, sources) for p in start_params(1, ("weights",), cm.n_layers)[1:]]
+    prompts = [f"prompt number {i}" for i in range(12)]
+    # every completion stands for a refusal here (markers are tested on their own)
+    monkeypatch.setattr(tokens, "is_refusal", lambda text: True)
+    rows = [cm.chat.token_ids(p) for p in prompts]
+    counts: Counter[int] = Counter()
+    for edit in edits:
+        with edit.apply(cm):
+            counts.update(ids[0] for ids in generate_ids(cm, rows, 3, 8, False))
+    run = [5]
+    found = tokens.refusal_forms(cm, prompts, run, edits, 8, False)
+    expected = run + [t for t, n in counts.most_common() if n >= tokens.MIN_COUNT and t not in run]
+    assert list(found.ids) == expected[: tokens.MAX_TOKENS]
+    assert found.added and len(found.added) == len(found.ids) - 1
+    assert all(counts[t] >= tokens.MIN_COUNT for t in found.ids[1:])
+    once = [t for t, n in counts.items() if n == 1]
+    assert not set(once) & set(found.ids)
+
+    study, _ = open_study(Search("m", ("weights",), -1, cm.n_layers, 1), tmp_path, None, 0)
+    assert tokens.study_tokens(study, run, lambda: found) == list(found.ids)
+    again, _ = open_study(Search("m", ("weights",), -1, cm.n_layers, 1), tmp_path, None, 0)
+
+    def not_again() -> tokens.SearchTokens:
+        raise AssertionError("found again")
+
+    assert tokens.study_tokens(again, run, not_again) == list(found.ids)
+    # the user's own tokens (nothing to find) are scored as they are
+    (tmp_path / "fixed").mkdir()
+    fixed, _ = open_study(
+        Search("m", ("weights",), -1, cm.n_layers, 1), tmp_path / "fixed", None, 0
+    )
+    assert tokens.study_tokens(fixed, run, None) == run
+    assert fixed.user_attrs[tokens.TOKENS_ATTR] == run

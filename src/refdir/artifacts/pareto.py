@@ -69,6 +69,11 @@ class ParetoRecord(Artifact):
     search_seconds: float = Field(description="wall time of this command's trials")
     trial_seconds: float = Field(description="median wall time of one of this command's trials")
     position: int = Field(description="the post-instruction position the directions are taken at")
+    refusal_tokens: list[str] = Field(
+        default_factory=list,
+        description="the tokens whose probability the cheap refusal score sums: the run's "
+        "refusal tokens and the first tokens of the partly edited model's refusals",
+    )
     ce_baseline: float | None = Field(description="the unedited model's cross-entropy on the text")
     paper: FrontPoint = Field(
         description="the paper's selected direction, ablated at full strength"

@@ -49,7 +49,8 @@ from refdir.optimize.search import (
     thin,
 )
 from refdir.optimize.sources import DirectionSources
-from refdir.optimize.space import edit_of, paper_params
+from refdir.optimize.space import edit_of, paper_params, start_params
+from refdir.optimize.tokens import SearchTokens, refusal_forms, study_tokens
 from refdir.report.figures import png_bytes
 from refdir.report.pareto import pareto_figure, pareto_markdown
 from refdir.study.folder import locked
@@ -97,7 +98,19 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
         prompts.harmful_train[: config.n_subspace],
         config.batch_size,
     )
-    tokens = RefusalTokensRecord.read(out).ids
+    search = Search(cm.name, config.methods, position, cm.n_layers, paper_layer)
+    study, storage = open_study(search, out, config.storage, config.seed)
+    run_tokens = RefusalTokensRecord.read(out).ids
+
+    def forms() -> SearchTokens:
+        partial = start_params(paper_layer, ("weights",), cm.n_layers)[1:]
+        edits = [edit_of(params, sources) for params in partial]
+        return refusal_forms(
+            cm, prompts.harmful_train, run_tokens, edits, config.gen_batch_size, progress
+        )
+
+    fixed = config.refusal_tokens is not None  # the user's tokens are scored as they are
+    tokens = study_tokens(study, run_tokens, None if fixed else forms)
     if "cone" in config.methods:
         sources.cone = ConeSource(
             cm,
@@ -119,8 +132,6 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
         tokens,
         config.batch_size,
     )
-    search = Search(cm.name, config.methods, position, cm.n_layers, paper_layer)
-    study, storage = open_study(search, out, config.storage, config.seed)
     seconds = run_trials(
         study, search, scorer, sources, config.trials, config.max_minutes, progress
     )
@@ -194,6 +205,7 @@ def _optimize(config: OptimizeConfig, out: Path, cm: ChatModel, progress: bool) 
         search_seconds=round(sum(seconds), 2),
         trial_seconds=round(statistics.median(seconds), 3) if seconds else 0.0,
         position=position,
+        refusal_tokens=[cm.tokenizer.decode([t]) for t in tokens],
         ce_baseline=ce_base,
         paper=paper,
         points=points,

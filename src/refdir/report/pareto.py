@@ -74,6 +74,16 @@ def pareto_markdown(record: ParetoRecord, heldout: HeldoutRecord | None, figure:
         f"command's trials took {record.search_seconds:.0f} s (median "
         f"{record.trial_seconds:.2f} s each). Exported: point {record.chosen} ({record.rule}).",
         "",
+        *(
+            [
+                "The cheap refusal score sums the probability of the tokens "
+                + ", ".join(repr(t) for t in record.refusal_tokens)
+                + " at the first response position.",
+                "",
+            ]
+            if record.refusal_tokens
+            else []
+        ),
         f"![front]({figure})",
         "",
         "| point | trial | refusal (generated) | refusal (first token) | KL | CE text | parameters |",
