@@ -511,6 +511,26 @@ def test_the_search_scores_the_forms_of_refusal_of_the_partly_edited_model(
     assert all(counts[t] >= tokens.MIN_COUNT for t in found.ids[1:])
     once = [t for t, n in counts.items() if n == 1]
     assert not set(once) & set(found.ids)
+    # a token that starts more answers than refusals is not scored: here a completion's text
+    # is its first id and its number, and the most common added token starts a refusal only
+    # in every third completion
+    common = found.ids[1]
+    assert counts[common] >= 3 * tokens.MIN_COUNT
+    numbered = iter(range(10**6))
+    monkeypatch.setattr(
+        tokens, "answer_texts", lambda cm, answers: [f"{a[0]} {next(numbered)}" for a in answers]
+    )
+
+    def refused(text: str) -> bool:
+        first, number = text.split()
+        return int(first) != common or int(number) % 3 == 0
+
+    monkeypatch.setattr(tokens, "is_refusal", refused)
+    assert list(tokens.refusal_forms(cm, prompts, run, edits, 8, False).ids) == [
+        t for t in found.ids if t != common
+    ]
+    monkeypatch.setattr(tokens, "is_refusal", lambda text: False)  # no refusal: the run's alone
+    assert list(tokens.refusal_forms(cm, prompts, run, edits, 8, False).ids) == run
 
     study, _ = open_study(Search("m", ("weights",), -1, cm.n_layers, 1), tmp_path, None, 0)
     assert tokens.study_tokens(study, run, lambda: found) == list(found.ids)

@@ -8,9 +8,10 @@ assistant, I can't ...") under a partial ablation. A cheap score that sees only 
 those for compliance, and the search (and the cone's training, on the same score) drifts
 towards edits that trade one form of refusal for the other. So before the first trial, the
 model completes the harmful training prompts under the paper's edit at each of the starting
-strengths, and every first token that starts at least :data:`MIN_COUNT` of those refusals is
-scored too. The study keeps the tokens (a user attribute), so every worker and every later
-command scores with the same ones.
+strengths, and every first token that starts at least :data:`MIN_COUNT` of those refusals, and
+no more answers than refusals, is scored too (a token as likely to start an answer, ``Sure``
+before a late refusal, would count answers as refusals). The study keeps the tokens (a user
+attribute), so every worker and every later command scores with the same ones.
 """
 
 from __future__ import annotations
@@ -66,21 +67,24 @@ def refusal_forms(
 ) -> SearchTokens:
     """The run's tokens, then the first tokens of the refusals (by markers) of ``harmful``
     completed greedily under each of ``edits``, most frequent first, that start at least
-    :data:`MIN_COUNT` of them (at most :data:`MAX_TOKENS` in all)."""
+    :data:`MIN_COUNT` of them and no more answers than refusals (at most :data:`MAX_TOKENS` in
+    all)."""
     rows = [cm.chat.token_ids(text) for text in harmful]
-    firsts: Counter[int] = Counter()
+    firsts: Counter[int] = Counter()  # of refusals
+    starts: Counter[int] = Counter()  # of every completion
     for edit in edits:
         with edit.apply(cm):
             answers = generate_ids(cm, rows, max_new_tokens, batch_size, progress)
         texts = answer_texts(cm, answers)
-        firsts.update(
-            ids[0] for ids, text in zip(answers, texts, strict=True) if ids and is_refusal(text)
-        )
+        for ids, text in zip(answers, texts, strict=True):
+            if ids:
+                starts[ids[0]] += 1
+                firsts[ids[0]] += is_refusal(text)
     ids = list(dict.fromkeys(int(t) for t in run_tokens))
     for token, count in firsts.most_common():
         if len(ids) >= MAX_TOKENS or count < MIN_COUNT:
             break
-        if int(token) not in ids:
+        if int(token) not in ids and 2 * count >= starts[token]:
             ids.append(int(token))
     added = tuple(str(cm.tokenizer.decode([t])) for t in ids[len(set(run_tokens)) :])
     if added:
