@@ -547,3 +547,10 @@ def test_the_search_scores_the_forms_of_refusal_of_the_partly_edited_model(
     )
     assert tokens.study_tokens(fixed, run, None) == run
     assert fixed.user_attrs[tokens.TOKENS_ATTR] == run
+    # a study that holds trials scored before it kept any tokens goes on with the run's
+    (tmp_path / "older").mkdir()
+    older, _ = open_study(
+        Search("m", ("weights",), -1, cm.n_layers, 1), tmp_path / "older", None, 0
+    )
+    older.optimize(lambda trial: (0.5, 0.5), n_trials=1)
+    assert tokens.study_tokens(older, run, not_again) == run
