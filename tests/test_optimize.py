@@ -478,6 +478,7 @@ def test_the_search_scores_the_forms_of_refusal_of_the_partly_edited_model(
     from it instead of finding them again."""
     from collections import Counter
 
+    import refdir.directions.refusal_tokens as refusal_tokens
     import refdir.optimize.tokens as tokens
     from refdir.directions.candidates import Candidates
     from refdir.model.generation import generate_ids
@@ -497,7 +498,7 @@ def test_the_search_scores_the_forms_of_refusal_of_the_partly_edited_model(
     edits = [edit_of(p, sources) for p in start_params(1, ("weights",), cm.n_layers)[1:]]
     prompts = [f"prompt number {i}" for i in range(12)]
     # every completion stands for a refusal here (markers are tested on their own)
-    monkeypatch.setattr(tokens, "is_refusal", lambda text: True)
+    monkeypatch.setattr(refusal_tokens, "is_refusal", lambda text: True)
     rows = [cm.chat.token_ids(p) for p in prompts]
     counts: Counter[int] = Counter()
     for edit in edits:
@@ -518,18 +519,22 @@ def test_the_search_scores_the_forms_of_refusal_of_the_partly_edited_model(
     assert counts[common] >= 3 * tokens.MIN_COUNT
     numbered = iter(range(10**6))
     monkeypatch.setattr(
-        tokens, "answer_texts", lambda cm, answers: [f"{a[0]} {next(numbered)}" for a in answers]
+        refusal_tokens,
+        "answer_texts",
+        lambda cm, answers: [f"{a[0]} {next(numbered)}" for a in answers],
     )
 
     def refused(text: str) -> bool:
         first, number = text.split()
         return int(first) != common or int(number) % 3 == 0
 
-    monkeypatch.setattr(tokens, "is_refusal", refused)
+    monkeypatch.setattr(refusal_tokens, "is_refusal", refused)
     assert list(tokens.refusal_forms(cm, prompts, run, edits, 8, False).ids) == [
         t for t in found.ids if t != common
     ]
-    monkeypatch.setattr(tokens, "is_refusal", lambda text: False)  # no refusal: the run's alone
+    monkeypatch.setattr(
+        refusal_tokens, "is_refusal", lambda text: False
+    )  # no refusal: the run's alone
     assert list(tokens.refusal_forms(cm, prompts, run, edits, 8, False).ids) == run
 
     study, _ = open_study(Search("m", ("weights",), -1, cm.n_layers, 1), tmp_path, None, 0)

@@ -30,6 +30,7 @@ __all__ = [
     "RefusalTokens",
     "derive_refusal_tokens",
     "family_refusal_tokens",
+    "first_tokens",
 ]
 
 
@@ -101,23 +102,41 @@ def derive_refusal_tokens(
             "'enable_thinking=false'`)"
         )
     rows = [cm.chat.token_ids(text) for text in harmful]
-    answers = generate_ids(cm, rows, max_new_tokens, batch_size, progress)
-    texts = answer_texts(cm, answers)
-    refusals = [ids for ids, text in zip(answers, texts, strict=True) if is_refusal(text)]
-    if not refusals:
+    firsts, _ = first_tokens(cm, rows, max_new_tokens, batch_size, progress)
+    n_refusals = sum(firsts.values())
+    if not n_refusals:
         raise RefdirError(
             f"the model refused none of {len(harmful)} harmful prompts, so it has no refusal to "
             "study; give `refusal_tokens` or use a model that refuses (the default organism does)"
         )
-    firsts = Counter(ids[0] for ids in refusals if ids)
     chosen: list[int] = []
     covered = 0
     for token, count in firsts.most_common(max_tokens):
         chosen.append(int(token))
         covered += count
-        if covered >= coverage * len(refusals):
+        if covered >= coverage * n_refusals:
             break
     decoded = tuple(str(cm.tokenizer.decode([t])) for t in chosen)
-    return RefusalTokens(
-        tuple(chosen), decoded, covered / len(refusals), len(refusals), len(harmful)
-    )
+    return RefusalTokens(tuple(chosen), decoded, covered / n_refusals, n_refusals, len(harmful))
+
+
+def first_tokens(
+    cm: ChatModel,
+    rows: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[Counter[int], Counter[int]]:
+    """Greedy completions of the prompts ``rows`` (token ids, under whatever hooks are on the
+    model): the first token id of each refusal (by markers), and of every completion, counted
+    as generated."""
+    answers = generate_ids(cm, rows, max_new_tokens, batch_size, progress)
+    texts = answer_texts(cm, answers)
+    refusals: Counter[int] = Counter()
+    starts: Counter[int] = Counter()
+    for ids, text in zip(answers, texts, strict=True):
+        if ids:
+            starts[ids[0]] += 1
+            if is_refusal(text):
+                refusals[ids[0]] += 1
+    return refusals, starts

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import optuna
 
+from refdir.directions.refusal_tokens import first_tokens
 from refdir.interventions.edit import Edit
-from refdir.measures import is_refusal
 from refdir.model.chat_model import ChatModel
-from refdir.model.generation import answer_texts, generate_ids
 from refdir.optimize.search import completed
 
 __all__ = [
@@ -51,7 +50,6 @@ MAX_TOKENS = 8
 @dataclass(frozen=True)
 class SearchTokens:
     ids: tuple[int, ...]
-    texts: tuple[str, ...]
     added: tuple[str, ...]
     """The texts of the tokens added to the run's."""
 
@@ -74,12 +72,9 @@ def refusal_forms(
     starts: Counter[int] = Counter()  # of every completion
     for edit in edits:
         with edit.apply(cm):
-            answers = generate_ids(cm, rows, max_new_tokens, batch_size, progress)
-        texts = answer_texts(cm, answers)
-        for ids, text in zip(answers, texts, strict=True):
-            if ids:
-                starts[ids[0]] += 1
-                firsts[ids[0]] += is_refusal(text)
+            refused, began = first_tokens(cm, rows, max_new_tokens, batch_size, progress)
+        firsts.update(refused)
+        starts.update(began)
     ids = list(dict.fromkeys(int(t) for t in run_tokens))
     for token, count in firsts.most_common():
         if len(ids) >= MAX_TOKENS or count < MIN_COUNT:
@@ -92,7 +87,7 @@ def refusal_forms(
             "the partly edited model also starts refusals with %s; the search scores those too",
             ", ".join(repr(t) for t in added),
         )
-    return SearchTokens(tuple(ids), tuple(str(cm.tokenizer.decode([t])) for t in ids), added)
+    return SearchTokens(tuple(ids), added)
 
 
 def study_tokens(
