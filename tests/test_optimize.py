@@ -97,12 +97,12 @@ def test_optimize_end_to_end(tmp_path: Path) -> None:
     torch.testing.assert_close(logits, hooked, rtol=0, atol=1e-4)
 
 
-def _point(kl: float, rate: float) -> FrontPoint:
+def _point(kl: float, rate: float, score: float | None = None) -> FrontPoint:
     return FrontPoint(
         trial=0,
         label="t",
         params={},
-        refusal_score=rate,
+        refusal_score=rate if score is None else score,
         refusal_first_token=rate,
         kl=kl,
         refusal_generated=rate,
@@ -142,6 +142,11 @@ def test_pick_rules() -> None:
     assert pick(points, None, None) == (knee(points), "the knee of the front")
     assert knee(points) == 2
     assert pick(points, 0.04, None)[0] == 1
+    # the same count of generated refusals within the KL bound: the lower cheap score wins,
+    # not the lower KL (25 prompts cannot tell 0.02 from 0.04; the score can)
+    tied = [_point(0.01, 0.04, 0.03), _point(0.02, 0.04, 0.01), _point(0.03, 0.04, 0.02)]
+    assert pick(tied, 0.05, None)[0] == 1
+    assert pick(tied, 0.015, None)[0] == 0
     assert pick(points, None, 0.02)[0] == 2
     assert pick(points, None, 0.0)[0] == 3
     with pytest.raises(RefdirError, match=r"no front point has KL <= 0\.001"):

@@ -121,8 +121,9 @@ def _rate(point: FrontPoint) -> float:
 def pick(
     points: Sequence[FrontPoint], max_kl: float | None, max_refusal: float | None
 ) -> tuple[int, str]:
-    """The exported point and the rule, in words: the fewest refusals at KL <= ``max_kl``, the
-    least KL at a refusal rate <= ``max_refusal``, or the knee."""
+    """The exported point and the rule, in words: the fewest refusals at KL <= ``max_kl`` (of
+    points that refuse as many prompts, the one of least cheap refusal score), the least KL at a
+    refusal rate <= ``max_refusal``, or the knee."""
     if not points:
         raise RefdirError("the front is empty: no trial completed")
     if max_kl is not None and max_refusal is not None:
@@ -135,7 +136,8 @@ def pick(
                 f"no front point has KL <= {max_kl} (the least is {least:.4g}); raise `max_kl` "
                 "or run more trials (`trials`)"
             )
-        index = min(fits, key=lambda i: (_rate(points[i]), points[i].kl))
+        # equal counts of generated refusals: the cheap score, the finer measure, decides
+        index = min(fits, key=lambda i: (_rate(points[i]), points[i].refusal_score, points[i].kl))
         return index, f"fewest refusals at KL <= {max_kl:g}"
     if max_refusal is not None:
         fits = [i for i, p in enumerate(points) if _rate(p) <= max_refusal]
