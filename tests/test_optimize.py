@@ -261,6 +261,7 @@ def test_two_workers_share_one_study_and_a_later_command_adds_to_it(
     assert again.returncode == 0, again.stderr
     assert len(_complete(storage)) == len(trials)
     assert ParetoRecord.read(tmp_path / "a").search_seconds == 0.0
+    assert "this command added no trials" in (tmp_path / "a" / "optimize.md").read_text()
     more = subprocess.run(
         args(tmp_path / "a", len(trials) + 3), env=ENV, capture_output=True, text=True
     )

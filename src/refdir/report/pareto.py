@@ -67,12 +67,17 @@ def _params(p: FrontPoint) -> str:
 
 def pareto_markdown(record: ParetoRecord, heldout: HeldoutRecord | None, figure: str) -> str:
     """The page: the front as a table, the agreement of the cheap score, the held-out check."""
+    took = (
+        f"this command's trials took {record.search_seconds:.0f} s (median "
+        f"{record.trial_seconds:.2f} s each)"
+        if record.search_seconds > 0
+        else "this command added no trials"
+    )
     lines = [
         f"# refdir optimize: {record.model}",
         "",
-        f"{record.trials} trials ({', '.join(record.methods) or 'direction only'}); this "
-        f"command's trials took {record.search_seconds:.0f} s (median "
-        f"{record.trial_seconds:.2f} s each). Exported: point {record.chosen} ({record.rule}).",
+        f"{record.trials} trials ({', '.join(record.methods) or 'direction only'}); {took}. "
+        f"Exported: point {record.chosen} ({record.rule}).",
         "",
         *(
             [
